@@ -1,0 +1,26 @@
+//! Generates the gRPC and policy-contract code from `proto/` with the vendored
+//! `protoc`, so a fresh machine needs no system protobuf compiler.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+
+    let mut prost_config = prost_build::Config::new();
+    prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    prost_config.bytes(["."]);
+
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("cachegw_descriptor.bin"))
+        .codec_path("crate::api::codec::RequestCodec")
+        .compile_with_config(
+            prost_config,
+            &[
+                proto_root.join("cachegw/v1/cache.proto"),
+                proto_root.join("cachegw/policy/v1/policy.proto"),
+            ],
+            &[proto_root],
+        )?;
+    Ok(())
+}

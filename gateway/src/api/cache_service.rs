@@ -1,0 +1,103 @@
+//! `cachegw.v1.Cache`: each handler converts the request, runs it through the
+//! cache within the client's deadline and converts the answer back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    client_deadline,
+    proto::v1::{
+        DeleteRequest, DeleteResponse, GetRequest, GetResponse, MGetRequest, MGetResponse,
+        MSetRequest, MSetResponse, SetRequest, SetResponse, cache_server,
+    },
+};
+use crate::cache::{Cache, CacheMetrics, RequestError};
+
+/// The data API over a [`Cache`].
+#[derive(Clone)]
+pub struct CacheApi {
+    cache: Arc<Cache>,
+    metrics: CacheMetrics,
+}
+
+impl CacheApi {
+    /// Serves `cache`; conversion rejections are counted in `metrics`.
+    pub fn new(cache: Arc<Cache>, metrics: CacheMetrics) -> Self {
+        Self { cache, metrics }
+    }
+
+    fn rejected(&self, op: &'static str, err: RequestError) -> Status {
+        self.metrics.rejected(op);
+        err.into()
+    }
+}
+
+#[tonic::async_trait]
+impl cache_server::Cache for CacheApi {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let deadline = client_deadline(&request);
+        let command = request
+            .into_inner()
+            .try_into()
+            .map_err(|err| self.rejected("get", err))?;
+        let result = self.cache.get(command, deadline).await?;
+        Ok(Response::new(result.into()))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        let deadline = client_deadline(&request);
+        let command = request
+            .into_inner()
+            .try_into()
+            .map_err(|err| self.rejected("set", err))?;
+        let result = self.cache.set(command, deadline).await?;
+        Ok(Response::new(result.into()))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let deadline = client_deadline(&request);
+        let command = request
+            .into_inner()
+            .try_into()
+            .map_err(|err| self.rejected("delete", err))?;
+        let result = self.cache.delete(command, deadline).await?;
+        Ok(Response::new(result.into()))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn m_get(&self, request: Request<MGetRequest>) -> Result<Response<MGetResponse>, Status> {
+        let deadline = client_deadline(&request);
+        let commands = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect();
+        let results = self.cache.get_many(commands, deadline).await?;
+        Ok(Response::new(MGetResponse {
+            results: results.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn m_set(&self, request: Request<MSetRequest>) -> Result<Response<MSetResponse>, Status> {
+        let deadline = client_deadline(&request);
+        let commands = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect();
+        let results = self.cache.set_many(commands, deadline).await?;
+        Ok(Response::new(MSetResponse {
+            results: results.into_iter().map(Into::into).collect(),
+        }))
+    }
+}

@@ -1,0 +1,69 @@
+//! The protobuf codec of the generated services: prost's, except that a
+//! request that does not decode (a string field holding invalid UTF-8, a
+//! truncated message) is the client's fault and answers `INVALID_ARGUMENT`
+//! naming the field, where prost's codec says `INTERNAL`.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::{
+    Code, Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+/// prost's codec with client-fault decode errors.
+#[derive(Debug, Clone)]
+pub struct RequestCodec<T, U> {
+    _types: PhantomData<(T, U)>,
+}
+
+impl<T, U> Default for RequestCodec<T, U> {
+    fn default() -> Self {
+        Self {
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<T, U> Codec for RequestCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::default().encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(ProstCodec::<T, U>::default().decoder())
+    }
+}
+
+/// Decodes with prost, reporting malformed messages as `INVALID_ARGUMENT`.
+#[derive(Debug)]
+pub struct RequestDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for RequestDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| {
+            if status.code() == Code::Internal {
+                Status::invalid_argument(format!("malformed request: {}", status.message()))
+            } else {
+                status
+            }
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}

@@ -1,0 +1,147 @@
+//! Protobuf <-> domain conversion. Incoming messages are checked for what
+//! needs no configuration (names, empty keys); limits that depend on the
+//! namespace are the cache layer's to check.
+
+use super::proto::v1 as pb;
+use crate::cache::{
+    DeleteCommand, DeleteResult, GetCommand, GetResult, Outcome, RequestError, SetCommand,
+    SetResult, validate_namespace_name,
+};
+
+fn checked_namespace(namespace: String) -> Result<String, RequestError> {
+    validate_namespace_name(&namespace).map_err(|reason| RequestError::invalid("namespace", reason))?;
+    Ok(namespace)
+}
+
+fn checked_key(key: String) -> Result<String, RequestError> {
+    if key.is_empty() {
+        return Err(RequestError::invalid("key", "must not be empty"));
+    }
+    Ok(key)
+}
+
+impl TryFrom<pb::GetRequest> for GetCommand {
+    type Error = RequestError;
+
+    fn try_from(request: pb::GetRequest) -> Result<Self, Self::Error> {
+        Ok(GetCommand {
+            namespace: checked_namespace(request.namespace)?,
+            key: checked_key(request.key)?,
+            attributes: request.attributes,
+        })
+    }
+}
+
+impl TryFrom<pb::SetRequest> for SetCommand {
+    type Error = RequestError;
+
+    fn try_from(request: pb::SetRequest) -> Result<Self, Self::Error> {
+        Ok(SetCommand {
+            namespace: checked_namespace(request.namespace)?,
+            key: checked_key(request.key)?,
+            value: request.value,
+            content_type: request.content_type,
+            attributes: request.attributes,
+        })
+    }
+}
+
+impl TryFrom<pb::DeleteRequest> for DeleteCommand {
+    type Error = RequestError;
+
+    fn try_from(request: pb::DeleteRequest) -> Result<Self, Self::Error> {
+        Ok(DeleteCommand {
+            namespace: checked_namespace(request.namespace)?,
+            key: checked_key(request.key)?,
+            attributes: request.attributes,
+        })
+    }
+}
+
+impl From<GetResult> for pb::GetResponse {
+    fn from(result: GetResult) -> Self {
+        let outcome = match result.outcome {
+            Outcome::Hit => pb::Outcome::Hit,
+            Outcome::Miss => pb::Outcome::Miss,
+            Outcome::Stale => pb::Outcome::Stale,
+        };
+        pb::GetResponse {
+            outcome: outcome as i32,
+            value: result.value,
+            ttl_remaining_ms: millis(result.ttl_remaining),
+            degraded: result.degraded,
+            content_type: result.content_type,
+        }
+    }
+}
+
+impl From<SetResult> for pb::SetResponse {
+    fn from(result: SetResult) -> Self {
+        pb::SetResponse {
+            stored: result.stored,
+            ttl_ms: millis(result.ttl),
+            degraded: result.degraded,
+        }
+    }
+}
+
+impl From<DeleteResult> for pb::DeleteResponse {
+    fn from(result: DeleteResult) -> Self {
+        pb::DeleteResponse {
+            deleted: result.deleted,
+            degraded: result.degraded,
+        }
+    }
+}
+
+impl From<Result<GetResult, RequestError>> for pb::MGetResult {
+    fn from(result: Result<GetResult, RequestError>) -> Self {
+        use pb::m_get_result::Result as Item;
+        pb::MGetResult {
+            result: Some(match result {
+                Ok(found) => Item::Response(found.into()),
+                Err(err) => Item::Error(err.into()),
+            }),
+        }
+    }
+}
+
+impl From<Result<SetResult, RequestError>> for pb::MSetResult {
+    fn from(result: Result<SetResult, RequestError>) -> Self {
+        use pb::m_set_result::Result as Item;
+        pb::MSetResult {
+            result: Some(match result {
+                Ok(written) => Item::Response(written.into()),
+                Err(err) => Item::Error(err.into()),
+            }),
+        }
+    }
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_name_the_field_they_fail_on() {
+        let err = GetCommand::try_from(pb::GetRequest {
+            namespace: "users".into(),
+            key: String::new(),
+            attributes: Default::default(),
+        })
+        .unwrap_err();
+        assert!(matches!(err, RequestError::InvalidArgument { field: "key", .. }), "{err}");
+
+        let err = DeleteCommand::try_from(pb::DeleteRequest {
+            namespace: "a:b".into(),
+            key: "k".into(),
+            attributes: Default::default(),
+        })
+        .unwrap_err();
+        assert!(matches!(err, RequestError::InvalidArgument { field: "namespace", .. }), "{err}");
+    }
+}

@@ -1,0 +1,455 @@
+//! The load tool behind `cachegw bench`: drives Get/Set through a running
+//! gateway at a chosen concurrency over a chosen number of HTTP/2 channels,
+//! and, in the same run, the same GETs straight at Redis (redis-rs, the same
+//! number of multiplexed connections), so the gateway's cost is measured as a
+//! ratio on one machine at one moment.
+
+use std::{
+    fmt::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use deadpool_redis::redis::{self, aio::MultiplexedConnection};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::proto::v1::{
+    GetRequest, MSetRequest, Outcome, SetRequest, cache_client::CacheClient,
+};
+
+/// What `cachegw bench` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The gateway's gRPC API.
+    Gateway,
+    /// Redis directly, with redis-rs.
+    Redis,
+    /// Both, alternating, in one run.
+    Both,
+}
+
+/// The operation mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mix {
+    /// Only GETs of keys written beforehand (all hits).
+    Get,
+    /// Only SETs.
+    Set,
+    /// GETs with `--set-percent` SETs among them.
+    Mixed,
+}
+
+/// Options of `cachegw bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// What to drive: the gateway, Redis directly, or both (alternating rounds).
+    #[arg(long, value_enum, default_value = "both")]
+    pub target: Target,
+    /// The gateway's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub gateway: String,
+    /// The Redis the gateway uses, for the direct comparison.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Requests in flight at any time.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 channels to the gateway (and connections to Redis).
+    #[arg(long, default_value_t = 4)]
+    pub channels: usize,
+    /// How long each measured round lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured load before each round.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Rounds per target; targets alternate round by round.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Operation mix.
+    #[arg(long, value_enum, default_value = "get")]
+    pub op: Mix,
+    /// Share of SETs with `--op mixed`, in percent.
+    #[arg(long, default_value_t = 10)]
+    pub set_percent: u8,
+    /// Distinct keys, all written before the measured rounds.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 128)]
+    pub value_size: usize,
+    /// Namespace used at the gateway.
+    #[arg(long, default_value = "bench")]
+    pub namespace: String,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundResult {
+    /// What was driven.
+    pub target: Target,
+    /// Operation mix.
+    pub op: Mix,
+    /// Requests in flight.
+    pub concurrency: usize,
+    /// Channels/connections.
+    pub channels: usize,
+    /// Completed requests.
+    pub requests: u64,
+    /// Requests that failed outright.
+    pub errors: u64,
+    /// Gateway answers flagged degraded (or unexpected misses).
+    pub degraded: u64,
+    /// Throughput.
+    pub ops_per_sec: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile latency, ms.
+    pub p999_ms: f64,
+}
+
+#[derive(Clone)]
+enum Driver {
+    Gateway(CacheClient<Channel>),
+    Redis(MultiplexedConnection),
+}
+
+enum Answer {
+    Ok,
+    Degraded,
+}
+
+struct Workload {
+    op: Mix,
+    set_percent: u8,
+    keys: usize,
+    namespace: String,
+    value: Bytes,
+}
+
+const REDIS_KEY_PREFIX: &str = "cachegw-bench:";
+
+impl Driver {
+    async fn call(&mut self, work: &Workload, key: usize, set: bool) -> anyhow::Result<Answer> {
+        match self {
+            Driver::Gateway(client) => {
+                if set {
+                    let response = client
+                        .set(SetRequest {
+                            namespace: work.namespace.clone(),
+                            key: format!("k{key}"),
+                            value: work.value.clone(),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner();
+                    Ok(if response.stored { Answer::Ok } else { Answer::Degraded })
+                } else {
+                    let response = client
+                        .get(GetRequest {
+                            namespace: work.namespace.clone(),
+                            key: format!("k{key}"),
+                            attributes: Default::default(),
+                        })
+                        .await?
+                        .into_inner();
+                    let hit = response.outcome == Outcome::Hit as i32;
+                    Ok(if hit && !response.degraded { Answer::Ok } else { Answer::Degraded })
+                }
+            }
+            Driver::Redis(connection) => {
+                let key = format!("{REDIS_KEY_PREFIX}{key}");
+                if set {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(work.value.as_ref())
+                        .arg("PX")
+                        .arg(300_000)
+                        .exec_async(connection)
+                        .await?;
+                    Ok(Answer::Ok)
+                } else {
+                    let value: Option<Bytes> =
+                        redis::cmd("GET").arg(&key).query_async(connection).await?;
+                    Ok(if value.is_some() { Answer::Ok } else { Answer::Degraded })
+                }
+            }
+        }
+    }
+}
+
+/// Runs the benchmark described by `args` and prints its report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
+    if args.concurrency == 0 || args.channels == 0 || args.keys == 0 || args.rounds == 0 {
+        bail!("--concurrency, --channels, --keys and --rounds must be at least 1");
+    }
+    if args.set_percent > 100 {
+        bail!("--set-percent must be between 0 and 100");
+    }
+    let work = Arc::new(Workload {
+        op: args.op,
+        set_percent: args.set_percent,
+        keys: args.keys,
+        namespace: args.namespace.clone(),
+        value: Bytes::from(vec![b'v'; args.value_size]),
+    });
+    let targets: &[Target] = match args.target {
+        Target::Both => &[Target::Gateway, Target::Redis],
+        Target::Gateway => &[Target::Gateway],
+        Target::Redis => &[Target::Redis],
+    };
+    let mut drivers = Vec::new();
+    for &target in targets {
+        let connected = match target {
+            Target::Gateway => connect_gateway(&args).await?,
+            _ => connect_redis(&args).await?,
+        };
+        populate(&connected[0], &work).await?;
+        drivers.push((target, connected));
+    }
+    let mut results = Vec::new();
+    for _ in 0..args.rounds {
+        for (target, connected) in &drivers {
+            let _ = drive(connected, &work, args.concurrency, args.warmup).await;
+            let measured = drive(connected, &work, args.concurrency, args.duration).await;
+            results.push(measured.into_result(*target, &args));
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", render(&results));
+    }
+    Ok(results)
+}
+
+async fn connect_gateway(args: &BenchArgs) -> anyhow::Result<Vec<Driver>> {
+    let mut drivers = Vec::new();
+    for _ in 0..args.channels {
+        let channel = Endpoint::from_shared(args.gateway.clone())
+            .with_context(|| format!("bad --gateway address `{}`", args.gateway))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", args.gateway))?;
+        drivers.push(Driver::Gateway(
+            CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+        ));
+    }
+    Ok(drivers)
+}
+
+async fn connect_redis(args: &BenchArgs) -> anyhow::Result<Vec<Driver>> {
+    let client = redis::Client::open(args.redis.as_str())
+        .with_context(|| format!("bad --redis URL `{}`", args.redis))?;
+    let mut drivers = Vec::new();
+    for _ in 0..args.channels {
+        let connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("cannot reach Redis at {}", args.redis))?;
+        drivers.push(Driver::Redis(connection));
+    }
+    Ok(drivers)
+}
+
+/// Writes every key once so that GETs hit.
+async fn populate(driver: &Driver, work: &Workload) -> anyhow::Result<()> {
+    match driver.clone() {
+        Driver::Gateway(mut client) => {
+            let keys: Vec<usize> = (0..work.keys).collect();
+            for chunk in keys.chunks(500) {
+                let items = chunk
+                    .iter()
+                    .map(|key| SetRequest {
+                        namespace: work.namespace.clone(),
+                        key: format!("k{key}"),
+                        value: work.value.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let response = client.m_set(MSetRequest { items }).await?.into_inner();
+                if response.results.iter().any(|result| {
+                    !matches!(
+                        &result.result,
+                        Some(crate::api::proto::v1::m_set_result::Result::Response(r)) if r.stored
+                    )
+                }) {
+                    bail!("the gateway did not store the benchmark keys (is its store up?)");
+                }
+            }
+        }
+        Driver::Redis(mut connection) => {
+            let keys: Vec<usize> = (0..work.keys).collect();
+            for chunk in keys.chunks(500) {
+                let mut pipeline = redis::pipe();
+                for key in chunk {
+                    pipeline
+                        .cmd("SET")
+                        .arg(format!("{REDIS_KEY_PREFIX}{key}"))
+                        .arg(work.value.as_ref())
+                        .arg("PX")
+                        .arg(600_000)
+                        .ignore();
+                }
+                pipeline.exec_async(&mut connection).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Measured {
+    histogram: Histogram<u64>,
+    errors: u64,
+    degraded: u64,
+    elapsed: Duration,
+    first_error: Option<String>,
+}
+
+impl Measured {
+    fn into_result(self, target: Target, args: &BenchArgs) -> RoundResult {
+        if let Some(err) = &self.first_error {
+            eprintln!("{target:?}: {} errors, first: {err}", self.errors);
+        }
+        let ms = |quantile: f64| self.histogram.value_at_quantile(quantile) as f64 / 1000.0;
+        let requests = self.histogram.len();
+        RoundResult {
+            target,
+            op: args.op,
+            concurrency: args.concurrency,
+            channels: args.channels,
+            requests,
+            errors: self.errors,
+            degraded: self.degraded,
+            ops_per_sec: requests as f64 / self.elapsed.as_secs_f64(),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+        }
+    }
+}
+
+/// Keeps `concurrency` requests in flight for `duration`, spread round-robin
+/// over `drivers`, and records each request's latency in microseconds.
+async fn drive(
+    drivers: &[Driver],
+    work: &Arc<Workload>,
+    concurrency: usize,
+    duration: Duration,
+) -> Measured {
+    let started = Instant::now();
+    let stop = started + duration;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for worker in 0..concurrency {
+        let mut driver = drivers[worker % drivers.len()].clone();
+        let work = Arc::clone(work);
+        tasks.push(tokio::spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let (mut errors, mut degraded, mut first_error) = (0, 0, None);
+            // xorshift64*: cheap, deterministic per worker, good enough to spread keys.
+            let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ (worker as u64 + 1);
+            while Instant::now() < stop {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let random = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                let key = (random % work.keys as u64) as usize;
+                let set = match work.op {
+                    Mix::Get => false,
+                    Mix::Set => true,
+                    Mix::Mixed => (random >> 32) % 100 < u64::from(work.set_percent),
+                };
+                let begun = Instant::now();
+                match driver.call(&work, key, set).await {
+                    Ok(answer) => {
+                        let micros = begun.elapsed().as_micros().max(1) as u64;
+                        histogram.saturating_record(micros);
+                        if matches!(answer, Answer::Degraded) {
+                            degraded += 1;
+                        }
+                    }
+                    Err(err) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{err:#}"));
+                    }
+                }
+            }
+            (histogram, errors, degraded, first_error)
+        }));
+    }
+    let mut total = Measured {
+        histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        errors: 0,
+        degraded: 0,
+        elapsed: Duration::ZERO,
+        first_error: None,
+    };
+    for task in tasks {
+        if let Ok((histogram, errors, degraded, first_error)) = task.await {
+            let _ = total.histogram.add(histogram);
+            total.errors += errors;
+            total.degraded += degraded;
+            if total.first_error.is_none() {
+                total.first_error = first_error;
+            }
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+fn render(results: &[RoundResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8}",
+        "target", "op", "conc", "chans", "requests", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors", "degraded"
+    );
+    for r in results {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>8}",
+            format!("{:?}", r.target).to_lowercase(),
+            format!("{:?}", r.op).to_lowercase(),
+            r.concurrency,
+            r.channels,
+            r.requests,
+            r.ops_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.errors,
+            r.degraded
+        );
+    }
+    let mean = |target: Target| {
+        let rounds: Vec<f64> = results
+            .iter()
+            .filter(|r| r.target == target)
+            .map(|r| r.ops_per_sec)
+            .collect();
+        (!rounds.is_empty()).then(|| rounds.iter().sum::<f64>() / rounds.len() as f64)
+    };
+    if let (Some(gateway), Some(redis)) = (mean(Target::Gateway), mean(Target::Redis)) {
+        let _ = writeln!(
+            out,
+            "gateway/redis throughput ratio: {:.2} ({:.0} vs {:.0} ops/s, mean over rounds)",
+            gateway / redis,
+            gateway,
+            redis
+        );
+    }
+    out
+}

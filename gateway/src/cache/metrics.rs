@@ -1,0 +1,131 @@
+//! The cache layer's metrics: request outcomes, rejected requests, store
+//! errors and undecodable entries.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+use super::{GetResult, MetricNamespace, Outcome};
+use crate::store::StoreError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    op: &'static str,
+    namespace: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreErrorLabels {
+    store: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnvelopeErrorLabels {
+    namespace: Arc<str>,
+    kind: &'static str,
+}
+
+/// Counters owned by the cache layer.
+#[derive(Clone, Debug, Default)]
+pub struct CacheMetrics {
+    requests: Family<RequestLabels, Counter>,
+    rejected: Family<OpLabels, Counter>,
+    store_errors: Family<StoreErrorLabels, Counter>,
+    envelope_errors: Family<EnvelopeErrorLabels, Counter>,
+}
+
+impl CacheMetrics {
+    /// Creates the counters and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "cachegw_requests",
+            "Cache operations by op, namespace and outcome",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "cachegw_requests_rejected",
+            "Requests refused before reaching the store (invalid or over a limit)",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "cachegw_store_errors",
+            "Store calls that failed or timed out, answered degraded",
+            metrics.store_errors.clone(),
+        );
+        registry.register(
+            "cachegw_envelope_errors",
+            "Stored entries that were not valid envelopes, answered as misses",
+            metrics.envelope_errors.clone(),
+        );
+        metrics
+    }
+
+    pub(super) fn get_outcome(&self, namespace: &MetricNamespace, result: &GetResult) {
+        let outcome = match (result.degraded, result.outcome) {
+            (true, _) => "degraded",
+            (false, Outcome::Hit) => "hit",
+            (false, Outcome::Miss) => "miss",
+            (false, Outcome::Stale) => "stale",
+        };
+        self.request("get", namespace, outcome);
+    }
+
+    pub(super) fn write_outcome(
+        &self,
+        op: &'static str,
+        namespace: &MetricNamespace,
+        done: bool,
+        degraded: bool,
+    ) {
+        let outcome = match (degraded, done) {
+            (true, _) => "degraded",
+            (false, true) => "done",
+            (false, false) => "noop",
+        };
+        self.request(op, namespace, outcome);
+    }
+
+    fn request(&self, op: &'static str, namespace: &MetricNamespace, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                op,
+                namespace: Arc::clone(namespace),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn rejected(&self, op: &'static str) {
+        self.rejected.get_or_create(&OpLabels { op }).inc();
+    }
+
+    pub(super) fn store_error(&self, store: &'static str, err: &StoreError) {
+        self.store_errors
+            .get_or_create(&StoreErrorLabels {
+                store,
+                kind: err.kind(),
+            })
+            .inc();
+    }
+
+    pub(super) fn envelope_error(&self, namespace: &MetricNamespace, kind: &'static str) {
+        self.envelope_errors
+            .get_or_create(&EnvelopeErrorLabels {
+                namespace: Arc::clone(namespace),
+                kind,
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,465 @@
+//! The gateway's configuration: one serde struct, merged from (lowest to
+//! highest precedence) built-in defaults, a TOML file, `CACHEGW_*` environment
+//! variables and command-line flags, then checked by [`Config::validate`].
+//!
+//! Every field is documented here; `docs/CONFIG.md` is the operator-facing
+//! reference and `cachegw serve --print-config` shows the merged result.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// Longest TTL any namespace may declare: beyond this a TTL is a mistake.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listener and request handling.
+    pub server: ServerConfig,
+    /// Which store backs the cache: `redis` (default) or `memory` (in-process).
+    pub store: StoreKind,
+    /// The Redis store (used when `store = "redis"`).
+    pub redis: RedisConfig,
+    /// The in-process store (used when `store = "memory"`).
+    pub memory: MemoryConfig,
+    /// Limits applied to every request, whatever the namespace.
+    pub limits: LimitsConfig,
+    /// Settings for namespaces not declared under `[namespaces]`.
+    pub default_namespace: DefaultNamespaceConfig,
+    /// Declared namespaces by name (`[namespaces.orders]`).
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// Which store the gateway uses.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Redis through a deadpool-redis pool; degraded (not failed) while Redis is down.
+    #[default]
+    Redis,
+    /// An in-process store bounded by bytes; entries are lost on restart.
+    Memory,
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Redis => "redis",
+            StoreKind::Memory => "memory",
+        })
+    }
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redis" => Ok(StoreKind::Redis),
+            "memory" => Ok(StoreKind::Memory),
+            other => Err(format!("unknown store `{other}`: expected `redis` or `memory`")),
+        }
+    }
+}
+
+/// The gRPC listener and request handling.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Upper bound on one store round trip (pool wait, connect and response
+    /// together). Past it the request is answered `degraded`. A client deadline
+    /// shorter than this wins.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
+    /// Largest request message accepted, in bytes (checked while decoding).
+    pub max_request_bytes: usize,
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            store_timeout: Duration::from_millis(1000),
+            max_request_bytes: 16 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The Redis store's pool and connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`).
+    pub url: String,
+    /// Most connections the pool opens. Concurrent requests pipeline on these
+    /// shared connections, so a handful serves thousands of requests.
+    pub max_connections: usize,
+    /// How long a request waits for a pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// How long creating a new pooled connection may take (connect + handshake).
+    #[serde(with = "humantime_serde")]
+    pub create_timeout: Duration,
+    /// How long the health check (PING) of a returned connection may take.
+    #[serde(with = "humantime_serde")]
+    pub recycle_timeout: Duration,
+    /// TCP connect timeout of one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long one command may wait for its reply (the socket read timeout).
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// How often a connection in use is handed back to the pool, which
+    /// health-checks it (PING) before it is used again. `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            max_connections: 8,
+            wait_timeout: Duration::from_millis(500),
+            create_timeout: Duration::from_millis(500),
+            recycle_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(500),
+            health_check_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The in-process store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Capacity in bytes (keys + values); least-recently-used entries go first.
+    pub max_bytes: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Limits applied to every request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest key, in bytes of UTF-8.
+    pub max_key_bytes: usize,
+    /// Most items in one MGet/MSet.
+    pub max_batch_items: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 1024,
+            max_batch_items: 1000,
+        }
+    }
+}
+
+/// Settings applied to a namespace that is not declared under `[namespaces]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefaultNamespaceConfig {
+    /// Accept undeclared namespaces. With `false`, a request for one gets
+    /// `NOT_FOUND`.
+    pub enabled: bool,
+    /// Settings every undeclared namespace gets.
+    #[serde(flatten)]
+    pub settings: NamespaceConfig,
+}
+
+impl Default for DefaultNamespaceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            settings: NamespaceConfig::default(),
+        }
+    }
+}
+
+/// One namespace's settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// How long an entry stays fresh when the policy does not say otherwise.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Largest value accepted, in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(300),
+            max_value_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration that could not be loaded or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, environment or flags could not be parsed into a [`Config`].
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A field has a value the gateway cannot run with.
+    #[error("invalid config: `{field}` {reason}")]
+    Invalid {
+        /// Dotted path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Values given on the command line; they win over file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--redis`
+    pub redis_url: Option<String>,
+    /// `--store`
+    pub store: Option<StoreKind>,
+}
+
+impl Config {
+    /// Merges defaults, the optional TOML file, `CACHEGW_*` environment variables
+    /// (`CACHEGW_REDIS__URL`, `CACHEGW_SERVER__LISTEN`, ... : sections and fields
+    /// joined by `__`) and `overrides`, then validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::Invalid {
+                    field: "--config".to_owned(),
+                    reason: format!("names `{}`, which is not a readable file", file.display()),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("CACHEGW_")
+                .split("__")
+                .ignore(&["config", "log", "log_format"]),
+        );
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(url) = &overrides.redis_url {
+            figment = figment.merge(Serialized::default("redis.url", url));
+        }
+        if let Some(store) = overrides.store {
+            figment = figment.merge(Serialized::default("store", store));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document on top of the defaults (no environment, no flags).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value the types alone cannot; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.server.store_timeout.is_zero() {
+            return invalid("server.store_timeout", "must be greater than 0");
+        }
+        if self.server.max_request_bytes < 1024 {
+            return invalid("server.max_request_bytes", "must be at least 1024");
+        }
+        if self.redis.max_connections == 0 {
+            return invalid("redis.max_connections", "must be at least 1");
+        }
+        if let Err(err) = redis::Client::open(self.redis.url.as_str()) {
+            return invalid("redis.url", &format!("is not a Redis URL: {err}"));
+        }
+        for (field, value) in [
+            ("redis.wait_timeout", self.redis.wait_timeout),
+            ("redis.create_timeout", self.redis.create_timeout),
+            ("redis.recycle_timeout", self.redis.recycle_timeout),
+            ("redis.connect_timeout", self.redis.connect_timeout),
+            ("redis.response_timeout", self.redis.response_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(field, "must be greater than 0");
+            }
+        }
+        if self.memory.max_bytes < 1024 {
+            return invalid("memory.max_bytes", "must be at least 1024");
+        }
+        if self.limits.max_key_bytes == 0 {
+            return invalid("limits.max_key_bytes", "must be at least 1");
+        }
+        if self.limits.max_batch_items == 0 {
+            return invalid("limits.max_batch_items", "must be at least 1");
+        }
+        self.default_namespace
+            .settings
+            .validate("default_namespace", self.server.max_request_bytes)?;
+        for (name, namespace) in &self.namespaces {
+            if let Err(reason) = crate::cache::validate_namespace_name(name) {
+                return invalid(&format!("namespaces.{name}"), &reason);
+            }
+            namespace.validate(&format!("namespaces.{name}"), self.server.max_request_bytes)?;
+        }
+        Ok(())
+    }
+}
+
+impl NamespaceConfig {
+    fn validate(&self, path: &str, max_request_bytes: usize) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                field: format!("{path}.{field}"),
+                reason,
+            })
+        };
+        if self.default_ttl < Duration::from_millis(1) {
+            return invalid("default_ttl", "must be at least 1ms".to_owned());
+        }
+        if self.default_ttl > MAX_TTL {
+            return invalid("default_ttl", "must be at most 365 days".to_owned());
+        }
+        if self.max_value_bytes >= max_request_bytes {
+            return invalid(
+                "max_value_bytes",
+                format!(
+                    "({}) must be below server.max_request_bytes ({max_request_bytes})",
+                    self.max_value_bytes
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_accept_any_namespace_for_five_minutes() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert!(config.default_namespace.enabled);
+        assert_eq!(
+            config.default_namespace.settings.default_ttl,
+            Duration::from_secs(300)
+        );
+        assert_eq!(config.store, StoreKind::Redis);
+        assert_eq!(config.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn toml_declares_namespaces_and_can_turn_the_template_off() {
+        let config = Config::from_toml(
+            r#"
+            store = "memory"
+            [default_namespace]
+            enabled = false
+            [namespaces.orders]
+            default_ttl = "90s"
+            max_value_bytes = 2048
+            [redis]
+            max_connections = 20
+            response_timeout = "250ms"
+            "#,
+        )
+        .unwrap();
+        assert!(!config.default_namespace.enabled);
+        assert_eq!(config.store, StoreKind::Memory);
+        let orders = &config.namespaces["orders"];
+        assert_eq!(orders.default_ttl, Duration::from_secs(90));
+        assert_eq!(orders.max_value_bytes, 2048);
+        assert_eq!(config.redis.max_connections, 20);
+        assert_eq!(config.redis.response_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = Config::from_toml("[redis]\nmax_conections = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let err = Config::from_toml("[namespaces.orders]\ndefault_ttl = \"0s\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("namespaces.orders.default_ttl"),
+            "{err}"
+        );
+        let err = Config::from_toml("[namespaces.\"bad name\"]\n").unwrap_err();
+        assert!(err.to_string().contains("namespaces.bad name"), "{err}");
+        let err = Config::from_toml("[redis]\nurl = \"http://nope\"\n").unwrap_err();
+        assert!(err.to_string().contains("redis.url"), "{err}");
+        let err = Config::from_toml("[redis]\nmax_connections = 0\n").unwrap_err();
+        assert!(err.to_string().contains("redis.max_connections"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_file_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cachegw.toml");
+        std::fs::write(
+            &file,
+            "store = \"redis\"\n[server]\nlisten = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let from_file = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(from_file.server.listen.port(), 7000);
+
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:7001".parse().unwrap()),
+            redis_url: Some("redis://127.0.0.1:6390".to_owned()),
+            store: Some(StoreKind::Memory),
+        };
+        let merged = Config::load(Some(&file), &overrides).unwrap();
+        assert_eq!(merged.server.listen.port(), 7001);
+        assert_eq!(merged.redis.url, "redis://127.0.0.1:6390");
+        assert_eq!(merged.store, StoreKind::Memory);
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_not_a_silent_default() {
+        let err = Config::load(Some(Path::new("/nonexistent/cachegw.toml")), &Overrides::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cachegw.toml"), "{err}");
+    }
+}

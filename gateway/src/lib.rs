@@ -1,0 +1,35 @@
+//! # cachegw
+//!
+//! A gRPC cache gateway: services call it instead of talking to Redis
+//! themselves, and the gateway pools connections, encodes values in a typed
+//! envelope, applies per-namespace TTLs and limits, and degrades gracefully
+//! when the store is unavailable.
+//!
+//! ## Layout
+//!
+//! Data flows one way, from the edge to the store:
+//!
+//! - [`api`]: tonic services, protobuf <-> domain conversion and the one
+//!   mapping from domain errors to gRPC statuses.
+//! - [`cache`]: the read and write paths: namespaces, limits, the value
+//!   envelope, freshness, time budgets and degraded answers.
+//! - [`policy`]: caching decisions (storage key, TTL) per request.
+//! - [`store`]: the storage trait and its Redis and in-process implementations.
+//! - [`config`]: the configuration struct, merged from file, environment and
+//!   flags in one place.
+//! - [`server`]: assembling the above into a running gateway with health,
+//!   reflection and graceful shutdown.
+//! - [`bench`]: the load tool behind `cachegw bench`.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod bench;
+pub mod cache;
+pub mod config;
+pub mod policy;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::{Gateway, GatewayError, MetricsHandle};

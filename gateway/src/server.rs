@@ -1,0 +1,223 @@
+//! Assembling and running the gateway: the store, the cache, the gRPC
+//! services (data API, health, reflection) and graceful shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{
+    api::{CacheApi, proto},
+    cache::{Cache, CacheMetrics},
+    config::{Config, StoreKind},
+    store::{MemoryStore, RedisStore, Store, StoreError},
+};
+
+/// The fully qualified name of the data service, as health checks know it.
+pub const CACHE_SERVICE: &str = "cachegw.v1.Cache";
+
+/// Why the gateway could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The store could not be set up (a bad URL; an unreachable Redis is not
+    /// an error: the gateway starts degraded).
+    #[error("cannot set up the {store} store: {source}")]
+    Store {
+        /// Which store.
+        store: StoreKind,
+        /// Why.
+        source: StoreError,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection descriptors could not be loaded.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A read-only view of the gateway's metrics, usable after `serve` has taken
+/// the gateway.
+#[derive(Clone)]
+pub struct MetricsHandle(Arc<Registry>);
+
+impl MetricsHandle {
+    /// Every metric in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0);
+        text
+    }
+}
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    config: Config,
+    cache: Arc<Cache>,
+    cache_metrics: CacheMetrics,
+    metrics: MetricsHandle,
+}
+
+impl Gateway {
+    /// Builds the store, cache and metrics from `config`. Does not connect:
+    /// Redis may be down; requests are answered degraded until it is up.
+    pub fn new(config: Config) -> Result<Self, GatewayError> {
+        let store: Arc<dyn Store> = match config.store {
+            StoreKind::Redis => Arc::new(RedisStore::new(&config.redis).map_err(|source| {
+                GatewayError::Store {
+                    store: StoreKind::Redis,
+                    source,
+                }
+            })?),
+            StoreKind::Memory => Arc::new(MemoryStore::new(config.memory.max_bytes)),
+        };
+        let mut registry = Registry::default();
+        let cache_metrics = CacheMetrics::register(&mut registry);
+        let cache = Arc::new(Cache::new(&config, store, cache_metrics.clone()));
+        Ok(Gateway {
+            config,
+            cache,
+            cache_metrics,
+            metrics: MetricsHandle(Arc::new(registry)),
+        })
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> MetricsHandle {
+        self.metrics.clone()
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` completes, then reports
+    /// NOT_SERVING, stops accepting and drains in-flight requests for up to
+    /// `server.shutdown_grace`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        let local_addr = listener.local_addr().ok();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        health.set_service_status(CACHE_SERVICE, ServingStatus::Serving).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let max_request = self.config.server.max_request_bytes;
+        let cache_service = proto::v1::cache_server::CacheServer::new(CacheApi::new(
+            Arc::clone(&self.cache),
+            self.cache_metrics.clone(),
+        ))
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(max_request);
+
+        log_start(&self.config, local_addr, self.cache.store_name());
+
+        let grace = self.config.server.shutdown_grace;
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            info!("shutting down: reporting NOT_SERVING and draining in-flight requests");
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status(CACHE_SERVICE, ServingStatus::NotServing)
+                .await;
+            let _ = draining_tx.send(());
+        };
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(cache_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+
+        tokio::select! {
+            served = server => {
+                served?;
+                info!("stopped");
+            }
+            () = grace_elapsed(draining_rx, grace) => {
+                warn!(?grace, "in-flight requests still running after the shutdown grace; stopping anyway");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Completes `grace` after draining starts; never if it does not start.
+async fn grace_elapsed(draining: tokio::sync::oneshot::Receiver<()>, grace: Duration) {
+    if draining.await.is_ok() {
+        tokio::time::sleep(grace).await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn log_start(config: &Config, addr: Option<SocketAddr>, store: &str) {
+    let addr = addr.map_or_else(|| "?".to_owned(), |addr| addr.to_string());
+    match config.store {
+        StoreKind::Redis => info!(
+            %addr,
+            store,
+            redis = %redact(&config.redis.url),
+            max_connections = config.redis.max_connections,
+            "cachegw serving"
+        ),
+        StoreKind::Memory => info!(
+            %addr,
+            store,
+            max_bytes = config.memory.max_bytes,
+            "cachegw serving (in-process store: entries are lost on restart and not shared between gateways)"
+        ),
+    }
+    if config.default_namespace.enabled {
+        info!(
+            declared = config.namespaces.len(),
+            "undeclared namespaces are accepted with the default_namespace settings"
+        );
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _password)) => {
+                    format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+                }
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("redis://:secret@h:1"), "redis://:***@h:1");
+    }
+}

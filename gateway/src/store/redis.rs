@@ -1,0 +1,240 @@
+//! The Redis store.
+//!
+//! Connections come from a deadpool-redis pool (bounded size, wait/create/
+//! recycle timeouts, a PING health check on recycle). Each pooled connection is
+//! a redis-rs `MultiplexedConnection`, so instead of checking a connection out
+//! per request (one request per socket, plus deadpool's recycle PING on every
+//! checkout), the store keeps up to `max_connections` connections checked out
+//! in *lanes* and spreads requests over them round-robin: concurrent requests
+//! pipeline on shared sockets. DESIGN.md measured this at about twice the
+//! throughput of checkout-per-request; docs/BENCHMARKS.md has our numbers.
+//!
+//! A lane goes back to the pool (and so through its health check) when a
+//! command on it fails at the connection level, and every
+//! `health_check_interval` in any case. Redis being down therefore costs one
+//! failed connect per request at most, bounded by the pool's timeouts, and the
+//! store reconnects by itself when Redis returns.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_redis::{
+    Connection, Manager, Pool, PoolError, Runtime,
+    redis::{self, AsyncConnectionConfig, RedisError, aio::MultiplexedConnection},
+};
+use tracing::{debug, warn};
+
+use super::{StorageKey, Store, StoreError, WriteEntry};
+use crate::config::RedisConfig;
+
+/// Cache entries in Redis, through a pool of multiplexed connections.
+pub struct RedisStore {
+    pool: Pool,
+    lanes: Box<[ArcSwapOption<Lane>]>,
+    next_lane: AtomicUsize,
+    health_check_interval: Option<Duration>,
+}
+
+/// A pooled connection held out of the pool and shared by concurrent requests.
+struct Lane {
+    connection: Connection,
+    checked_out_at: Instant,
+}
+
+impl RedisStore {
+    /// Builds the pool. Connects lazily: Redis need not be up yet.
+    pub fn new(config: &RedisConfig) -> Result<Self, StoreError> {
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout));
+        let manager = Manager::new_with_config(config.url.as_str(), connection_config)
+            .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?;
+        let pool = Pool::builder(manager)
+            .max_size(config.max_connections)
+            .wait_timeout(Some(config.wait_timeout))
+            .create_timeout(Some(config.create_timeout))
+            .recycle_timeout(Some(config.recycle_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|err| StoreError::Unavailable(format!("cannot build redis pool: {err}")))?;
+        let lanes = (0..config.max_connections)
+            .map(|_| ArcSwapOption::empty())
+            .collect();
+        Ok(Self {
+            pool,
+            lanes,
+            next_lane: AtomicUsize::new(0),
+            health_check_interval: (!config.health_check_interval.is_zero())
+                .then_some(config.health_check_interval),
+        })
+    }
+
+    /// Connections currently open in the pool (checked out in lanes or idle).
+    pub fn open_connections(&self) -> usize {
+        self.pool.status().size
+    }
+
+    /// A connection handle for one command, and the lane it came from.
+    async fn connection(&self) -> Result<(MultiplexedConnection, Arc<Lane>, usize), StoreError> {
+        let index = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let slot = &self.lanes[index];
+        if let Some(lane) = slot.load_full() {
+            let due = self
+                .health_check_interval
+                .is_some_and(|interval| lane.checked_out_at.elapsed() >= interval);
+            if !due {
+                return Ok(((*lane.connection).clone(), lane, index));
+            }
+            // Hand it back so the pool health-checks it before it serves again.
+            self.retire(index, &lane);
+        }
+        let connection = self.pool.get().await.map_err(pool_error)?;
+        let lane = Arc::new(Lane {
+            connection,
+            checked_out_at: Instant::now(),
+        });
+        let handle = (*lane.connection).clone();
+        // Another request may have filled the slot meanwhile; then ours is
+        // dropped after this command and returns to the pool.
+        slot.compare_and_swap(&None::<Arc<Lane>>, Some(Arc::clone(&lane)));
+        Ok((handle, lane, index))
+    }
+
+    /// Takes `lane` out of its slot (if it is still there) so it returns to the
+    /// pool once the commands in flight on it finish.
+    fn retire(&self, index: usize, lane: &Arc<Lane>) {
+        let current = Some(Arc::clone(lane));
+        self.lanes[index].compare_and_swap(&current, None::<Arc<Lane>>);
+    }
+
+    /// Runs one command or pipeline on a lane, retiring the lane if the
+    /// connection itself failed.
+    async fn run<T, F>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, RedisError>,
+    {
+        let (mut handle, lane, index) = self.connection().await?;
+        match command(&mut handle).await {
+            Ok(value) => Ok(value),
+            Err(err) => {
+                if is_connection_error(&err) {
+                    debug!(cause = %err, lane = index, "retiring redis connection");
+                    self.retire(index, &lane);
+                }
+                Err(command_error(err))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &StorageKey) -> Result<Option<Bytes>, StoreError> {
+        self.run(async |conn| {
+            redis::cmd("GET")
+                .arg(key.as_bytes())
+                .query_async::<Option<Bytes>>(conn)
+                .await
+        })
+        .await
+    }
+
+    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline.cmd("GET").arg(key.as_bytes());
+        }
+        self.run(async |conn| pipeline.query_async::<Vec<Option<Bytes>>>(conn).await)
+            .await
+    }
+
+    async fn set(&self, entry: WriteEntry) -> Result<(), StoreError> {
+        let mut command = redis::cmd("SET");
+        command
+            .arg(entry.key.as_bytes())
+            .arg(entry.value.as_ref())
+            .arg("PX")
+            .arg(expiry_millis(entry.expire_after));
+        self.run(async |conn| command.exec_async(conn).await).await
+    }
+
+    async fn set_many(&self, entries: Vec<WriteEntry>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for entry in &entries {
+            pipeline
+                .cmd("SET")
+                .arg(entry.key.as_bytes())
+                .arg(entry.value.as_ref())
+                .arg("PX")
+                .arg(expiry_millis(entry.expire_after))
+                .ignore();
+        }
+        self.run(async |conn| pipeline.exec_async(conn).await).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        // UNLINK frees large values off Redis's main thread.
+        self.run(async |conn| {
+            redis::cmd("UNLINK")
+                .arg(key.as_bytes())
+                .query_async::<u64>(conn)
+                .await
+        })
+        .await
+        .map(|removed| removed > 0)
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// Redis rejects `PX 0`; anything shorter than a millisecond is a millisecond.
+fn expiry_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn is_connection_error(err: &RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+        || err.is_unrecoverable_error()
+}
+
+fn command_error(err: RedisError) -> StoreError {
+    if err.is_timeout() {
+        StoreError::Timeout(Duration::ZERO)
+    } else if err.code() == Some("OOM") {
+        StoreError::OutOfMemory(err.to_string())
+    } else if is_connection_error(&err) {
+        StoreError::Unavailable(err.to_string())
+    } else {
+        warn!(cause = %err, "redis command failed");
+        StoreError::Command(err.to_string())
+    }
+}
+
+fn pool_error(err: PoolError) -> StoreError {
+    match err {
+        PoolError::Timeout(kind) => {
+            StoreError::Unavailable(format!("no redis connection in time ({kind:?} timeout)"))
+        }
+        PoolError::Backend(err) => StoreError::Unavailable(format!("cannot connect: {err}")),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
