@@ -154,7 +154,11 @@ impl Driver {
                         })
                         .await?
                         .into_inner();
-                    Ok(if response.stored { Answer::Ok } else { Answer::Degraded })
+                    Ok(if response.stored {
+                        Answer::Ok
+                    } else {
+                        Answer::Degraded
+                    })
                 } else {
                     let response = client
                         .get(GetRequest {
@@ -165,7 +169,11 @@ impl Driver {
                         .await?
                         .into_inner();
                     let hit = response.outcome == Outcome::Hit as i32;
-                    Ok(if hit && !response.degraded { Answer::Ok } else { Answer::Degraded })
+                    Ok(if hit && !response.degraded {
+                        Answer::Ok
+                    } else {
+                        Answer::Degraded
+                    })
                 }
             }
             Driver::Redis(connection) => {
@@ -182,7 +190,11 @@ impl Driver {
                 } else {
                     let value: Option<Bytes> =
                         redis::cmd("GET").arg(&key).query_async(connection).await?;
-                    Ok(if value.is_some() { Answer::Ok } else { Answer::Degraded })
+                    Ok(if value.is_some() {
+                        Answer::Ok
+                    } else {
+                        Answer::Degraded
+                    })
                 }
             }
         }
@@ -415,7 +427,17 @@ fn render(results: &[RoundResult]) -> String {
     let _ = writeln!(
         out,
         "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8}",
-        "target", "op", "conc", "chans", "requests", "ops/s", "p50 ms", "p99 ms", "p999 ms", "errors", "degraded"
+        "target",
+        "op",
+        "conc",
+        "chans",
+        "requests",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "errors",
+        "degraded"
     );
     for r in results {
         let _ = writeln!(

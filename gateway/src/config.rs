@@ -63,7 +63,9 @@ impl std::str::FromStr for StoreKind {
         match s {
             "redis" => Ok(StoreKind::Redis),
             "memory" => Ok(StoreKind::Memory),
-            other => Err(format!("unknown store `{other}`: expected `redis` or `memory`")),
+            other => Err(format!(
+                "unknown store `{other}`: expected `redis` or `memory`"
+            )),
         }
     }
 }
@@ -260,11 +262,11 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(
-            Env::prefixed("CACHEGW_")
-                .split("__")
-                .ignore(&["config", "log", "log_format"]),
-        );
+        figment = figment.merge(Env::prefixed("CACHEGW_").split("__").ignore(&[
+            "config",
+            "log",
+            "log_format",
+        ]));
         if let Some(listen) = overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
         }
@@ -458,8 +460,14 @@ mod tests {
 
     #[test]
     fn a_missing_config_file_is_an_error_not_a_silent_default() {
-        let err = Config::load(Some(Path::new("/nonexistent/cachegw.toml")), &Overrides::default())
-            .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/cachegw.toml"), "{err}");
+        let err = Config::load(
+            Some(Path::new("/nonexistent/cachegw.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/cachegw.toml"),
+            "{err}"
+        );
     }
 }

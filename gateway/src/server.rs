@@ -67,15 +67,16 @@ impl Gateway {
     /// Builds the store, cache and metrics from `config`. Does not connect:
     /// Redis may be down; requests are answered degraded until it is up.
     pub fn new(config: Config) -> Result<Self, GatewayError> {
-        let store: Arc<dyn Store> = match config.store {
-            StoreKind::Redis => Arc::new(RedisStore::new(&config.redis).map_err(|source| {
-                GatewayError::Store {
-                    store: StoreKind::Redis,
-                    source,
-                }
-            })?),
-            StoreKind::Memory => Arc::new(MemoryStore::new(config.memory.max_bytes)),
-        };
+        let store: Arc<dyn Store> =
+            match config.store {
+                StoreKind::Redis => Arc::new(RedisStore::new(&config.redis).map_err(|source| {
+                    GatewayError::Store {
+                        store: StoreKind::Redis,
+                        source,
+                    }
+                })?),
+                StoreKind::Memory => Arc::new(MemoryStore::new(config.memory.max_bytes)),
+            };
         let mut registry = Registry::default();
         let cache_metrics = CacheMetrics::register(&mut registry);
         let cache = Arc::new(Cache::new(&config, store, cache_metrics.clone()));
@@ -108,7 +109,9 @@ impl Gateway {
         let local_addr = listener.local_addr().ok();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
-        health.set_service_status(CACHE_SERVICE, ServingStatus::Serving).await;
+        health
+            .set_service_status(CACHE_SERVICE, ServingStatus::Serving)
+            .await;
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -134,7 +137,9 @@ impl Gateway {
         let signal = async move {
             shutdown.await;
             info!("shutting down: reporting NOT_SERVING and draining in-flight requests");
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             health
                 .set_service_status(CACHE_SERVICE, ServingStatus::NotServing)
                 .await;

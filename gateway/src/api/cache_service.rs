@@ -37,6 +37,7 @@ impl CacheApi {
 impl cache_server::Cache for CacheApi {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
         let command = request
             .into_inner()
@@ -48,6 +49,7 @@ impl cache_server::Cache for CacheApi {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
+        let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
         let command = request
             .into_inner()
@@ -62,6 +64,7 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
         let command = request
             .into_inner()
@@ -73,6 +76,7 @@ impl cache_server::Cache for CacheApi {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn m_get(&self, request: Request<MGetRequest>) -> Result<Response<MGetResponse>, Status> {
+        let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
         let commands = request
             .into_inner()
@@ -88,6 +92,7 @@ impl cache_server::Cache for CacheApi {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn m_set(&self, request: Request<MSetRequest>) -> Result<Response<MSetResponse>, Status> {
+        let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
         let commands = request
             .into_inner()

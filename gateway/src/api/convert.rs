@@ -9,7 +9,8 @@ use crate::cache::{
 };
 
 fn checked_namespace(namespace: String) -> Result<String, RequestError> {
-    validate_namespace_name(&namespace).map_err(|reason| RequestError::invalid("namespace", reason))?;
+    validate_namespace_name(&namespace)
+        .map_err(|reason| RequestError::invalid("namespace", reason))?;
     Ok(namespace)
 }
 
@@ -134,7 +135,10 @@ mod tests {
             attributes: Default::default(),
         })
         .unwrap_err();
-        assert!(matches!(err, RequestError::InvalidArgument { field: "key", .. }), "{err}");
+        assert!(
+            matches!(err, RequestError::InvalidArgument { field: "key", .. }),
+            "{err}"
+        );
 
         let err = DeleteCommand::try_from(pb::DeleteRequest {
             namespace: "a:b".into(),
@@ -142,6 +146,15 @@ mod tests {
             attributes: Default::default(),
         })
         .unwrap_err();
-        assert!(matches!(err, RequestError::InvalidArgument { field: "namespace", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                RequestError::InvalidArgument {
+                    field: "namespace",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -55,13 +55,17 @@ pub enum EnvelopeError {
     #[error("entry does not start with the envelope magic")]
     BadMagic,
     /// Written by a format this gateway does not know.
-    #[error("envelope format version {0} is not supported (this gateway reads version {FORMAT_VERSION})")]
+    #[error(
+        "envelope format version {0} is not supported (this gateway reads version {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u8),
     /// Flag bits this gateway does not know.
     #[error("envelope has unknown flags {0:#010b}")]
     UnknownFlags(u8),
     /// The timestamps contradict each other.
-    #[error("envelope times are inconsistent (created {created}, fresh until {fresh}, stale until {stale})")]
+    #[error(
+        "envelope times are inconsistent (created {created}, fresh until {fresh}, stale until {stale})"
+    )]
     InconsistentTimes {
         /// created_at_ms
         created: u64,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -43,6 +43,16 @@ pub struct CacheMetrics {
     rejected: Family<OpLabels, Counter>,
     store_errors: Family<StoreErrorLabels, Counter>,
     envelope_errors: Family<EnvelopeErrorLabels, Counter>,
+    in_flight: Gauge,
+}
+
+/// Counts a request as in flight until dropped.
+pub(crate) struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl CacheMetrics {
@@ -69,7 +79,17 @@ impl CacheMetrics {
             "Stored entries that were not valid envelopes, answered as misses",
             metrics.envelope_errors.clone(),
         );
+        registry.register(
+            "cachegw_requests_in_flight",
+            "Cache requests being executed right now",
+            metrics.in_flight.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     pub(super) fn get_outcome(&self, namespace: &MetricNamespace, result: &GetResult) {

@@ -196,7 +196,8 @@ impl Cache {
             },
             Err(err) => self.degraded("set", &planned.namespace, &err, Self::not_stored(ttl)),
         };
-        self.metrics.write_outcome("set", &planned.namespace, result.stored, result.degraded);
+        self.metrics
+            .write_outcome("set", &planned.namespace, result.stored, result.degraded);
         Ok(result)
     }
 
@@ -209,7 +210,10 @@ impl Cache {
         let planned = self
             .plan_read(&command.namespace, &command.key)
             .inspect_err(|_| self.metrics.rejected("delete"))?;
-        let result = match self.bounded(deadline, self.store.delete(&planned.key)).await {
+        let result = match self
+            .bounded(deadline, self.store.delete(&planned.key))
+            .await
+        {
             Ok(deleted) => DeleteResult {
                 deleted,
                 degraded: false,
@@ -224,7 +228,12 @@ impl Cache {
                 },
             ),
         };
-        self.metrics.write_outcome("delete", &planned.namespace, result.deleted, result.degraded);
+        self.metrics.write_outcome(
+            "delete",
+            &planned.namespace,
+            result.deleted,
+            result.degraded,
+        );
         Ok(result)
     }
 
@@ -300,7 +309,8 @@ impl Cache {
                     },
                     Err(err) => self.degraded("set", &namespace, err, Self::not_stored(ttl)),
                 };
-                self.metrics.write_outcome("set", &namespace, result.stored, result.degraded);
+                self.metrics
+                    .write_outcome("set", &namespace, result.stored, result.degraded);
                 Ok(result)
             })
             .collect();
@@ -429,19 +439,31 @@ impl Cache {
     }
 
     /// Runs a store call within the request's budget: the configured store
-    /// timeout, or the client's deadline if that is sooner.
+    /// timeout, or (a little less than) the client's deadline if that is sooner.
     async fn bounded<T>(
         &self,
         deadline: Option<Duration>,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let budget = deadline.map_or(self.store_timeout, |d| d.min(self.store_timeout));
+        // Keep a little of the client's time for answering: a degraded answer
+        // that arrives after the deadline is no answer at all.
+        let budget = deadline.map_or(self.store_timeout, |deadline| {
+            let reserve =
+                (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
+            deadline.saturating_sub(reserve).min(self.store_timeout)
+        });
         tokio::time::timeout(budget, call)
             .await
             .unwrap_or(Err(StoreError::Timeout(budget)))
     }
 
-    fn degraded<T>(&self, op: &'static str, namespace: &MetricNamespace, err: &StoreError, answer: T) -> T {
+    fn degraded<T>(
+        &self,
+        op: &'static str,
+        namespace: &MetricNamespace,
+        err: &StoreError,
+        answer: T,
+    ) -> T {
         self.metrics.store_error(self.store.name(), err);
         warn!(op, namespace = %namespace, store = self.store.name(), cause = %err, "store unavailable, answering degraded");
         answer
@@ -501,7 +523,9 @@ mod tests {
 
     #[test]
     fn scoped_keys_keep_every_character_and_never_collide() {
-        let awkward = ["a", "a:b", "a*", "a?", "[a]", "a\\b", "a b", "a\nb", "ключ", "a:"];
+        let awkward = [
+            "a", "a:b", "a*", "a?", "[a]", "a\\b", "a b", "a\nb", "ключ", "a:",
+        ];
         let mut seen = std::collections::HashSet::new();
         for namespace in ["users", "users.v2"] {
             for key in awkward {

@@ -86,7 +86,8 @@ impl Namespaces {
 
     /// The settings for `name`, or why there are none.
     pub fn resolve(&self, name: &str) -> Result<&NamespaceSettings, RequestError> {
-        validate_namespace_name(name).map_err(|reason| RequestError::invalid("namespace", reason))?;
+        validate_namespace_name(name)
+            .map_err(|reason| RequestError::invalid("namespace", reason))?;
         self.declared
             .get(name)
             .or(self.template.as_ref())
@@ -125,10 +126,9 @@ mod tests {
 
     #[test]
     fn without_the_template_undeclared_namespaces_are_not_found() {
-        let config = Config::from_toml(
-            "[namespaces.orders]\n[default_namespace]\nenabled = false\n",
-        )
-        .unwrap();
+        let config =
+            Config::from_toml("[namespaces.orders]\n[default_namespace]\nenabled = false\n")
+                .unwrap();
         let namespaces = Namespaces::from_config(&config);
         assert!(namespaces.resolve("orders").is_ok());
         assert_eq!(
@@ -137,7 +137,10 @@ mod tests {
         );
         assert!(matches!(
             namespaces.resolve("bad name").unwrap_err(),
-            RequestError::InvalidArgument { field: "namespace", .. }
+            RequestError::InvalidArgument {
+                field: "namespace",
+                ..
+            }
         ));
     }
 }

@@ -128,8 +128,14 @@ mod tests {
     #[tokio::test]
     async fn stores_reads_and_deletes() {
         let store = MemoryStore::new(1 << 20);
-        store.set(entry("a", b"1", Duration::from_secs(60))).await.unwrap();
-        assert_eq!(store.get(&key("a")).await.unwrap().as_deref(), Some(&b"1"[..]));
+        store
+            .set(entry("a", b"1", Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&key("a")).await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
         assert!(store.delete(&key("a")).await.unwrap());
         assert!(!store.delete(&key("a")).await.unwrap());
         assert_eq!(store.get(&key("a")).await.unwrap(), None);
@@ -138,8 +144,14 @@ mod tests {
     #[tokio::test]
     async fn entries_expire_after_their_own_ttl() {
         let store = MemoryStore::new(1 << 20);
-        store.set(entry("short", b"x", Duration::from_millis(30))).await.unwrap();
-        store.set(entry("long", b"y", Duration::from_secs(60))).await.unwrap();
+        store
+            .set(entry("short", b"x", Duration::from_millis(30)))
+            .await
+            .unwrap();
+        store
+            .set(entry("long", b"y", Duration::from_secs(60)))
+            .await
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while store.get(&key("short")).await.unwrap().is_some() {
             assert!(Instant::now() < deadline, "entry outlived its ttl");

@@ -18,7 +18,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -38,9 +38,19 @@ use crate::config::RedisConfig;
 /// Cache entries in Redis, through a pool of multiplexed connections.
 pub struct RedisStore {
     pool: Pool,
-    lanes: Box<[ArcSwapOption<Lane>]>,
+    lanes: Box<[LaneSlot]>,
     next_lane: AtomicUsize,
     health_check_interval: Option<Duration>,
+    epoch: Instant,
+}
+
+/// Where a lane lives: the lane itself (swapped without locks on the hot
+/// path), a lock taken only to fill it, and when filling it last failed.
+#[derive(Default)]
+struct LaneSlot {
+    current: ArcSwapOption<Lane>,
+    filling: tokio::sync::Mutex<()>,
+    last_failure: AtomicU64,
 }
 
 /// A pooled connection held out of the pool and shared by concurrent requests.
@@ -66,7 +76,7 @@ impl RedisStore {
             .build()
             .map_err(|err| StoreError::Unavailable(format!("cannot build redis pool: {err}")))?;
         let lanes = (0..config.max_connections)
-            .map(|_| ArcSwapOption::empty())
+            .map(|_| LaneSlot::default())
             .collect();
         Ok(Self {
             pool,
@@ -74,6 +84,7 @@ impl RedisStore {
             next_lane: AtomicUsize::new(0),
             health_check_interval: (!config.health_check_interval.is_zero())
                 .then_some(config.health_check_interval),
+            epoch: Instant::now(),
         })
     }
 
@@ -86,33 +97,64 @@ impl RedisStore {
     async fn connection(&self) -> Result<(MultiplexedConnection, Arc<Lane>, usize), StoreError> {
         let index = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let slot = &self.lanes[index];
-        if let Some(lane) = slot.load_full() {
-            let due = self
-                .health_check_interval
-                .is_some_and(|interval| lane.checked_out_at.elapsed() >= interval);
-            if !due {
-                return Ok(((*lane.connection).clone(), lane, index));
-            }
-            // Hand it back so the pool health-checks it before it serves again.
-            self.retire(index, &lane);
+        if let Some(lane) = self.usable(slot) {
+            return Ok(((*lane.connection).clone(), lane, index));
         }
-        let connection = self.pool.get().await.map_err(pool_error)?;
+        // One request fills an empty lane; the others on that lane wait for it
+        // instead of all stampeding the pool (and its wait timeout).
+        let waiting_since = self.clock();
+        let _filling = slot.filling.lock().await;
+        if let Some(lane) = self.usable(slot) {
+            return Ok(((*lane.connection).clone(), lane, index));
+        }
+        if slot.last_failure.load(Ordering::Acquire) > waiting_since {
+            // The fill we queued behind just failed: fail fast too rather than
+            // queueing another connect attempt behind it.
+            return Err(StoreError::Unavailable(
+                "redis connection failed moments ago".to_owned(),
+            ));
+        }
+        if let Some(stale) = slot.current.load_full() {
+            // Due for its health check: hand it back, the pool PINGs it.
+            self.retire(index, &stale);
+        }
+        let connection = match self.pool.get().await {
+            Ok(connection) => connection,
+            Err(err) => {
+                slot.last_failure
+                    .store(self.clock().max(1), Ordering::Release);
+                return Err(pool_error(err));
+            }
+        };
         let lane = Arc::new(Lane {
             connection,
             checked_out_at: Instant::now(),
         });
-        let handle = (*lane.connection).clone();
-        // Another request may have filled the slot meanwhile; then ours is
-        // dropped after this command and returns to the pool.
-        slot.compare_and_swap(&None::<Arc<Lane>>, Some(Arc::clone(&lane)));
-        Ok((handle, lane, index))
+        slot.current.store(Some(Arc::clone(&lane)));
+        Ok(((*lane.connection).clone(), lane, index))
+    }
+
+    /// The lane in `slot`, unless it is empty or due for a health check.
+    fn usable(&self, slot: &LaneSlot) -> Option<Arc<Lane>> {
+        let lane = slot.current.load_full()?;
+        let due = self
+            .health_check_interval
+            .is_some_and(|interval| lane.checked_out_at.elapsed() >= interval);
+        (!due).then_some(lane)
+    }
+
+    /// Nanoseconds since the store was built (a cheap, comparable timestamp).
+    fn clock(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Takes `lane` out of its slot (if it is still there) so it returns to the
     /// pool once the commands in flight on it finish.
     fn retire(&self, index: usize, lane: &Arc<Lane>) {
         let current = Some(Arc::clone(lane));
-        self.lanes[index].compare_and_swap(&current, None::<Arc<Lane>>);
+        self.lanes[index]
+            .current
+            .compare_and_swap(&current, None::<Arc<Lane>>);
     }
 
     /// Runs one command or pipeline on a lane, retiring the lane if the
@@ -205,7 +247,9 @@ impl Store for RedisStore {
 
 /// Redis rejects `PX 0`; anything shorter than a millisecond is a millisecond.
 fn expiry_millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 fn is_connection_error(err: &RedisError) -> bool {

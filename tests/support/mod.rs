@@ -1,0 +1,412 @@
+//! Fixtures for the end-to-end tests: a real `redis-server` on a free port, a
+//! real gateway on port 0 serving over TCP, and real tonic clients.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use gateway::{
+    Config, Gateway, MetricsHandle,
+    api::proto::v1::{GetRequest, SetRequest, cache_client::CacheClient},
+    config::StoreKind,
+};
+use redis::aio::MultiplexedConnection;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+/// Polls `condition` until it holds or `within` passes; panics with `what`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+fn redis_server_binary() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let candidate = PathBuf::from(dir).join("redis-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
+        if std::path::Path::new(candidate).is_file() {
+            return candidate.into();
+        }
+    }
+    panic!("redis-server not found on PATH: install it (Debian: apt-get install redis-server)");
+}
+
+/// A `redis-server` owned by one test, on its own port, persisting nothing.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers PING.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server on a given port (one a gateway already points at).
+    pub async fn start_on(port: u16) -> Self {
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra_args: Vec::new(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a server with extra `redis-server` arguments (`--maxmemory 1mb`).
+    pub async fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(redis_server_binary())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move { ping(&url).await }
+            },
+        )
+        .await;
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A direct connection for checks the gateway's API cannot make.
+    pub async fn connection(&self) -> MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis")
+    }
+
+    /// SIGKILLs the server (no shutdown, no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: it persists nothing).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// SIGSTOP: the process stays, its sockets accept, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A paused server ignores SIGKILL until continued on some kernels.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(Ok(mut connection)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            redis::cmd("PING").query_async::<String>(&mut connection)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// Config for a test gateway: short timeouts so degraded answers come fast.
+pub fn test_config(store: StoreKind, redis_url: Option<String>) -> Config {
+    let mut config = Config::default();
+    config.store = store;
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.store_timeout = Duration::from_millis(500);
+    config.server.shutdown_grace = Duration::from_secs(5);
+    if let Some(url) = redis_url {
+        config.redis.url = url;
+    }
+    config.redis.max_connections = 8;
+    config.redis.wait_timeout = Duration::from_millis(300);
+    config.redis.create_timeout = Duration::from_millis(300);
+    config.redis.recycle_timeout = Duration::from_millis(300);
+    config.redis.connect_timeout = Duration::from_millis(300);
+    config.redis.response_timeout = Duration::from_millis(300);
+    config
+}
+
+/// A gateway running in this process, serving real gRPC over TCP.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub metrics: MetricsHandle,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), gateway::GatewayError>>>,
+}
+
+impl TestGateway {
+    pub async fn start(config: Config) -> Self {
+        config.validate().expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .expect("bind the gateway");
+        let addr = listener.local_addr().unwrap();
+        let gateway = Gateway::new(config).expect("build the gateway");
+        let metrics = gateway.metrics();
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(listener, async {
+            let _ = signal.await;
+        }));
+        TestGateway {
+            addr,
+            metrics,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the gateway")
+    }
+
+    pub async fn client(&self) -> CacheClient<Channel> {
+        CacheClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Triggers graceful shutdown (without waiting for it).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Shuts down and waits for the server to stop.
+    pub async fn stop(mut self) {
+        self.begin_shutdown();
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server result");
+        }
+    }
+
+    /// Sum of every series of a counter family, from the metrics text.
+    pub fn counter(&self, name: &str) -> u64 {
+        counter_sum(&self.metrics.encode(), name)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+/// Sums every sample of `name` (`name_total{...} N` lines) in Prometheus text.
+pub fn counter_sum(text: &str, name: &str) -> u64 {
+    let total = format!("{name}_total");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(&total)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The value of an unlabelled gauge `name` in Prometheus text.
+pub fn gauge(text: &str, name: &str) -> i64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Which store a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Redis,
+    Memory,
+}
+
+/// A scenario's world: the store (a test redis-server, or none for the memory
+/// store), a gateway over it, and a client.
+pub struct World {
+    pub redis: Option<RedisServer>,
+    pub gateway: TestGateway,
+    pub client: CacheClient<Channel>,
+}
+
+impl World {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Starts with a config adjusted by `configure`.
+    pub async fn start_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> Self {
+        let redis = match backend {
+            Backend::Redis => Some(RedisServer::start().await),
+            Backend::Memory => None,
+        };
+        let store = match backend {
+            Backend::Redis => StoreKind::Redis,
+            Backend::Memory => StoreKind::Memory,
+        };
+        let mut config = test_config(store, redis.as_ref().map(RedisServer::url));
+        configure(&mut config);
+        let gateway = TestGateway::start(config).await;
+        let client = gateway.client().await;
+        World {
+            redis,
+            gateway,
+            client,
+        }
+    }
+
+    pub async fn set(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+    ) -> gateway::api::proto::v1::SetResponse {
+        self.client
+            .set(SetRequest {
+                namespace: namespace.into(),
+                key: key.into(),
+                value: value.to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .expect("set")
+            .into_inner()
+    }
+
+    pub async fn get(
+        &mut self,
+        namespace: &str,
+        key: &str,
+    ) -> gateway::api::proto::v1::GetResponse {
+        self.client
+            .get(GetRequest {
+                namespace: namespace.into(),
+                key: key.into(),
+                attributes: Default::default(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+    }
+
+    /// Keys in the test Redis (None for the memory store).
+    pub async fn redis_key_count(&self) -> Option<u64> {
+        let redis = self.redis.as_ref()?;
+        let mut connection = redis.connection().await;
+        Some(
+            redis::cmd("DBSIZE")
+                .query_async(&mut connection)
+                .await
+                .unwrap(),
+        )
+    }
+}
