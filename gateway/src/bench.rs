@@ -16,6 +16,9 @@ use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::api::proto::v1::{
     GetRequest, MSetRequest, Outcome, SetRequest, cache_client::CacheClient,
@@ -29,8 +32,9 @@ pub enum Target {
     Gateway,
     /// Redis directly, with redis-rs.
     Redis,
-    /// Both, alternating, in one run.
-    Both,
+    /// The gateway's health Check RPC: a gRPC round trip with no cache work,
+    /// the floor under any gateway RPC.
+    Health,
 }
 
 /// The operation mix.
@@ -48,9 +52,9 @@ pub enum Mix {
 /// Options of `cachegw bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// What to drive: the gateway, Redis directly, or both (alternating rounds).
-    #[arg(long, value_enum, default_value = "both")]
-    pub target: Target,
+    /// What to drive, comma-separated; targets alternate round by round.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "gateway,redis")]
+    pub target: Vec<Target>,
     /// The gateway's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub gateway: String,
@@ -123,6 +127,7 @@ pub struct RoundResult {
 enum Driver {
     Gateway(CacheClient<Channel>),
     Redis(MultiplexedConnection),
+    Health(HealthClient<Channel>),
 }
 
 enum Answer {
@@ -176,6 +181,16 @@ impl Driver {
                     })
                 }
             }
+            Driver::Health(client) => {
+                let response = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await?
+                    .into_inner();
+                let serving = response.status == ServingStatus::Serving as i32;
+                Ok(if serving { Answer::Ok } else { Answer::Degraded })
+            }
             Driver::Redis(connection) => {
                 let key = format!("{REDIS_KEY_PREFIX}{key}");
                 if set {
@@ -216,16 +231,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
         namespace: args.namespace.clone(),
         value: Bytes::from(vec![b'v'; args.value_size]),
     });
-    let targets: &[Target] = match args.target {
-        Target::Both => &[Target::Gateway, Target::Redis],
-        Target::Gateway => &[Target::Gateway],
-        Target::Redis => &[Target::Redis],
-    };
+    let mut targets = args.target.clone();
+    targets.dedup();
     let mut drivers = Vec::new();
-    for &target in targets {
+    for target in targets {
         let connected = match target {
-            Target::Gateway => connect_gateway(&args).await?,
-            _ => connect_redis(&args).await?,
+            Target::Gateway => connect_gateway(&args)
+                .await?
+                .into_iter()
+                .map(|channel| {
+                    Driver::Gateway(
+                        CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+                    )
+                })
+                .collect(),
+            Target::Health => connect_gateway(&args)
+                .await?
+                .into_iter()
+                .map(|channel| Driver::Health(HealthClient::new(channel)))
+                .collect(),
+            Target::Redis => connect_redis(&args).await?,
         };
         populate(&connected[0], &work).await?;
         drivers.push((target, connected));
@@ -246,19 +271,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     Ok(results)
 }
 
-async fn connect_gateway(args: &BenchArgs) -> anyhow::Result<Vec<Driver>> {
-    let mut drivers = Vec::new();
+async fn connect_gateway(args: &BenchArgs) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
     for _ in 0..args.channels {
         let channel = Endpoint::from_shared(args.gateway.clone())
             .with_context(|| format!("bad --gateway address `{}`", args.gateway))?
             .connect()
             .await
             .with_context(|| format!("cannot reach the gateway at {}", args.gateway))?;
-        drivers.push(Driver::Gateway(
-            CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
-        ));
+        channels.push(channel);
     }
-    Ok(drivers)
+    Ok(channels)
 }
 
 async fn connect_redis(args: &BenchArgs) -> anyhow::Result<Vec<Driver>> {
@@ -278,6 +301,7 @@ async fn connect_redis(args: &BenchArgs) -> anyhow::Result<Vec<Driver>> {
 /// Writes every key once so that GETs hit.
 async fn populate(driver: &Driver, work: &Workload) -> anyhow::Result<()> {
     match driver.clone() {
+        Driver::Health(_) => {}
         Driver::Gateway(mut client) => {
             let keys: Vec<usize> = (0..work.keys).collect();
             for chunk in keys.chunks(500) {
@@ -464,14 +488,16 @@ fn render(results: &[RoundResult]) -> String {
             .collect();
         (!rounds.is_empty()).then(|| rounds.iter().sum::<f64>() / rounds.len() as f64)
     };
-    if let (Some(gateway), Some(redis)) = (mean(Target::Gateway), mean(Target::Redis)) {
-        let _ = writeln!(
-            out,
-            "gateway/redis throughput ratio: {:.2} ({:.0} vs {:.0} ops/s, mean over rounds)",
-            gateway / redis,
-            gateway,
-            redis
-        );
+    if let Some(gateway) = mean(Target::Gateway) {
+        for (other, name) in [(Target::Redis, "redis"), (Target::Health, "health")] {
+            if let Some(baseline) = mean(other) {
+                let _ = writeln!(
+                    out,
+                    "gateway/{name} throughput ratio: {:.2} ({gateway:.0} vs {baseline:.0} ops/s, mean over rounds)",
+                    gateway / baseline,
+                );
+            }
+        }
     }
     out
 }

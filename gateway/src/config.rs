@@ -106,7 +106,9 @@ pub struct RedisConfig {
     /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     pub url: String,
     /// Most connections the pool opens. Concurrent requests pipeline on these
-    /// shared connections, so a handful serves thousands of requests.
+    /// shared connections, so a handful serves thousands of requests: fewer
+    /// connections pipeline deeper (more throughput, docs/BENCHMARKS.md); more
+    /// connections limit head-of-line blocking behind large values.
     pub max_connections: usize,
     /// How long a request waits for a pooled connection.
     #[serde(with = "humantime_serde")]
@@ -133,7 +135,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
-            max_connections: 8,
+            max_connections: 4,
             wait_timeout: Duration::from_millis(500),
             create_timeout: Duration::from_millis(500),
             recycle_timeout: Duration::from_millis(500),
