@@ -1,0 +1,395 @@
+//! The ABI glue: what [`export_policy!`](crate::export_policy) expands to, and the only place
+//! that knows about linear memory.
+//!
+//! The host's sequence for one call (docs/POLICY_ABI.md has the contract):
+//! 1. `cachegw_alloc(len)`: [`alloc`] keeps a zeroed buffer of `len` bytes in [`PENDING`] and
+//!    returns its address;
+//! 2. the host writes the encoded input into that buffer through the module's memory;
+//! 3. `cachegw_decide(ptr, len)` / `cachegw_init(ptr, len)`: [`decide_at`] / [`init_at`] take
+//!    the buffer back out of [`PENDING`] by its address (an address that is not a pending
+//!    buffer is answered with an error, never read), run the policy, and park the encoded
+//!    output in [`OUTPUT`], where it stays valid until the next call.
+//!
+//! Because inputs come back as the `Vec`s they were handed out as, and outputs stay owned
+//! by a `Vec`, no raw pointer is ever dereferenced here: addresses only cross the boundary as
+//! integers. The host runs every call in a fresh instance, but the buffers are still released
+//! call by call so that a host reusing an instance sees flat memory.
+
+use std::cell::RefCell;
+
+use prost::Message;
+
+use crate::{Policy, Request, proto};
+
+/// The ABI version this SDK implements (`cachegw_abi_version`).
+pub const ABI_VERSION: i32 = 1;
+
+thread_local! {
+    /// Buffers handed out by `cachegw_alloc` and not yet consumed by a call.
+    static PENDING: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// The last call's encoded output; replaced (and the previous one freed) by the next call.
+    static OUTPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Reserves `len` zeroed bytes for the host to write into and returns their address, or 0 when
+/// memory is exhausted (the host treats 0 as a fault). Zero-length requests get one byte so
+/// that every pending buffer has a distinct address.
+pub fn alloc(len: usize) -> usize {
+    let mut buffer = Vec::new();
+    if buffer.try_reserve_exact(len.max(1)).is_err() {
+        return 0;
+    }
+    buffer.resize(len.max(1), 0);
+    let address = buffer.as_mut_ptr() as usize;
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        if pending.try_reserve(1).is_err() {
+            return 0;
+        }
+        pending.push(buffer);
+        address
+    })
+}
+
+/// Takes the pending buffer at `address` back, cut to the `len` bytes the host wrote.
+fn take_input(address: usize, len: usize) -> Result<Vec<u8>, String> {
+    let taken = PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        let index = pending
+            .iter()
+            .position(|buffer| buffer.as_ptr() as usize == address)?;
+        Some(pending.swap_remove(index))
+    });
+    match taken {
+        Some(mut buffer) if len <= buffer.len() => {
+            buffer.truncate(len);
+            Ok(buffer)
+        }
+        Some(buffer) => Err(format!(
+            "input length {len} exceeds the {} bytes allocated at {address:#x}",
+            buffer.len()
+        )),
+        None if len == 0 => Ok(Vec::new()),
+        None => Err(format!(
+            "input address {address:#x} was not returned by cachegw_alloc"
+        )),
+    }
+}
+
+/// Parks `output` until the next call and returns its address and length.
+fn hold_output(output: Vec<u8>) -> (usize, usize) {
+    OUTPUT.with(|held| {
+        let mut held = held.borrow_mut();
+        *held = output;
+        (held.as_ptr() as usize, held.len())
+    })
+}
+
+/// Emulates the host writing `bytes` at `address` (native round trips only). False if
+/// `address` is not a pending buffer large enough.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn host_write(address: usize, bytes: &[u8]) -> bool {
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        match pending
+            .iter_mut()
+            .find(|buffer| buffer.as_ptr() as usize == address)
+        {
+            Some(buffer) if bytes.len() <= buffer.len() => {
+                buffer[..bytes.len()].copy_from_slice(bytes);
+                true
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Emulates the host reading the output at `address` (native round trips only).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn host_read(address: usize, len: usize) -> Option<Vec<u8>> {
+    OUTPUT.with(|held| {
+        let held = held.borrow();
+        if len == 0 {
+            Some(Vec::new())
+        } else if held.as_ptr() as usize == address && len <= held.len() {
+            Some(held[..len].to_vec())
+        } else {
+            None
+        }
+    })
+}
+
+/// Number of buffers allocated and not yet consumed (for tests of the memory protocol).
+#[cfg(test)]
+pub(crate) fn pending_buffers() -> usize {
+    PENDING.with(|pending| pending.borrow().len())
+}
+
+fn declined(message: String) -> Vec<u8> {
+    proto::PolicyOutput {
+        result: Some(proto::policy_output::Result::Error(message)),
+    }
+    .encode_to_vec()
+}
+
+/// Runs `P` on an encoded `PolicyInput` and returns the encoded `PolicyOutput`: the decision,
+/// or an error when the input does not decode, `P::from_config` rejects the config,
+/// `P::decide` declines, or the decision is invalid ([`Decision::to_wire`](crate::Decision::to_wire)).
+pub fn decide_bytes<P: Policy>(input: &[u8]) -> Vec<u8> {
+    let input = match proto::PolicyInput::decode(input) {
+        Ok(input) => input,
+        Err(err) => return declined(format!("cannot decode PolicyInput: {err}")),
+    };
+    let req = Request::from(input);
+    let policy = match P::from_config(req.config()) {
+        Ok(policy) => policy,
+        Err(err) => return declined(format!("config rejected: {err}")),
+    };
+    let decision = match policy
+        .decide(&req)
+        .and_then(|decision| decision.to_wire(&req))
+    {
+        Ok(decision) => decision,
+        Err(err) => return declined(err.to_string()),
+    };
+    proto::PolicyOutput {
+        result: Some(proto::policy_output::Result::Decision(decision)),
+    }
+    .encode_to_vec()
+}
+
+/// Runs `P::from_config` on config bytes and returns the encoded `InitOutput`.
+pub fn init_bytes<P: Policy>(config: &[u8]) -> Vec<u8> {
+    let error = match P::from_config(config) {
+        Ok(_) => String::new(),
+        Err(err) => err.to_string(),
+    };
+    proto::InitOutput { error }.encode_to_vec()
+}
+
+/// `cachegw_decide` in terms of addresses: consumes the pending input, parks the output.
+pub fn decide_at<P: Policy>(address: usize, len: usize) -> (usize, usize) {
+    let output = match take_input(address, len) {
+        Ok(input) => decide_bytes::<P>(&input),
+        Err(err) => declined(err),
+    };
+    hold_output(output)
+}
+
+/// `cachegw_init` in terms of addresses: consumes the pending config, parks the output.
+pub fn init_at<P: Policy>(address: usize, len: usize) -> (usize, usize) {
+    let output = match take_input(address, len) {
+        Ok(config) => init_bytes::<P>(&config),
+        Err(err) => proto::InitOutput { error: err }.encode_to_vec(),
+    };
+    hold_output(output)
+}
+
+/// Packs an output address and length into the `i64` the entry points return: address in the
+/// high 32 bits, length in the low 32 bits.
+pub fn pack(address: u32, len: u32) -> i64 {
+    ((u64::from(address) << 32) | u64::from(len)) as i64
+}
+
+/// Splits a packed `i64` back into (address, length), as the host does.
+#[cfg(test)]
+fn unpack(packed: i64) -> (u32, u32) {
+    let packed = packed as u64;
+    ((packed >> 32) as u32, packed as u32)
+}
+
+/// `cachegw_alloc`. A negative length is refused with 0.
+pub fn export_alloc(len: i32) -> i32 {
+    match usize::try_from(len) {
+        // wasm32 addresses are 32-bit; the host reads the i32 as unsigned.
+        Ok(len) => alloc(len) as i32,
+        Err(_) => 0,
+    }
+}
+
+/// `cachegw_decide`.
+pub fn export_decide<P: Policy>(ptr: i32, len: i32) -> i64 {
+    report_panics();
+    let (address, len) = decide_at::<P>(ptr as u32 as usize, len as u32 as usize);
+    pack(address as u32, len as u32)
+}
+
+/// `cachegw_init`.
+pub fn export_init<P: Policy>(ptr: i32, len: i32) -> i64 {
+    report_panics();
+    let (address, len) = init_at::<P>(ptr as u32 as usize, len as u32 as usize);
+    pack(address as u32, len as u32)
+}
+
+/// Sends a panic's message to the host log before `panic = "abort"` turns it into a trap, so
+/// the operator sees why the policy faulted.
+fn report_panics() {
+    #[cfg(target_arch = "wasm32")]
+    {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            std::panic::set_hook(Box::new(|info| {
+                crate::log::error(&format!("policy panicked: {info}"));
+            }));
+        });
+    }
+}
+
+/// Compile-time check used by [`export_policy!`](crate::export_policy) on every target.
+pub const fn assert_policy<P: Policy>() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Decision, PolicyError};
+
+    #[derive(Default)]
+    struct Echo;
+
+    impl Policy for Echo {
+        fn decide(&self, req: &Request) -> Result<Decision, PolicyError> {
+            match req.key() {
+                "decline" => Err(PolicyError::new("declined on purpose")),
+                "zero" => Ok(Decision::cache("k").fresh_for(std::time::Duration::ZERO)),
+                key => Ok(Decision::cache(key)),
+            }
+        }
+    }
+
+    fn input(key: &str) -> Vec<u8> {
+        proto::PolicyInput {
+            key: key.into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn output(bytes: &[u8]) -> proto::policy_output::Result {
+        proto::PolicyOutput::decode(bytes).unwrap().result.unwrap()
+    }
+
+    #[test]
+    fn packs_address_high_and_length_low() {
+        assert_eq!(pack(0x1234, 0x56), 0x0000_1234_0000_0056);
+        assert_eq!(
+            unpack(pack(0xffff_fff0, 0xffff_ffff)),
+            (0xffff_fff0, 0xffff_ffff)
+        );
+        assert!(pack(0x8000_0000, 1) < 0, "high addresses use the sign bit");
+    }
+
+    #[test]
+    fn decides_on_encoded_input() {
+        match output(&decide_bytes::<Echo>(&input("k1"))) {
+            proto::policy_output::Result::Decision(d) => assert_eq!(d.storage_key, "k1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn declines_instead_of_failing() {
+        let expect_error = |bytes: Vec<u8>, needle: &str| match output(&bytes) {
+            proto::policy_output::Result::Error(e) => assert!(e.contains(needle), "{e}"),
+            other => panic!("{other:?}"),
+        };
+        expect_error(
+            decide_bytes::<Echo>(&input("decline")),
+            "declined on purpose",
+        );
+        expect_error(decide_bytes::<Echo>(&input("zero")), "zero fresh TTL");
+        expect_error(
+            decide_bytes::<Echo>(&[0x0f, 0xff]),
+            "cannot decode PolicyInput",
+        );
+        // `Echo` takes no config.
+        let with_config = proto::PolicyInput {
+            key: "k".into(),
+            config: b"{\"a\":1}".to_vec(),
+            ..Default::default()
+        };
+        expect_error(
+            decide_bytes::<Echo>(&with_config.encode_to_vec()),
+            "config rejected",
+        );
+    }
+
+    #[test]
+    fn init_reports_config_errors() {
+        let accepted = proto::InitOutput::decode(&init_bytes::<Echo>(b"")[..]).unwrap();
+        assert_eq!(accepted.error, "");
+        let rejected = proto::InitOutput::decode(&init_bytes::<Echo>(b"[1]")[..]).unwrap();
+        assert!(
+            rejected.error.contains("takes no config"),
+            "{}",
+            rejected.error
+        );
+    }
+
+    #[test]
+    fn memory_protocol_consumes_each_buffer_once() {
+        let before = pending_buffers();
+        let bytes = input("via-memory");
+        let address = alloc(bytes.len());
+        assert_ne!(address, 0);
+        assert_eq!(pending_buffers(), before + 1);
+        assert!(host_write(address, &bytes));
+        let (out_address, out_len) = decide_at::<Echo>(address, bytes.len());
+        assert_eq!(pending_buffers(), before);
+        let out = host_read(out_address, out_len).unwrap();
+        match output(&out) {
+            proto::policy_output::Result::Decision(d) => assert_eq!(d.storage_key, "via-memory"),
+            other => panic!("{other:?}"),
+        }
+        // The same address a second time is no longer a pending buffer.
+        let (out_address, out_len) = decide_at::<Echo>(address, bytes.len());
+        match output(&host_read(out_address, out_len).unwrap()) {
+            proto::policy_output::Result::Error(e) => {
+                assert!(e.contains("not returned by cachegw_alloc"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn memory_protocol_rejects_overlong_inputs_and_frees_them() {
+        let before = pending_buffers();
+        let address = alloc(4);
+        let (out_address, out_len) = decide_at::<Echo>(address, 5);
+        match output(&host_read(out_address, out_len).unwrap()) {
+            proto::policy_output::Result::Error(e) => assert!(e.contains("exceeds"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(pending_buffers(), before);
+    }
+
+    #[test]
+    fn empty_input_is_a_valid_message() {
+        // An all-default PolicyInput encodes to zero bytes; the key is then empty, so the
+        // decision is invalid, but the memory protocol itself works.
+        let address = alloc(0);
+        assert_ne!(address, 0);
+        let (out_address, out_len) = decide_at::<Echo>(address, 0);
+        match output(&host_read(out_address, out_len).unwrap()) {
+            proto::policy_output::Result::Error(e) => {
+                assert!(e.contains("empty storage key"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn negative_allocation_is_refused() {
+        assert_eq!(export_alloc(-1), 0);
+    }
+
+    #[test]
+    fn init_at_consumes_the_config_buffer() {
+        let before = pending_buffers();
+        let address = alloc(2);
+        assert!(host_write(address, b"{}"));
+        let (out_address, out_len) = init_at::<Echo>(address, 2);
+        assert_eq!(out_len, 0, "an accepted config encodes an empty InitOutput");
+        assert_eq!(host_read(out_address, out_len), Some(Vec::new()));
+        assert_eq!(pending_buffers(), before);
+    }
+}

@@ -1,0 +1,414 @@
+//! What a policy answers: the typed, builder-style view of `PolicyDecision`.
+
+use std::time::Duration;
+
+use crate::{PolicyError, Request, proto};
+
+/// How the gateway should treat the value's bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Compression {
+    /// Let the gateway decide (by size).
+    #[default]
+    Auto,
+    /// Never compress: already-compressed or tiny values.
+    Never,
+    /// Compress whenever it saves space.
+    Prefer,
+}
+
+impl Compression {
+    fn to_wire(self) -> proto::CompressionHint {
+        match self {
+            Compression::Auto => proto::CompressionHint::Auto,
+            Compression::Never => proto::CompressionHint::Never,
+            Compression::Prefer => proto::CompressionHint::Prefer,
+        }
+    }
+}
+
+/// A policy's answer for one request, built from [`Decision::cache`] or [`Decision::bypass`]
+/// and refined with the builder methods:
+///
+/// ```
+/// use std::time::Duration;
+/// use cachegw_policy::{Compression, Decision};
+///
+/// let decision = Decision::cache("leaderboard:today")
+///     .fresh_for(Duration::from_secs(60))
+///     .stale_for(Duration::from_secs(30))
+///     .jitter(Duration::from_secs(5))
+///     .tag("leaderboard")
+///     .compression(Compression::Prefer);
+/// assert_eq!(decision.fresh_ttl(), Some(Duration::from_secs(60)));
+/// assert!(!decision.is_bypass());
+/// ```
+///
+/// Everything not set keeps the namespace's defaults: no fresh TTL means the namespace's
+/// default TTL, zero stale window, no jitter, no tags, automatic compression, no
+/// invalidations, the namespace's early-refresh beta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    storage_key: String,
+    fresh_ttl: Option<Duration>,
+    stale_window: Duration,
+    ttl_jitter: Duration,
+    tags: Vec<String>,
+    bypass: bool,
+    compression: Compression,
+    invalidate_keys: Vec<String>,
+    invalidate_patterns: Vec<String>,
+    invalidate_tags: Vec<String>,
+    early_refresh_beta: f64,
+}
+
+impl Decision {
+    /// Cache the entry under `storage_key` (the gateway scopes it under the request's namespace).
+    /// Pass `req.key()` to keep the client's key, or a normalised or varied key so that several
+    /// requests share or split entries. Must not be empty.
+    pub fn cache(storage_key: impl Into<String>) -> Self {
+        Self {
+            storage_key: storage_key.into(),
+            fresh_ttl: None,
+            stale_window: Duration::ZERO,
+            ttl_jitter: Duration::ZERO,
+            tags: Vec::new(),
+            bypass: false,
+            compression: Compression::Auto,
+            invalidate_keys: Vec::new(),
+            invalidate_patterns: Vec::new(),
+            invalidate_tags: Vec::new(),
+            early_refresh_beta: 0.0,
+        }
+    }
+
+    /// Do not read or write the cache for this request. Invalidations added to a bypass
+    /// decision still run after a write. The SDK sends the client's key as the storage key.
+    pub fn bypass() -> Self {
+        Self {
+            bypass: true,
+            ..Self::cache(String::new())
+        }
+    }
+
+    /// How long the entry is fresh. Rounded up to whole milliseconds; zero is rejected when the
+    /// decision is sent (use [`Decision::bypass`] not to cache).
+    pub fn fresh_for(mut self, ttl: Duration) -> Self {
+        self.fresh_ttl = Some(ttl);
+        self
+    }
+
+    /// How long after its fresh TTL the entry may still be served as stale (while it is being
+    /// refreshed). Truncated to whole milliseconds.
+    pub fn stale_for(mut self, window: Duration) -> Self {
+        self.stale_window = window;
+        self
+    }
+
+    /// Up to this much is added at random to the fresh TTL, so that entries written together do
+    /// not expire together. Truncated to whole milliseconds.
+    pub fn jitter(mut self, max: Duration) -> Self {
+        self.ttl_jitter = max;
+        self
+    }
+
+    /// Attaches a tag (surrogate key) to the entry when it is written; see [`crate::tag`] to build
+    /// one from parts. Empty tags are rejected when the decision is sent.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// Attaches several tags; see [`Decision::tag`].
+    pub fn with_tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tags.extend(tags.into_iter().map(Into::into));
+        self
+    }
+
+    /// After the write succeeds, remove the entry stored under this key (a policy-side key,
+    /// scoped to the namespace like the storage key).
+    pub fn invalidate_key(mut self, key: impl Into<String>) -> Self {
+        self.invalidate_keys.push(key.into());
+        self
+    }
+
+    /// After the write succeeds, remove the namespace's entries whose keys match this glob.
+    /// Escape anything taken from the request with [`crate::escape_glob`].
+    pub fn invalidate_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.invalidate_patterns.push(pattern.into());
+        self
+    }
+
+    /// After the write succeeds, remove the namespace's entries carrying this tag.
+    pub fn invalidate_tag(mut self, tag: impl Into<String>) -> Self {
+        self.invalidate_tags.push(tag.into());
+        self
+    }
+
+    /// How the gateway should treat the value's bytes.
+    pub fn compression(mut self, hint: Compression) -> Self {
+        self.compression = hint;
+        self
+    }
+
+    /// XFetch early-refresh beta: above 0, readers refresh an entry early with a probability
+    /// growing as it nears expiry (1.0 is the paper's recommended value); 0 keeps the namespace
+    /// default. Must be finite and not negative.
+    pub fn early_refresh_beta(mut self, beta: f64) -> Self {
+        self.early_refresh_beta = beta;
+        self
+    }
+
+    /// The storage key; empty for [`Decision::bypass`] (the SDK then sends the client's key).
+    pub fn storage_key(&self) -> &str {
+        &self.storage_key
+    }
+
+    /// The fresh TTL, if set; `None` means the namespace default.
+    pub fn fresh_ttl(&self) -> Option<Duration> {
+        self.fresh_ttl
+    }
+
+    /// The stale window.
+    pub fn stale_window(&self) -> Duration {
+        self.stale_window
+    }
+
+    /// The maximum TTL jitter.
+    pub fn ttl_jitter(&self) -> Duration {
+        self.ttl_jitter
+    }
+
+    /// Tags attached to the entry.
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
+    /// Whether the request skips the cache.
+    pub fn is_bypass(&self) -> bool {
+        self.bypass
+    }
+
+    /// The compression hint.
+    pub fn compression_hint(&self) -> Compression {
+        self.compression
+    }
+
+    /// Keys to invalidate after a write.
+    pub fn invalidated_keys(&self) -> &[String] {
+        &self.invalidate_keys
+    }
+
+    /// Patterns to invalidate after a write.
+    pub fn invalidated_patterns(&self) -> &[String] {
+        &self.invalidate_patterns
+    }
+
+    /// Tags to invalidate after a write.
+    pub fn invalidated_tags(&self) -> &[String] {
+        &self.invalidate_tags
+    }
+
+    /// The early-refresh beta (0: namespace default).
+    pub fn refresh_beta(&self) -> f64 {
+        self.early_refresh_beta
+    }
+
+    /// The wire message for this decision, answering `req`, after the checks the host would
+    /// otherwise fail it for: a non-empty storage key (a bypass takes the client's key), a fresh
+    /// TTL of at least 1 ms when set, a finite non-negative beta, and no empty tag, key or
+    /// pattern. The host still validates (it also caps absurd TTLs).
+    pub fn to_wire(&self, req: &Request) -> Result<proto::PolicyDecision, PolicyError> {
+        let storage_key = if self.storage_key.is_empty() && self.bypass {
+            req.key().to_owned()
+        } else {
+            self.storage_key.clone()
+        };
+        if storage_key.is_empty() {
+            return Err(PolicyError::new("decision has an empty storage key"));
+        }
+        let fresh_ttl_ms = self.fresh_ttl.map(ceil_millis);
+        if fresh_ttl_ms == Some(0) {
+            return Err(PolicyError::new(
+                "decision has a zero fresh TTL; use Decision::bypass() not to cache",
+            ));
+        }
+        if !self.early_refresh_beta.is_finite() || self.early_refresh_beta < 0.0 {
+            return Err(PolicyError::new(format!(
+                "decision has an invalid early-refresh beta {} (must be finite and >= 0)",
+                self.early_refresh_beta
+            )));
+        }
+        for (what, list) in [
+            ("tag", &self.tags),
+            ("invalidated key", &self.invalidate_keys),
+            ("invalidated pattern", &self.invalidate_patterns),
+            ("invalidated tag", &self.invalidate_tags),
+        ] {
+            if list.iter().any(String::is_empty) {
+                return Err(PolicyError::new(format!("decision has an empty {what}")));
+            }
+        }
+        let has_invalidations = !(self.invalidate_keys.is_empty()
+            && self.invalidate_patterns.is_empty()
+            && self.invalidate_tags.is_empty());
+        Ok(proto::PolicyDecision {
+            storage_key,
+            fresh_ttl_ms,
+            stale_window_ms: floor_millis(self.stale_window),
+            ttl_jitter_ms: floor_millis(self.ttl_jitter),
+            tags: self.tags.clone(),
+            bypass: self.bypass,
+            compression: self.compression.to_wire() as i32,
+            invalidate: has_invalidations.then(|| proto::Invalidation {
+                keys: self.invalidate_keys.clone(),
+                patterns: self.invalidate_patterns.clone(),
+                tags: self.invalidate_tags.clone(),
+            }),
+            early_refresh_beta: self.early_refresh_beta,
+        })
+    }
+}
+
+fn floor_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ceil_millis(duration: Duration) -> u64 {
+    let floor = floor_millis(duration);
+    if duration.subsec_nanos().is_multiple_of(1_000_000) {
+        floor
+    } else {
+        floor.saturating_add(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Operation;
+    use crate::testing;
+
+    fn req() -> Request {
+        testing::request(Operation::Set, "ns", "client-key").build()
+    }
+
+    #[test]
+    fn cache_defaults_leave_everything_to_the_namespace() {
+        let wire = Decision::cache("k").to_wire(&req()).unwrap();
+        assert_eq!(
+            wire,
+            proto::PolicyDecision {
+                storage_key: "k".into(),
+                fresh_ttl_ms: None,
+                stale_window_ms: 0,
+                ttl_jitter_ms: 0,
+                tags: vec![],
+                bypass: false,
+                compression: proto::CompressionHint::Auto as i32,
+                invalidate: None,
+                early_refresh_beta: 0.0,
+            }
+        );
+    }
+
+    #[test]
+    fn builder_fills_every_field() {
+        let decision = Decision::cache("k")
+            .fresh_for(Duration::from_secs(60))
+            .stale_for(Duration::from_millis(1_500))
+            .jitter(Duration::from_secs(2))
+            .tag("a")
+            .with_tags(["b", "c"])
+            .invalidate_key("k2")
+            .invalidate_pattern("p:*")
+            .invalidate_tag("t")
+            .compression(Compression::Never)
+            .early_refresh_beta(1.0);
+        assert_eq!(decision.storage_key(), "k");
+        assert_eq!(decision.stale_window(), Duration::from_millis(1_500));
+        assert_eq!(decision.ttl_jitter(), Duration::from_secs(2));
+        assert_eq!(decision.tags(), ["a", "b", "c"]);
+        assert_eq!(decision.invalidated_keys(), ["k2"]);
+        assert_eq!(decision.invalidated_patterns(), ["p:*"]);
+        assert_eq!(decision.invalidated_tags(), ["t"]);
+        assert_eq!(decision.compression_hint(), Compression::Never);
+        assert_eq!(decision.refresh_beta(), 1.0);
+        let wire = decision.to_wire(&req()).unwrap();
+        assert_eq!(wire.fresh_ttl_ms, Some(60_000));
+        assert_eq!(wire.stale_window_ms, 1_500);
+        assert_eq!(wire.ttl_jitter_ms, 2_000);
+        assert_eq!(wire.compression, proto::CompressionHint::Never as i32);
+        assert_eq!(
+            wire.invalidate,
+            Some(proto::Invalidation {
+                keys: vec!["k2".into()],
+                patterns: vec!["p:*".into()],
+                tags: vec!["t".into()],
+            })
+        );
+        assert_eq!(wire.early_refresh_beta, 1.0);
+    }
+
+    #[test]
+    fn bypass_sends_the_client_key_and_keeps_invalidations() {
+        let decision = Decision::bypass().invalidate_pattern("x:*");
+        assert!(decision.is_bypass());
+        assert_eq!(decision.storage_key(), "");
+        let wire = decision.to_wire(&req()).unwrap();
+        assert!(wire.bypass);
+        assert_eq!(wire.storage_key, "client-key");
+        assert_eq!(wire.invalidate.unwrap().patterns, ["x:*"]);
+    }
+
+    #[test]
+    fn ttls_round_to_milliseconds() {
+        let wire = Decision::cache("k")
+            .fresh_for(Duration::from_micros(1))
+            .stale_for(Duration::from_micros(1_999))
+            .to_wire(&req())
+            .unwrap();
+        assert_eq!(wire.fresh_ttl_ms, Some(1));
+        assert_eq!(wire.stale_window_ms, 1);
+        let wire = Decision::cache("k")
+            .fresh_for(Duration::MAX)
+            .to_wire(&req())
+            .unwrap();
+        assert_eq!(wire.fresh_ttl_ms, Some(u64::MAX));
+    }
+
+    #[test]
+    fn rejects_what_the_host_would_reject() {
+        let cases = [
+            (Decision::cache(""), "empty storage key"),
+            (
+                Decision::cache("k").fresh_for(Duration::ZERO),
+                "zero fresh TTL",
+            ),
+            (Decision::cache("k").early_refresh_beta(f64::NAN), "beta"),
+            (Decision::cache("k").early_refresh_beta(-1.0), "beta"),
+            (Decision::cache("k").tag(""), "empty tag"),
+            (
+                Decision::cache("k").invalidate_key(""),
+                "empty invalidated key",
+            ),
+            (
+                Decision::cache("k").invalidate_pattern(""),
+                "empty invalidated pattern",
+            ),
+            (
+                Decision::cache("k").invalidate_tag(""),
+                "empty invalidated tag",
+            ),
+        ];
+        for (decision, expected) in cases {
+            let err = decision.to_wire(&req()).unwrap_err();
+            assert!(err.message().contains(expected), "{err} vs {expected}");
+        }
+        let no_key = testing::request(Operation::Get, "ns", "").build();
+        assert!(Decision::bypass().to_wire(&no_key).is_err());
+    }
+}

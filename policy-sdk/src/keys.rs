@@ -1,0 +1,331 @@
+//! Building keys, patterns and tags: normalisation, glob escaping and matching, tag joining.
+//!
+//! Patterns use the glob syntax of the gateway's pattern invalidation (Redis `SCAN MATCH`):
+//! `*` any run of characters, `?` one character, `[abc]` / `[a-z]` / `[^a]` a class, `\x` a
+//! literal `x`. Anything taken from a request (a user id, a path) must go through
+//! [`escape_glob`] before it is put into a pattern, or a user id like `*` would invalidate
+//! everyone's entries.
+
+/// Normalises a key so that spellings of the same thing share one cache entry:
+/// surrounding whitespace is trimmed and the key is lower-cased; if it contains `?`, the text
+/// after the first `?` is a URL query string: a `#fragment` after it is dropped, its
+/// `&`-separated parameters are sorted by name and then value, empty parameters are dropped
+/// (an empty query drops the `?`) and `a=` is written `a`.
+///
+/// Lower-casing applies to the whole key, query values included: use it for keys whose case
+/// carries no meaning.
+///
+/// ```
+/// use cachegw_policy::normalize_key;
+///
+/// assert_eq!(normalize_key(" /Products?Size=M&color=Red "), "/products?color=red&size=m");
+/// assert_eq!(normalize_key("/products?&b=2&a=1#top"), "/products?a=1&b=2");
+/// assert_eq!(normalize_key("/products?"), "/products");
+/// assert_eq!(normalize_key("Leaderboard:Today"), "leaderboard:today");
+/// ```
+pub fn normalize_key(key: &str) -> String {
+    let key = key.trim().to_lowercase();
+    let Some((path, rest)) = key.split_once('?') else {
+        return key;
+    };
+    let query = rest
+        .split_once('#')
+        .map_or(rest, |(query, _fragment)| query);
+    let mut params: Vec<(&str, &str)> = query
+        .split('&')
+        .filter(|param| !param.is_empty())
+        .map(|param| param.split_once('=').unwrap_or((param, "")))
+        .collect();
+    if params.is_empty() {
+        return path.to_owned();
+    }
+    params.sort_unstable();
+    let mut normalized = String::with_capacity(key.len());
+    normalized.push_str(path);
+    for (i, (name, value)) in params.iter().enumerate() {
+        normalized.push(if i == 0 { '?' } else { '&' });
+        normalized.push_str(name);
+        // `a=` and `a` both name an empty parameter: one spelling, one entry.
+        if !value.is_empty() {
+            normalized.push('=');
+            normalized.push_str(value);
+        }
+    }
+    normalized
+}
+
+/// Escapes the glob metacharacters `*`, `?`, `[`, `]` and `\` with a backslash, so that `text`
+/// matches only itself inside a pattern.
+///
+/// ```
+/// use cachegw_policy::escape_glob;
+///
+/// assert_eq!(escape_glob("42"), "42");
+/// assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+/// let pattern = format!("profile:{}:*", escape_glob("7*"));
+/// assert_eq!(pattern, "profile:7\\*:*");
+/// ```
+pub fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// Whether `text` matches the glob `pattern`, over characters, with the syntax of the gateway's
+/// pattern invalidation (Redis `SCAN MATCH`): `*` any run of characters, `?` one character,
+/// `[abc]` / `[a-z]` / `[^a]` a class, `\x` a literal `x`. An unclosed `[` and a trailing `\`
+/// match themselves.
+///
+/// ```
+/// use cachegw_policy::glob_match;
+///
+/// assert!(glob_match("leaderboard*", "leaderboard:today"));
+/// assert!(glob_match("country[-_]codes", "country_codes"));
+/// assert!(glob_match("profile:7\\*:*", "profile:7*:email"));
+/// assert!(!glob_match("profile:7\\*:*", "profile:71:email"));
+/// ```
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let tokens = parse_glob(pattern);
+    let text: Vec<char> = text.chars().collect();
+    // Greedy matching with backtracking to the last `*` only: linear in practice and never
+    // exponential, since a later `*` supersedes every earlier one.
+    let (mut t, mut c) = (0, 0);
+    let mut last_star: Option<(usize, usize)> = None;
+    while c < text.len() {
+        match tokens.get(t) {
+            Some(Token::AnyRun) => {
+                last_star = Some((t, c));
+                t += 1;
+            }
+            Some(token) if token.matches(text[c]) => {
+                t += 1;
+                c += 1;
+            }
+            _ => match last_star {
+                Some((star_t, star_c)) => {
+                    last_star = Some((star_t, star_c + 1));
+                    t = star_t + 1;
+                    c = star_c + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    tokens[t..]
+        .iter()
+        .all(|token| matches!(token, Token::AnyRun))
+}
+
+enum Token {
+    AnyRun,
+    AnyOne,
+    Literal(char),
+    Class {
+        negated: bool,
+        items: Vec<(char, char)>,
+    },
+}
+
+impl Token {
+    fn matches(&self, c: char) -> bool {
+        match self {
+            Token::AnyRun | Token::AnyOne => true,
+            Token::Literal(literal) => *literal == c,
+            Token::Class { negated, items } => {
+                items.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
+            }
+        }
+    }
+}
+
+fn parse_glob(pattern: &str) -> Vec<Token> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut tokens = Vec::with_capacity(chars.len());
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '*' => tokens.push(Token::AnyRun),
+            '?' => tokens.push(Token::AnyOne),
+            '\\' if i + 1 < chars.len() => {
+                i += 1;
+                tokens.push(Token::Literal(chars[i]));
+            }
+            '[' => match parse_class(&chars[i + 1..]) {
+                Some((token, used)) => {
+                    tokens.push(token);
+                    i += used;
+                }
+                None => tokens.push(Token::Literal('[')),
+            },
+            c => tokens.push(Token::Literal(c)),
+        }
+        i += 1;
+    }
+    tokens
+}
+
+/// Parses a class body after `[`; returns the token and how many characters it used, including
+/// the closing `]`, or `None` if the class is never closed.
+fn parse_class(body: &[char]) -> Option<(Token, usize)> {
+    let mut i = 0;
+    let negated = body.first() == Some(&'^');
+    if negated {
+        i += 1;
+    }
+    let mut items = Vec::new();
+    while i < body.len() {
+        let mut c = body[i];
+        if c == ']' {
+            return Some((Token::Class { negated, items }, i + 1));
+        }
+        if c == '\\' && i + 1 < body.len() {
+            i += 1;
+            c = body[i];
+        }
+        if i + 2 < body.len() && body[i + 1] == '-' && body[i + 2] != ']' {
+            let (lo, hi) = (c, body[i + 2]);
+            items.push(if lo <= hi { (lo, hi) } else { (hi, lo) });
+            i += 3;
+        } else {
+            items.push((c, c));
+            i += 1;
+        }
+    }
+    None
+}
+
+/// Joins `parts` with `:` into a tag (surrogate key), escaping `%` as `%25` and `:` as `%3A`
+/// inside each part, so that different part lists never produce the same tag.
+///
+/// ```
+/// use cachegw_policy::tag;
+///
+/// assert_eq!(tag(["user", "42"]), "user:42");
+/// assert_eq!(tag(["user", "a:b"]), "user:a%3Ab");
+/// ```
+pub fn tag<I, S>(parts: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut joined = String::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            joined.push(':');
+        }
+        for c in part.as_ref().chars() {
+            match c {
+                '%' => joined.push_str("%25"),
+                ':' => joined.push_str("%3A"),
+                c => joined.push(c),
+            }
+        }
+    }
+    joined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_lowercases_and_trims() {
+        assert_eq!(normalize_key("  Ref:Countries\t"), "ref:countries");
+        assert_eq!(normalize_key(""), "");
+    }
+
+    #[test]
+    fn normalize_sorts_query_parameters_by_name_then_value() {
+        assert_eq!(normalize_key("/p?b=2&a=1"), normalize_key("/P?A=1&B=2"));
+        assert_eq!(normalize_key("/p?b=2&a=1"), "/p?a=1&b=2");
+        // By name first: `a` sorts before `a1` although `=` sorts after `1`.
+        assert_eq!(normalize_key("/p?a1=0&a=1"), "/p?a=1&a1=0");
+        assert_eq!(normalize_key("/p?a=2&a=1"), "/p?a=1&a=2");
+        assert_eq!(
+            normalize_key("https://Example.com/p?x&y=1"),
+            "https://example.com/p?x&y=1"
+        );
+    }
+
+    #[test]
+    fn normalize_drops_empty_parameters_empty_queries_and_fragments() {
+        assert_eq!(normalize_key("/p?&&a=1&"), "/p?a=1");
+        assert_eq!(normalize_key("/p?a=&b"), "/p?a&b");
+        assert_eq!(normalize_key("/p?"), "/p");
+        assert_eq!(normalize_key("/p?#frag"), "/p");
+        assert_eq!(normalize_key("/p?b=1#frag?x=1"), "/p?b=1");
+        // Without a query the key is not treated as a URL: `#` stays.
+        assert_eq!(normalize_key("page#Top"), "page#top");
+    }
+
+    #[test]
+    fn normalize_is_idempotent() {
+        for key in ["/P?b=2&A=1#x", " a ", "/p?", "x?y=1&&y=0"] {
+            let once = normalize_key(key);
+            assert_eq!(normalize_key(&once), once, "{key}");
+        }
+    }
+
+    #[test]
+    fn escaped_text_matches_only_itself() {
+        for text in ["42", "*", "a?b", "[x]", "back\\slash", "ü*"] {
+            let escaped = escape_glob(text);
+            assert!(glob_match(&escaped, text), "{text}");
+            assert!(!glob_match(&escaped, &format!("{text}x")), "{text}");
+        }
+        assert!(!glob_match(&escape_glob("*"), "anything"));
+        assert!(!glob_match(&escape_glob("?"), "a"));
+    }
+
+    #[test]
+    fn glob_wildcards() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*", "abc"));
+        assert!(glob_match("a*c", "abbbc"));
+        assert!(glob_match("a*c", "ac"));
+        assert!(!glob_match("a*c", "abcd"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "ac"));
+        assert!(glob_match("*:*:email", "profile:7:email"));
+        assert!(glob_match("a*b*c", "axxbyybzc"));
+        assert!(!glob_match("", "a"));
+        assert!(glob_match("", ""));
+    }
+
+    #[test]
+    fn glob_classes() {
+        assert!(glob_match("[abc]x", "bx"));
+        assert!(!glob_match("[abc]x", "dx"));
+        assert!(glob_match("[a-c]", "b"));
+        assert!(glob_match("[c-a]", "b"));
+        assert!(glob_match("[^a-c]", "d"));
+        assert!(!glob_match("[^a-c]", "b"));
+        assert!(glob_match("[\\]]", "]"));
+        assert!(glob_match("[a-]", "-"));
+        // An unclosed class is a literal `[`.
+        assert!(glob_match("[ab", "[ab"));
+        // A trailing backslash is literal.
+        assert!(glob_match("a\\", "a\\"));
+    }
+
+    #[test]
+    fn glob_stays_fast_on_adversarial_input() {
+        let pattern = "*a".repeat(50) + "b";
+        let text = "a".repeat(5_000);
+        assert!(!glob_match(&pattern, &text));
+    }
+
+    #[test]
+    fn tags_join_and_escape_parts() {
+        assert_eq!(tag(["user", "42"]), "user:42");
+        assert_eq!(tag(["a:b", "c"]), "a%3Ab:c");
+        assert_ne!(tag(["a:b", "c"]), tag(["a", "b:c"]));
+        assert_eq!(tag(["100%"]), "100%25");
+        assert_eq!(tag(Vec::<String>::new()), "");
+    }
+}
