@@ -53,7 +53,12 @@ pub enum Mix {
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// What to drive, comma-separated; targets alternate round by round.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "gateway,redis")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "gateway,redis"
+    )]
     pub target: Vec<Target>,
     /// The gateway's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -189,7 +194,11 @@ impl Driver {
                     .await?
                     .into_inner();
                 let serving = response.status == ServingStatus::Serving as i32;
-                Ok(if serving { Answer::Ok } else { Answer::Degraded })
+                Ok(if serving {
+                    Answer::Ok
+                } else {
+                    Answer::Degraded
+                })
             }
             Driver::Redis(connection) => {
                 let key = format!("{REDIS_KEY_PREFIX}{key}");

@@ -13,6 +13,17 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The top-level keys of [`Config`]: `CACHEGW_<SECTION>__...` variables are config.
+const CONFIG_SECTIONS: &[&str] = &[
+    "server",
+    "store",
+    "redis",
+    "memory",
+    "limits",
+    "default_namespace",
+    "namespaces",
+];
+
 /// Longest TTL any namespace may declare: beyond this a TTL is a mistake.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -264,11 +275,17 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed("CACHEGW_").split("__").ignore(&[
-            "config",
-            "log",
-            "log_format",
-        ]));
+        figment = figment.merge(
+            Env::prefixed("CACHEGW_")
+                // Other CACHEGW_* variables (CACHEGW_LOG, the scripts' own) are not config.
+                .filter(|key| {
+                    let section = key.as_str().split("__").next().unwrap_or_default();
+                    CONFIG_SECTIONS
+                        .iter()
+                        .any(|known| section.eq_ignore_ascii_case(known))
+                })
+                .split("__"),
+        );
         if let Some(listen) = overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
         }
