@@ -193,7 +193,7 @@ async fn the_load_tool_measures_gateway_and_redis_side_by_side() {
         .args([
             "bench",
             "--target",
-            "both",
+            "gateway,redis",
             "--duration",
             "1s",
             "--warmup",
