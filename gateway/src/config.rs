@@ -20,6 +20,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "redis",
     "memory",
     "limits",
+    "policy",
     "default_namespace",
     "namespaces",
 ];
@@ -41,6 +42,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Limits applied to every request, whatever the namespace.
     pub limits: LimitsConfig,
+    /// The WebAssembly policy engine's limits.
+    pub policy: PolicyEngineConfig,
     /// Settings for namespaces not declared under `[namespaces]`.
     pub default_namespace: DefaultNamespaceConfig,
     /// Declared namespaces by name (`[namespaces.orders]`).
@@ -192,6 +195,77 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Limits every policy call runs under.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyEngineConfig {
+    /// Wall-clock budget of one policy call (instantiation included), enforced
+    /// with wasmtime epochs at a 1 ms tick. Past it the call is a `timeout`
+    /// fault and the binding's fallback applies.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Linear memory one policy instance may use. Growing past it is a
+    /// `memory` fault.
+    pub memory_limit_bytes: usize,
+    /// Policy instances that may exist at once (the pooling allocator's slots).
+    pub max_instances: u32,
+    /// Largest policy module accepted, in bytes.
+    pub max_module_bytes: usize,
+    /// Log calls (`cachegw.log`) honoured per decision; later ones are dropped.
+    pub max_log_calls: u32,
+    /// Longest fresh TTL, stale window or jitter a policy may decide; longer is
+    /// an `invalid` fault.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Most tags, and most invalidation keys/patterns/tags, in one decision.
+    pub max_decision_items: usize,
+    /// Time budget of the invalidations a write's decision asks for (pattern
+    /// scans can be long); they run after the write is acknowledged by the store.
+    #[serde(with = "humantime_serde")]
+    pub invalidation_timeout: Duration,
+}
+
+impl Default for PolicyEngineConfig {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_millis(5),
+            memory_limit_bytes: 16 * 1024 * 1024,
+            max_instances: 128,
+            max_module_bytes: 8 * 1024 * 1024,
+            max_log_calls: 8,
+            max_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_decision_items: 64,
+            invalidation_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a namespace does when its policy faults.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackMode {
+    /// Cache as if no policy were bound: the client's key, the namespace's TTL.
+    #[default]
+    FailOpen,
+    /// Do not cache: Gets miss, Sets are not stored, Deletes delete nothing.
+    FailClosed,
+}
+
+/// A namespace's policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBindingConfig {
+    /// Path of the policy's `.wasm` module (relative paths: from the working
+    /// directory).
+    pub module: std::path::PathBuf,
+    /// The binding's configuration, handed to the policy as JSON bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    /// What happens when the policy faults (trap, timeout, bad output...).
+    #[serde(default)]
+    pub fallback: FallbackMode,
+}
+
 /// Settings applied to a namespace that is not declared under `[namespaces]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -222,6 +296,13 @@ pub struct NamespaceConfig {
     pub default_ttl: Duration,
     /// Largest value accepted, in bytes.
     pub max_value_bytes: usize,
+    /// Values at least this many bytes are stored LZ4-compressed when that
+    /// saves space (a policy can say never, or prefer compression for any size).
+    pub compress_min_bytes: usize,
+    /// The WebAssembly policy deciding this namespace's keys and TTLs; without
+    /// one, the built-in default policy applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyBindingConfig>,
 }
 
 impl Default for NamespaceConfig {
@@ -229,6 +310,8 @@ impl Default for NamespaceConfig {
         Self {
             default_ttl: Duration::from_secs(300),
             max_value_bytes: 4 * 1024 * 1024,
+            compress_min_bytes: 4096,
+            policy: None,
         }
     }
 }
@@ -349,6 +432,18 @@ impl Config {
         }
         if self.limits.max_batch_items == 0 {
             return invalid("limits.max_batch_items", "must be at least 1");
+        }
+        if self.policy.deadline < Duration::from_millis(1) {
+            return invalid("policy.deadline", "must be at least 1ms (the epoch tick)");
+        }
+        if self.policy.memory_limit_bytes < 1024 * 1024 {
+            return invalid("policy.memory_limit_bytes", "must be at least 1 MiB");
+        }
+        if self.policy.max_instances == 0 {
+            return invalid("policy.max_instances", "must be at least 1");
+        }
+        if self.policy.max_ttl < Duration::from_secs(1) || self.policy.max_ttl > MAX_TTL {
+            return invalid("policy.max_ttl", "must be between 1s and 365 days");
         }
         self.default_namespace
             .settings

@@ -11,7 +11,8 @@ use tracing::{info, warn};
 
 use crate::{
     api::{CacheApi, proto},
-    cache::{Cache, CacheMetrics},
+    cache::{Cache, CacheMetrics, Namespaces},
+    policy::PolicyMetrics,
     config::{Config, StoreKind},
     store::{MemoryStore, RedisStore, Store, StoreError},
 };
@@ -34,6 +35,9 @@ pub enum GatewayError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A namespace's policy could not be set up.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::BindingError),
     /// Reflection descriptors could not be loaded.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -76,9 +80,17 @@ impl Gateway {
                 })?),
                 StoreKind::Memory => Arc::new(MemoryStore::new(config.memory.max_bytes)),
             };
+        let namespaces = Namespaces::from_config(&config)?;
         let mut registry = Registry::default();
         let cache_metrics = CacheMetrics::register(&mut registry);
-        let cache = Arc::new(Cache::new(&config, store, cache_metrics.clone()));
+        let policy_metrics = PolicyMetrics::register(&mut registry);
+        let cache = Arc::new(Cache::new(
+            &config,
+            namespaces,
+            store,
+            cache_metrics.clone(),
+            policy_metrics,
+        ));
         Ok(Gateway {
             config,
             cache,

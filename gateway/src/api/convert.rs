@@ -72,6 +72,7 @@ impl From<GetResult> for pb::GetResponse {
             ttl_remaining_ms: millis(result.ttl_remaining),
             degraded: result.degraded,
             content_type: result.content_type,
+            policy: result.policy.to_string(),
         }
     }
 }
@@ -82,6 +83,9 @@ impl From<SetResult> for pb::SetResponse {
             stored: result.stored,
             ttl_ms: millis(result.ttl),
             degraded: result.degraded,
+            policy: result.policy.to_string(),
+            invalidated: result.invalidation.removed,
+            invalidation_error: result.invalidation.error,
         }
     }
 }
@@ -91,6 +95,9 @@ impl From<DeleteResult> for pb::DeleteResponse {
         pb::DeleteResponse {
             deleted: result.deleted,
             degraded: result.degraded,
+            policy: result.policy.to_string(),
+            invalidated: result.invalidation.removed,
+            invalidation_error: result.invalidation.error,
         }
     }
 }

@@ -44,6 +44,7 @@ pub struct CacheMetrics {
     store_errors: Family<StoreErrorLabels, Counter>,
     envelope_errors: Family<EnvelopeErrorLabels, Counter>,
     in_flight: Gauge,
+    invalidated: Counter,
 }
 
 /// Counts a request as in flight until dropped.
@@ -80,6 +81,11 @@ impl CacheMetrics {
             metrics.envelope_errors.clone(),
         );
         registry.register(
+            "cachegw_invalidated_entries",
+            "Entries removed by the invalidations of write decisions",
+            metrics.invalidated.clone(),
+        );
+        registry.register(
             "cachegw_requests_in_flight",
             "Cache requests being executed right now",
             metrics.in_flight.clone(),
@@ -92,32 +98,22 @@ impl CacheMetrics {
         InFlight(self.in_flight.clone())
     }
 
-    pub(super) fn get_outcome(&self, namespace: &MetricNamespace, result: &GetResult) {
-        let outcome = match (result.degraded, result.outcome) {
-            (true, _) => "degraded",
-            (false, Outcome::Hit) => "hit",
-            (false, Outcome::Miss) => "miss",
-            (false, Outcome::Stale) => "stale",
+    pub(super) fn get_outcome(&self, namespace: &MetricNamespace, result: &GetResult, bypass: bool) {
+        let outcome = match (result.degraded, bypass, result.outcome) {
+            (true, _, _) => "degraded",
+            (false, true, _) => "bypass",
+            (false, false, Outcome::Hit) => "hit",
+            (false, false, Outcome::Miss) => "miss",
+            (false, false, Outcome::Stale) => "stale",
         };
         self.request("get", namespace, outcome);
     }
 
-    pub(super) fn write_outcome(
-        &self,
-        op: &'static str,
-        namespace: &MetricNamespace,
-        done: bool,
-        degraded: bool,
-    ) {
-        let outcome = match (degraded, done) {
-            (true, _) => "degraded",
-            (false, true) => "done",
-            (false, false) => "noop",
-        };
-        self.request(op, namespace, outcome);
+    pub(super) fn invalidated(&self, entries: u64) {
+        self.invalidated.inc_by(entries);
     }
 
-    fn request(&self, op: &'static str, namespace: &MetricNamespace, outcome: &'static str) {
+    pub(super) fn request(&self, op: &'static str, namespace: &MetricNamespace, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {
                 op,

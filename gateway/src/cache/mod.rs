@@ -29,7 +29,7 @@ pub use self::metrics::CacheMetrics;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
 use crate::{
     config::Config,
-    policy::{Decision, DefaultPolicy},
+    policy::{Compression, Decider, Decision, DecisionLimits, DecisionRequest, Invalidation, Operation, PolicyMetrics},
     store::{StorageKey, Store, StoreError, WriteEntry},
 };
 
@@ -85,7 +85,7 @@ pub enum Outcome {
 }
 
 /// The answer to a Get.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GetResult {
     /// Hit, miss or stale.
     pub outcome: Outcome,
@@ -97,22 +97,34 @@ pub struct GetResult {
     pub content_type: String,
     /// The store could not answer in time: this miss is made up.
     pub degraded: bool,
+    /// Who decided how this request is cached.
+    pub policy: Arc<str>,
 }
 
 impl GetResult {
-    fn miss(degraded: bool) -> Self {
+    fn miss(degraded: bool, policy: &Arc<str>) -> Self {
         GetResult {
             outcome: Outcome::Miss,
             value: Bytes::new(),
             ttl_remaining: Duration::ZERO,
             content_type: String::new(),
             degraded,
+            policy: Arc::clone(policy),
         }
     }
 }
 
+/// What the invalidations a write asked for did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvalidationReport {
+    /// Entries removed.
+    pub removed: u64,
+    /// Why some of them could not run (empty when all ran).
+    pub error: String,
+}
+
 /// The answer to a Set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SetResult {
     /// The entry was written.
     pub stored: bool,
@@ -120,38 +132,60 @@ pub struct SetResult {
     pub ttl: Duration,
     /// The store could not answer in time: nothing was written.
     pub degraded: bool,
+    /// Who decided how this request is cached.
+    pub policy: Arc<str>,
+    /// The decision's invalidations, run after the write.
+    pub invalidation: InvalidationReport,
 }
 
 /// The answer to a Delete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeleteResult {
     /// An entry existed and was removed.
     pub deleted: bool,
     /// The store could not answer in time: nothing was removed.
     pub degraded: bool,
+    /// Who decided how this request is cached.
+    pub policy: Arc<str>,
+    /// The decision's invalidations, run after the delete.
+    pub invalidation: InvalidationReport,
 }
 
-/// The gateway's cache: namespaces, limits, policy and store together.
+/// The gateway's cache: namespaces, limits, policies and store together.
 pub struct Cache {
     store: Arc<dyn Store>,
     namespaces: Namespaces,
-    policy: DefaultPolicy,
+    decider: Decider,
     max_key_bytes: usize,
     max_batch_items: usize,
     store_timeout: Duration,
+    invalidation_timeout: Duration,
     metrics: CacheMetrics,
 }
 
 impl Cache {
-    /// Builds the cache over `store` with the limits and namespaces of `config`.
-    pub fn new(config: &Config, store: Arc<dyn Store>, metrics: CacheMetrics) -> Self {
+    /// Builds the cache over `store` with the limits of `config` and the
+    /// already loaded `namespaces`.
+    pub fn new(
+        config: &Config,
+        namespaces: Namespaces,
+        store: Arc<dyn Store>,
+        metrics: CacheMetrics,
+        policy_metrics: PolicyMetrics,
+    ) -> Self {
+        let limits = DecisionLimits {
+            max_key_bytes: config.limits.max_key_bytes,
+            max_ttl: config.policy.max_ttl,
+            max_items: config.policy.max_decision_items,
+        };
         Cache {
             store,
-            namespaces: Namespaces::from_config(config),
-            policy: DefaultPolicy,
+            namespaces,
+            decider: Decider::new(limits, policy_metrics),
             max_key_bytes: config.limits.max_key_bytes,
             max_batch_items: config.limits.max_batch_items,
             store_timeout: config.server.store_timeout,
+            invalidation_timeout: config.policy.invalidation_timeout,
             metrics,
         }
     }
@@ -167,96 +201,109 @@ impl Cache {
         command: GetCommand,
         deadline: Option<Duration>,
     ) -> Result<GetResult, RequestError> {
-        let planned = self
-            .plan_read(&command.namespace, &command.key)
+        let plan = self
+            .plan(Operation::Get, &command.namespace, &command.key, &command.attributes, 0)
             .inspect_err(|_| self.metrics.rejected("get"))?;
-        let result = match self.bounded(deadline, self.store.get(&planned.key)).await {
-            Ok(stored) => self.read_entry(stored, &planned.namespace),
-            Err(err) => self.degraded("get", &planned.namespace, &err, GetResult::miss(true)),
+        let result = if plan.decision.bypass {
+            GetResult::miss(false, &plan.decision.decided_by)
+        } else {
+            match self.bounded(deadline, self.store.get(&plan.key)).await {
+                Ok(stored) => self.read_entry(stored, &plan),
+                Err(err) => self.degraded(
+                    "get",
+                    &plan.metric,
+                    &err,
+                    GetResult::miss(true, &plan.decision.decided_by),
+                ),
+            }
         };
-        self.metrics.get_outcome(&planned.namespace, &result);
+        self.metrics.get_outcome(&plan.metric, &result, plan.decision.bypass);
         Ok(result)
     }
 
-    /// Writes one entry.
+    /// Writes one entry, then runs the invalidations its decision asks for.
     pub async fn set(
         &self,
         command: SetCommand,
         deadline: Option<Duration>,
     ) -> Result<SetResult, RequestError> {
-        let planned = self
+        let plan = self
             .plan_write(&command)
             .inspect_err(|_| self.metrics.rejected("set"))?;
-        let ttl = planned.decision.fresh_ttl;
-        let result = match self.bounded(deadline, self.store.set(planned.entry)).await {
-            Ok(()) => SetResult {
-                stored: true,
-                ttl,
-                degraded: false,
-            },
-            Err(err) => self.degraded("set", &planned.namespace, &err, Self::not_stored(ttl)),
+        let written = match &plan.entry {
+            None => Ok(false),
+            Some(entry) => self
+                .bounded(deadline, self.store.set(entry.clone()))
+                .await
+                .map(|()| true),
         };
-        self.metrics
-            .write_outcome("set", &planned.namespace, result.stored, result.degraded);
-        Ok(result)
+        Ok(self.finish_write(plan, written).await)
     }
 
-    /// Removes one entry.
+    /// Removes one entry, then runs the invalidations its decision asks for.
     pub async fn delete(
         &self,
         command: DeleteCommand,
         deadline: Option<Duration>,
     ) -> Result<DeleteResult, RequestError> {
-        let planned = self
-            .plan_read(&command.namespace, &command.key)
+        let plan = self
+            .plan(Operation::Delete, &command.namespace, &command.key, &command.attributes, 0)
             .inspect_err(|_| self.metrics.rejected("delete"))?;
-        let result = match self
-            .bounded(deadline, self.store.delete(&planned.key))
-            .await
-        {
-            Ok(deleted) => DeleteResult {
-                deleted,
-                degraded: false,
-            },
-            Err(err) => self.degraded(
-                "delete",
-                &planned.namespace,
-                &err,
-                DeleteResult {
-                    deleted: false,
-                    degraded: true,
-                },
-            ),
+        let deleted = if plan.decision.bypass {
+            Ok(false)
+        } else {
+            self.bounded(deadline, self.store.delete(&plan.key)).await
         };
-        self.metrics.write_outcome(
-            "delete",
-            &planned.namespace,
-            result.deleted,
-            result.degraded,
-        );
-        Ok(result)
+        let (deleted, degraded) = match deleted {
+            Ok(deleted) => (deleted, false),
+            Err(err) => self.degraded("delete", &plan.metric, &err, (false, true)),
+        };
+        let invalidation = if degraded {
+            InvalidationReport::default()
+        } else {
+            self.invalidate(&plan.namespace, &plan.decision.invalidate).await
+        };
+        let outcome = match (degraded, plan.decision.bypass, deleted) {
+            (true, _, _) => "degraded",
+            (false, true, _) => "bypass",
+            (false, false, true) => "done",
+            (false, false, false) => "noop",
+        };
+        self.metrics.request("delete", &plan.metric, outcome);
+        Ok(DeleteResult {
+            deleted,
+            degraded,
+            policy: plan.decision.decided_by,
+            invalidation,
+        })
     }
 
     /// Reads many entries with one store round trip. Each item is validated
-    /// on its own; results are in request order.
+    /// and decided on its own; results are in request order.
     pub async fn get_many(
         &self,
         commands: Vec<Result<GetCommand, RequestError>>,
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<GetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
-        let plans: Vec<Result<ReadPlan, RequestError>> = commands
+        let plans: Vec<Result<Plan, RequestError>> = commands
             .into_iter()
-            .map(|command| command.and_then(|c| self.plan_read(&c.namespace, &c.key)))
+            .map(|command| {
+                command.and_then(|c| {
+                    self.plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0)
+                })
+            })
             .collect();
         let keys: Vec<StorageKey> = plans
             .iter()
-            .filter_map(|plan| plan.as_ref().ok().map(|plan| plan.key.clone()))
+            .filter_map(|plan| plan.as_ref().ok())
+            .filter(|plan| !plan.decision.bypass)
+            .map(|plan| plan.key.clone())
             .collect();
-        let mut stored = match self.bounded(deadline, self.store.get_many(&keys)).await {
-            Ok(values) => Ok(values.into_iter()),
-            Err(err) => Err(err),
-        };
+        let mut stored = self
+            .bounded(deadline, self.store.get_many(&keys))
+            .await
+            .map(Vec::into_iter);
         let mut results = Vec::with_capacity(plans.len());
         for plan in plans {
             let plan = match plan {
@@ -267,54 +314,136 @@ impl Cache {
                     continue;
                 }
             };
-            let result = match &mut stored {
-                Ok(values) => self.read_entry(values.next().flatten(), &plan.namespace),
-                Err(err) => self.degraded("get", &plan.namespace, err, GetResult::miss(true)),
+            let result = if plan.decision.bypass {
+                GetResult::miss(false, &plan.decision.decided_by)
+            } else {
+                match &mut stored {
+                    Ok(values) => self.read_entry(values.next().flatten(), &plan),
+                    Err(err) => self.degraded(
+                        "get",
+                        &plan.metric,
+                        err,
+                        GetResult::miss(true, &plan.decision.decided_by),
+                    ),
+                }
             };
-            self.metrics.get_outcome(&plan.namespace, &result);
+            self.metrics.get_outcome(&plan.metric, &result, plan.decision.bypass);
             results.push(Ok(result));
         }
         Ok(results)
     }
 
-    /// Writes many entries with one store round trip. Each item is validated
-    /// on its own; results are in request order.
+    /// Writes many entries with one store round trip, then runs each item's
+    /// invalidations. Each item is validated and decided on its own; results
+    /// are in request order.
     pub async fn set_many(
         &self,
         commands: Vec<Result<SetCommand, RequestError>>,
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<SetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
-        let mut plans = Vec::with_capacity(commands.len());
-        let mut entries = Vec::new();
-        for command in commands {
-            match command.and_then(|command| self.plan_write(&command)) {
-                Ok(plan) => {
-                    entries.push(plan.entry);
-                    plans.push(Ok((plan.namespace, plan.decision.fresh_ttl)));
-                }
-                Err(err) => plans.push(Err(err)),
-            }
-        }
-        let written = self.bounded(deadline, self.store.set_many(entries)).await;
-        let results = plans
+        let plans: Vec<Result<WritePlan, RequestError>> = commands
             .into_iter()
-            .map(|plan| {
-                let (namespace, ttl) = plan.inspect_err(|_| self.metrics.rejected("set"))?;
-                let result = match &written {
-                    Ok(()) => SetResult {
-                        stored: true,
-                        ttl,
-                        degraded: false,
-                    },
-                    Err(err) => self.degraded("set", &namespace, err, Self::not_stored(ttl)),
-                };
-                self.metrics
-                    .write_outcome("set", &namespace, result.stored, result.degraded);
-                Ok(result)
-            })
+            .map(|command| command.and_then(|command| self.plan_write(&command)))
             .collect();
+        let entries: Vec<WriteEntry> = plans
+            .iter()
+            .filter_map(|plan| plan.as_ref().ok()?.entry.clone())
+            .collect();
+        let written = self.bounded(deadline, self.store.set_many(entries)).await;
+        let mut results = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let plan = match plan {
+                Ok(plan) => plan,
+                Err(err) => {
+                    self.metrics.rejected("set");
+                    results.push(Err(err));
+                    continue;
+                }
+            };
+            let outcome = match (&plan.entry, &written) {
+                (None, _) => Ok(false),
+                (Some(_), Ok(())) => Ok(true),
+                (Some(_), Err(err)) => Err(StoreError::Unavailable(err.to_string())),
+            };
+            results.push(Ok(self.finish_write(plan, outcome).await));
+        }
         Ok(results)
+    }
+
+    /// Reports a write and runs its invalidations once it is acknowledged.
+    async fn finish_write(&self, plan: WritePlan, written: Result<bool, StoreError>) -> SetResult {
+        let ttl = plan.read.decision.fresh_ttl;
+        let (stored, degraded) = match written {
+            Ok(stored) => (stored, false),
+            Err(err) => self.degraded("set", &plan.read.metric, &err, (false, true)),
+        };
+        // A write the store did not acknowledge invalidates nothing: the
+        // caller will retry it, and its invalidations with it.
+        let invalidation = if degraded {
+            InvalidationReport::default()
+        } else {
+            self.invalidate(&plan.read.namespace, &plan.read.decision.invalidate)
+                .await
+        };
+        let outcome = match (degraded, plan.read.decision.bypass) {
+            (true, _) => "degraded",
+            (false, true) => "bypass",
+            (false, false) => "done",
+        };
+        self.metrics.request("set", &plan.read.metric, outcome);
+        SetResult {
+            stored,
+            ttl,
+            degraded,
+            policy: plan.read.decision.decided_by,
+            invalidation,
+        }
+    }
+
+    /// Runs a decision's invalidations, all scoped to `namespace`.
+    async fn invalidate(&self, namespace: &str, invalidation: &Invalidation) -> InvalidationReport {
+        if invalidation.is_empty() {
+            return InvalidationReport::default();
+        }
+        let mut report = InvalidationReport::default();
+        let mut errors = Vec::new();
+        let keys: Vec<StorageKey> = invalidation
+            .keys
+            .iter()
+            .map(|key| scoped_key(namespace, key))
+            .collect();
+        let work = async {
+            match self.store.delete_many(&keys).await {
+                Ok(removed) => report.removed += removed,
+                Err(err) => errors.push(format!("keys: {err}")),
+            }
+            let prefix = scoped_key(namespace, "");
+            for pattern in &invalidation.patterns {
+                match self.store.delete_matching(prefix.as_bytes(), pattern).await {
+                    Ok(removed) => report.removed += removed,
+                    Err(err) => errors.push(format!("pattern {pattern:?}: {err}")),
+                }
+            }
+        };
+        if tokio::time::timeout(self.invalidation_timeout, work).await.is_err() {
+            errors.push(format!(
+                "timed out after {:?} (policy.invalidation_timeout)",
+                self.invalidation_timeout
+            ));
+        }
+        if !invalidation.tags.is_empty() {
+            errors.push(format!(
+                "tag invalidation is not supported by this gateway version ({} tag(s) ignored)",
+                invalidation.tags.len()
+            ));
+        }
+        self.metrics.invalidated(report.removed);
+        if !errors.is_empty() {
+            warn!(namespace, errors = ?errors, "invalidations incomplete");
+            report.error = errors.join("; ");
+        }
+        report
     }
 
     fn check_batch(&self, items: usize) -> Result<(), RequestError> {
@@ -331,19 +460,39 @@ impl Cache {
         Ok(())
     }
 
-    fn plan_read(&self, namespace: &str, key: &str) -> Result<ReadPlan, RequestError> {
+    /// Resolves the namespace, checks the key and asks for a decision.
+    fn plan(
+        &self,
+        op: Operation,
+        namespace: &str,
+        key: &str,
+        attributes: &Attributes,
+        value_size: usize,
+    ) -> Result<Plan, RequestError> {
         let settings = self.namespaces.resolve(namespace)?;
         self.check_key(key)?;
-        let decision = self.policy.decide(settings, key);
-        Ok(ReadPlan {
+        let decision = self.decider.decide(
+            settings,
+            &DecisionRequest {
+                op,
+                namespace,
+                key,
+                attributes,
+                value_size,
+            },
+        );
+        Ok(Plan {
             key: scoped_key(namespace, &decision.key),
-            namespace: settings.label(),
+            namespace: namespace.to_owned(),
+            metric: settings.label(),
+            max_value_bytes: settings.max_value_bytes,
+            compress_min_bytes: settings.compress_min_bytes,
+            decision,
         })
     }
 
     fn plan_write(&self, command: &SetCommand) -> Result<WritePlan, RequestError> {
         let settings = self.namespaces.resolve(&command.namespace)?;
-        self.check_key(&command.key)?;
         if command.value.len() > settings.max_value_bytes {
             return Err(RequestError::TooLarge {
                 field: "value",
@@ -364,27 +513,34 @@ impl Cache {
                 ),
             });
         }
-        let decision = self.policy.decide(settings, &command.key);
-        let now = unix_millis();
-        let fresh_until = now.saturating_add(millis(decision.fresh_ttl));
-        let envelope = Envelope {
-            created_at_ms: now,
-            fresh_until_ms: fresh_until,
-            stale_until_ms: fresh_until.saturating_add(millis(decision.stale_window)),
-            content_type: command.content_type.clone(),
-            compressed: false,
-            value: command.value.clone(),
-        };
-        let entry = WriteEntry {
-            key: scoped_key(&command.namespace, &decision.key),
-            value: envelope.encode(),
-            expire_after: decision.fresh_ttl + decision.stale_window,
-        };
-        Ok(WritePlan {
-            namespace: settings.label(),
-            decision,
-            entry,
-        })
+        let read = self.plan(
+            Operation::Set,
+            &command.namespace,
+            &command.key,
+            &command.attributes,
+            command.value.len(),
+        )?;
+        let entry = (!read.decision.bypass).then(|| {
+            let decision = &read.decision;
+            let (value, compressed) =
+                compress(&command.value, decision.compression, read.compress_min_bytes);
+            let now = unix_millis();
+            let fresh_until = now.saturating_add(millis(decision.fresh_ttl));
+            let envelope = Envelope {
+                created_at_ms: now,
+                fresh_until_ms: fresh_until,
+                stale_until_ms: fresh_until.saturating_add(millis(decision.stale_window)),
+                content_type: command.content_type.clone(),
+                compressed,
+                value,
+            };
+            WriteEntry {
+                key: read.key.clone(),
+                value: envelope.encode(),
+                expire_after: decision.fresh_ttl + decision.stale_window,
+            }
+        });
+        Ok(WritePlan { read, entry })
     }
 
     fn check_key(&self, key: &str) -> Result<(), RequestError> {
@@ -404,22 +560,30 @@ impl Cache {
         Ok(())
     }
 
-    fn read_entry(&self, stored: Option<Bytes>, namespace: &MetricNamespace) -> GetResult {
+    fn read_entry(&self, stored: Option<Bytes>, plan: &Plan) -> GetResult {
+        let policy = &plan.decision.decided_by;
         let Some(bytes) = stored else {
-            return GetResult::miss(false);
+            return GetResult::miss(false, policy);
         };
         let envelope = match Envelope::decode(bytes) {
-            Ok(envelope) if !envelope.compressed => envelope,
-            Ok(_) => {
-                self.metrics.envelope_error(namespace, "compressed");
-                warn!(namespace = %namespace, "entry is compressed, which this gateway cannot read");
-                return GetResult::miss(false);
-            }
+            Ok(envelope) => envelope,
             Err(err) => {
-                self.metrics.envelope_error(namespace, "undecodable");
-                warn!(namespace = %namespace, cause = %err, "stored entry is not a valid envelope");
-                return GetResult::miss(false);
+                self.metrics.envelope_error(&plan.metric, "undecodable");
+                warn!(namespace = %plan.metric, cause = %err, "stored entry is not a valid envelope");
+                return GetResult::miss(false, policy);
             }
+        };
+        let value = if envelope.compressed {
+            match decompress(&envelope.value, plan.max_value_bytes) {
+                Ok(value) => value,
+                Err(reason) => {
+                    self.metrics.envelope_error(&plan.metric, "decompression");
+                    warn!(namespace = %plan.metric, reason, "stored entry does not decompress");
+                    return GetResult::miss(false, policy);
+                }
+            }
+        } else {
+            envelope.value
         };
         let now = unix_millis();
         let outcome = if now < envelope.fresh_until_ms {
@@ -427,14 +591,15 @@ impl Cache {
         } else if now < envelope.stale_until_ms {
             Outcome::Stale
         } else {
-            return GetResult::miss(false);
+            return GetResult::miss(false, policy);
         };
         GetResult {
             outcome,
             ttl_remaining: Duration::from_millis(envelope.fresh_until_ms.saturating_sub(now)),
-            value: envelope.value,
+            value,
             content_type: envelope.content_type,
             degraded: false,
+            policy: Arc::clone(policy),
         }
     }
 
@@ -448,8 +613,7 @@ impl Cache {
         // Keep a little of the client's time for answering: a degraded answer
         // that arrives after the deadline is no answer at all.
         let budget = deadline.map_or(self.store_timeout, |deadline| {
-            let reserve =
-                (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
+            let reserve = (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
             deadline.saturating_sub(reserve).min(self.store_timeout)
         });
         tokio::time::timeout(budget, call)
@@ -468,29 +632,63 @@ impl Cache {
         warn!(op, namespace = %namespace, store = self.store.name(), cause = %err, "store unavailable, answering degraded");
         answer
     }
+}
 
-    fn not_stored(ttl: Duration) -> SetResult {
-        SetResult {
-            stored: false,
-            ttl,
-            degraded: true,
+/// Values smaller than this are never worth compressing.
+const MIN_COMPRESSIBLE_BYTES: usize = 64;
+
+/// LZ4-compresses `value` when the decision and the size call for it and it
+/// actually saves space; returns the bytes to store and whether they are
+/// compressed.
+fn compress(value: &Bytes, hint: Compression, min_bytes: usize) -> (Bytes, bool) {
+    let wanted = match hint {
+        Compression::Never => false,
+        Compression::Auto => value.len() >= min_bytes.max(MIN_COMPRESSIBLE_BYTES),
+        Compression::Prefer => value.len() >= MIN_COMPRESSIBLE_BYTES,
+    };
+    if wanted {
+        let compressed = lz4_flex::compress_prepend_size(value);
+        if compressed.len() < value.len() {
+            return (Bytes::from(compressed), true);
         }
     }
+    (value.clone(), false)
+}
+
+/// Decompresses a stored value, refusing anything that claims to be larger
+/// than the namespace accepts (a corrupt or hostile entry cannot make the
+/// gateway allocate without bound).
+fn decompress(stored: &[u8], max_bytes: usize) -> Result<Bytes, String> {
+    let claimed = stored
+        .get(..4)
+        .map(|size| u32::from_le_bytes([size[0], size[1], size[2], size[3]]) as usize)
+        .ok_or("shorter than the size header")?;
+    if claimed > max_bytes {
+        return Err(format!("claims {claimed} bytes, over the namespace limit of {max_bytes}"));
+    }
+    lz4_flex::decompress_size_prepended(stored)
+        .map(Bytes::from)
+        .map_err(|err| err.to_string())
 }
 
 /// The namespace label used in metrics and logs: declared namespaces by name,
 /// every undeclared one as `_default` (so metric cardinality stays bounded).
 type MetricNamespace = Arc<str>;
 
-struct ReadPlan {
+/// What a request will do, decided before the store is touched.
+struct Plan {
     key: StorageKey,
-    namespace: MetricNamespace,
+    namespace: String,
+    metric: MetricNamespace,
+    max_value_bytes: usize,
+    compress_min_bytes: usize,
+    decision: Decision,
 }
 
+/// A write's plan: the entry to store (none when the decision bypasses).
 struct WritePlan {
-    namespace: MetricNamespace,
-    decision: Decision,
-    entry: WriteEntry,
+    read: Plan,
+    entry: Option<WriteEntry>,
 }
 
 /// The store key for `key` in `namespace`: `cg:{namespace}:{key}`.
@@ -520,6 +718,36 @@ fn millis(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_follows_the_hint_and_only_when_it_pays() {
+        let text = Bytes::from("abc".repeat(2000));
+        let (stored, compressed) = compress(&text, Compression::Auto, 4096);
+        assert!(compressed && stored.len() < text.len());
+        assert_eq!(decompress(&stored, 1 << 20).unwrap(), text);
+        assert!(!compress(&text, Compression::Never, 4096).1);
+        let small = Bytes::from("abc".repeat(100));
+        assert!(!compress(&small, Compression::Auto, 4096).1, "under the threshold");
+        assert!(compress(&small, Compression::Prefer, 4096).1, "prefer ignores the threshold");
+        let mut state = 0x2545_F491_4F6C_DD1D_u64;
+        let random: Bytes = (0..5000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        assert!(!compress(&random, Compression::Prefer, 0).1, "incompressible stays raw");
+    }
+
+    #[test]
+    fn decompression_refuses_sizes_over_the_namespace_limit() {
+        let (stored, _) = compress(&Bytes::from(vec![0u8; 100_000]), Compression::Prefer, 0);
+        assert!(decompress(&stored, 99_999).unwrap_err().contains("100000"));
+        assert_eq!(decompress(&stored, 100_000).unwrap().len(), 100_000);
+        assert!(decompress(&[1, 0], 10).is_err());
+    }
 
     #[test]
     fn scoped_keys_keep_every_character_and_never_collide() {

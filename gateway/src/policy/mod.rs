@@ -1,25 +1,101 @@
-//! Caching decisions: for every request, which key an entry lives under and
-//! how long it stays fresh.
+//! Caching decisions: for every request, which key an entry lives under, how
+//! long it stays fresh, whether to cache at all, and what a write invalidates.
 //!
-//! Until a namespace is bound to a WebAssembly policy, the built-in
-//! [`DefaultPolicy`] decides: the client's key, verbatim, and the namespace's
-//! configured TTL.
+//! A namespace bound to a WebAssembly policy asks it ([`engine`]); the answer
+//! is validated ([`Decision::from_wire`]) and, if the call faulted in any way,
+//! the binding's fallback decides instead: fail-open (the built-in
+//! [`DefaultPolicy`]) or fail-closed (bypass). A fault never fails the
+//! client's request; it is counted by kind and logged with the policy's name
+//! and version. Namespaces without a binding use the [`DefaultPolicy`]: the
+//! client's key, verbatim, and the namespace's configured TTL.
 
-use std::time::Duration;
+pub mod engine;
+mod metrics;
 
-use crate::cache::NamespaceSettings;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use tracing::warn;
+
+pub use self::engine::{Fault, LoadError, PolicyEngine, PolicyModule};
+pub use self::metrics::PolicyMetrics;
+use crate::{
+    api::proto::policy as pb,
+    cache::{Attributes, NamespaceSettings},
+    config::{FallbackMode, PolicyBindingConfig, PolicyEngineConfig},
+};
+
+/// The cache operation a decision is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// A read.
+    Get,
+    /// A write.
+    Set,
+    /// A removal.
+    Delete,
+}
+
+/// How the gateway treats a value's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Compress values above the namespace's threshold.
+    #[default]
+    Auto,
+    /// Never compress.
+    Never,
+    /// Compress whenever it saves space.
+    Prefer,
+}
+
+/// Entries a write invalidates, inside its namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Invalidation {
+    /// Exact keys.
+    pub keys: Vec<String>,
+    /// Glob patterns (Redis syntax) over keys.
+    pub patterns: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+impl Invalidation {
+    /// Nothing to invalidate.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.patterns.is_empty() && self.tags.is_empty()
+    }
+}
 
 /// How one request is cached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     /// The key within the namespace (the cache layer scopes it).
     pub key: String,
-    /// How long a written entry is fresh.
+    /// How long a written entry is fresh, jitter included.
     pub fresh_ttl: Duration,
     /// How long after that it may still be served stale.
     pub stale_window: Duration,
-    /// Skip the store entirely.
+    /// Tags attached to a written entry.
+    pub tags: Vec<String>,
+    /// Skip the store for this request.
     pub bypass: bool,
+    /// How to treat the value's bytes.
+    pub compression: Compression,
+    /// What a successful write invalidates.
+    pub invalidate: Invalidation,
+    /// XFetch early-refresh beta (0: the namespace default).
+    pub early_refresh_beta: f64,
+    /// Who decided: `default`, `name@version`, or `fail-open:name@version` /
+    /// `fail-closed:name@version` when the fallback did.
+    pub decided_by: Arc<str>,
 }
 
 /// The decision every namespace gets when no policy is bound to it.
@@ -27,13 +103,363 @@ pub struct Decision {
 pub struct DefaultPolicy;
 
 impl DefaultPolicy {
-    /// The client's key, the namespace's default TTL, no stale window.
+    /// The client's key, the namespace's default TTL, nothing else.
     pub fn decide(&self, namespace: &NamespaceSettings, key: &str) -> Decision {
         Decision {
             key: key.to_owned(),
             fresh_ttl: namespace.default_ttl,
             stale_window: Duration::ZERO,
+            tags: Vec::new(),
             bypass: false,
+            compression: Compression::Auto,
+            invalidate: Invalidation::default(),
+            early_refresh_beta: 0.0,
+            decided_by: Arc::clone(&DEFAULT_LABEL),
         }
     }
+}
+
+static DEFAULT_LABEL: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| Arc::from("default"));
+
+/// A namespace's policy: the module, its config and its fallback mode.
+pub struct Binding {
+    module: Arc<PolicyModule>,
+    config: Bytes,
+    fallback: FallbackMode,
+    fallback_label: Arc<str>,
+    faults: AtomicU64,
+}
+
+impl Binding {
+    /// Binds `module` with `config` (passed to the policy verbatim).
+    pub fn new(module: Arc<PolicyModule>, config: Bytes, fallback: FallbackMode) -> Self {
+        let mode = match fallback {
+            FallbackMode::FailOpen => "fail-open",
+            FallbackMode::FailClosed => "fail-closed",
+        };
+        Self {
+            fallback_label: Arc::from(format!("{mode}:{}", module.label())),
+            module,
+            config,
+            fallback,
+            faults: AtomicU64::new(0),
+        }
+    }
+
+    /// The bound module.
+    pub fn module(&self) -> &Arc<PolicyModule> {
+        &self.module
+    }
+}
+
+/// What the decider needs to know about one request.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionRequest<'a> {
+    /// The operation.
+    pub op: Operation,
+    /// The namespace as the client named it.
+    pub namespace: &'a str,
+    /// The client's key.
+    pub key: &'a str,
+    /// Request context.
+    pub attributes: &'a Attributes,
+    /// Bytes being written (Set only).
+    pub value_size: usize,
+}
+
+/// Bounds a policy's decision must respect.
+#[derive(Debug, Clone)]
+pub struct DecisionLimits {
+    /// Longest key.
+    pub max_key_bytes: usize,
+    /// Longest TTL, stale window or jitter.
+    pub max_ttl: Duration,
+    /// Most tags and most invalidation entries of each kind.
+    pub max_items: usize,
+}
+
+/// Turns requests into decisions: asks the namespace's policy, validates the
+/// answer, applies the fallback on any fault.
+pub struct Decider {
+    limits: DecisionLimits,
+    metrics: PolicyMetrics,
+}
+
+impl Decider {
+    /// A decider enforcing `limits`, counting into `metrics`.
+    pub fn new(limits: DecisionLimits, metrics: PolicyMetrics) -> Self {
+        Self { limits, metrics }
+    }
+
+    /// Decides how `request` is cached in `namespace`.
+    pub fn decide(&self, namespace: &NamespaceSettings, request: &DecisionRequest<'_>) -> Decision {
+        let Some(binding) = namespace.binding() else {
+            return DefaultPolicy.decide(namespace, request.key);
+        };
+        let started = Instant::now();
+        let input = pb::PolicyInput {
+            op: match request.op {
+                Operation::Get => pb::Operation::Get,
+                Operation::Set => pb::Operation::Set,
+                Operation::Delete => pb::Operation::Delete,
+            } as i32,
+            namespace: request.namespace.to_owned(),
+            key: request.key.to_owned(),
+            attributes: request.attributes.clone(),
+            value_size: request.value_size as u64,
+            now_unix_ms: unix_millis(),
+            config: binding.config.clone(),
+        };
+        let outcome = binding.module.decide(&input).and_then(|wire| {
+            Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
+        });
+        self.metrics
+            .observe(binding.module.label(), started.elapsed(), outcome.as_ref().err());
+        match outcome {
+            Ok(decision) => decision,
+            Err(fault) => self.fall_back(binding, namespace, request, &fault),
+        }
+    }
+
+    fn fall_back(
+        &self,
+        binding: &Binding,
+        namespace: &NamespaceSettings,
+        request: &DecisionRequest<'_>,
+        fault: &Fault,
+    ) -> Decision {
+        let seen = binding.faults.fetch_add(1, Ordering::Relaxed) + 1;
+        // A policy that faults on every request would flood the log: say it
+        // the first time, then at every power of two.
+        if seen.is_power_of_two() {
+            warn!(
+                policy = %binding.module.label(),
+                namespace = request.namespace,
+                kind = fault.kind(),
+                faults = seen,
+                fallback = %binding.fallback_label,
+                "policy fault: {fault}"
+            );
+        }
+        let mut decision = DefaultPolicy.decide(namespace, request.key);
+        decision.bypass = binding.fallback == FallbackMode::FailClosed;
+        decision.decided_by = Arc::clone(&binding.fallback_label);
+        decision
+    }
+}
+
+impl Decision {
+    /// Validates a policy's wire decision against the contract and `limits`.
+    pub fn from_wire(
+        wire: pb::PolicyDecision,
+        namespace: &NamespaceSettings,
+        limits: &DecisionLimits,
+        decided_by: &Arc<str>,
+    ) -> Result<Decision, Fault> {
+        let invalid = |reason: String| Err(Fault::Invalid(reason));
+        if wire.storage_key.is_empty() {
+            return invalid("storage_key is empty".into());
+        }
+        if wire.storage_key.len() > limits.max_key_bytes {
+            return invalid(format!(
+                "storage_key is {} bytes, over the {}-byte key limit",
+                wire.storage_key.len(),
+                limits.max_key_bytes
+            ));
+        }
+        let max_ms = u64::try_from(limits.max_ttl.as_millis()).unwrap_or(u64::MAX);
+        let fresh_ttl = match wire.fresh_ttl_ms {
+            None => namespace.default_ttl,
+            Some(0) => return invalid("fresh_ttl_ms is 0 (use bypass not to cache)".into()),
+            Some(ms) if ms > max_ms => {
+                return invalid(format!("fresh_ttl_ms {ms} exceeds policy.max_ttl ({max_ms} ms)"));
+            }
+            Some(ms) => Duration::from_millis(ms),
+        };
+        for (field, ms) in [
+            ("stale_window_ms", wire.stale_window_ms),
+            ("ttl_jitter_ms", wire.ttl_jitter_ms),
+        ] {
+            if ms > max_ms {
+                return invalid(format!("{field} {ms} exceeds policy.max_ttl ({max_ms} ms)"));
+            }
+        }
+        if !wire.early_refresh_beta.is_finite() || wire.early_refresh_beta < 0.0 {
+            return invalid(format!(
+                "early_refresh_beta {} is not a finite number >= 0",
+                wire.early_refresh_beta
+            ));
+        }
+        let invalidate = wire.invalidate.unwrap_or_default();
+        for (field, items) in [
+            ("tags", &wire.tags),
+            ("invalidate.keys", &invalidate.keys),
+            ("invalidate.patterns", &invalidate.patterns),
+            ("invalidate.tags", &invalidate.tags),
+        ] {
+            if items.len() > limits.max_items {
+                return invalid(format!(
+                    "{field} has {} entries, over policy.max_decision_items ({})",
+                    items.len(),
+                    limits.max_items
+                ));
+            }
+            if let Some(bad) = items
+                .iter()
+                .find(|item| item.is_empty() || item.len() > limits.max_key_bytes)
+            {
+                return invalid(format!(
+                    "{field} holds an entry of {} bytes (entries are 1 to {} bytes)",
+                    bad.len(),
+                    limits.max_key_bytes
+                ));
+            }
+        }
+        let jitter = if wire.ttl_jitter_ms > 0 {
+            Duration::from_millis(rand::random_range(0..=wire.ttl_jitter_ms))
+        } else {
+            Duration::ZERO
+        };
+        Ok(Decision {
+            key: wire.storage_key,
+            fresh_ttl: fresh_ttl + jitter,
+            stale_window: Duration::from_millis(wire.stale_window_ms),
+            tags: wire.tags,
+            bypass: wire.bypass,
+            compression: match pb::CompressionHint::try_from(wire.compression) {
+                Ok(pb::CompressionHint::Never) => Compression::Never,
+                Ok(pb::CompressionHint::Prefer) => Compression::Prefer,
+                _ => Compression::Auto,
+            },
+            invalidate: Invalidation {
+                keys: invalidate.keys,
+                patterns: invalidate.patterns,
+                tags: invalidate.tags,
+            },
+            early_refresh_beta: wire.early_refresh_beta,
+            decided_by: Arc::clone(decided_by),
+        })
+    }
+}
+
+/// Why a binding could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindingError {
+    /// The module file could not be read.
+    #[error("`{field}`: cannot read policy module {path}: {source}")]
+    Read {
+        /// The config field naming the module.
+        field: String,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The module is not loadable.
+    #[error("`{field}`: cannot load policy module {path}: {source}")]
+    Load {
+        /// The config field naming the module.
+        field: String,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: LoadError,
+    },
+    /// The policy rejected its config.
+    #[error("`{field}`: the policy {policy} rejects this config: {reason}")]
+    ConfigRejected {
+        /// The config field holding the policy config.
+        field: String,
+        /// The policy's label.
+        policy: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The engine could not be built.
+    #[error("cannot start the policy engine: {0}")]
+    Engine(LoadError),
+}
+
+/// Loads policy modules for bindings, compiling each file once.
+pub struct PolicyLoader {
+    engine: Option<Arc<PolicyEngine>>,
+    limits: PolicyEngineConfig,
+    modules: HashMap<PathBuf, Arc<PolicyModule>>,
+}
+
+impl PolicyLoader {
+    /// A loader whose engine is created on first use.
+    pub fn new(limits: &PolicyEngineConfig) -> Self {
+        Self {
+            engine: None,
+            limits: limits.clone(),
+            modules: HashMap::new(),
+        }
+    }
+
+    fn engine(&mut self) -> Result<Arc<PolicyEngine>, BindingError> {
+        if let Some(engine) = &self.engine {
+            return Ok(Arc::clone(engine));
+        }
+        let engine = Arc::new(PolicyEngine::new(&self.limits).map_err(BindingError::Engine)?);
+        self.engine = Some(Arc::clone(&engine));
+        Ok(engine)
+    }
+
+    /// Builds the binding configured at `field` (for error messages).
+    pub fn bind(&mut self, field: &str, config: &PolicyBindingConfig) -> Result<Arc<Binding>, BindingError> {
+        let module = match self.modules.get(&config.module) {
+            Some(module) => Arc::clone(module),
+            None => {
+                let bytes = std::fs::read(&config.module).map_err(|source| BindingError::Read {
+                    field: format!("{field}.module"),
+                    path: config.module.clone(),
+                    source,
+                })?;
+                let engine = self.engine()?;
+                let module = engine
+                    .load(&module_name(&config.module), &bytes)
+                    .map_err(|source| BindingError::Load {
+                        field: format!("{field}.module"),
+                        path: config.module.clone(),
+                        source,
+                    })?;
+                let module = Arc::new(module);
+                self.modules.insert(config.module.clone(), Arc::clone(&module));
+                module
+            }
+        };
+        let config_bytes = engine::config_bytes(config.config.as_ref());
+        match module.init(&config_bytes) {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                return Err(BindingError::ConfigRejected {
+                    field: format!("{field}.config"),
+                    policy: module.label().to_string(),
+                    reason,
+                });
+            }
+            // A policy that cannot even run init is bound anyway: each call
+            // will fault and fall back, which is counted and visible.
+            Err(fault) => warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback"),
+        }
+        if let Err(fault) = module.abi() {
+            warn!(policy = %module.label(), binding = field, "policy {fault}; requests will use the fallback");
+        }
+        Ok(Arc::new(Binding::new(module, config_bytes, config.fallback)))
+    }
+}
+
+/// A module's name: its file name without `.wasm`.
+pub fn module_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "policy".to_owned())
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }

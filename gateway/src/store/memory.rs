@@ -104,6 +104,29 @@ impl Store for MemoryStore {
         Ok(self.entries.remove(key).await.is_some())
     }
 
+    async fn delete_many(&self, keys: &[StorageKey]) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for key in keys {
+            removed += u64::from(self.entries.remove(key).await.is_some());
+        }
+        Ok(removed)
+    }
+
+    async fn delete_matching(&self, prefix: &[u8], pattern: &str) -> Result<u64, StoreError> {
+        // A full walk: the in-process store has no index to narrow it.
+        let matching: Vec<StorageKey> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| {
+                key.as_bytes()
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| super::glob::matches(pattern.as_bytes(), rest))
+            })
+            .map(|(key, _)| StorageKey::clone(&key))
+            .collect();
+        self.delete_many(&matching).await
+    }
+
     fn name(&self) -> &'static str {
         "memory"
     }
@@ -158,6 +181,20 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(store.get(&key("long")).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn pattern_deletes_stay_inside_the_prefix() {
+        let store = MemoryStore::new(1 << 20);
+        for text in ["cg:a:profile:1:x", "cg:a:profile:1:y", "cg:a:profile:2:x", "cg:b:profile:1:x"] {
+            store.set(entry(text, b"v", Duration::from_secs(60))).await.unwrap();
+        }
+        assert_eq!(store.delete_matching(b"cg:a:", "profile:1:*").await.unwrap(), 2);
+        assert!(store.get(&key("cg:a:profile:2:x")).await.unwrap().is_some());
+        assert!(store.get(&key("cg:b:profile:1:x")).await.unwrap().is_some());
+        // A pattern that tries to name another namespace matches nothing.
+        assert_eq!(store.delete_matching(b"cg:a:", "cg:b:*").await.unwrap(), 0);
+        assert!(store.get(&key("cg:b:profile:1:x")).await.unwrap().is_some());
     }
 
     #[tokio::test]

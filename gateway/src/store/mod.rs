@@ -5,6 +5,7 @@
 //! Stores know nothing of namespaces, envelopes or policies; the cache layer
 //! hands them finished [`StorageKey`]s and encoded entries.
 
+pub mod glob;
 mod memory;
 mod redis;
 
@@ -89,6 +90,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_many(&self, entries: Vec<WriteEntry>) -> Result<(), StoreError>;
     /// Removes one entry; `true` when it existed.
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError>;
+    /// Removes many entries in one round trip; how many existed.
+    async fn delete_many(&self, keys: &[StorageKey]) -> Result<u64, StoreError>;
+    /// Removes every entry whose key starts with `prefix` and continues with
+    /// something matching `pattern` (Redis glob syntax, see [`glob`]); how
+    /// many there were. `prefix` is literal: no pattern can reach outside it.
+    async fn delete_matching(&self, prefix: &[u8], pattern: &str) -> Result<u64, StoreError>;
     /// A short name for logs and metrics (`redis`, `memory`).
     fn name(&self) -> &'static str;
 }

@@ -240,10 +240,67 @@ impl Store for RedisStore {
         .map(|removed| removed > 0)
     }
 
+    async fn delete_many(&self, keys: &[StorageKey]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // One UNLINK per key in a pipeline rather than one multi-key UNLINK:
+        // keys of a batch may live on different Redis Cluster slots.
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline.cmd("UNLINK").arg(key.as_bytes());
+        }
+        let removed: Vec<u64> = self
+            .run(async |conn| pipeline.query_async(conn).await)
+            .await?;
+        Ok(removed.iter().sum())
+    }
+
+    async fn delete_matching(&self, prefix: &[u8], pattern: &str) -> Result<u64, StoreError> {
+        // SCAN with a bounded COUNT and one UNLINK per batch: never KEYS, never
+        // one huge command. The prefix is a namespace scope made of
+        // `[A-Za-z0-9_.-:]`, which holds no glob metacharacters.
+        let mut matcher = Vec::with_capacity(prefix.len() + pattern.len());
+        matcher.extend_from_slice(prefix);
+        matcher.extend_from_slice(pattern.as_bytes());
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<Bytes>) = self
+                .run(async |conn| {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&matcher)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT)
+                        .query_async(conn)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                for key in &keys {
+                    unlink.arg(key.as_ref());
+                }
+                removed += self
+                    .run(async |conn| unlink.query_async::<u64>(conn).await)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
     fn name(&self) -> &'static str {
         "redis"
     }
 }
+
+/// Keys examined per SCAN step.
+const SCAN_COUNT: u64 = 1000;
 
 /// Redis rejects `PX 0`; anything shorter than a millisecond is a millisecond.
 fn expiry_millis(duration: Duration) -> u64 {

@@ -1,0 +1,79 @@
+//! The policy layer's metrics: calls, faults by kind, and call latency, per
+//! policy version.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+use super::Fault;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    policy: Arc<str>,
+    kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to ~20 ms: decisions take microseconds; the deadline is milliseconds.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 12))
+}
+
+/// Counters owned by the policy layer.
+#[derive(Clone, Debug)]
+pub struct PolicyMetrics {
+    calls: Family<PolicyLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
+    latency: Family<PolicyLabels, Histogram, fn() -> Histogram>,
+}
+
+impl PolicyMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            calls: Family::default(),
+            faults: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        };
+        registry.register(
+            "cachegw_policy_calls",
+            "Policy decisions asked for, by policy (name@version)",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "cachegw_policy_faults",
+            "Policy calls that faulted and fell back, by policy and kind",
+            metrics.faults.clone(),
+        );
+        registry.register(
+            "cachegw_policy_call_seconds",
+            "Time to a validated decision, instantiation included",
+            metrics.latency.clone(),
+        );
+        metrics
+    }
+
+    pub(super) fn observe(&self, policy: &Arc<str>, elapsed: Duration, fault: Option<&Fault>) {
+        let labels = PolicyLabels {
+            policy: Arc::clone(policy),
+        };
+        self.calls.get_or_create(&labels).inc();
+        self.latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        if let Some(fault) = fault {
+            self.faults
+                .get_or_create(&FaultLabels {
+                    policy: Arc::clone(policy),
+                    kind: fault.kind(),
+                })
+                .inc();
+        }
+    }
+}
