@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use crate::{
     api::{CacheApi, proto},
     cache::{Cache, CacheMetrics, Namespaces},
-    policy::PolicyMetrics,
     config::{Config, StoreKind},
+    policy::PolicyMetrics,
     store::{MemoryStore, RedisStore, Store, StoreError},
 };
 

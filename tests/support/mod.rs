@@ -323,6 +323,40 @@ pub fn gauge(text: &str, name: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// The compiled example policy `name` (policies/dist/NAME.wasm).
+pub fn policy_module(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../policies/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the policies first (scripts/build-policies; scripts/test does it)",
+        path.display()
+    );
+    path
+}
+
+/// Binds `namespace` to the compiled policy `module` with a JSON `config`.
+pub fn bind(
+    config: &mut Config,
+    namespace: &str,
+    module: &str,
+    policy_config: Option<serde_json::Value>,
+    fallback: gateway::config::FallbackMode,
+) {
+    config.namespaces.insert(
+        namespace.to_owned(),
+        gateway::config::NamespaceConfig {
+            policy: Some(gateway::config::PolicyBindingConfig {
+                module: policy_module(module),
+                config: policy_config,
+                fallback,
+            }),
+            ..Default::default()
+        },
+    );
+}
+
 /// Which store a scenario runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -98,7 +98,12 @@ impl CacheMetrics {
         InFlight(self.in_flight.clone())
     }
 
-    pub(super) fn get_outcome(&self, namespace: &MetricNamespace, result: &GetResult, bypass: bool) {
+    pub(super) fn get_outcome(
+        &self,
+        namespace: &MetricNamespace,
+        result: &GetResult,
+        bypass: bool,
+    ) {
         let outcome = match (result.degraded, bypass, result.outcome) {
             (true, _, _) => "degraded",
             (false, true, _) => "bypass",
@@ -113,7 +118,12 @@ impl CacheMetrics {
         self.invalidated.inc_by(entries);
     }
 
-    pub(super) fn request(&self, op: &'static str, namespace: &MetricNamespace, outcome: &'static str) {
+    pub(super) fn request(
+        &self,
+        op: &'static str,
+        namespace: &MetricNamespace,
+        outcome: &'static str,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 op,

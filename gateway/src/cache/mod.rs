@@ -29,7 +29,10 @@ pub use self::metrics::CacheMetrics;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
 use crate::{
     config::Config,
-    policy::{Compression, Decider, Decision, DecisionLimits, DecisionRequest, Invalidation, Operation, PolicyMetrics},
+    policy::{
+        Compression, Decider, Decision, DecisionLimits, DecisionRequest, Invalidation, Operation,
+        PolicyMetrics,
+    },
     store::{StorageKey, Store, StoreError, WriteEntry},
 };
 
@@ -202,7 +205,13 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<GetResult, RequestError> {
         let plan = self
-            .plan(Operation::Get, &command.namespace, &command.key, &command.attributes, 0)
+            .plan(
+                Operation::Get,
+                &command.namespace,
+                &command.key,
+                &command.attributes,
+                0,
+            )
             .inspect_err(|_| self.metrics.rejected("get"))?;
         let result = if plan.decision.bypass {
             GetResult::miss(false, &plan.decision.decided_by)
@@ -217,7 +226,8 @@ impl Cache {
                 ),
             }
         };
-        self.metrics.get_outcome(&plan.metric, &result, plan.decision.bypass);
+        self.metrics
+            .get_outcome(&plan.metric, &result, plan.decision.bypass);
         Ok(result)
     }
 
@@ -247,7 +257,13 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<DeleteResult, RequestError> {
         let plan = self
-            .plan(Operation::Delete, &command.namespace, &command.key, &command.attributes, 0)
+            .plan(
+                Operation::Delete,
+                &command.namespace,
+                &command.key,
+                &command.attributes,
+                0,
+            )
             .inspect_err(|_| self.metrics.rejected("delete"))?;
         let deleted = if plan.decision.bypass {
             Ok(false)
@@ -261,7 +277,8 @@ impl Cache {
         let invalidation = if degraded {
             InvalidationReport::default()
         } else {
-            self.invalidate(&plan.namespace, &plan.decision.invalidate).await
+            self.invalidate(&plan.namespace, &plan.decision.invalidate)
+                .await
         };
         let outcome = match (degraded, plan.decision.bypass, deleted) {
             (true, _, _) => "degraded",
@@ -289,9 +306,8 @@ impl Cache {
         let plans: Vec<Result<Plan, RequestError>> = commands
             .into_iter()
             .map(|command| {
-                command.and_then(|c| {
-                    self.plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0)
-                })
+                command
+                    .and_then(|c| self.plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0))
             })
             .collect();
         let keys: Vec<StorageKey> = plans
@@ -327,7 +343,8 @@ impl Cache {
                     ),
                 }
             };
-            self.metrics.get_outcome(&plan.metric, &result, plan.decision.bypass);
+            self.metrics
+                .get_outcome(&plan.metric, &result, plan.decision.bypass);
             results.push(Ok(result));
         }
         Ok(results)
@@ -426,7 +443,10 @@ impl Cache {
                 }
             }
         };
-        if tokio::time::timeout(self.invalidation_timeout, work).await.is_err() {
+        if tokio::time::timeout(self.invalidation_timeout, work)
+            .await
+            .is_err()
+        {
             errors.push(format!(
                 "timed out after {:?} (policy.invalidation_timeout)",
                 self.invalidation_timeout
@@ -522,8 +542,11 @@ impl Cache {
         )?;
         let entry = (!read.decision.bypass).then(|| {
             let decision = &read.decision;
-            let (value, compressed) =
-                compress(&command.value, decision.compression, read.compress_min_bytes);
+            let (value, compressed) = compress(
+                &command.value,
+                decision.compression,
+                read.compress_min_bytes,
+            );
             let now = unix_millis();
             let fresh_until = now.saturating_add(millis(decision.fresh_ttl));
             let envelope = Envelope {
@@ -613,7 +636,8 @@ impl Cache {
         // Keep a little of the client's time for answering: a degraded answer
         // that arrives after the deadline is no answer at all.
         let budget = deadline.map_or(self.store_timeout, |deadline| {
-            let reserve = (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
+            let reserve =
+                (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
             deadline.saturating_sub(reserve).min(self.store_timeout)
         });
         tokio::time::timeout(budget, call)
@@ -664,7 +688,9 @@ fn decompress(stored: &[u8], max_bytes: usize) -> Result<Bytes, String> {
         .map(|size| u32::from_le_bytes([size[0], size[1], size[2], size[3]]) as usize)
         .ok_or("shorter than the size header")?;
     if claimed > max_bytes {
-        return Err(format!("claims {claimed} bytes, over the namespace limit of {max_bytes}"));
+        return Err(format!(
+            "claims {claimed} bytes, over the namespace limit of {max_bytes}"
+        ));
     }
     lz4_flex::decompress_size_prepended(stored)
         .map(Bytes::from)
@@ -727,8 +753,14 @@ mod tests {
         assert_eq!(decompress(&stored, 1 << 20).unwrap(), text);
         assert!(!compress(&text, Compression::Never, 4096).1);
         let small = Bytes::from("abc".repeat(100));
-        assert!(!compress(&small, Compression::Auto, 4096).1, "under the threshold");
-        assert!(compress(&small, Compression::Prefer, 4096).1, "prefer ignores the threshold");
+        assert!(
+            !compress(&small, Compression::Auto, 4096).1,
+            "under the threshold"
+        );
+        assert!(
+            compress(&small, Compression::Prefer, 4096).1,
+            "prefer ignores the threshold"
+        );
         let mut state = 0x2545_F491_4F6C_DD1D_u64;
         let random: Bytes = (0..5000)
             .map(|_| {
@@ -738,7 +770,10 @@ mod tests {
                 (state >> 24) as u8
             })
             .collect();
-        assert!(!compress(&random, Compression::Prefer, 0).1, "incompressible stays raw");
+        assert!(
+            !compress(&random, Compression::Prefer, 0).1,
+            "incompressible stays raw"
+        );
     }
 
     #[test]

@@ -184,8 +184,8 @@ impl PolicyEngine {
             });
         }
         let started = Instant::now();
-        let module =
-            Module::new(&self.engine, bytes).map_err(|err| LoadError::Compile(format!("{err:#}")))?;
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|err| LoadError::Compile(format!("{err:#}")))?;
         check_imports(&module)?;
         let version = content_version(bytes);
         let instance_pre = self
@@ -255,7 +255,8 @@ impl Exports {
             let ExternType::Func(func) = export else {
                 return Err(format!("export `{name}` is not a function"));
             };
-            let matches = |actual: &mut dyn ExactSizeIterator<Item = ValType>, expected: &[ValType]| {
+            let matches = |actual: &mut dyn ExactSizeIterator<Item = ValType>,
+                           expected: &[ValType]| {
                 actual.len() == expected.len()
                     && actual.zip(expected).all(|(a, e)| ValType::eq(&a, e))
             };
@@ -369,7 +370,9 @@ impl PolicyModule {
         match output.result {
             Some(pb::policy_output::Result::Decision(decision)) => Ok(decision),
             Some(pb::policy_output::Result::Error(reason)) => Err(Fault::Declined(reason)),
-            None => Err(Fault::Output("PolicyOutput carries neither decision nor error".into())),
+            None => Err(Fault::Output(
+                "PolicyOutput carries neither decision nor error".into(),
+            )),
         }
     }
 
@@ -388,7 +391,12 @@ impl PolicyModule {
     }
 
     /// One call: instantiate, allocate, write the input, call, read the output.
-    fn call(&self, exports: &Exports, entry: &ModuleExport, input: &[u8]) -> Result<Vec<u8>, Fault> {
+    fn call(
+        &self,
+        exports: &Exports,
+        entry: &ModuleExport,
+        input: &[u8],
+    ) -> Result<Vec<u8>, Fault> {
         let mut store = self.engine.new_store(&self.label);
         let result: wasmtime::Result<Vec<u8>> = (|| {
             let instance = self.instance_pre.instantiate(&mut store)?;
@@ -405,14 +413,17 @@ impl PolicyModule {
             let alloc = func(&mut store, &exports.alloc)?.typed::<i32, i32>(&store)?;
             let entry = func(&mut store, entry)?.typed::<(i32, i32), i64>(&store)?;
 
-            let len = i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
+            let len =
+                i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
             let ptr = alloc.call(&mut store, len)?;
             if ptr == 0 {
                 return Err(OutputError("cachegw_alloc returned 0".into()).into());
             }
             memory
                 .write(&mut store, ptr as u32 as usize, input)
-                .map_err(|_| OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory")))?;
+                .map_err(|_| {
+                    OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory"))
+                })?;
             let packed = entry.call(&mut store, (ptr, len))? as u64;
             let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xFFFF_FFFF) as usize);
             let data = memory.data(&store);
@@ -506,7 +517,10 @@ fn host_log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) {
         return;
     }
     let label = Arc::clone(&state.label);
-    let Some(memory) = caller.get_export("memory").and_then(|export| export.into_memory()) else {
+    let Some(memory) = caller
+        .get_export("memory")
+        .and_then(|export| export.into_memory())
+    else {
         return;
     };
     let data = memory.data(&caller);
@@ -552,7 +566,10 @@ fn check_imports(module: &Module) -> Result<(), LoadError> {
 pub fn content_version(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(bytes);
-    digest[..6].iter().map(|byte| format!("{byte:02x}")).collect()
+    digest[..6]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Bytes of the input the policy sees for one request.

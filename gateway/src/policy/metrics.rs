@@ -24,7 +24,9 @@ struct FaultLabels {
 
 fn latency_histogram() -> Histogram {
     // 10 µs to ~20 ms: decisions take microseconds; the deadline is milliseconds.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 12))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_01, 2.0, 12,
+    ))
 }
 
 /// Counters owned by the policy layer.
@@ -66,7 +68,9 @@ impl PolicyMetrics {
             policy: Arc::clone(policy),
         };
         self.calls.get_or_create(&labels).inc();
-        self.latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
         if let Some(fault) = fault {
             self.faults
                 .get_or_create(&FaultLabels {

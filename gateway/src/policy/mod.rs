@@ -214,8 +214,11 @@ impl Decider {
         let outcome = binding.module.decide(&input).and_then(|wire| {
             Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
         });
-        self.metrics
-            .observe(binding.module.label(), started.elapsed(), outcome.as_ref().err());
+        self.metrics.observe(
+            binding.module.label(),
+            started.elapsed(),
+            outcome.as_ref().err(),
+        );
         match outcome {
             Ok(decision) => decision,
             Err(fault) => self.fall_back(binding, namespace, request, &fault),
@@ -273,7 +276,9 @@ impl Decision {
             None => namespace.default_ttl,
             Some(0) => return invalid("fresh_ttl_ms is 0 (use bypass not to cache)".into()),
             Some(ms) if ms > max_ms => {
-                return invalid(format!("fresh_ttl_ms {ms} exceeds policy.max_ttl ({max_ms} ms)"));
+                return invalid(format!(
+                    "fresh_ttl_ms {ms} exceeds policy.max_ttl ({max_ms} ms)"
+                ));
             }
             Some(ms) => Duration::from_millis(ms),
         };
@@ -408,7 +413,11 @@ impl PolicyLoader {
     }
 
     /// Builds the binding configured at `field` (for error messages).
-    pub fn bind(&mut self, field: &str, config: &PolicyBindingConfig) -> Result<Arc<Binding>, BindingError> {
+    pub fn bind(
+        &mut self,
+        field: &str,
+        config: &PolicyBindingConfig,
+    ) -> Result<Arc<Binding>, BindingError> {
         let module = match self.modules.get(&config.module) {
             Some(module) => Arc::clone(module),
             None => {
@@ -418,15 +427,17 @@ impl PolicyLoader {
                     source,
                 })?;
                 let engine = self.engine()?;
-                let module = engine
-                    .load(&module_name(&config.module), &bytes)
-                    .map_err(|source| BindingError::Load {
-                        field: format!("{field}.module"),
-                        path: config.module.clone(),
-                        source,
-                    })?;
+                let module =
+                    engine
+                        .load(&module_name(&config.module), &bytes)
+                        .map_err(|source| BindingError::Load {
+                            field: format!("{field}.module"),
+                            path: config.module.clone(),
+                            source,
+                        })?;
                 let module = Arc::new(module);
-                self.modules.insert(config.module.clone(), Arc::clone(&module));
+                self.modules
+                    .insert(config.module.clone(), Arc::clone(&module));
                 module
             }
         };
@@ -442,12 +453,18 @@ impl PolicyLoader {
             }
             // A policy that cannot even run init is bound anyway: each call
             // will fault and fall back, which is counted and visible.
-            Err(fault) => warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback"),
+            Err(fault) => {
+                warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback")
+            }
         }
         if let Err(fault) = module.abi() {
             warn!(policy = %module.label(), binding = field, "policy {fault}; requests will use the fallback");
         }
-        Ok(Arc::new(Binding::new(module, config_bytes, config.fallback)))
+        Ok(Arc::new(Binding::new(
+            module,
+            config_bytes,
+            config.fallback,
+        )))
     }
 }
 
@@ -461,5 +478,7 @@ pub fn module_name(path: &Path) -> String {
 fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }

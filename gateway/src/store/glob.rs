@@ -87,9 +87,15 @@ fn match_set(pattern: &[u8], start: usize, byte: u8) -> Option<(bool, usize)> {
                 matched |= escaped == byte;
                 i += 2;
             }
-            low if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&c| c != b']') => {
+            low if pattern.get(i + 1) == Some(&b'-')
+                && pattern.get(i + 2).is_some_and(|&c| c != b']') =>
+            {
                 let high = pattern[i + 2];
-                let (low, high) = if low <= high { (low, high) } else { (high, low) };
+                let (low, high) = if low <= high {
+                    (low, high)
+                } else {
+                    (high, low)
+                };
                 matched |= (low..=high).contains(&byte);
                 i += 3;
             }

@@ -186,10 +186,24 @@ mod tests {
     #[tokio::test]
     async fn pattern_deletes_stay_inside_the_prefix() {
         let store = MemoryStore::new(1 << 20);
-        for text in ["cg:a:profile:1:x", "cg:a:profile:1:y", "cg:a:profile:2:x", "cg:b:profile:1:x"] {
-            store.set(entry(text, b"v", Duration::from_secs(60))).await.unwrap();
+        for text in [
+            "cg:a:profile:1:x",
+            "cg:a:profile:1:y",
+            "cg:a:profile:2:x",
+            "cg:b:profile:1:x",
+        ] {
+            store
+                .set(entry(text, b"v", Duration::from_secs(60)))
+                .await
+                .unwrap();
         }
-        assert_eq!(store.delete_matching(b"cg:a:", "profile:1:*").await.unwrap(), 2);
+        assert_eq!(
+            store
+                .delete_matching(b"cg:a:", "profile:1:*")
+                .await
+                .unwrap(),
+            2
+        );
         assert!(store.get(&key("cg:a:profile:2:x")).await.unwrap().is_some());
         assert!(store.get(&key("cg:b:profile:1:x")).await.unwrap().is_some());
         // A pattern that tries to name another namespace matches nothing.
