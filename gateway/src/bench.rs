@@ -93,9 +93,10 @@ pub struct BenchArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 128)]
     pub value_size: usize,
-    /// Namespace used at the gateway.
-    #[arg(long, default_value = "bench")]
-    pub namespace: String,
+    /// Namespaces driven at the gateway, comma-separated: each gets its own
+    /// rounds (to compare, say, a policy-bound namespace with a default one).
+    #[arg(long, value_delimiter = ',', default_value = "bench")]
+    pub namespace: Vec<String>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +107,9 @@ pub struct BenchArgs {
 pub struct RoundResult {
     /// What was driven.
     pub target: Target,
+    /// The gateway namespace (gateway target only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Operation mix.
     pub op: Mix,
     /// Requests in flight.
@@ -233,43 +237,66 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.set_percent > 100 {
         bail!("--set-percent must be between 0 and 100");
     }
-    let work = Arc::new(Workload {
-        op: args.op,
-        set_percent: args.set_percent,
-        keys: args.keys,
-        namespace: args.namespace.clone(),
-        value: Bytes::from(vec![b'v'; args.value_size]),
-    });
+    if args.namespace.is_empty() {
+        bail!("--namespace needs at least one namespace");
+    }
+    let workload = |namespace: &str| {
+        Arc::new(Workload {
+            op: args.op,
+            set_percent: args.set_percent,
+            keys: args.keys,
+            namespace: namespace.to_owned(),
+            value: Bytes::from(vec![b'v'; args.value_size]),
+        })
+    };
     let mut targets = args.target.clone();
     targets.dedup();
-    let mut drivers = Vec::new();
+    // One "lane" per target and (for the gateway) per namespace; lanes
+    // alternate round by round.
+    let mut lanes: Vec<(Target, Option<String>, Vec<Driver>, Arc<Workload>)> = Vec::new();
     for target in targets {
-        let connected = match target {
-            Target::Gateway => connect_gateway(&args)
-                .await?
-                .into_iter()
-                .map(|channel| {
-                    Driver::Gateway(
-                        CacheClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
-                    )
-                })
-                .collect(),
-            Target::Health => connect_gateway(&args)
-                .await?
-                .into_iter()
-                .map(|channel| Driver::Health(HealthClient::new(channel)))
-                .collect(),
-            Target::Redis => connect_redis(&args).await?,
-        };
-        populate(&connected[0], &work).await?;
-        drivers.push((target, connected));
+        match target {
+            Target::Gateway => {
+                for namespace in &args.namespace {
+                    let drivers: Vec<Driver> = connect_gateway(&args)
+                        .await?
+                        .into_iter()
+                        .map(|channel| {
+                            Driver::Gateway(
+                                CacheClient::new(channel)
+                                    .max_decoding_message_size(64 * 1024 * 1024),
+                            )
+                        })
+                        .collect();
+                    let work = workload(namespace);
+                    populate(&drivers[0], &work).await?;
+                    lanes.push((target, Some(namespace.clone()), drivers, work));
+                }
+            }
+            Target::Health => {
+                let drivers = connect_gateway(&args)
+                    .await?
+                    .into_iter()
+                    .map(|channel| Driver::Health(HealthClient::new(channel)))
+                    .collect();
+                lanes.push((target, None, drivers, workload("")));
+            }
+            Target::Redis => {
+                let drivers = connect_redis(&args).await?;
+                let work = workload("");
+                populate(&drivers[0], &work).await?;
+                lanes.push((target, None, drivers, work));
+            }
+        }
     }
     let mut results = Vec::new();
     for _ in 0..args.rounds {
-        for (target, connected) in &drivers {
-            let _ = drive(connected, &work, args.concurrency, args.warmup).await;
-            let measured = drive(connected, &work, args.concurrency, args.duration).await;
-            results.push(measured.into_result(*target, &args));
+        for (target, namespace, drivers, work) in &lanes {
+            let _ = drive(drivers, work, args.concurrency, args.warmup).await;
+            let measured = drive(drivers, work, args.concurrency, args.duration).await;
+            let mut result = measured.into_result(*target, &args);
+            result.namespace = namespace.clone();
+            results.push(result);
         }
     }
     if args.json {
@@ -371,6 +398,7 @@ impl Measured {
         let requests = self.histogram.len();
         RoundResult {
             target,
+            namespace: None,
             op: args.op,
             concurrency: args.concurrency,
             channels: args.channels,
@@ -455,6 +483,14 @@ async fn drive(
     total
 }
 
+fn label(result: &RoundResult) -> String {
+    let target = format!("{:?}", result.target).to_lowercase();
+    match &result.namespace {
+        Some(namespace) => format!("{target}({namespace})"),
+        None => target,
+    }
+}
+
 fn render(results: &[RoundResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -475,8 +511,8 @@ fn render(results: &[RoundResult]) -> String {
     for r in results {
         let _ = writeln!(
             out,
-            "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>8}",
-            format!("{:?}", r.target).to_lowercase(),
+            "{:<20} {:<6} {:>5} {:>5} {:>10} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>8}",
+            label(r),
             format!("{:?}", r.op).to_lowercase(),
             r.concurrency,
             r.channels,
@@ -489,14 +525,42 @@ fn render(results: &[RoundResult]) -> String {
             r.degraded
         );
     }
-    let mean = |target: Target| {
+    let mean_of = |wanted: &dyn Fn(&RoundResult) -> bool| {
         let rounds: Vec<f64> = results
             .iter()
-            .filter(|r| r.target == target)
+            .filter(|r| wanted(r))
             .map(|r| r.ops_per_sec)
             .collect();
         (!rounds.is_empty()).then(|| rounds.iter().sum::<f64>() / rounds.len() as f64)
     };
+    let mean = |target: Target| mean_of(&|r: &RoundResult| r.target == target);
+    let namespaces: Vec<&String> = {
+        let mut seen = Vec::new();
+        for r in results {
+            if let Some(ns) = &r.namespace {
+                if !seen.contains(&ns) {
+                    seen.push(ns);
+                }
+            }
+        }
+        seen
+    };
+    if let Some((first, rest)) = namespaces.split_first() {
+        let base = mean_of(&|r: &RoundResult| r.namespace.as_ref() == Some(*first));
+        for other in rest {
+            let this = mean_of(&|r: &RoundResult| r.namespace.as_ref() == Some(*other));
+            if let (Some(base), Some(this)) = (base, this) {
+                let _ = writeln!(
+                    out,
+                    "gateway({other})/gateway({first}) throughput ratio: {:.3} ({this:.0} vs {base:.0} ops/s, mean over rounds)",
+                    this / base
+                );
+            }
+        }
+    }
+    if namespaces.len() > 1 {
+        return out;
+    }
     if let Some(gateway) = mean(Target::Gateway) {
         for (other, name) in [(Target::Redis, "redis"), (Target::Health, "health")] {
             if let Some(baseline) = mean(other) {

@@ -255,8 +255,8 @@ pub enum FallbackMode {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBindingConfig {
-    /// Path of the policy's `.wasm` module (relative paths: from the working
-    /// directory).
+    /// Path of the policy's `.wasm` module; a relative path is relative to the
+    /// config file's directory.
     pub module: std::path::PathBuf,
     /// The binding's configuration, handed to the policy as JSON bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -378,9 +378,27 @@ impl Config {
         if let Some(store) = overrides.store {
             figment = figment.merge(Serialized::default("store", store));
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            config.resolve_paths(dir);
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Makes relative policy module paths relative to `dir` (the config
+    /// file's directory), so a config works from any working directory.
+    fn resolve_paths(&mut self, dir: &Path) {
+        let bindings = self
+            .namespaces
+            .values_mut()
+            .chain(std::iter::once(&mut self.default_namespace.settings))
+            .filter_map(|namespace| namespace.policy.as_mut());
+        for binding in bindings {
+            if binding.module.is_relative() {
+                binding.module = dir.join(&binding.module);
+            }
+        }
     }
 
     /// Parses a TOML document on top of the defaults (no environment, no flags).

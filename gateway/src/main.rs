@@ -8,6 +8,7 @@ use gateway::{
     Config, Gateway,
     bench::{self, BenchArgs},
     config::{Overrides, StoreKind},
+    policy::tool,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -31,6 +32,79 @@ enum Command {
     /// Drive load through a running gateway and straight at Redis, and print
     /// throughput and latency percentiles side by side.
     Bench(BenchArgs),
+    /// Tools for policy authors: check, evaluate and benchmark a .wasm policy
+    /// exactly as the gateway runs it.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a module: exports, ABI version, init on the config, and a dry
+    /// run of a Get, a Set and a Delete. Prints a JSON report; exits 1 if
+    /// anything is wrong.
+    Check {
+        /// The policy module.
+        file: PathBuf,
+        #[command(flatten)]
+        common: PolicyArgs,
+    },
+    /// Ask a module for one decision and print it as JSON; exits 1 on a fault
+    /// or an invalid decision.
+    Eval {
+        /// The policy module.
+        file: PathBuf,
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[command(flatten)]
+        common: PolicyArgs,
+    },
+    /// Time many decisions on one input (an instance per call, as served, or
+    /// one reused instance for comparison) and report latency percentiles and
+    /// this process's memory before and after.
+    Bench {
+        /// The policy module.
+        file: PathBuf,
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[command(flatten)]
+        common: PolicyArgs,
+        /// Decisions to make.
+        #[arg(long, default_value_t = 100_000)]
+        calls: u64,
+        /// Reuse one instance for every call instead of a fresh one each.
+        #[arg(long)]
+        reuse_instance: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// The binding's config: inline JSON, or @FILE.
+    #[arg(long, value_name = "JSON")]
+    config: Option<String>,
+    /// Config file whose [policy] limits to apply (deadline, memory...).
+    #[arg(long = "gateway-config", value_name = "FILE")]
+    gateway_config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Operation: get, set or delete.
+    #[arg(long, default_value = "get")]
+    op: String,
+    /// Namespace the request addresses.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// The client's key.
+    #[arg(long)]
+    key: String,
+    /// A request attribute, NAME=VALUE (repeatable).
+    #[arg(long = "attr", value_name = "NAME=VALUE")]
+    attrs: Vec<String>,
+    /// Size of the value being written (set).
+    #[arg(long, default_value_t = 0)]
+    value_size: u64,
 }
 
 #[derive(clap::Args)]
@@ -68,10 +142,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Bench(args) => bench::run(args).await.map(|_| ()),
+            Command::Policy(command) => policy_tool(command),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<Failed>().is_some() => ExitCode::FAILURE,
         Err(err) => {
             eprintln!("cachegw: {err:#}");
             ExitCode::FAILURE
@@ -96,6 +172,69 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let gateway = Gateway::new(config)?;
     gateway.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// A tool already reported its failure on stdout; exit 1 without more words.
+#[derive(Debug)]
+struct Failed;
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("failed")
+    }
+}
+
+impl std::error::Error for Failed {}
+
+fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
+    let (file, common) = match &command {
+        PolicyCommand::Check { file, common }
+        | PolicyCommand::Eval { file, common, .. }
+        | PolicyCommand::Bench { file, common, .. } => (file, common),
+    };
+    let config = Config::load(common.gateway_config.as_deref(), &Overrides::default())?;
+    let policy_config = tool::parse_config(common.config.as_deref())?;
+    let loaded = tool::Loaded::new(
+        file,
+        policy_config.as_ref(),
+        &config.policy,
+        config.limits.max_key_bytes,
+    )?;
+    let probe = |args: &ProbeArgs| -> anyhow::Result<tool::Probe> {
+        Ok(tool::Probe {
+            op: tool::parse_op(&args.op)?,
+            namespace: args.namespace.clone(),
+            key: args.key.clone(),
+            attributes: tool::parse_attrs(&args.attrs)?,
+            value_size: args.value_size,
+        })
+    };
+    match &command {
+        PolicyCommand::Check { .. } => {
+            let report = loaded.check();
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok {
+                return Err(Failed.into());
+            }
+        }
+        PolicyCommand::Eval { probe: args, .. } => {
+            let report = loaded.eval(&probe(args)?);
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.fault.is_some() {
+                return Err(Failed.into());
+            }
+        }
+        PolicyCommand::Bench {
+            probe: args,
+            calls,
+            reuse_instance,
+            ..
+        } => {
+            let report = loaded.bench(&probe(args)?, *calls, *reuse_instance)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
     Ok(())
 }
 

@@ -221,6 +221,10 @@ pub fn test_config(store: StoreKind, redis_url: Option<String>) -> Config {
     config.redis.recycle_timeout = Duration::from_millis(300);
     config.redis.connect_timeout = Duration::from_millis(300);
     config.redis.response_timeout = Duration::from_millis(300);
+    // Generous: a debug-built gateway on 2 shared cores can take milliseconds to
+    // instantiate a policy, and these tests are not about the deadline (the
+    // hostile-policy tests set their own).
+    config.policy.deadline = Duration::from_millis(250);
     config
 }
 

@@ -391,57 +391,101 @@ impl PolicyModule {
     }
 
     /// One call: instantiate, allocate, write the input, call, read the output.
-    fn call(
-        &self,
-        exports: &Exports,
-        entry: &ModuleExport,
-        input: &[u8],
-    ) -> Result<Vec<u8>, Fault> {
+    fn call(&self, exports: &Exports, entry: &ModuleExport, input: &[u8]) -> Result<Vec<u8>, Fault> {
         let mut store = self.engine.new_store(&self.label);
-        let result: wasmtime::Result<Vec<u8>> = (|| {
-            let instance = self.instance_pre.instantiate(&mut store)?;
-            let memory = instance
-                .get_module_export(&mut store, &exports.memory)
-                .and_then(|export| export.into_memory())
-                .ok_or_else(|| wasmtime::Error::msg("memory export vanished"))?;
-            let func = |store: &mut Store<HostState>, export: &ModuleExport| {
-                instance
-                    .get_module_export(&mut *store, export)
-                    .and_then(|export| export.into_func())
-                    .ok_or_else(|| wasmtime::Error::msg("function export vanished"))
-            };
-            let alloc = func(&mut store, &exports.alloc)?.typed::<i32, i32>(&store)?;
-            let entry = func(&mut store, entry)?.typed::<(i32, i32), i64>(&store)?;
+        let result = self
+            .instance_pre
+            .instantiate(&mut store)
+            .and_then(|instance| invoke(&mut store, &instance, exports, entry, input));
+        result.map_err(|err| fault_of(err, store.data()))
+    }
 
-            let len =
-                i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
-            let ptr = alloc.call(&mut store, len)?;
-            if ptr == 0 {
-                return Err(OutputError("cachegw_alloc returned 0".into()).into());
+    /// Measures `calls` decisions on `input`, reporting each one's latency to
+    /// `record`. With `reuse`, one instance serves every call (what a "reset
+    /// instance" strategy would cost at best, with no isolation); without, each
+    /// call gets a fresh instance, as in production.
+    pub fn measure(
+        &self,
+        input: &pb::PolicyInput,
+        calls: u64,
+        reuse: bool,
+        mut record: impl FnMut(Duration),
+    ) -> Result<(), Fault> {
+        let exports = self.exports.as_ref().map_err(Clone::clone)?;
+        let input = input.encode_to_vec();
+        if !reuse {
+            for _ in 0..calls {
+                let started = Instant::now();
+                self.call(exports, &exports.decide, &input)?;
+                record(started.elapsed());
             }
-            memory
-                .write(&mut store, ptr as u32 as usize, input)
-                .map_err(|_| {
-                    OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory"))
-                })?;
-            let packed = entry.call(&mut store, (ptr, len))? as u64;
-            let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xFFFF_FFFF) as usize);
-            let data = memory.data(&store);
-            let end = out_ptr
-                .checked_add(out_len)
-                .filter(|end| *end <= data.len())
-                .ok_or_else(|| {
-                    OutputError(format!(
-                        "output at {out_ptr:#x}+{out_len} lies outside the {}-byte memory",
-                        data.len()
-                    ))
-                })?;
-            Ok(data[out_ptr..end].to_vec())
-        })();
-        result.map_err(|err| match err.downcast::<OutputError>() {
-            Ok(OutputError(reason)) => Fault::Output(reason),
-            Err(err) => classify(err, store.data()),
-        })
+            return Ok(());
+        }
+        let mut store = self.engine.new_store(&self.label);
+        let instance = self
+            .instance_pre
+            .instantiate(&mut store)
+            .map_err(|err| fault_of(err, store.data()))?;
+        for _ in 0..calls {
+            let started = Instant::now();
+            store.set_epoch_deadline(self.engine.deadline_ticks);
+            invoke(&mut store, &instance, exports, &exports.decide, &input)
+                .map_err(|err| fault_of(err, store.data()))?;
+            record(started.elapsed());
+        }
+        Ok(())
+    }
+}
+
+/// Allocates in the guest, writes `input`, calls `entry`, reads the output.
+fn invoke(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::Instance,
+    exports: &Exports,
+    entry: &ModuleExport,
+    input: &[u8],
+) -> wasmtime::Result<Vec<u8>> {
+    let memory = instance
+        .get_module_export(&mut *store, &exports.memory)
+        .and_then(|export| export.into_memory())
+        .ok_or_else(|| wasmtime::Error::msg("memory export vanished"))?;
+    let mut func = |export: &ModuleExport| {
+        instance
+            .get_module_export(&mut *store, export)
+            .and_then(|export| export.into_func())
+            .ok_or_else(|| wasmtime::Error::msg("function export vanished"))
+    };
+    let (alloc, entry) = (func(&exports.alloc)?, func(entry)?);
+    let alloc = alloc.typed::<i32, i32>(&*store)?;
+    let entry = entry.typed::<(i32, i32), i64>(&*store)?;
+
+    let len = i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
+    let ptr = alloc.call(&mut *store, len)?;
+    if ptr == 0 {
+        return Err(OutputError("cachegw_alloc returned 0".into()).into());
+    }
+    memory
+        .write(&mut *store, ptr as u32 as usize, input)
+        .map_err(|_| OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory")))?;
+    let packed = entry.call(&mut *store, (ptr, len))? as u64;
+    let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xFFFF_FFFF) as usize);
+    let data = memory.data(&*store);
+    let end = out_ptr
+        .checked_add(out_len)
+        .filter(|end| *end <= data.len())
+        .ok_or_else(|| {
+            OutputError(format!(
+                "output at {out_ptr:#x}+{out_len} lies outside the {}-byte memory",
+                data.len()
+            ))
+        })?;
+    Ok(data[out_ptr..end].to_vec())
+}
+
+fn fault_of(err: wasmtime::Error, state: &HostState) -> Fault {
+    match err.downcast::<OutputError>() {
+        Ok(OutputError(reason)) => Fault::Output(reason),
+        Err(err) => classify(err, state),
     }
 }
 

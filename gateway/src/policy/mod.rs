@@ -11,6 +11,7 @@
 
 pub mod engine;
 mod metrics;
+pub mod tool;
 
 use std::{
     collections::HashMap,

@@ -1,0 +1,411 @@
+//! Tooling for policy authors, behind `cachegw policy check|eval|bench`: load
+//! a module exactly as the gateway does and show what it decides.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Arc,
+    time::Instant,
+};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::{
+    Decision, DecisionLimits, Fault, PolicyEngine, PolicyModule, engine::config_bytes, module_name,
+};
+use crate::{
+    api::proto::policy as pb,
+    cache::NamespaceSettings,
+    config::{NamespaceConfig, PolicyEngineConfig},
+};
+
+/// Why a tool could not even look at the module.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The module could not be loaded.
+    #[error("cannot load {path}: {source}")]
+    Load {
+        /// The path.
+        path: String,
+        /// Why.
+        source: super::LoadError,
+    },
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// One request to decide on.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The operation.
+    pub op: pb::Operation,
+    /// The namespace.
+    pub namespace: String,
+    /// The key.
+    pub key: String,
+    /// Attributes.
+    pub attributes: HashMap<String, String>,
+    /// Value size (Set).
+    pub value_size: u64,
+}
+
+/// A fault, for JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultView {
+    /// The fault kind (`trap`, `timeout`, `memory`, `abi`, ...).
+    pub kind: &'static str,
+    /// What happened.
+    pub message: String,
+}
+
+impl From<&Fault> for FaultView {
+    fn from(fault: &Fault) -> Self {
+        Self {
+            kind: fault.kind(),
+            message: fault.to_string(),
+        }
+    }
+}
+
+/// What a policy decided, as it said it (before the gateway's defaults).
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionView {
+    /// The storage key (the gateway prefixes it with the namespace).
+    pub storage_key: String,
+    /// Fresh TTL; absent: the namespace default.
+    pub fresh_ttl_ms: Option<u64>,
+    /// Stale window.
+    pub stale_window_ms: u64,
+    /// TTL jitter.
+    pub ttl_jitter_ms: u64,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Bypass the cache.
+    pub bypass: bool,
+    /// Compression hint.
+    pub compression: String,
+    /// Keys to invalidate.
+    pub invalidate_keys: Vec<String>,
+    /// Patterns to invalidate.
+    pub invalidate_patterns: Vec<String>,
+    /// Tags to invalidate.
+    pub invalidate_tags: Vec<String>,
+    /// XFetch beta.
+    pub early_refresh_beta: f64,
+}
+
+impl From<&pb::PolicyDecision> for DecisionView {
+    fn from(wire: &pb::PolicyDecision) -> Self {
+        let invalidate = wire.invalidate.clone().unwrap_or_default();
+        Self {
+            storage_key: wire.storage_key.clone(),
+            fresh_ttl_ms: wire.fresh_ttl_ms,
+            stale_window_ms: wire.stale_window_ms,
+            ttl_jitter_ms: wire.ttl_jitter_ms,
+            tags: wire.tags.clone(),
+            bypass: wire.bypass,
+            compression: pb::CompressionHint::try_from(wire.compression)
+                .map_or_else(|_| format!("unknown({})", wire.compression), |hint| {
+                    hint.as_str_name()
+                        .trim_start_matches("COMPRESSION_HINT_")
+                        .to_ascii_lowercase()
+                }),
+            invalidate_keys: invalidate.keys,
+            invalidate_patterns: invalidate.patterns,
+            invalidate_tags: invalidate.tags,
+            early_refresh_beta: wire.early_refresh_beta,
+        }
+    }
+}
+
+/// The result of deciding one probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    /// The operation.
+    pub op: &'static str,
+    /// The namespace.
+    pub namespace: String,
+    /// The key.
+    pub key: String,
+    /// The decision, if the policy made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionView>,
+    /// The fault, if the call or the validation failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultView>,
+    /// Microseconds the call took, instantiation included.
+    pub micros: u64,
+}
+
+/// The report of `cachegw policy check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// The module's name.
+    pub policy: String,
+    /// Its content version.
+    pub version: String,
+    /// Its size.
+    pub bytes: usize,
+    /// Whether it implements the ABI, or why not.
+    pub abi: String,
+    /// Whether it exports `cachegw_init`.
+    pub has_init: bool,
+    /// What init said about the config.
+    pub config: String,
+    /// The dry run.
+    pub probes: Vec<ProbeReport>,
+    /// Everything passed.
+    pub ok: bool,
+}
+
+/// A module loaded for the tools, with a namespace to validate decisions in.
+pub struct Loaded {
+    module: PolicyModule,
+    namespace: NamespaceSettings,
+    limits: DecisionLimits,
+    config: bytes::Bytes,
+}
+
+impl Loaded {
+    /// Loads `path` with the engine limits of `engine` and the JSON `config`.
+    pub fn new(
+        path: &Path,
+        config: Option<&serde_json::Value>,
+        engine: &PolicyEngineConfig,
+        max_key_bytes: usize,
+    ) -> Result<Self, ToolError> {
+        let display = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| ToolError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        let engine_instance = Arc::new(PolicyEngine::new(engine).map_err(|source| {
+            ToolError::Load {
+                path: display.clone(),
+                source,
+            }
+        })?);
+        let module = engine_instance
+            .load(&module_name(path), &bytes)
+            .map_err(|source| ToolError::Load {
+                path: display,
+                source,
+            })?;
+        Ok(Self {
+            module,
+            namespace: NamespaceSettings::new("tool", &NamespaceConfig::default()),
+            limits: DecisionLimits {
+                max_key_bytes,
+                max_ttl: engine.max_ttl,
+                max_items: engine.max_decision_items,
+            },
+            config: config_bytes(config),
+        })
+    }
+
+    /// The loaded module.
+    pub fn module(&self) -> &PolicyModule {
+        &self.module
+    }
+
+    fn input(&self, probe: &Probe) -> pb::PolicyInput {
+        pb::PolicyInput {
+            op: probe.op as i32,
+            namespace: probe.namespace.clone(),
+            key: probe.key.clone(),
+            attributes: probe.attributes.clone(),
+            value_size: probe.value_size,
+            now_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            config: self.config.clone(),
+        }
+    }
+
+    /// Decides on `probe` and validates the decision as the gateway would.
+    pub fn eval(&self, probe: &Probe) -> ProbeReport {
+        let started = Instant::now();
+        let outcome = self.module.decide(&self.input(probe));
+        let micros = started.elapsed().as_micros() as u64;
+        let (decision, fault) = match &outcome {
+            Ok(wire) => {
+                let valid = Decision::from_wire(
+                    wire.clone(),
+                    &self.namespace,
+                    &self.limits,
+                    self.module.label(),
+                );
+                (Some(DecisionView::from(wire)), valid.err().map(|f| FaultView::from(&f)))
+            }
+            Err(fault) => (None, Some(FaultView::from(fault))),
+        };
+        ProbeReport {
+            op: match probe.op {
+                pb::Operation::Get => "get",
+                pb::Operation::Set => "set",
+                pb::Operation::Delete => "delete",
+                pb::Operation::Unspecified => "unspecified",
+            },
+            namespace: probe.namespace.clone(),
+            key: probe.key.clone(),
+            decision,
+            fault,
+            micros,
+        }
+    }
+
+    /// Validates the module: ABI, init on the config, and a dry run of a Get,
+    /// a Set and a Delete.
+    pub fn check(&self) -> CheckReport {
+        let abi = self.module.abi();
+        let config = match self.module.init(&self.config) {
+            _ if abi.is_err() => "not checked (the module does not implement the ABI)".to_owned(),
+            Ok(None) if self.module.has_init() => "accepted by cachegw_init".to_owned(),
+            Ok(None) => "not checked (no cachegw_init export)".to_owned(),
+            Ok(Some(reason)) => format!("rejected: {reason}"),
+            Err(fault) => format!("cachegw_init {fault}"),
+        };
+        let config_ok = !config.starts_with("rejected") && !config.starts_with("cachegw_init ");
+        let probes: Vec<ProbeReport> = [
+            (pb::Operation::Get, 0),
+            (pb::Operation::Set, 128),
+            (pb::Operation::Delete, 0),
+        ]
+        .into_iter()
+        .map(|(op, value_size)| {
+            self.eval(&Probe {
+                op,
+                namespace: "cachegw-check".into(),
+                key: "cachegw-check:probe".into(),
+                attributes: HashMap::new(),
+                value_size,
+            })
+        })
+        .collect();
+        let ok = abi.is_ok() && config_ok && probes.iter().all(|probe| probe.fault.is_none());
+        CheckReport {
+            policy: self.module.name().to_owned(),
+            version: self.module.version().to_owned(),
+            bytes: self.module.size(),
+            abi: abi.map_or_else(|fault| fault.to_string(), |()| "ok (version 1)".to_owned()),
+            has_init: self.module.has_init(),
+            config,
+            probes,
+            ok,
+        }
+    }
+
+    /// Runs `calls` decisions on `probe` and summarises latency and memory.
+    pub fn bench(&self, probe: &Probe, calls: u64, reuse: bool) -> Result<BenchReport, ToolError> {
+        let rss_before = resident_kib();
+        let mut histogram =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+        let started = Instant::now();
+        self.module
+            .measure(&self.input(probe), calls, reuse, |elapsed| {
+                histogram.saturating_record((elapsed.as_nanos() as u64).max(1));
+            })
+            .map_err(|fault| ToolError::Usage(format!("the policy faulted: {fault}")))?;
+        let elapsed = started.elapsed();
+        let rss_after = resident_kib();
+        let micros = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
+        Ok(BenchReport {
+            policy: self.module.label().to_string(),
+            mode: if reuse { "reuse" } else { "fresh" },
+            calls,
+            calls_per_sec: calls as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+            p50_us: micros(0.5),
+            p99_us: micros(0.99),
+            p999_us: micros(0.999),
+            rss_before_kib: rss_before,
+            rss_after_kib: rss_after,
+        })
+    }
+}
+
+/// The report of `cachegw policy bench`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// `name@version`.
+    pub policy: String,
+    /// `fresh` (an instance per call, as served) or `reuse` (one instance).
+    pub mode: &'static str,
+    /// Calls made.
+    pub calls: u64,
+    /// Throughput of one thread.
+    pub calls_per_sec: f64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+    /// Resident memory before, KiB (Linux).
+    pub rss_before_kib: Option<u64>,
+    /// Resident memory after, KiB (Linux).
+    pub rss_after_kib: Option<u64>,
+}
+
+/// This process's resident set size, from /proc (Linux only).
+pub fn resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Parses `--op`.
+pub fn parse_op(op: &str) -> Result<pb::Operation, ToolError> {
+    match op.to_ascii_lowercase().as_str() {
+        "get" => Ok(pb::Operation::Get),
+        "set" => Ok(pb::Operation::Set),
+        "delete" | "del" => Ok(pb::Operation::Delete),
+        other => Err(ToolError::Usage(format!(
+            "unknown --op `{other}`: expected get, set or delete"
+        ))),
+    }
+}
+
+/// Parses `--attr k=v` values.
+pub fn parse_attrs(pairs: &[String]) -> Result<HashMap<String, String>, ToolError> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| ToolError::Usage(format!("--attr `{pair}` is not NAME=VALUE")))
+        })
+        .collect()
+}
+
+/// Parses `--config` (inline JSON, or `@FILE`).
+pub fn parse_config(config: Option<&str>) -> Result<Option<serde_json::Value>, ToolError> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let text = match config.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| ToolError::Read {
+            path: path.to_owned(),
+            source,
+        })?,
+        None => config.to_owned(),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|err| ToolError::Usage(format!("--config is not JSON: {err}")))
+}
