@@ -237,7 +237,11 @@ fn dist(name: &str) -> String {
 }
 
 fn run_policy_tool(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let output = Command::new(CACHEGW).arg("policy").args(args).output().unwrap();
+    let output = Command::new(CACHEGW)
+        .arg("policy")
+        .args(args)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
@@ -258,7 +262,10 @@ fn policy_check_passes_good_modules_and_explains_bad_ones() {
     ] {
         let (code, report, _) = run_policy_tool(&["check", &dist(module)]);
         assert_eq!(code, Some(1), "{module}: {report}");
-        assert!(report["abi"].as_str().unwrap().contains(words), "{module}: {report}");
+        assert!(
+            report["abi"].as_str().unwrap().contains(words),
+            "{module}: {report}"
+        );
     }
     let (code, report, _) = run_policy_tool(&["check", &dist("hostile-loop")]);
     assert_eq!(code, Some(1));
@@ -271,36 +278,71 @@ fn policy_check_passes_good_modules_and_explains_bad_ones() {
         r#"{"rules":[{"prefix":"a","ttl":"0s"}]}"#,
     ]);
     assert_eq!(code, Some(1));
-    assert!(report["config"].as_str().unwrap().starts_with("rejected"), "{report}");
+    assert!(
+        report["config"].as_str().unwrap().starts_with("rejected"),
+        "{report}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm junk").unwrap();
     let (code, _, stderr) = run_policy_tool(&["check", junk.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("junk.wasm") && stderr.contains("not a valid WebAssembly module"), "{stderr}");
+    assert!(
+        stderr.contains("junk.wasm") && stderr.contains("not a valid WebAssembly module"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn policy_eval_prints_the_decision() {
     let (code, report, stderr) = run_policy_tool(&[
-        "eval", &dist("user-profile"), "--op", "set", "--namespace", "users", "--key", "profile:42", "--attr", "field=email",
+        "eval",
+        &dist("user-profile"),
+        "--op",
+        "set",
+        "--namespace",
+        "users",
+        "--key",
+        "profile:42",
+        "--attr",
+        "field=email",
     ]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(report["decision"]["storage_key"], "profile:42");
-    assert_eq!(report["decision"]["invalidate_patterns"], serde_json::json!(["profile:42:*", "settings:42:*"]));
+    assert_eq!(
+        report["decision"]["invalidate_patterns"],
+        serde_json::json!(["profile:42:*", "settings:42:*"])
+    );
 
     let (code, report, _) = run_policy_tool(&[
-        "eval", &dist("tenant-keying"), "--key", "/A?b=1&a=2", "--attr", "accept-language=de", "--config", r#"{"vary":["accept-language"]}"#,
+        "eval",
+        &dist("tenant-keying"),
+        "--key",
+        "/A?b=1&a=2",
+        "--attr",
+        "accept-language=de",
+        "--config",
+        r#"{"vary":["accept-language"]}"#,
     ]);
     assert_eq!(code, Some(0));
-    assert_eq!(report["decision"]["storage_key"], "/a?a=2&b=1|accept-language=de", "{report}");
+    assert_eq!(
+        report["decision"]["storage_key"], "/a?a=2&b=1|accept-language=de",
+        "{report}"
+    );
 
     let (code, report, _) = run_policy_tool(&["eval", &dist("hostile-trap"), "--key", "k"]);
     assert_eq!(code, Some(1));
     assert_eq!(report["fault"]["kind"], "trap");
 
-    let (code, _, stderr) = run_policy_tool(&["eval", &dist("ttl-by-route"), "--key", "k", "--op", "frobnicate"]);
+    let (code, _, stderr) = run_policy_tool(&[
+        "eval",
+        &dist("ttl-by-route"),
+        "--key",
+        "k",
+        "--op",
+        "frobnicate",
+    ]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("frobnicate"), "{stderr}");
 }
@@ -309,12 +351,36 @@ fn policy_eval_prints_the_decision() {
 async fn the_example_config_serves_the_example_policies() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/cachegw.toml");
     // From another working directory: module paths are relative to the file.
-    let (mut child, addr) = spawn_serve(&["--config", config, "--store", "memory", "--listen", "127.0.0.1:0"]);
-    let mut client = CacheClient::connect(format!("http://{addr}")).await.unwrap();
-    let set = SetRequest { namespace: "api".into(), key: "leaderboard:daily".into(), value: b"[]".to_vec().into(), ..Default::default() };
+    let (mut child, addr) = spawn_serve(&[
+        "--config",
+        config,
+        "--store",
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let mut client = CacheClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let set = SetRequest {
+        namespace: "api".into(),
+        key: "leaderboard:daily".into(),
+        value: b"[]".to_vec().into(),
+        ..Default::default()
+    };
     let set = client.set(set).await.unwrap().into_inner();
-    assert!(set.stored && set.ttl_ms == 60_000 && set.policy.starts_with("ttl-by-route@"), "{set:?}");
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(
+        set.stored && set.ttl_ms == 60_000 && set.policy.starts_with("ttl-by-route@"),
+        "{set:?}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
-    assert!(wait_for_exit(&mut child, Duration::from_secs(10)).await.success());
+    assert!(
+        wait_for_exit(&mut child, Duration::from_secs(10))
+            .await
+            .success()
+    );
 }

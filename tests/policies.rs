@@ -585,3 +585,57 @@ async fn a_module_that_is_not_wasm_stops_start_up_naming_the_file() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_ask_the_policy_for_every_item() {
+    use gateway::api::proto::v1::{MGetRequest, MSetRequest, m_get_result, m_set_result};
+    let mut world = World::start_with(Backend::Redis, |config| {
+        bind(config, "routes", "ttl-by-route", None, FailOpen)
+    })
+    .await;
+    let item = |key: &str| SetRequest {
+        namespace: "routes".into(),
+        key: key.into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    };
+    let response = world
+        .client
+        .m_set(MSetRequest {
+            items: vec![item("leaderboard:a"), item("country-codes"), item("plain")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ttls: Vec<u64> = response
+        .results
+        .iter()
+        .map(|result| match &result.result {
+            Some(m_set_result::Result::Response(written)) if written.stored => written.ttl_ms,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ttls, [60_000, 86_400_000, 300_000]);
+    let get = |key: &str| GetRequest {
+        namespace: "routes".into(),
+        key: key.into(),
+        attributes: Default::default(),
+    };
+    let response = world
+        .client
+        .m_get(MGetRequest {
+            items: vec![get("country-codes"), get("leaderboard:a")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for result in response.results {
+        match result.result {
+            Some(m_get_result::Result::Response(found)) => {
+                assert_eq!(found.outcome, Outcome::Hit as i32);
+                assert!(found.policy.starts_with("ttl-by-route@"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

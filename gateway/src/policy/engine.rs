@@ -391,7 +391,12 @@ impl PolicyModule {
     }
 
     /// One call: instantiate, allocate, write the input, call, read the output.
-    fn call(&self, exports: &Exports, entry: &ModuleExport, input: &[u8]) -> Result<Vec<u8>, Fault> {
+    fn call(
+        &self,
+        exports: &Exports,
+        entry: &ModuleExport,
+        input: &[u8],
+    ) -> Result<Vec<u8>, Fault> {
         let mut store = self.engine.new_store(&self.label);
         let result = self
             .instance_pre

@@ -1,12 +1,7 @@
 //! Tooling for policy authors, behind `cachegw policy check|eval|bench`: load
 //! a module exactly as the gateway does and show what it decides.
 
-use std::{
-    collections::HashMap,
-    path::Path,
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -114,12 +109,14 @@ impl From<&pb::PolicyDecision> for DecisionView {
             ttl_jitter_ms: wire.ttl_jitter_ms,
             tags: wire.tags.clone(),
             bypass: wire.bypass,
-            compression: pb::CompressionHint::try_from(wire.compression)
-                .map_or_else(|_| format!("unknown({})", wire.compression), |hint| {
+            compression: pb::CompressionHint::try_from(wire.compression).map_or_else(
+                |_| format!("unknown({})", wire.compression),
+                |hint| {
                     hint.as_str_name()
                         .trim_start_matches("COMPRESSION_HINT_")
                         .to_ascii_lowercase()
-                }),
+                },
+            ),
             invalidate_keys: invalidate.keys,
             invalidate_patterns: invalidate.patterns,
             invalidate_tags: invalidate.tags,
@@ -189,12 +186,11 @@ impl Loaded {
             path: display.clone(),
             source,
         })?;
-        let engine_instance = Arc::new(PolicyEngine::new(engine).map_err(|source| {
-            ToolError::Load {
+        let engine_instance =
+            Arc::new(PolicyEngine::new(engine).map_err(|source| ToolError::Load {
                 path: display.clone(),
                 source,
-            }
-        })?);
+            })?);
         let module = engine_instance
             .load(&module_name(path), &bytes)
             .map_err(|source| ToolError::Load {
@@ -245,7 +241,10 @@ impl Loaded {
                     &self.limits,
                     self.module.label(),
                 );
-                (Some(DecisionView::from(wire)), valid.err().map(|f| FaultView::from(&f)))
+                (
+                    Some(DecisionView::from(wire)),
+                    valid.err().map(|f| FaultView::from(&f)),
+                )
             }
             Err(fault) => (None, Some(FaultView::from(fault))),
         };
