@@ -310,11 +310,15 @@ impl Loaded {
         let mut histogram =
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
         let started = Instant::now();
+        let mut faults: HashMap<&'static str, u64> = HashMap::new();
         self.module
-            .measure(&self.input(probe), calls, reuse, |elapsed| {
+            .measure(&self.input(probe), calls, reuse, |elapsed, fault| {
                 histogram.saturating_record((elapsed.as_nanos() as u64).max(1));
+                if let Some(fault) = fault {
+                    *faults.entry(fault.kind()).or_default() += 1;
+                }
             })
-            .map_err(|fault| ToolError::Usage(format!("the policy faulted: {fault}")))?;
+            .map_err(|fault| ToolError::Usage(format!("the policy cannot be called: {fault}")))?;
         let elapsed = started.elapsed();
         let rss_after = resident_kib();
         let micros = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
@@ -328,6 +332,7 @@ impl Loaded {
             p999_us: micros(0.999),
             rss_before_kib: rss_before,
             rss_after_kib: rss_after,
+            faults,
         })
     }
 }
@@ -353,6 +358,8 @@ pub struct BenchReport {
     pub rss_before_kib: Option<u64>,
     /// Resident memory after, KiB (Linux).
     pub rss_after_kib: Option<u64>,
+    /// Calls that faulted, by kind (they are timed too).
+    pub faults: HashMap<&'static str, u64>,
 }
 
 /// This process's resident set size, from /proc (Linux only).
