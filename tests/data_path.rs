@@ -15,28 +15,6 @@ use tonic::Code;
 
 const NS: &str = "users";
 
-/// Generates one `#[tokio::test]` per store for each scenario function.
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod redis_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Redis).await;
-                }
-            )*
-        }
-        mod memory_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Memory).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_stores!(
     values_round_trip_byte_for_byte,
     absent_keys_miss,

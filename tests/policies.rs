@@ -78,27 +78,6 @@ async fn remaining_ttl_ms(world: &mut World, namespace: &str, key: &str) -> i64 
     }
 }
 
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {
-        mod redis_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Redis).await;
-                }
-            )*
-        }
-        mod memory_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Memory).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_stores!(
     ttl_by_route_gives_each_route_its_ttl,
     user_profile_email_change_invalidates_that_users_entries_only,

@@ -361,6 +361,31 @@ pub fn bind(
     );
 }
 
+/// Generates, for each scenario function `async fn NAME(backend: Backend)` of
+/// the calling test file, one `#[tokio::test]` per store:
+/// `redis_store::NAME` and `memory_store::NAME`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod redis_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::support::Backend::Redis).await;
+                }
+            )*
+        }
+        mod memory_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::support::Backend::Memory).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Which store a scenario runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -1,7 +1,7 @@
 //! `cachegw.v1.Cache`: each handler converts the request, runs it through the
 //! cache within the client's deadline and converts the answer back.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
 
@@ -27,9 +27,29 @@ impl CacheApi {
         Self { cache, metrics }
     }
 
-    fn rejected(&self, op: &'static str, err: RequestError) -> Status {
-        self.metrics.rejected(op);
-        err.into()
+    /// The shape of every single-item RPC: count it in flight, read the
+    /// client's deadline, convert the request (counting a rejection), run it
+    /// through the cache, convert the answer.
+    async fn unary<In, Command, Answer, Out, Run, Running>(
+        &self,
+        op: &'static str,
+        request: Request<In>,
+        run: Run,
+    ) -> Result<Response<Out>, Status>
+    where
+        In: TryInto<Command, Error = RequestError>,
+        Run: FnOnce(Command, Option<Duration>) -> Running,
+        Running: Future<Output = Result<Answer, RequestError>>,
+        Answer: Into<Out>,
+    {
+        let _in_flight = self.metrics.in_flight();
+        let deadline = client_deadline(&request);
+        let command = request.into_inner().try_into().map_err(|err| {
+            self.metrics.rejected(op);
+            Status::from(err)
+        })?;
+        let answer = run(command, deadline).await?;
+        Ok(Response::new(answer.into()))
     }
 }
 
@@ -37,26 +57,14 @@ impl CacheApi {
 impl cache_server::Cache for CacheApi {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let _in_flight = self.metrics.in_flight();
-        let deadline = client_deadline(&request);
-        let command = request
-            .into_inner()
-            .try_into()
-            .map_err(|err| self.rejected("get", err))?;
-        let result = self.cache.get(command, deadline).await?;
-        Ok(Response::new(result.into()))
+        self.unary("get", request, |command, deadline| self.cache.get(command, deadline))
+            .await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        let _in_flight = self.metrics.in_flight();
-        let deadline = client_deadline(&request);
-        let command = request
-            .into_inner()
-            .try_into()
-            .map_err(|err| self.rejected("set", err))?;
-        let result = self.cache.set(command, deadline).await?;
-        Ok(Response::new(result.into()))
+        self.unary("set", request, |command, deadline| self.cache.set(command, deadline))
+            .await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -64,14 +72,10 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let _in_flight = self.metrics.in_flight();
-        let deadline = client_deadline(&request);
-        let command = request
-            .into_inner()
-            .try_into()
-            .map_err(|err| self.rejected("delete", err))?;
-        let result = self.cache.delete(command, deadline).await?;
-        Ok(Response::new(result.into()))
+        self.unary("delete", request, |command, deadline| {
+            self.cache.delete(command, deadline)
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
