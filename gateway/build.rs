@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             prost_config,
             &[
                 proto_root.join("cachegw/v1/cache.proto"),
+                proto_root.join("cachegw/v1/admin.proto"),
                 proto_root.join("cachegw/policy/v1/policy.proto"),
             ],
             &[proto_root],

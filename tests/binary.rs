@@ -18,6 +18,7 @@ const CACHEGW: &str = env!("CARGO_BIN_EXE_cachegw");
 fn spawn_serve(args: &[&str]) -> (Child, String) {
     let mut child = Command::new(CACHEGW)
         .arg("serve")
+        .args(["--admin-listen", "127.0.0.1:0"])
         .args(args)
         .current_dir(std::env::temp_dir())
         .env_remove("CACHEGW_CONFIG")
@@ -30,6 +31,9 @@ fn spawn_serve(args: &[&str]) -> (Child, String) {
     let (found_tx, found_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !line.contains("cachegw serving") {
+                continue;
+            }
             if let Some(rest) = line.split_once("addr=").map(|(_, rest)| rest.to_owned()) {
                 let addr = rest
                     .split_whitespace()

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 /// The top-level keys of [`Config`]: `CACHEGW_<SECTION>__...` variables are config.
 const CONFIG_SECTIONS: &[&str] = &[
     "server",
+    "admin",
     "store",
     "redis",
     "memory",
@@ -34,6 +35,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub struct Config {
     /// The gRPC listener and request handling.
     pub server: ServerConfig,
+    /// The policy administration API's listener.
+    pub admin: AdminConfig,
     /// Which store backs the cache: `redis` (default) or `memory` (in-process).
     pub store: StoreKind,
     /// The Redis store (used when `store = "redis"`).
@@ -109,6 +112,27 @@ impl Default for ServerConfig {
             store_timeout: Duration::from_millis(1000),
             max_request_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The `PolicyAdmin` API: upload, bind, roll back and dry-run policies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin API. It changes what every request does: keep it on
+    /// a loopback or otherwise protected address.
+    pub enabled: bool,
+    /// Its listen address, apart from the data API's so it can be firewalled
+    /// and authorised separately. Port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
         }
     }
 }
@@ -341,6 +365,8 @@ pub struct Overrides {
     pub redis_url: Option<String>,
     /// `--store`
     pub store: Option<StoreKind>,
+    /// `--admin-listen`
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -374,6 +400,9 @@ impl Config {
         }
         if let Some(url) = &overrides.redis_url {
             figment = figment.merge(Serialized::default("redis.url", url));
+        }
+        if let Some(admin) = overrides.admin_listen {
+            figment = figment.merge(Serialized::default("admin.listen", admin));
         }
         if let Some(store) = overrides.store {
             figment = figment.merge(Serialized::default("store", store));
@@ -583,6 +612,7 @@ mod tests {
             listen: Some("127.0.0.1:7001".parse().unwrap()),
             redis_url: Some("redis://127.0.0.1:6390".to_owned()),
             store: Some(StoreKind::Memory),
+            admin_listen: None,
         };
         let merged = Config::load(Some(&file), &overrides).unwrap();
         assert_eq!(merged.server.listen.port(), 7001);

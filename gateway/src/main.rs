@@ -121,6 +121,9 @@ struct ServeArgs {
     /// Store backend: `redis`, or `memory` (in-process) [default: redis].
     #[arg(long, value_name = "STORE")]
     store: Option<StoreKind>,
+    /// Policy admin API listen address [default: 127.0.0.1:50052].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -160,6 +163,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         redis_url: args.redis,
         store: args.store,
+        admin_listen: args.admin_listen,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
@@ -170,8 +174,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let admin = if config.admin.enabled {
+        let admin = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
+        Some(admin)
+    } else {
+        None
+    };
     let gateway = Gateway::new(config)?;
-    gateway.serve(listener, shutdown_signal()).await?;
+    gateway
+        .serve_with_admin(listener, admin, shutdown_signal())
+        .await?;
     Ok(())
 }
 

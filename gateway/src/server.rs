@@ -10,10 +10,13 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::{
-    api::{CacheApi, proto},
+    api::{
+        AdminApi, CacheApi,
+        proto::{self, v1::policy_admin_server},
+    },
     cache::{Cache, CacheMetrics, Namespaces},
     config::{Config, StoreKind},
-    policy::PolicyMetrics,
+    policy::{DecisionLimits, PolicyMetrics, PolicyRegistry},
     store::{MemoryStore, RedisStore, Store, StoreError},
 };
 
@@ -62,6 +65,7 @@ impl MetricsHandle {
 pub struct Gateway {
     config: Config,
     cache: Arc<Cache>,
+    policies: Arc<PolicyRegistry>,
     cache_metrics: CacheMetrics,
     metrics: MetricsHandle,
 }
@@ -80,13 +84,15 @@ impl Gateway {
                 })?),
                 StoreKind::Memory => Arc::new(MemoryStore::new(config.memory.max_bytes)),
             };
-        let namespaces = Namespaces::from_config(&config)?;
+        let namespaces = Namespaces::from_config(&config);
+        let policies = Arc::new(PolicyRegistry::from_config(&config)?);
         let mut registry = Registry::default();
         let cache_metrics = CacheMetrics::register(&mut registry);
         let policy_metrics = PolicyMetrics::register(&mut registry);
         let cache = Arc::new(Cache::new(
             &config,
             namespaces,
+            Arc::clone(&policies),
             store,
             cache_metrics.clone(),
             policy_metrics,
@@ -94,6 +100,7 @@ impl Gateway {
         Ok(Gateway {
             config,
             cache,
+            policies,
             cache_metrics,
             metrics: MetricsHandle(Arc::new(registry)),
         })
@@ -109,6 +116,19 @@ impl Gateway {
         &self.config
     }
 
+    /// The policy registry (versions and bindings).
+    pub fn policies(&self) -> &Arc<PolicyRegistry> {
+        &self.policies
+    }
+
+    fn decision_limits(&self) -> DecisionLimits {
+        DecisionLimits {
+            max_key_bytes: self.config.limits.max_key_bytes,
+            max_ttl: self.config.policy.max_ttl,
+            max_items: self.config.policy.max_decision_items,
+        }
+    }
+
     /// Serves gRPC on `listener` until `shutdown` completes, then reports
     /// NOT_SERVING, stops accepting and drains in-flight requests for up to
     /// `server.shutdown_grace`.
@@ -117,7 +137,44 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
+        self.serve_with_admin(listener, None, shutdown).await
+    }
+
+    /// Like [`Gateway::serve`], and serves the `PolicyAdmin` API on
+    /// `admin_listener` (its own port, so it can be firewalled apart).
+    pub async fn serve_with_admin(
+        self,
+        listener: TcpListener,
+        admin_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
         let local_addr = listener.local_addr().ok();
+        let (stop_admin_tx, stop_admin_rx) = tokio::sync::watch::channel(false);
+        let admin = admin_listener.map(|admin_listener| {
+            let admin_addr = admin_listener.local_addr().ok();
+            let service = policy_admin_server::PolicyAdminServer::new(AdminApi::new(
+                Arc::clone(&self.policies),
+                Arc::clone(&self.cache),
+                self.decision_limits(),
+            ))
+            .max_decoding_message_size(self.config.policy.max_module_bytes + 64 * 1024);
+            let mut stop = stop_admin_rx.clone();
+            info!(addr = ?admin_addr, "policy admin API serving");
+            tokio::spawn(
+                Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(admin_listener).with_nodelay(Some(true)),
+                        async move {
+                            let _ = stop.wait_for(|stop| *stop).await;
+                        },
+                    ),
+            )
+        });
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop_admin_tx.send(true);
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
         health
@@ -171,6 +228,9 @@ impl Gateway {
         tokio::select! {
             served = server => {
                 served?;
+                if let Some(admin) = admin {
+                    let _ = admin.await;
+                }
                 info!("stopped");
             }
             () = grace_elapsed(draining_rx, grace) => {

@@ -231,6 +231,8 @@ pub fn test_config(store: StoreKind, redis_url: Option<String>) -> Config {
 /// A gateway running in this process, serving real gRPC over TCP.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The PolicyAdmin API's address.
+    pub admin_addr: SocketAddr,
     pub metrics: MetricsHandle,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), gateway::GatewayError>>>,
@@ -243,14 +245,19 @@ impl TestGateway {
             .await
             .expect("bind the gateway");
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the admin API");
+        let admin_addr = admin.local_addr().unwrap();
         let gateway = Gateway::new(config).expect("build the gateway");
         let metrics = gateway.metrics();
         let (shutdown, signal) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.serve(listener, async {
+        let task = tokio::spawn(gateway.serve_with_admin(listener, Some(admin), async {
             let _ = signal.await;
         }));
         TestGateway {
             addr,
+            admin_addr,
             metrics,
             shutdown: Some(shutdown),
             task: Some(task),
@@ -267,6 +274,18 @@ impl TestGateway {
             .connect()
             .await
             .expect("connect to the gateway")
+    }
+
+    pub async fn admin(
+        &self,
+    ) -> gateway::api::proto::v1::policy_admin_client::PolicyAdminClient<Channel> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.admin_addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the admin API");
+        gateway::api::proto::v1::policy_admin_client::PolicyAdminClient::new(channel)
+            .max_encoding_message_size(64 << 20)
     }
 
     pub async fn client(&self) -> CacheClient<Channel> {

@@ -57,14 +57,18 @@ impl CacheApi {
 impl cache_server::Cache for CacheApi {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        self.unary("get", request, |command, deadline| self.cache.get(command, deadline))
-            .await
+        self.unary("get", request, |command, deadline| {
+            self.cache.get(command, deadline)
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        self.unary("set", request, |command, deadline| self.cache.set(command, deadline))
-            .await
+        self.unary("set", request, |command, deadline| {
+            self.cache.set(command, deadline)
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -2,6 +2,7 @@
 //! the cache's domain types, the one mapping from domain errors to `Status`,
 //! and the tonic service implementations.
 
+mod admin_service;
 mod cache_service;
 pub mod codec;
 mod convert;
@@ -9,6 +10,7 @@ mod status;
 
 use std::time::Duration;
 
+pub use self::admin_service::AdminApi;
 pub use self::cache_service::CacheApi;
 
 /// Generated protobuf and gRPC code. Nothing outside `api` (and the policy
@@ -21,7 +23,11 @@ pub mod proto {
     }
     /// The host <-> policy contract, `cachegw.policy.v1`.
     pub mod policy {
-        tonic::include_proto!("cachegw.policy.v1");
+        /// The package itself (the nesting generated cross-package paths expect).
+        pub mod v1 {
+            tonic::include_proto!("cachegw.policy.v1");
+        }
+        pub use v1::*;
     }
     /// Encoded descriptors of every cachegw proto, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -31,7 +31,7 @@ use crate::{
     config::Config,
     policy::{
         Compression, Decider, Decision, DecisionLimits, DecisionRequest, Invalidation, Operation,
-        PolicyMetrics,
+        PolicyMetrics, PolicyRegistry,
     },
     store::{StorageKey, Store, StoreError, WriteEntry},
 };
@@ -172,6 +172,7 @@ impl Cache {
     pub fn new(
         config: &Config,
         namespaces: Namespaces,
+        registry: Arc<PolicyRegistry>,
         store: Arc<dyn Store>,
         metrics: CacheMetrics,
         policy_metrics: PolicyMetrics,
@@ -184,7 +185,7 @@ impl Cache {
         Cache {
             store,
             namespaces,
-            decider: Decider::new(limits, policy_metrics),
+            decider: Decider::new(registry, limits, policy_metrics),
             max_key_bytes: config.limits.max_key_bytes,
             max_batch_items: config.limits.max_batch_items,
             store_timeout: config.server.store_timeout,
@@ -196,6 +197,11 @@ impl Cache {
     /// The store's name (`redis`, `memory`).
     pub fn store_name(&self) -> &'static str {
         self.store.name()
+    }
+
+    /// The namespaces this cache serves.
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
     }
 
     /// Reads one entry. `deadline` is the client's remaining time, if it set one.

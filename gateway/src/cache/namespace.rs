@@ -4,10 +4,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use super::RequestError;
-use crate::{
-    config::{Config, NamespaceConfig},
-    policy::{Binding, BindingError, PolicyLoader},
-};
+use crate::config::{Config, NamespaceConfig};
 
 /// Longest namespace name.
 pub const MAX_NAMESPACE_LEN: usize = 64;
@@ -49,7 +46,7 @@ pub struct NamespaceSettings {
     pub max_value_bytes: usize,
     /// Values at least this large are compressed (unless the policy says never).
     pub compress_min_bytes: usize,
-    binding: Option<Arc<Binding>>,
+    template: bool,
 }
 
 impl std::fmt::Debug for NamespaceSettings {
@@ -58,7 +55,6 @@ impl std::fmt::Debug for NamespaceSettings {
             .field("label", &self.label)
             .field("default_ttl", &self.default_ttl)
             .field("max_value_bytes", &self.max_value_bytes)
-            .field("policy", &self.binding.as_ref().map(|b| b.module().label()))
             .finish()
     }
 }
@@ -71,26 +67,14 @@ impl NamespaceSettings {
             default_ttl: config.default_ttl,
             max_value_bytes: config.max_value_bytes,
             compress_min_bytes: config.compress_min_bytes,
-            binding: None,
+            template: label == TEMPLATE_LABEL,
         }
     }
 
-    fn bound(
-        label: &str,
-        field: &str,
-        config: &NamespaceConfig,
-        loader: &mut PolicyLoader,
-    ) -> Result<Self, BindingError> {
-        let mut settings = Self::new(label, config);
-        if let Some(binding) = &config.policy {
-            settings.binding = Some(loader.bind(field, binding)?);
-        }
-        Ok(settings)
-    }
-
-    /// The namespace's policy, if one is bound.
-    pub fn binding(&self) -> Option<&Arc<Binding>> {
-        self.binding.as_ref()
+    /// Whether this namespace is admitted by the default-namespace template
+    /// (rather than declared).
+    pub fn is_template(&self) -> bool {
+        self.template
     }
 
     /// The name used in metrics and logs: the declared name, or `_default`
@@ -108,29 +92,18 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
-    /// The namespaces `config` declares, and its template if enabled, with
-    /// their policies loaded.
-    pub fn from_config(config: &Config) -> Result<Self, BindingError> {
-        let mut loader = PolicyLoader::new(&config.policy);
-        let mut declared = HashMap::new();
-        for (name, settings) in &config.namespaces {
-            let field = format!("namespaces.{name}.policy");
-            declared.insert(
-                name.clone(),
-                NamespaceSettings::bound(name, &field, settings, &mut loader)?,
-            );
-        }
-        let template = if config.default_namespace.enabled {
-            Some(NamespaceSettings::bound(
-                TEMPLATE_LABEL,
-                "default_namespace.policy",
-                &config.default_namespace.settings,
-                &mut loader,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self { declared, template })
+    /// The namespaces `config` declares, and its template if enabled.
+    pub fn from_config(config: &Config) -> Self {
+        let declared = config
+            .namespaces
+            .iter()
+            .map(|(name, settings)| (name.clone(), NamespaceSettings::new(name, settings)))
+            .collect();
+        let template = config
+            .default_namespace
+            .enabled
+            .then(|| NamespaceSettings::new(TEMPLATE_LABEL, &config.default_namespace.settings));
+        Self { declared, template }
     }
 
     /// The settings for `name`, or why there are none.
@@ -164,7 +137,7 @@ mod tests {
             "[namespaces.orders]\ndefault_ttl = \"90s\"\n[default_namespace]\ndefault_ttl = \"10s\"\n",
         )
         .unwrap();
-        let namespaces = Namespaces::from_config(&config).unwrap();
+        let namespaces = Namespaces::from_config(&config);
         let orders = namespaces.resolve("orders").unwrap();
         assert_eq!(orders.default_ttl, Duration::from_secs(90));
         assert_eq!(&*orders.label(), "orders");
@@ -178,7 +151,7 @@ mod tests {
         let config =
             Config::from_toml("[namespaces.orders]\n[default_namespace]\nenabled = false\n")
                 .unwrap();
-        let namespaces = Namespaces::from_config(&config).unwrap();
+        let namespaces = Namespaces::from_config(&config);
         assert!(namespaces.resolve("orders").is_ok());
         assert_eq!(
             namespaces.resolve("other").unwrap_err(),

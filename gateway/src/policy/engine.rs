@@ -17,8 +17,8 @@ use bytes::Bytes;
 use prost::Message;
 use tracing::{Level, debug, error, info, trace, warn};
 use wasmtime::{
-    Caller, Config, Enabled, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
-    ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store, Trap, ValType,
+    Caller, Config, Enabled, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker,
+    Module, ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store, Trap, ValType,
 };
 
 use crate::{api::proto::policy as pb, config::PolicyEngineConfig};

@@ -11,10 +11,10 @@
 
 pub mod engine;
 mod metrics;
+pub mod registry;
 pub mod tool;
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -28,10 +28,11 @@ use tracing::warn;
 
 pub use self::engine::{Fault, LoadError, PolicyEngine, PolicyModule};
 pub use self::metrics::PolicyMetrics;
+pub use self::registry::{PolicyRegistry, RegistryError};
 use crate::{
     api::proto::policy as pb,
     cache::{Attributes, NamespaceSettings},
-    config::{FallbackMode, PolicyBindingConfig, PolicyEngineConfig},
+    config::FallbackMode,
 };
 
 /// The cache operation a decision is for.
@@ -124,6 +125,7 @@ static DEFAULT_LABEL: std::sync::LazyLock<Arc<str>> =
     std::sync::LazyLock::new(|| Arc::from("default"));
 
 /// A namespace's policy: the module, its config and its fallback mode.
+#[derive(Debug)]
 pub struct Binding {
     module: Arc<PolicyModule>,
     config: Bytes,
@@ -151,6 +153,16 @@ impl Binding {
     /// The bound module.
     pub fn module(&self) -> &Arc<PolicyModule> {
         &self.module
+    }
+
+    /// The config bytes the policy receives.
+    pub fn config(&self) -> &Bytes {
+        &self.config
+    }
+
+    /// What applies when the policy faults.
+    pub fn fallback(&self) -> FallbackMode {
+        self.fallback
     }
 }
 
@@ -183,19 +195,34 @@ pub struct DecisionLimits {
 /// Turns requests into decisions: asks the namespace's policy, validates the
 /// answer, applies the fallback on any fault.
 pub struct Decider {
+    registry: Arc<PolicyRegistry>,
     limits: DecisionLimits,
     metrics: PolicyMetrics,
 }
 
 impl Decider {
-    /// A decider enforcing `limits`, counting into `metrics`.
-    pub fn new(limits: DecisionLimits, metrics: PolicyMetrics) -> Self {
-        Self { limits, metrics }
+    /// A decider over `registry`'s bindings, enforcing `limits`, counting into
+    /// `metrics`.
+    pub fn new(
+        registry: Arc<PolicyRegistry>,
+        limits: DecisionLimits,
+        metrics: PolicyMetrics,
+    ) -> Self {
+        Self {
+            registry,
+            limits,
+            metrics,
+        }
     }
 
     /// Decides how `request` is cached in `namespace`.
     pub fn decide(&self, namespace: &NamespaceSettings, request: &DecisionRequest<'_>) -> Decision {
-        let Some(binding) = namespace.binding() else {
+        // The Arc this request holds keeps its version alive to the end of the
+        // request, whatever is bound meanwhile.
+        let Some(binding) = self
+            .registry
+            .binding(request.namespace, namespace.is_template())
+        else {
             return DefaultPolicy.decide(namespace, request.key);
         };
         let started = Instant::now();
@@ -222,7 +249,7 @@ impl Decider {
         );
         match outcome {
             Ok(decision) => decision,
-            Err(fault) => self.fall_back(binding, namespace, request, &fault),
+            Err(fault) => self.fall_back(&binding, namespace, request, &fault),
         }
     }
 
@@ -385,88 +412,6 @@ pub enum BindingError {
     /// The engine could not be built.
     #[error("cannot start the policy engine: {0}")]
     Engine(LoadError),
-}
-
-/// Loads policy modules for bindings, compiling each file once.
-pub struct PolicyLoader {
-    engine: Option<Arc<PolicyEngine>>,
-    limits: PolicyEngineConfig,
-    modules: HashMap<PathBuf, Arc<PolicyModule>>,
-}
-
-impl PolicyLoader {
-    /// A loader whose engine is created on first use.
-    pub fn new(limits: &PolicyEngineConfig) -> Self {
-        Self {
-            engine: None,
-            limits: limits.clone(),
-            modules: HashMap::new(),
-        }
-    }
-
-    fn engine(&mut self) -> Result<Arc<PolicyEngine>, BindingError> {
-        if let Some(engine) = &self.engine {
-            return Ok(Arc::clone(engine));
-        }
-        let engine = Arc::new(PolicyEngine::new(&self.limits).map_err(BindingError::Engine)?);
-        self.engine = Some(Arc::clone(&engine));
-        Ok(engine)
-    }
-
-    /// Builds the binding configured at `field` (for error messages).
-    pub fn bind(
-        &mut self,
-        field: &str,
-        config: &PolicyBindingConfig,
-    ) -> Result<Arc<Binding>, BindingError> {
-        let module = match self.modules.get(&config.module) {
-            Some(module) => Arc::clone(module),
-            None => {
-                let bytes = std::fs::read(&config.module).map_err(|source| BindingError::Read {
-                    field: format!("{field}.module"),
-                    path: config.module.clone(),
-                    source,
-                })?;
-                let engine = self.engine()?;
-                let module =
-                    engine
-                        .load(&module_name(&config.module), &bytes)
-                        .map_err(|source| BindingError::Load {
-                            field: format!("{field}.module"),
-                            path: config.module.clone(),
-                            source,
-                        })?;
-                let module = Arc::new(module);
-                self.modules
-                    .insert(config.module.clone(), Arc::clone(&module));
-                module
-            }
-        };
-        let config_bytes = engine::config_bytes(config.config.as_ref());
-        match module.init(&config_bytes) {
-            Ok(None) => {}
-            Ok(Some(reason)) => {
-                return Err(BindingError::ConfigRejected {
-                    field: format!("{field}.config"),
-                    policy: module.label().to_string(),
-                    reason,
-                });
-            }
-            // A policy that cannot even run init is bound anyway: each call
-            // will fault and fall back, which is counted and visible.
-            Err(fault) => {
-                warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback")
-            }
-        }
-        if let Err(fault) = module.abi() {
-            warn!(policy = %module.label(), binding = field, "policy {fault}; requests will use the fallback");
-        }
-        Ok(Arc::new(Binding::new(
-            module,
-            config_bytes,
-            config.fallback,
-        )))
-    }
 }
 
 /// A module's name: its file name without `.wasm`.

@@ -1,0 +1,243 @@
+//! `cachegw.v1.PolicyAdmin`: uploading, listing, binding, rolling back and
+//! dry-running policies. Every change is validated before it takes effect
+//! and logged (who/what/when) as an audit trail.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::proto::{
+    policy as pb_policy,
+    v1::{
+        BindPolicyRequest, BindPolicyResponse, BindingInfo, EvalPolicyRequest, EvalPolicyResponse,
+        FallbackMode as PbFallback, ListPoliciesRequest, ListPoliciesResponse, PolicyVersionInfo,
+        PutPolicyRequest, PutPolicyResponse, RollbackRequest, RollbackResponse,
+        policy_admin_server,
+    },
+};
+use crate::{
+    cache::{Cache, NamespaceSettings, RequestError, validate_namespace_name},
+    config::FallbackMode,
+    policy::{Decision, DecisionLimits, PolicyRegistry, RegistryError},
+};
+
+/// The admin API over a [`PolicyRegistry`].
+pub struct AdminApi {
+    registry: Arc<PolicyRegistry>,
+    cache: Arc<Cache>,
+    limits: DecisionLimits,
+}
+
+impl AdminApi {
+    /// Serves `registry`; `cache` answers which namespaces exist.
+    pub fn new(registry: Arc<PolicyRegistry>, cache: Arc<Cache>, limits: DecisionLimits) -> Self {
+        Self {
+            registry,
+            cache,
+            limits,
+        }
+    }
+
+    fn check_namespace(&self, namespace: &str) -> Result<(), Status> {
+        self.cache
+            .namespaces()
+            .resolve(namespace)
+            .map_err(Status::from)?;
+        Ok(())
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::Rejected(_) => Status::invalid_argument(err.to_string()),
+            RegistryError::UnknownVersion(_) => Status::not_found(err.to_string()),
+            RegistryError::NoPrevious(_) => Status::failed_precondition(err.to_string()),
+        }
+    }
+}
+
+fn config_bytes(config_json: &str) -> Result<Bytes, Status> {
+    if config_json.trim().is_empty() {
+        return Ok(Bytes::new());
+    }
+    serde_json::from_str::<serde_json::Value>(config_json).map_err(|err| {
+        Status::from(RequestError::invalid(
+            "config_json",
+            format!("is not JSON: {err}"),
+        ))
+    })?;
+    Ok(Bytes::copy_from_slice(config_json.as_bytes()))
+}
+
+fn fallback_of(mode: i32) -> Result<FallbackMode, Status> {
+    match PbFallback::try_from(mode) {
+        Ok(PbFallback::FailClosed) => Ok(FallbackMode::FailClosed),
+        Ok(PbFallback::FailOpen | PbFallback::Unspecified) => Ok(FallbackMode::FailOpen),
+        Err(_) => Err(Status::from(RequestError::invalid(
+            "fallback",
+            format!("{mode} is not a fallback mode"),
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl policy_admin_server::PolicyAdmin for AdminApi {
+    async fn put_policy(
+        &self,
+        request: Request<PutPolicyRequest>,
+    ) -> Result<Response<PutPolicyResponse>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        let name = if request.name.is_empty() {
+            "policy"
+        } else {
+            &request.name
+        };
+        validate_namespace_name(name)
+            .map_err(|reason| Status::from(RequestError::invalid("name", reason)))?;
+        let registry = Arc::clone(&self.registry);
+        let (name_owned, module) = (name.to_owned(), request.module);
+        // Compiling takes milliseconds of CPU: keep it off the async workers.
+        let accepted =
+            tokio::task::spawn_blocking(move || registry.put(&name_owned, &module, "admin"))
+                .await
+                .map_err(|err| Status::internal(format!("validation task failed: {err}")))?;
+        let module = accepted.inspect_err(|err| {
+            info!(audit = "put_policy", ?peer, name, outcome = "rejected", reason = %err);
+        })?;
+        info!(audit = "put_policy", ?peer, policy = %module.label(), outcome = "accepted");
+        Ok(Response::new(PutPolicyResponse {
+            version: module.version().to_owned(),
+            label: module.label().to_string(),
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        _request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let versions = self
+            .registry
+            .versions()
+            .into_iter()
+            .map(|version| PolicyVersionInfo {
+                name: version.module.name().to_owned(),
+                version: version.module.version().to_owned(),
+                size_bytes: version.module.size() as u64,
+                loaded_at_unix_ms: version.loaded_at_ms,
+                source: version.source.to_owned(),
+            })
+            .collect();
+        let bindings = self
+            .registry
+            .bindings()
+            .into_iter()
+            .map(|info| BindingInfo {
+                namespace: info.namespace,
+                policy: info.binding.module().label().to_string(),
+                version: info.binding.module().version().to_owned(),
+                fallback: match info.binding.fallback() {
+                    FallbackMode::FailOpen => PbFallback::FailOpen,
+                    FallbackMode::FailClosed => PbFallback::FailClosed,
+                } as i32,
+                config_json: String::from_utf8_lossy(info.binding.config()).into_owned(),
+                previous_versions: info.previous,
+            })
+            .collect();
+        Ok(Response::new(ListPoliciesResponse { versions, bindings }))
+    }
+
+    async fn bind_policy(
+        &self,
+        request: Request<BindPolicyRequest>,
+    ) -> Result<Response<BindPolicyResponse>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        self.check_namespace(&request.namespace)?;
+        let config = config_bytes(&request.config_json)?;
+        let fallback = fallback_of(request.fallback)?;
+        let registry = Arc::clone(&self.registry);
+        let (namespace, version) = (request.namespace.clone(), request.version.clone());
+        let previous = tokio::task::spawn_blocking(move || {
+            registry.bind(&namespace, &version, config, fallback)
+        })
+        .await
+        .map_err(|err| Status::internal(format!("bind task failed: {err}")))?
+        .inspect_err(|err| {
+            info!(audit = "bind_policy", ?peer, namespace = %request.namespace, version = %request.version, outcome = "rejected", reason = %err);
+        })?;
+        info!(
+            audit = "bind_policy",
+            ?peer,
+            namespace = %request.namespace,
+            version = %request.version,
+            previous = previous.as_deref().unwrap_or(""),
+            ?fallback,
+            outcome = "bound"
+        );
+        Ok(Response::new(BindPolicyResponse {
+            previous_version: previous.unwrap_or_default(),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackResponse>, Status> {
+        let peer = request.remote_addr();
+        let namespace = request.into_inner().namespace;
+        self.check_namespace(&namespace)?;
+        let version = self.registry.rollback(&namespace)?;
+        info!(audit = "rollback", ?peer, namespace, to = %version, outcome = "rolled back");
+        Ok(Response::new(RollbackResponse { version }))
+    }
+
+    async fn eval_policy(
+        &self,
+        request: Request<EvalPolicyRequest>,
+    ) -> Result<Response<EvalPolicyResponse>, Status> {
+        let request = request.into_inner();
+        let module = self.registry.version(&request.version)?;
+        let input = pb_policy::PolicyInput {
+            op: request.op,
+            namespace: request.namespace,
+            key: request.key,
+            attributes: request.attributes,
+            value_size: request.value_size,
+            now_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_millis() as u64),
+            config: config_bytes(&request.config_json)?,
+        };
+        let limits = self.limits.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let outcome = module.decide(&input);
+            let micros = started.elapsed().as_micros() as u64;
+            let namespace = NamespaceSettings::new("eval", &Default::default());
+            let (decision, fault) = match outcome {
+                Ok(wire) => {
+                    let valid =
+                        Decision::from_wire(wire.clone(), &namespace, &limits, module.label());
+                    (Some(wire), valid.err())
+                }
+                Err(fault) => (None, Some(fault)),
+            };
+            EvalPolicyResponse {
+                decision,
+                fault_kind: fault
+                    .as_ref()
+                    .map(|f| f.kind().to_owned())
+                    .unwrap_or_default(),
+                fault_message: fault.map(|f| f.to_string()).unwrap_or_default(),
+                micros,
+            }
+        })
+        .await
+        .map_err(|err| Status::internal(format!("eval task failed: {err}")))?;
+        Ok(Response::new(answer))
+    }
+}

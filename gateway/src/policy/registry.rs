@@ -1,0 +1,402 @@
+//! The policy registry: every loaded module version (by content hash), and
+//! the table of namespace bindings that requests read.
+//!
+//! Requests read the binding table through an `ArcSwap`: no lock on the hot
+//! path, and a request holds the `Arc<Binding>` it loaded, so it finishes on
+//! the version it started with while the next request sees a new one. Changes
+//! (config at start-up, the admin API) build a new table and swap it in whole.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use super::{Binding, BindingError, LoadError, PolicyEngine, PolicyModule, engine, module_name};
+use crate::{
+    api::proto::policy as pb,
+    config::{Config, FallbackMode, PolicyBindingConfig, PolicyEngineConfig},
+};
+
+/// The binding-table key of the default-namespace template's binding (not a
+/// valid namespace name, so it cannot collide with one).
+const TEMPLATE_KEY: &str = "";
+
+/// One loaded module version.
+#[derive(Debug, Clone)]
+pub struct PolicyVersion {
+    /// The compiled module.
+    pub module: Arc<PolicyModule>,
+    /// When it was loaded, ms since the Unix epoch.
+    pub loaded_at_ms: u64,
+    /// Where it came from (`config`, `admin`, ...).
+    pub source: &'static str,
+}
+
+/// A namespace's binding as reported by [`PolicyRegistry::bindings`].
+#[derive(Debug, Clone)]
+pub struct BindingInfo {
+    /// The namespace (`""` for the default-namespace template).
+    pub namespace: String,
+    /// The active binding.
+    pub binding: Arc<Binding>,
+    /// Versions it could be rolled back to, most recent first.
+    pub previous: Vec<String>,
+}
+
+/// Why an upload or a binding change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The module failed validation; nothing changed.
+    #[error("policy rejected: {0}")]
+    Rejected(String),
+    /// No such version.
+    #[error("no policy version `{0}` (upload it with PutPolicy first)")]
+    UnknownVersion(String),
+    /// Nothing to roll back to.
+    #[error("namespace `{0}` has no previous binding to roll back to")]
+    NoPrevious(String),
+}
+
+/// Loaded versions and namespace bindings.
+pub struct PolicyRegistry {
+    limits: PolicyEngineConfig,
+    max_key_bytes: usize,
+    engine: OnceLock<Arc<PolicyEngine>>,
+    versions: Mutex<BTreeMap<String, PolicyVersion>>,
+    bindings: ArcSwap<HashMap<String, Arc<Binding>>>,
+    history: Mutex<HashMap<String, Vec<Arc<Binding>>>>,
+}
+
+impl PolicyRegistry {
+    /// An empty registry (no module loaded, no namespace bound).
+    pub fn new(config: &Config) -> Self {
+        Self {
+            limits: config.policy.clone(),
+            max_key_bytes: config.limits.max_key_bytes,
+            engine: OnceLock::new(),
+            versions: Mutex::new(BTreeMap::new()),
+            bindings: ArcSwap::from_pointee(HashMap::new()),
+            history: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A registry with the bindings `config` declares.
+    pub fn from_config(config: &Config) -> Result<Self, BindingError> {
+        let registry = Self::new(config);
+        let declared = config
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.as_str(), format!("namespaces.{name}.policy"), ns));
+        let template = config.default_namespace.enabled.then(|| {
+            (
+                TEMPLATE_KEY,
+                "default_namespace.policy".to_owned(),
+                &config.default_namespace.settings,
+            )
+        });
+        for (namespace, field, settings) in declared.chain(template) {
+            if let Some(binding) = &settings.policy {
+                registry.bind_from_config(namespace, &field, binding)?;
+            }
+        }
+        Ok(registry)
+    }
+
+    fn engine(&self) -> Result<&Arc<PolicyEngine>, LoadError> {
+        if let Some(engine) = self.engine.get() {
+            return Ok(engine);
+        }
+        let engine = Arc::new(PolicyEngine::new(&self.limits)?);
+        Ok(self.engine.get_or_init(|| engine))
+    }
+
+    /// The binding deciding `namespace`'s requests; `template` says whether the
+    /// namespace is admitted by the default-namespace template.
+    pub fn binding(&self, namespace: &str, template: bool) -> Option<Arc<Binding>> {
+        let table = self.bindings.load();
+        table
+            .get(namespace)
+            .or_else(|| template.then(|| table.get(TEMPLATE_KEY)).flatten())
+            .cloned()
+    }
+
+    /// Every version loaded, by version.
+    pub fn versions(&self) -> Vec<PolicyVersion> {
+        lock(&self.versions).values().cloned().collect()
+    }
+
+    /// Every binding, by namespace.
+    pub fn bindings(&self) -> Vec<BindingInfo> {
+        let table = self.bindings.load();
+        let history = lock(&self.history);
+        let mut infos: Vec<BindingInfo> = table
+            .iter()
+            .map(|(namespace, binding)| BindingInfo {
+                namespace: namespace.clone(),
+                binding: Arc::clone(binding),
+                previous: history
+                    .get(namespace)
+                    .map(|previous| {
+                        previous
+                            .iter()
+                            .rev()
+                            .map(|b| b.module().version().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        infos.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        infos
+    }
+
+    /// A loaded version.
+    pub fn version(&self, version: &str) -> Result<Arc<PolicyModule>, RegistryError> {
+        lock(&self.versions)
+            .get(version)
+            .map(|entry| Arc::clone(&entry.module))
+            .ok_or_else(|| RegistryError::UnknownVersion(version.to_owned()))
+    }
+
+    fn insert_version(&self, module: PolicyModule, source: &'static str) -> Arc<PolicyModule> {
+        let mut versions = lock(&self.versions);
+        if let Some(existing) = versions.get(module.version()) {
+            return Arc::clone(&existing.module);
+        }
+        let module = Arc::new(module);
+        versions.insert(
+            module.version().to_owned(),
+            PolicyVersion {
+                module: Arc::clone(&module),
+                loaded_at_ms: unix_millis(),
+                source,
+            },
+        );
+        module
+    }
+
+    /// Compiles and validates an uploaded module: it must compile, import
+    /// nothing but `cachegw.log`, implement the ABI, and decide a probe Get,
+    /// Set and Delete validly under the normal limits. A rejected upload
+    /// changes nothing.
+    pub fn put(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        source: &'static str,
+    ) -> Result<Arc<PolicyModule>, RegistryError> {
+        if bytes.is_empty() {
+            return Err(RegistryError::Rejected(
+                "the module is empty (0 bytes)".into(),
+            ));
+        }
+        let engine = self
+            .engine()
+            .map_err(|err| RegistryError::Rejected(err.to_string()))?;
+        let started = Instant::now();
+        let module = engine
+            .load(name, bytes)
+            .map_err(|err| RegistryError::Rejected(err.to_string()))?;
+        if let Err(fault) = module.abi() {
+            return Err(RegistryError::Rejected(format!(
+                "{} {fault}",
+                module.label()
+            )));
+        }
+        self.dry_run(&module, &Bytes::new())
+            .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
+        let module = self.insert_version(module, source);
+        info!(policy = %module.label(), source, validate_ms = started.elapsed().as_millis() as u64, "policy version accepted");
+        Ok(module)
+    }
+
+    /// Runs a probe Get, Set and Delete; every one must give a valid decision.
+    fn dry_run(&self, module: &PolicyModule, config: &Bytes) -> Result<(), String> {
+        let limits = super::DecisionLimits {
+            max_key_bytes: self.max_key_bytes,
+            max_ttl: self.limits.max_ttl,
+            max_items: self.limits.max_decision_items,
+        };
+        let namespace = crate::cache::NamespaceSettings::new("dry-run", &Default::default());
+        for (op, name) in [
+            (pb::Operation::Get, "get"),
+            (pb::Operation::Set, "set"),
+            (pb::Operation::Delete, "delete"),
+        ] {
+            let input = pb::PolicyInput {
+                op: op as i32,
+                namespace: "cachegw-dry-run".into(),
+                key: "cachegw-dry-run:probe".into(),
+                attributes: HashMap::new(),
+                value_size: if op == pb::Operation::Set { 128 } else { 0 },
+                now_unix_ms: unix_millis(),
+                config: config.clone(),
+            };
+            module
+                .decide(&input)
+                .and_then(|wire| {
+                    super::Decision::from_wire(wire, &namespace, &limits, module.label())
+                })
+                .map_err(|fault| format!("failed its dry run: the {name} probe {fault}"))?;
+        }
+        Ok(())
+    }
+
+    /// Binds `version` to `namespace` with `config`, after checking the config
+    /// with the policy's init and a dry run. Returns the version it replaced.
+    pub fn bind(
+        &self,
+        namespace: &str,
+        version: &str,
+        config: Bytes,
+        fallback: FallbackMode,
+    ) -> Result<Option<String>, RegistryError> {
+        let module = self.version(version)?;
+        match module.init(&config) {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                return Err(RegistryError::Rejected(format!(
+                    "{} rejects this config: {reason}",
+                    module.label()
+                )));
+            }
+            Err(fault) => {
+                return Err(RegistryError::Rejected(format!(
+                    "{} init {fault}",
+                    module.label()
+                )));
+            }
+        }
+        self.dry_run(&module, &config)
+            .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
+        let previous = self.swap(
+            namespace,
+            Some(Arc::new(Binding::new(module, config, fallback))),
+        );
+        Ok(previous.map(|binding| binding.module().version().to_owned()))
+    }
+
+    /// Rolls `namespace` back to the binding before its current one.
+    pub fn rollback(&self, namespace: &str) -> Result<String, RegistryError> {
+        let previous = lock(&self.history)
+            .get_mut(namespace)
+            .and_then(Vec::pop)
+            .ok_or_else(|| RegistryError::NoPrevious(namespace.to_owned()))?;
+        let version = previous.module().version().to_owned();
+        self.replace(namespace, Some(previous));
+        warn!(namespace, to = %version, "policy binding rolled back");
+        Ok(version)
+    }
+
+    /// Installs `binding` (or removes the namespace's binding), remembering the
+    /// one it replaces for rollback. Returns that one.
+    fn swap(&self, namespace: &str, binding: Option<Arc<Binding>>) -> Option<Arc<Binding>> {
+        let previous = self.replace(namespace, binding);
+        if let Some(previous) = &previous {
+            lock(&self.history)
+                .entry(namespace.to_owned())
+                .or_default()
+                .push(Arc::clone(previous));
+        }
+        previous
+    }
+
+    fn replace(&self, namespace: &str, binding: Option<Arc<Binding>>) -> Option<Arc<Binding>> {
+        let mut previous = None;
+        self.bindings.rcu(|table| {
+            let mut table = HashMap::clone(table);
+            previous = match &binding {
+                Some(binding) => table.insert(namespace.to_owned(), Arc::clone(binding)),
+                None => table.remove(namespace),
+            };
+            table
+        });
+        if let Some(binding) = &binding {
+            info!(namespace, policy = %binding.module().label(), "policy binding active");
+        }
+        previous
+    }
+
+    /// Loads the module file a config binding names and binds it. Config
+    /// mistakes stop start-up; a module that fails the ABI checks is bound
+    /// anyway and faults on every call (visible, counted, never failing a
+    /// request).
+    fn bind_from_config(
+        &self,
+        namespace: &str,
+        field: &str,
+        config: &PolicyBindingConfig,
+    ) -> Result<(), BindingError> {
+        let module = self.load_file(field, &config.module)?;
+        let config_bytes = engine::config_bytes(config.config.as_ref());
+        match module.init(&config_bytes) {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                return Err(BindingError::ConfigRejected {
+                    field: format!("{field}.config"),
+                    policy: module.label().to_string(),
+                    reason,
+                });
+            }
+            Err(fault) => {
+                warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback")
+            }
+        }
+        if let Err(fault) = module.abi() {
+            warn!(policy = %module.label(), binding = field, "policy {fault}; requests will use the fallback");
+        }
+        self.replace(
+            namespace,
+            Some(Arc::new(Binding::new(
+                module,
+                config_bytes,
+                config.fallback,
+            ))),
+        );
+        Ok(())
+    }
+
+    fn load_file(&self, field: &str, path: &Path) -> Result<Arc<PolicyModule>, BindingError> {
+        let bytes = std::fs::read(path).map_err(|source| BindingError::Read {
+            field: format!("{field}.module"),
+            path: path.to_owned(),
+            source,
+        })?;
+        let version = engine::content_version(&bytes);
+        if let Ok(module) = self.version(&version) {
+            return Ok(module);
+        }
+        let load_error = |source| BindingError::Load {
+            field: format!("{field}.module"),
+            path: path.to_owned(),
+            source,
+        };
+        let engine = self.engine().map_err(BindingError::Engine)?;
+        let module = engine
+            .load(&module_name(path), &bytes)
+            .map_err(load_error)?;
+        Ok(self.insert_version(module, "config"))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these maps half-updated
+    // (every update is a single insert/remove), so a poisoned lock is usable.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}

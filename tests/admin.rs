@@ -1,0 +1,350 @@
+//! The PolicyAdmin API end to end: validated uploads, atomic swaps under load,
+//! rollback, listing and dry runs.
+
+mod support;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use gateway::api::proto::{
+    policy::Operation as PolicyOp,
+    v1::{
+        BindPolicyRequest, EvalPolicyRequest, FallbackMode, GetRequest, ListPoliciesRequest,
+        PutPolicyRequest, RollbackRequest, SetRequest, policy_admin_client::PolicyAdminClient,
+    },
+};
+use support::{Backend, World, policy_module};
+use tonic::{Code, transport::Channel};
+
+async fn put(
+    admin: &mut PolicyAdminClient<Channel>,
+    name: &str,
+    module: Vec<u8>,
+) -> Result<String, tonic::Status> {
+    admin
+        .put_policy(PutPolicyRequest {
+            name: name.into(),
+            module: module.into(),
+        })
+        .await
+        .map(|response| response.into_inner().label)
+}
+
+async fn put_example(admin: &mut PolicyAdminClient<Channel>, name: &str) -> String {
+    let bytes = std::fs::read(policy_module(name)).unwrap();
+    put(admin, name, bytes)
+        .await
+        .expect("a good module is accepted")
+}
+
+fn version_of(label: &str) -> String {
+    label.split_once('@').unwrap().1.to_owned()
+}
+
+async fn bind(
+    admin: &mut PolicyAdminClient<Channel>,
+    namespace: &str,
+    label: &str,
+    config_json: &str,
+) -> String {
+    admin
+        .bind_policy(BindPolicyRequest {
+            namespace: namespace.into(),
+            version: version_of(label),
+            config_json: config_json.into(),
+            fallback: FallbackMode::FailOpen as i32,
+        })
+        .await
+        .expect("bind")
+        .into_inner()
+        .previous_version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_validated_and_bad_ones_change_nothing() {
+    let mut world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let good = put_example(&mut admin, "ttl-by-route").await;
+    assert!(good.starts_with("ttl-by-route@"), "{good}");
+    bind(&mut admin, "routes", &good, "").await;
+    // Re-uploading the same bytes is the same version.
+    assert_eq!(put_example(&mut admin, "ttl-by-route").await, good);
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "hostile-trap",
+            std::fs::read(policy_module("hostile-trap")).unwrap(),
+            "trapped",
+        ),
+        (
+            "hostile-loop",
+            std::fs::read(policy_module("hostile-loop")).unwrap(),
+            "deadline",
+        ),
+        (
+            "hostile-memory",
+            std::fs::read(policy_module("hostile-memory")).unwrap(),
+            "memory",
+        ),
+        (
+            "hostile-garbage",
+            std::fs::read(policy_module("hostile-garbage")).unwrap(),
+            "output",
+        ),
+        (
+            "hostile-abi",
+            std::fs::read(policy_module("hostile-abi")).unwrap(),
+            "returned 999",
+        ),
+        (
+            "hostile-noexport",
+            std::fs::read(policy_module("hostile-noexport")).unwrap(),
+            "missing export `cachegw_decide`",
+        ),
+        (
+            "not-wasm",
+            b"#!/bin/sh\necho definitely not wasm\n".to_vec(),
+            "not a valid WebAssembly module",
+        ),
+        ("empty", Vec::new(), "empty"),
+    ];
+    for (name, bytes, words) in cases {
+        let status = put(&mut admin, name, bytes).await.expect_err(name);
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(
+            status.message().contains(words),
+            "{name}: {:?} lacks {words:?}",
+            status.message()
+        );
+        // Traffic continues on the old version.
+        let set = world
+            .client
+            .set(SetRequest {
+                namespace: "routes".into(),
+                key: "leaderboard:x".into(),
+                value: b"v".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (set.policy.as_str(), set.ttl_ms),
+            (good.as_str(), 60_000),
+            "{name}"
+        );
+    }
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.versions.len(),
+        1,
+        "only the good module was kept: {listed:?}"
+    );
+    assert_eq!(listed.bindings.len(), 1);
+    assert_eq!(listed.bindings[0].namespace, "routes");
+    assert_eq!(listed.bindings[0].policy, good);
+
+    // Binding checks the version, the namespace and the config.
+    let err = admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "routes".into(),
+            version: "000000000000".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "routes".into(),
+            version: version_of(&good),
+            config_json: r#"{"rules":[{"prefix":"x","ttl":"0s"}]}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("rejects this config"), "{err:?}");
+    let err = admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "bad name".into(),
+            version: version_of(&good),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_swaps_under_load_fail_no_request() {
+    let world = World::start(Backend::Redis).await;
+    let mut admin = world.gateway.admin().await;
+    let first = put_example(&mut admin, "ttl-by-route").await;
+    let second = put_example(&mut admin, "tenant-keying").await;
+    bind(&mut admin, "swapped", &first, "").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for worker in 0..64 {
+        let mut client = world.client.clone();
+        let stop = Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let (mut seen, mut failures, mut requests) = (HashSet::new(), Vec::new(), 0u64);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                requests += 1;
+                let key = format!("k{}", (worker * 31 + i) % 50);
+                let policy = if i % 3 == 0 {
+                    let request = SetRequest {
+                        namespace: "swapped".into(),
+                        key,
+                        value: b"v".to_vec().into(),
+                        ..Default::default()
+                    };
+                    client
+                        .set(request)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map(|r| (r.policy, r.stored && !r.degraded))
+                } else {
+                    let request = GetRequest {
+                        namespace: "swapped".into(),
+                        key,
+                        attributes: Default::default(),
+                    };
+                    client
+                        .get(request)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map(|r| (r.policy, !r.degraded))
+                };
+                match policy {
+                    Ok((policy, true)) => {
+                        seen.insert(policy);
+                    }
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (seen, failures, requests)
+        }));
+    }
+    for swap in 0..100 {
+        let target = if swap % 2 == 0 { &second } else { &first };
+        bind(&mut admin, "swapped", target, "").await;
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let (mut seen, mut requests) = (HashSet::new(), 0);
+    for client in clients {
+        let (policies, failures, count) = client.await.unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} failed requests, first {:?}",
+            failures.len(),
+            failures.first()
+        );
+        seen.extend(policies);
+        requests += count;
+    }
+    let expected: HashSet<String> = [first.clone(), second.clone()].into();
+    assert!(
+        seen.is_subset(&expected),
+        "responses named {seen:?}, expected only {expected:?}"
+    );
+    assert_eq!(seen, expected, "both versions served during the storm");
+    assert!(requests > 1000, "load kept running: {requests} requests");
+    assert_eq!(world.gateway.counter("cachegw_policy_faults"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_returns_to_the_previous_binding() {
+    let mut world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let ttl = put_example(&mut admin, "ttl-by-route").await;
+    let keying = put_example(&mut admin, "tenant-keying").await;
+    assert_eq!(bind(&mut admin, "ns", &ttl, "").await, "");
+    assert_eq!(bind(&mut admin, "ns", &keying, "").await, version_of(&ttl));
+    let decided = |world: &mut World| {
+        let mut client = world.client.clone();
+        async move {
+            client
+                .set(SetRequest {
+                    namespace: "ns".into(),
+                    key: "leaderboard:a".into(),
+                    value: b"v".to_vec().into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .policy
+        }
+    };
+    assert_eq!(decided(&mut world).await, keying);
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.bindings[0].previous_versions, [version_of(&ttl)]);
+
+    let back = admin
+        .rollback(RollbackRequest {
+            namespace: "ns".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.version, version_of(&ttl));
+    assert_eq!(decided(&mut world).await, ttl);
+    let err = admin
+        .rollback(RollbackRequest {
+            namespace: "ns".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn eval_dry_runs_a_loaded_version() {
+    let world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let label = put_example(&mut admin, "user-profile").await;
+    let answer = admin
+        .eval_policy(EvalPolicyRequest {
+            version: version_of(&label),
+            op: PolicyOp::Set as i32,
+            namespace: "users".into(),
+            key: "profile:7".into(),
+            attributes: [("field".to_string(), "email".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.fault_kind.is_empty(), "{answer:?}");
+    let decision = answer.decision.unwrap();
+    assert_eq!(
+        decision.invalidate.unwrap().patterns,
+        ["profile:7:*", "settings:7:*"]
+    );
+    // Nothing was bound by the dry run.
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.bindings.is_empty());
+}
