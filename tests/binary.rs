@@ -16,6 +16,12 @@ const CACHEGW: &str = env!("CARGO_BIN_EXE_cachegw");
 
 /// Starts `cachegw serve ARGS` and returns it with the address it logged.
 fn spawn_serve(args: &[&str]) -> (Child, String) {
+    let (child, addr, _) = spawn_serve_with_admin(args);
+    (child, addr)
+}
+
+/// Like [`spawn_serve`], also returning the admin API's address.
+fn spawn_serve_with_admin(args: &[&str]) -> (Child, String, String) {
     let mut child = Command::new(CACHEGW)
         .arg("serve")
         .args(["--admin-listen", "127.0.0.1:0"])
@@ -31,23 +37,35 @@ fn spawn_serve(args: &[&str]) -> (Child, String) {
     let (found_tx, found_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !line.contains("cachegw serving") {
+            let which = if line.contains("cachegw serving") {
+                "data"
+            } else if line.contains("policy admin API serving") {
+                "admin"
+            } else {
                 continue;
-            }
+            };
             if let Some(rest) = line.split_once("addr=").map(|(_, rest)| rest.to_owned()) {
                 let addr = rest
                     .split_whitespace()
                     .next()
                     .unwrap_or_default()
                     .to_owned();
-                let _ = found_tx.send(addr);
+                let _ = found_tx.send((which, addr));
             }
         }
     });
-    let addr = found_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("cachegw logged its listen address");
-    (child, addr)
+    let (mut data, mut admin) = (None, None);
+    while data.is_none() || admin.is_none() {
+        let (which, addr) = found_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("cachegw logged its listen addresses");
+        if which == "data" {
+            data = Some(addr);
+        } else {
+            admin = Some(addr);
+        }
+    }
+    (child, data.unwrap(), admin.unwrap())
 }
 
 async fn wait_for_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
@@ -377,6 +395,102 @@ async fn the_example_config_serves_the_example_policies() {
         set.stored && set.ttl_ms == 60_000 && set.policy.starts_with("ttl-by-route@"),
         "{set:?}"
     );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        wait_for_exit(&mut child, Duration::from_secs(10))
+            .await
+            .success()
+    );
+}
+
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(CACHEGW).args(args).output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn operators_push_bind_list_and_roll_back_from_the_cli() {
+    let (mut child, addr, admin) =
+        spawn_serve_with_admin(&["--store", "memory", "--listen", "127.0.0.1:0"]);
+    let (code, out, err) = cli(&[
+        "policy",
+        "push",
+        &dist("ttl-by-route"),
+        "--bind",
+        "api",
+        "--remote",
+        &admin,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let pushed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let first = pushed["label"].as_str().unwrap().to_owned();
+
+    let mut client = CacheClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let set = || SetRequest {
+        namespace: "api".into(),
+        key: "leaderboard:x".into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    };
+    assert_eq!(client.set(set()).await.unwrap().into_inner().policy, first);
+
+    let (code, out, err) = cli(&[
+        "policy",
+        "push",
+        &dist("tenant-keying"),
+        "--bind",
+        "api",
+        "--remote",
+        &admin,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("accepted tenant-keying@") && out.contains("bound to namespace api (was "),
+        "{out}"
+    );
+    assert!(
+        client
+            .set(set())
+            .await
+            .unwrap()
+            .into_inner()
+            .policy
+            .starts_with("tenant-keying@")
+    );
+
+    let (code, out, _) = cli(&["policy", "list", "--remote", &admin]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("api -> tenant-keying@") && out.contains("rollback to: "),
+        "{out}"
+    );
+
+    let (code, out, err) = cli(&["policy", "rollback", "api", "--remote", &admin]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("rolled back to"), "{out}");
+    assert_eq!(client.set(set()).await.unwrap().into_inner().policy, first);
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    let (code, _, err) = cli(&["policy", "push", junk.to_str().unwrap(), "--remote", &admin]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("InvalidArgument") && err.contains("not a valid WebAssembly module"),
+        "{err}"
+    );
+
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

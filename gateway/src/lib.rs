@@ -20,9 +20,12 @@
 //! - [`server`]: assembling the above into a running gateway with health,
 //!   reflection and graceful shutdown.
 //! - [`bench`]: the load tool behind `cachegw bench`.
+//! - [`admin_cli`]: `cachegw policy push|list|bind|rollback --remote`, over the
+//!   `PolicyAdmin` API.
 
 #![forbid(unsafe_code)]
 
+pub mod admin_cli;
 pub mod api;
 pub mod bench;
 pub mod cache;

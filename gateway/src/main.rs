@@ -52,12 +52,64 @@ enum PolicyCommand {
     /// Ask a module for one decision and print it as JSON; exits 1 on a fault
     /// or an invalid decision.
     Eval {
-        /// The policy module.
-        file: PathBuf,
+        /// The policy module (omit with --remote: name a loaded --version).
+        file: Option<PathBuf>,
         #[command(flatten)]
         probe: ProbeArgs,
         #[command(flatten)]
         common: PolicyArgs,
+        /// Ask a running gateway's admin API instead (e.g. 127.0.0.1:50052).
+        #[arg(long, value_name = "ADDR", requires = "version")]
+        remote: Option<String>,
+        /// With --remote: the loaded version to evaluate.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Upload a module to a running gateway (validated before it is accepted).
+    Push {
+        /// The policy module.
+        file: PathBuf,
+        /// Its name (default: the file name without .wasm).
+        #[arg(long)]
+        name: Option<String>,
+        /// Also bind it to this namespace once accepted.
+        #[arg(long, value_name = "NAMESPACE")]
+        bind: Option<String>,
+        /// With --bind: the binding's config (inline JSON, or @FILE).
+        #[arg(long, value_name = "JSON")]
+        config: Option<String>,
+        /// With --bind: fail-open or fail-closed.
+        #[arg(long, default_value = "fail-open")]
+        fallback: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// List a running gateway's policy versions and namespace bindings.
+    List {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Bind a loaded version to a namespace of a running gateway.
+    Bind {
+        /// The namespace.
+        namespace: String,
+        /// The version (as printed by push or list).
+        version: String,
+        /// The binding's config (inline JSON, or @FILE).
+        #[arg(long, value_name = "JSON")]
+        config: Option<String>,
+        /// fail-open or fail-closed.
+        #[arg(long, default_value = "fail-open")]
+        fallback: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Re-bind a namespace's previous binding on a running gateway.
+    Rollback {
+        /// The namespace.
+        namespace: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Time many decisions on one input (an instance per call, as served, or
     /// one reused instance for comparison) and report latency percentiles and
@@ -76,6 +128,16 @@ enum PolicyCommand {
         #[arg(long)]
         reuse_instance: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The gateway's admin API address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50052")]
+    remote: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -145,7 +207,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Bench(args) => bench::run(args).await.map(|_| ()),
-            Command::Policy(command) => policy_tool(command),
+            Command::Policy(command) => policy_command(command).await,
         }
     });
     match result {
@@ -201,11 +263,88 @@ impl std::fmt::Display for Failed {
 
 impl std::error::Error for Failed {}
 
+async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    use gateway::admin_cli as remote;
+    let fallback = |text: &str| match text {
+        "fail-open" => Ok(gateway::config::FallbackMode::FailOpen),
+        "fail-closed" => Ok(gateway::config::FallbackMode::FailClosed),
+        other => Err(anyhow::anyhow!(
+            "--fallback `{other}`: expected fail-open or fail-closed"
+        )),
+    };
+    match command {
+        PolicyCommand::Push {
+            file,
+            name,
+            bind,
+            config,
+            fallback: mode,
+            remote: args,
+        } => {
+            let name = name.unwrap_or_else(|| gateway::policy::module_name(&file));
+            let bind = match bind {
+                Some(namespace) => Some((namespace, config, fallback(&mode)?)),
+                None => None,
+            };
+            remote::push(&args.remote, &file, &name, bind, args.json).await
+        }
+        PolicyCommand::List { remote: args } => remote::list(&args.remote, args.json).await,
+        PolicyCommand::Bind {
+            namespace,
+            version,
+            config,
+            fallback: mode,
+            remote: args,
+        } => {
+            remote::bind(
+                &args.remote,
+                &namespace,
+                &version,
+                config.as_deref(),
+                fallback(&mode)?,
+                args.json,
+            )
+            .await
+        }
+        PolicyCommand::Rollback {
+            namespace,
+            remote: args,
+        } => remote::rollback(&args.remote, &namespace, args.json).await,
+        PolicyCommand::Eval {
+            remote: Some(address),
+            version: Some(version),
+            probe,
+            common,
+            ..
+        } => {
+            let probe = tool::Probe {
+                op: tool::parse_op(&probe.op)?,
+                namespace: probe.namespace,
+                key: probe.key,
+                attributes: tool::parse_attrs(&probe.attrs)?,
+                value_size: probe.value_size,
+            };
+            let ok = remote::eval(&address, &version, probe, common.config.as_deref()).await?;
+            if ok { Ok(()) } else { Err(Failed.into()) }
+        }
+        local => policy_tool(local),
+    }
+}
+
 fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
     let (file, common) = match &command {
-        PolicyCommand::Check { file, common }
-        | PolicyCommand::Eval { file, common, .. }
-        | PolicyCommand::Bench { file, common, .. } => (file, common),
+        PolicyCommand::Check { file, common } | PolicyCommand::Bench { file, common, .. } => {
+            (file, common)
+        }
+        PolicyCommand::Eval {
+            file: Some(file),
+            common,
+            ..
+        } => (file, common),
+        PolicyCommand::Eval { file: None, .. } => {
+            anyhow::bail!("policy eval needs a FILE, or --remote ADDR --version VERSION")
+        }
+        _ => unreachable!("remote commands are handled by policy_command"),
     };
     let config = Config::load(common.gateway_config.as_deref(), &Overrides::default())?;
     let policy_config = tool::parse_config(common.config.as_deref())?;
@@ -248,6 +387,7 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
             let report = loaded.bench(&probe(args)?, *calls, *reuse_instance)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        _ => unreachable!("remote commands are handled by policy_command"),
     }
     Ok(())
 }

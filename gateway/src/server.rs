@@ -159,7 +159,8 @@ impl Gateway {
             ))
             .max_decoding_message_size(self.config.policy.max_module_bytes + 64 * 1024);
             let mut stop = stop_admin_rx.clone();
-            info!(addr = ?admin_addr, "policy admin API serving");
+            let shown = admin_addr.map_or_else(|| "?".to_owned(), |addr| addr.to_string());
+            info!(addr = %shown, "policy admin API serving");
             tokio::spawn(
                 Server::builder()
                     .add_service(service)
