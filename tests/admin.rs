@@ -348,3 +348,83 @@ async fn eval_dry_runs_a_loaded_version() {
         .into_inner();
     assert!(listed.bindings.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_starts_faulting_is_rolled_back_automatically() {
+    let world = World::start_with(Backend::Memory, |config| {
+        config.policy.rollback_after_faults = 5;
+        config.policy.rollback_window = std::time::Duration::from_secs(30);
+    })
+    .await;
+    let mut admin = world.gateway.admin().await;
+    let good = put_example(&mut admin, "ttl-by-route").await;
+    bind(&mut admin, "ns", &good, "").await;
+    // Passes validation (its dry-run probes are fine), traps on real traffic.
+    let flaky = put_example(&mut admin, "hostile-flaky").await;
+    bind(&mut admin, "ns", &flaky, "").await;
+
+    let mut client = world.client.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    support::wait_until(
+        "traffic back on the previous version",
+        std::time::Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            let good = good.clone();
+            let seen = Arc::clone(&seen);
+            async move {
+                let set = SetRequest {
+                    namespace: "ns".into(),
+                    key: "leaderboard:a".into(),
+                    value: b"v".to_vec().into(),
+                    ..Default::default()
+                };
+                let answer = client
+                    .set(set)
+                    .await
+                    .expect("never a failed request")
+                    .into_inner();
+                assert!(answer.stored, "fail-open keeps serving: {answer:?}");
+                seen.lock().unwrap().push(answer.policy.clone());
+                answer.policy == good
+            }
+        },
+    )
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|policy| policy == &format!("fail-open:{flaky}")),
+        "{seen:?}"
+    );
+    // Back on ttl-by-route's decisions: leaderboard keys live 60 s.
+    let set = SetRequest {
+        namespace: "ns".into(),
+        key: "leaderboard:b".into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    };
+    let answer = client.set(set).await.unwrap().into_inner();
+    assert_eq!(
+        (answer.policy.as_str(), answer.ttl_ms),
+        (good.as_str(), 60_000)
+    );
+
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let binding = &listed.bindings[0];
+    assert_eq!(binding.policy, good);
+    let event = binding
+        .last_auto_rollback
+        .as_ref()
+        .expect("the rollback is visible");
+    assert_eq!(event.from, flaky);
+    assert!(
+        event.reason.contains("5 faults") && event.reason.contains("trapped"),
+        "{event:?}"
+    );
+    assert_eq!(world.gateway.counter("cachegw_policy_rollbacks"), 1);
+}

@@ -247,6 +247,13 @@ pub struct PolicyEngineConfig {
     /// scans can be long); they run after the write is acknowledged by the store.
     #[serde(with = "humantime_serde")]
     pub invalidation_timeout: Duration,
+    /// A binding whose policy faults this many times within
+    /// `rollback_window` is rolled back to the namespace's previous binding
+    /// (if it has one). 0 turns automatic rollback off.
+    pub rollback_after_faults: u64,
+    /// The window `rollback_after_faults` is counted in.
+    #[serde(with = "humantime_serde")]
+    pub rollback_window: Duration,
 }
 
 impl Default for PolicyEngineConfig {
@@ -260,6 +267,8 @@ impl Default for PolicyEngineConfig {
             max_ttl: Duration::from_secs(30 * 24 * 3600),
             max_decision_items: 64,
             invalidation_timeout: Duration::from_secs(5),
+            rollback_after_faults: 50,
+            rollback_window: Duration::from_secs(10),
         }
     }
 }

@@ -11,9 +11,9 @@ use tracing::info;
 use super::proto::{
     policy as pb_policy,
     v1::{
-        BindPolicyRequest, BindPolicyResponse, BindingInfo, EvalPolicyRequest, EvalPolicyResponse,
-        FallbackMode as PbFallback, ListPoliciesRequest, ListPoliciesResponse, PolicyVersionInfo,
-        PutPolicyRequest, PutPolicyResponse, RollbackRequest, RollbackResponse,
+        AutoRollback, BindPolicyRequest, BindPolicyResponse, BindingInfo, EvalPolicyRequest,
+        EvalPolicyResponse, FallbackMode as PbFallback, ListPoliciesRequest, ListPoliciesResponse,
+        PolicyVersionInfo, PutPolicyRequest, PutPolicyResponse, RollbackRequest, RollbackResponse,
         policy_admin_server,
     },
 };
@@ -136,6 +136,13 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
             .bindings()
             .into_iter()
             .map(|info| BindingInfo {
+                last_auto_rollback: self.registry.last_rollback(&info.namespace).map(|event| {
+                    AutoRollback {
+                        from: event.from,
+                        at_unix_ms: event.at_ms,
+                        reason: event.reason,
+                    }
+                }),
                 namespace: info.namespace,
                 policy: info.binding.module().label().to_string(),
                 version: info.binding.module().version().to_owned(),

@@ -185,7 +185,7 @@ impl Cache {
         Cache {
             store,
             namespaces,
-            decider: Decider::new(registry, limits, policy_metrics),
+            decider: Decider::new(registry, limits, policy_metrics, &config.policy),
             max_key_bytes: config.limits.max_key_bytes,
             max_batch_items: config.limits.max_batch_items,
             store_timeout: config.server.store_timeout,

@@ -35,6 +35,7 @@ pub struct PolicyMetrics {
     calls: Family<PolicyLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     latency: Family<PolicyLabels, Histogram, fn() -> Histogram>,
+    rollbacks: Family<PolicyLabels, Counter>,
 }
 
 impl PolicyMetrics {
@@ -44,7 +45,13 @@ impl PolicyMetrics {
             calls: Family::default(),
             faults: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            rollbacks: Family::default(),
         };
+        registry.register(
+            "cachegw_policy_rollbacks",
+            "Automatic rollbacks away from a policy version that kept faulting",
+            metrics.rollbacks.clone(),
+        );
         registry.register(
             "cachegw_policy_calls",
             "Policy decisions asked for, by policy (name@version)",
@@ -61,6 +68,14 @@ impl PolicyMetrics {
             metrics.latency.clone(),
         );
         metrics
+    }
+
+    pub(super) fn rolled_back(&self, policy: &Arc<str>) {
+        self.rollbacks
+            .get_or_create(&PolicyLabels {
+                policy: Arc::clone(policy),
+            })
+            .inc();
     }
 
     pub(super) fn observe(&self, policy: &Arc<str>, elapsed: Duration, fault: Option<&Fault>) {

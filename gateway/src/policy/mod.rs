@@ -127,27 +127,71 @@ static DEFAULT_LABEL: std::sync::LazyLock<Arc<str>> =
 /// A namespace's policy: the module, its config and its fallback mode.
 #[derive(Debug)]
 pub struct Binding {
+    namespace: String,
     module: Arc<PolicyModule>,
     config: Bytes,
     fallback: FallbackMode,
     fallback_label: Arc<str>,
     faults: AtomicU64,
+    window: FaultWindow,
+}
+
+/// Faults counted in a fixed window, for automatic rollback.
+#[derive(Debug, Default)]
+struct FaultWindow {
+    started_ms: AtomicU64,
+    faults: AtomicU64,
+    tripped: std::sync::atomic::AtomicBool,
+}
+
+impl FaultWindow {
+    /// Counts a fault; true exactly once, when `threshold` faults fall within
+    /// one `window`.
+    fn trips(&self, threshold: u64, window: Duration) -> bool {
+        if threshold == 0 || self.tripped.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = unix_millis();
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let started = self.started_ms.load(Ordering::Relaxed);
+        let count = if now.saturating_sub(started) > window_ms {
+            self.started_ms.store(now, Ordering::Relaxed);
+            self.faults.store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.faults.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        count >= threshold && !self.tripped.swap(true, Ordering::Relaxed)
+    }
 }
 
 impl Binding {
-    /// Binds `module` with `config` (passed to the policy verbatim).
-    pub fn new(module: Arc<PolicyModule>, config: Bytes, fallback: FallbackMode) -> Self {
+    /// Binds `module` to `namespace` (`""`: the default-namespace template)
+    /// with `config` (passed to the policy verbatim).
+    pub fn new(
+        namespace: &str,
+        module: Arc<PolicyModule>,
+        config: Bytes,
+        fallback: FallbackMode,
+    ) -> Self {
         let mode = match fallback {
             FallbackMode::FailOpen => "fail-open",
             FallbackMode::FailClosed => "fail-closed",
         };
         Self {
+            namespace: namespace.to_owned(),
             fallback_label: Arc::from(format!("{mode}:{}", module.label())),
             module,
             config,
             fallback,
             faults: AtomicU64::new(0),
+            window: FaultWindow::default(),
         }
+    }
+
+    /// The namespace it is bound to (`""`: the default-namespace template).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     /// The bound module.
@@ -198,6 +242,8 @@ pub struct Decider {
     registry: Arc<PolicyRegistry>,
     limits: DecisionLimits,
     metrics: PolicyMetrics,
+    rollback_after_faults: u64,
+    rollback_window: Duration,
 }
 
 impl Decider {
@@ -207,11 +253,14 @@ impl Decider {
         registry: Arc<PolicyRegistry>,
         limits: DecisionLimits,
         metrics: PolicyMetrics,
+        engine: &crate::config::PolicyEngineConfig,
     ) -> Self {
         Self {
             registry,
             limits,
             metrics,
+            rollback_after_faults: engine.rollback_after_faults,
+            rollback_window: engine.rollback_window,
         }
     }
 
@@ -255,7 +304,7 @@ impl Decider {
 
     fn fall_back(
         &self,
-        binding: &Binding,
+        binding: &Arc<Binding>,
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
         fault: &Fault,
@@ -272,6 +321,18 @@ impl Decider {
                 fallback = %binding.fallback_label,
                 "policy fault: {fault}"
             );
+        }
+        if binding
+            .window
+            .trips(self.rollback_after_faults, self.rollback_window)
+        {
+            let reason = format!(
+                "{} faults within {:?}, the last: {fault}",
+                self.rollback_after_faults, self.rollback_window
+            );
+            if self.registry.roll_back_faulty(binding, &reason) {
+                self.metrics.rolled_back(binding.module.label());
+            }
         }
         let mut decision = DefaultPolicy.decide(namespace, request.key);
         decision.bypass = binding.fallback == FallbackMode::FailClosed;

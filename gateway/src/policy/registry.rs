@@ -71,6 +71,18 @@ pub struct PolicyRegistry {
     versions: Mutex<BTreeMap<String, PolicyVersion>>,
     bindings: ArcSwap<HashMap<String, Arc<Binding>>>,
     history: Mutex<HashMap<String, Vec<Arc<Binding>>>>,
+    rollbacks: Mutex<HashMap<String, RollbackEvent>>,
+}
+
+/// An automatic rollback, as ListPolicies reports it.
+#[derive(Debug, Clone)]
+pub struct RollbackEvent {
+    /// The version rolled back from (`name@version`).
+    pub from: String,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Why.
+    pub reason: String,
 }
 
 impl PolicyRegistry {
@@ -83,6 +95,7 @@ impl PolicyRegistry {
             versions: Mutex::new(BTreeMap::new()),
             bindings: ArcSwap::from_pointee(HashMap::new()),
             history: Mutex::new(HashMap::new()),
+            rollbacks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -275,11 +288,47 @@ impl PolicyRegistry {
         }
         self.dry_run(&module, &config)
             .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
-        let previous = self.swap(
-            namespace,
-            Some(Arc::new(Binding::new(module, config, fallback))),
-        );
+        let binding = Binding::new(namespace, module, config, fallback);
+        let previous = self.swap(namespace, Some(Arc::new(binding)));
         Ok(previous.map(|binding| binding.module().version().to_owned()))
+    }
+
+    /// Rolls `faulty`'s namespace back to its previous binding, if `faulty` is
+    /// still the active one and there is a previous one. The event is logged
+    /// and shown by ListPolicies. True when it rolled back.
+    pub fn roll_back_faulty(&self, faulty: &Arc<Binding>, reason: &str) -> bool {
+        let namespace = faulty.namespace();
+        let still_active = self
+            .bindings
+            .load()
+            .get(namespace)
+            .is_some_and(|active| Arc::ptr_eq(active, faulty));
+        if !still_active {
+            return false;
+        }
+        match self.rollback(namespace) {
+            Ok(version) => {
+                warn!(namespace, from = %faulty.module().label(), to = %version, reason, "policy rolled back automatically");
+                lock(&self.rollbacks).insert(
+                    namespace.to_owned(),
+                    RollbackEvent {
+                        from: faulty.module().label().to_string(),
+                        at_ms: unix_millis(),
+                        reason: reason.to_owned(),
+                    },
+                );
+                true
+            }
+            Err(err) => {
+                warn!(namespace, policy = %faulty.module().label(), reason, "policy keeps faulting and cannot be rolled back: {err}");
+                false
+            }
+        }
+    }
+
+    /// The last automatic rollback of `namespace`, if any.
+    pub fn last_rollback(&self, namespace: &str) -> Option<RollbackEvent> {
+        lock(&self.rollbacks).get(namespace).cloned()
     }
 
     /// Rolls `namespace` back to the binding before its current one.
@@ -351,14 +400,8 @@ impl PolicyRegistry {
         if let Err(fault) = module.abi() {
             warn!(policy = %module.label(), binding = field, "policy {fault}; requests will use the fallback");
         }
-        self.replace(
-            namespace,
-            Some(Arc::new(Binding::new(
-                module,
-                config_bytes,
-                config.fallback,
-            ))),
-        );
+        let binding = Binding::new(namespace, module, config_bytes, config.fallback);
+        self.replace(namespace, Some(Arc::new(binding)));
         Ok(())
     }
 
