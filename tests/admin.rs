@@ -58,6 +58,7 @@ async fn bind(
             version: version_of(label),
             config_json: config_json.into(),
             fallback: FallbackMode::FailOpen as i32,
+            ..Default::default()
         })
         .await
         .expect("bind")
@@ -427,4 +428,174 @@ async fn a_version_that_starts_faulting_is_rolled_back_automatically() {
         "{event:?}"
     );
     assert_eq!(world.gateway.counter("cachegw_policy_rollbacks"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_takes_its_share_of_keys_stably() {
+    use gateway::api::proto::v1::{BindMode, MGetRequest, m_get_result};
+    let world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let active = put_example(&mut admin, "ttl-by-route").await;
+    let canary = put_example(&mut admin, "tenant-keying").await;
+    bind(&mut admin, "ns", &active, "").await;
+    admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "ns".into(),
+            version: version_of(&canary),
+            mode: BindMode::Canary as i32,
+            percent: 10.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let mut client = world.client.clone();
+    let mut decided_by = std::collections::HashMap::new();
+    for batch in 0..20 {
+        let items = (0..500)
+            .map(|i| GetRequest {
+                namespace: "ns".into(),
+                key: format!("key-{}", batch * 500 + i),
+                attributes: Default::default(),
+            })
+            .collect();
+        let response = client
+            .m_get(MGetRequest { items })
+            .await
+            .unwrap()
+            .into_inner();
+        for (i, result) in response.results.into_iter().enumerate() {
+            let Some(m_get_result::Result::Response(found)) = result.result else {
+                panic!("item error")
+            };
+            decided_by.insert(batch * 500 + i, found.policy);
+        }
+    }
+    let on_canary = decided_by
+        .values()
+        .filter(|policy| **policy == canary)
+        .count();
+    let on_active = decided_by
+        .values()
+        .filter(|policy| **policy == active)
+        .count();
+    assert_eq!(
+        on_canary + on_active,
+        10_000,
+        "every key decided by one of the two"
+    );
+    assert!(
+        (700..=1300).contains(&on_canary),
+        "canary decided {on_canary} of 10 000 keys, expected 10% ± 3%"
+    );
+
+    // Stable: the same keys again see the same versions.
+    let items = (0..500)
+        .map(|i| GetRequest {
+            namespace: "ns".into(),
+            key: format!("key-{i}"),
+            attributes: Default::default(),
+        })
+        .collect();
+    let again = client
+        .m_get(MGetRequest { items })
+        .await
+        .unwrap()
+        .into_inner();
+    for (i, result) in again.results.into_iter().enumerate() {
+        let Some(m_get_result::Result::Response(found)) = result.result else {
+            panic!("item error")
+        };
+        assert_eq!(found.policy, decided_by[&i], "key-{i} changed version");
+    }
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            listed.bindings[0].canary_policy.as_str(),
+            listed.bindings[0].canary_percent
+        ),
+        (canary.as_str(), 10.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_is_compared_but_never_applied() {
+    use gateway::api::proto::v1::{BindMode, ShadowReportRequest};
+    let world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let version = put_example(&mut admin, "ttl-by-route").await;
+    bind(
+        &mut admin,
+        "ns",
+        &version,
+        r#"{"rules":[{"prefix":"half:","ttl":"60s"}],"default_ttl":"5m"}"#,
+    )
+    .await;
+    // The candidate changes the TTL of the `half:` keys only.
+    admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "ns".into(),
+            version: version_of(&version),
+            config_json: r#"{"rules":[{"prefix":"half:","ttl":"120s"}],"default_ttl":"5m"}"#.into(),
+            mode: BindMode::Shadow as i32,
+            percent: 100.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut client = world.client.clone();
+    for i in 0..200 {
+        let key = if i % 2 == 0 {
+            format!("half:{i}")
+        } else {
+            format!("other:{i}")
+        };
+        let set = client
+            .set(SetRequest {
+                namespace: "ns".into(),
+                key: key.clone(),
+                value: b"v".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let expected = if i % 2 == 0 { 60_000 } else { 300_000 };
+        assert_eq!(
+            set.ttl_ms, expected,
+            "{key}: the active decision applies, never the shadow's"
+        );
+    }
+    let report = admin
+        .shadow_report(ShadowReportRequest {
+            namespace: "ns".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (report.compared, report.differing),
+        (200, 100),
+        "{report:?}"
+    );
+    assert!(!report.examples.is_empty() && report.examples.len() <= 20);
+    for example in &report.examples {
+        assert!(
+            example.key.starts_with("half:") && example.fields == ["fresh_ttl"],
+            "{example:?}"
+        );
+    }
+    // Rebinding the active version drops the shadow measured against the old one.
+    bind(&mut admin, "ns", &version, "").await;
+    let err = admin
+        .shadow_report(ShadowReportRequest {
+            namespace: "ns".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }

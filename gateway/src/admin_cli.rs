@@ -10,8 +10,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     api::proto::v1::{
-        BindPolicyRequest, EvalPolicyRequest, FallbackMode as PbFallback, ListPoliciesRequest,
-        PutPolicyRequest, RollbackRequest, policy_admin_client::PolicyAdminClient,
+        BindMode, BindPolicyRequest, EvalPolicyRequest, FallbackMode as PbFallback,
+        ListPoliciesRequest, PutPolicyRequest, RollbackRequest,
+        policy_admin_client::PolicyAdminClient,
     },
     config::FallbackMode,
     policy::tool::{DecisionView, Probe, parse_config},
@@ -77,6 +78,7 @@ pub async fn push(
                 version: pushed.version.clone(),
                 config_json: config_json(config.as_deref())?,
                 fallback: fallback(*mode),
+                ..Default::default()
             })
             .await
             .map_err(status)?
@@ -154,6 +156,17 @@ pub async fn list(address: &str, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How `cachegw policy bind` installs a version.
+#[derive(Debug, Clone, Copy)]
+pub enum BindAs {
+    /// Replace the active binding.
+    Active,
+    /// A canary taking this percentage of keys (0 removes it).
+    Canary(f64),
+    /// A shadow sampling this percentage of requests (0 removes it).
+    Shadow(f64),
+}
+
 /// Binds `version` to `namespace`.
 pub async fn bind(
     address: &str,
@@ -161,8 +174,14 @@ pub async fn bind(
     version: &str,
     config: Option<&str>,
     mode: FallbackMode,
+    bind_as: BindAs,
     as_json: bool,
 ) -> anyhow::Result<()> {
+    let (bind_mode, percent) = match bind_as {
+        BindAs::Active => (BindMode::Active, 0.0),
+        BindAs::Canary(percent) => (BindMode::Canary, percent),
+        BindAs::Shadow(percent) => (BindMode::Shadow, percent),
+    };
     let bound = connect(address)
         .await?
         .bind_policy(BindPolicyRequest {
@@ -170,6 +189,8 @@ pub async fn bind(
             version: version.to_owned(),
             config_json: config_json(config)?,
             fallback: fallback(mode),
+            mode: bind_mode as i32,
+            percent,
         })
         .await
         .map_err(status)?

@@ -101,6 +101,13 @@ enum PolicyCommand {
         /// fail-open or fail-closed.
         #[arg(long, default_value = "fail-open")]
         fallback: String,
+        /// Install as a canary taking this percentage of keys (0 removes it).
+        #[arg(long, value_name = "PERCENT", conflicts_with = "shadow")]
+        canary: Option<f64>,
+        /// Install as a shadow deciding this percentage of requests without
+        /// applying the decisions (0 removes it).
+        #[arg(long, value_name = "PERCENT")]
+        shadow: Option<f64>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -294,14 +301,22 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             version,
             config,
             fallback: mode,
+            canary,
+            shadow,
             remote: args,
         } => {
+            let bind_as = match (canary, shadow) {
+                (Some(percent), _) => remote::BindAs::Canary(percent),
+                (_, Some(percent)) => remote::BindAs::Shadow(percent),
+                _ => remote::BindAs::Active,
+            };
             remote::bind(
                 &args.remote,
                 &namespace,
                 &version,
                 config.as_deref(),
                 fallback(&mode)?,
+                bind_as,
                 args.json,
             )
             .await

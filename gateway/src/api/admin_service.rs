@@ -11,16 +11,17 @@ use tracing::info;
 use super::proto::{
     policy as pb_policy,
     v1::{
-        AutoRollback, BindPolicyRequest, BindPolicyResponse, BindingInfo, EvalPolicyRequest,
-        EvalPolicyResponse, FallbackMode as PbFallback, ListPoliciesRequest, ListPoliciesResponse,
-        PolicyVersionInfo, PutPolicyRequest, PutPolicyResponse, RollbackRequest, RollbackResponse,
-        policy_admin_server,
+        AutoRollback, BindMode, BindPolicyRequest, BindPolicyResponse, BindingInfo,
+        EvalPolicyRequest, EvalPolicyResponse, FallbackMode as PbFallback, ListPoliciesRequest,
+        ListPoliciesResponse, PolicyVersionInfo, PutPolicyRequest, PutPolicyResponse,
+        RollbackRequest, RollbackResponse, ShadowDifference, ShadowReportRequest,
+        ShadowReportResponse, policy_admin_server,
     },
 };
 use crate::{
     cache::{Cache, NamespaceSettings, RequestError, validate_namespace_name},
     config::FallbackMode,
-    policy::{Decision, DecisionLimits, PolicyRegistry, RegistryError},
+    policy::{Decision, DecisionLimits, PolicyRegistry, RegistryError, registry::CandidateKind},
 };
 
 /// The admin API over a [`PolicyRegistry`].
@@ -54,7 +55,9 @@ impl From<RegistryError> for Status {
         match err {
             RegistryError::Rejected(_) => Status::invalid_argument(err.to_string()),
             RegistryError::UnknownVersion(_) => Status::not_found(err.to_string()),
-            RegistryError::NoPrevious(_) => Status::failed_precondition(err.to_string()),
+            RegistryError::NoPrevious(_) | RegistryError::NoActive(_) => {
+                Status::failed_precondition(err.to_string())
+            }
         }
     }
 }
@@ -135,23 +138,44 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
             .registry
             .bindings()
             .into_iter()
-            .map(|info| BindingInfo {
-                last_auto_rollback: self.registry.last_rollback(&info.namespace).map(|event| {
-                    AutoRollback {
-                        from: event.from,
-                        at_unix_ms: event.at_ms,
-                        reason: event.reason,
-                    }
-                }),
-                namespace: info.namespace,
-                policy: info.binding.module().label().to_string(),
-                version: info.binding.module().version().to_owned(),
-                fallback: match info.binding.fallback() {
-                    FallbackMode::FailOpen => PbFallback::FailOpen,
-                    FallbackMode::FailClosed => PbFallback::FailClosed,
-                } as i32,
-                config_json: String::from_utf8_lossy(info.binding.config()).into_owned(),
-                previous_versions: info.previous,
+            .map(|info| {
+                let candidates = self.registry.candidates(&info.namespace);
+                BindingInfo {
+                    last_auto_rollback: self.registry.last_rollback(&info.namespace).map(|event| {
+                        AutoRollback {
+                            from: event.from,
+                            at_unix_ms: event.at_ms,
+                            reason: event.reason,
+                        }
+                    }),
+                    namespace: info.namespace,
+                    policy: info.binding.module().label().to_string(),
+                    version: info.binding.module().version().to_owned(),
+                    fallback: match info.binding.fallback() {
+                        FallbackMode::FailOpen => PbFallback::FailOpen,
+                        FallbackMode::FailClosed => PbFallback::FailClosed,
+                    } as i32,
+                    config_json: String::from_utf8_lossy(info.binding.config()).into_owned(),
+                    canary_policy: candidates
+                        .as_ref()
+                        .and_then(|c| c.canary.as_ref())
+                        .map(|c| c.binding.module().label().to_string())
+                        .unwrap_or_default(),
+                    canary_percent: candidates
+                        .as_ref()
+                        .and_then(|c| c.canary.as_ref())
+                        .map_or(0.0, |c| f64::from(c.basis_points) / 100.0),
+                    shadow_policy: candidates
+                        .as_ref()
+                        .and_then(|c| c.shadow.as_ref())
+                        .map(|s| s.binding.module().label().to_string())
+                        .unwrap_or_default(),
+                    shadow_percent: candidates
+                        .as_ref()
+                        .and_then(|c| c.shadow.as_ref())
+                        .map_or(0.0, |s| f64::from(s.basis_points) / 100.0),
+                    previous_versions: info.previous,
+                }
             })
             .collect();
         Ok(Response::new(ListPoliciesResponse { versions, bindings }))
@@ -168,6 +192,35 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         let fallback = fallback_of(request.fallback)?;
         let registry = Arc::clone(&self.registry);
         let (namespace, version) = (request.namespace.clone(), request.version.clone());
+        let candidate = match BindMode::try_from(request.mode) {
+            Ok(BindMode::Active) => None,
+            Ok(BindMode::Canary) => Some(CandidateKind::Canary),
+            Ok(BindMode::Shadow) => Some(CandidateKind::Shadow),
+            Err(_) => {
+                return Err(RequestError::invalid(
+                    "mode",
+                    format!("{} is not a bind mode", request.mode),
+                )
+                .into());
+            }
+        };
+        if let Some(kind) = candidate {
+            if !(0.0..=100.0).contains(&request.percent) {
+                return Err(RequestError::invalid(
+                    "percent",
+                    format!("{} is not between 0 and 100", request.percent),
+                )
+                .into());
+            }
+            let basis_points = (request.percent * 100.0).round() as u32;
+            tokio::task::spawn_blocking(move || {
+                registry.bind_candidate(&namespace, &version, config, fallback, kind, basis_points)
+            })
+            .await
+            .map_err(|err| Status::internal(format!("bind task failed: {err}")))??;
+            info!(audit = "bind_policy", ?peer, namespace = %request.namespace, version = %request.version, ?kind, percent = request.percent, outcome = "candidate updated");
+            return Ok(Response::new(BindPolicyResponse::default()));
+        }
         let previous = tokio::task::spawn_blocking(move || {
             registry.bind(&namespace, &version, config, fallback)
         })
@@ -246,5 +299,34 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         .await
         .map_err(|err| Status::internal(format!("eval task failed: {err}")))?;
         Ok(Response::new(answer))
+    }
+
+    async fn shadow_report(
+        &self,
+        request: Request<ShadowReportRequest>,
+    ) -> Result<Response<ShadowReportResponse>, Status> {
+        let namespace = request.into_inner().namespace;
+        let shadow = self
+            .registry
+            .candidates(&namespace)
+            .and_then(|candidates| candidates.shadow.clone())
+            .ok_or_else(|| {
+                Status::not_found(format!("namespace `{namespace}` has no shadow candidate"))
+            })?;
+        let (compared, differing, examples) = shadow.report();
+        Ok(Response::new(ShadowReportResponse {
+            candidate: shadow.binding.module().label().to_string(),
+            compared,
+            differing,
+            examples: examples
+                .into_iter()
+                .map(|example| ShadowDifference {
+                    key: example.key,
+                    fields: example.fields.iter().map(|f| (*f).to_owned()).collect(),
+                    active: example.active,
+                    candidate: example.candidate,
+                })
+                .collect(),
+        }))
     }
 }

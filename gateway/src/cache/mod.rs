@@ -396,7 +396,7 @@ impl Cache {
 
     /// Reports a write and runs its invalidations once it is acknowledged.
     async fn finish_write(&self, plan: WritePlan, written: Result<bool, StoreError>) -> SetResult {
-        let ttl = plan.read.decision.fresh_ttl;
+        let ttl = plan.fresh_ttl;
         let (stored, degraded) = match written {
             Ok(stored) => (stored, false),
             Err(err) => self.degraded("set", &plan.read.metric, &err, (false, true)),
@@ -546,6 +546,8 @@ impl Cache {
             &command.attributes,
             command.value.len(),
         )?;
+        // Jitter spreads the expiry of entries written together.
+        let fresh_ttl = read.decision.fresh_ttl + jitter(read.decision.ttl_jitter);
         let entry = (!read.decision.bypass).then(|| {
             let decision = &read.decision;
             let (value, compressed) = compress(
@@ -554,7 +556,7 @@ impl Cache {
                 read.compress_min_bytes,
             );
             let now = unix_millis();
-            let fresh_until = now.saturating_add(millis(decision.fresh_ttl));
+            let fresh_until = now.saturating_add(millis(fresh_ttl));
             let envelope = Envelope {
                 created_at_ms: now,
                 fresh_until_ms: fresh_until,
@@ -566,10 +568,14 @@ impl Cache {
             WriteEntry {
                 key: read.key.clone(),
                 value: envelope.encode(),
-                expire_after: decision.fresh_ttl + decision.stale_window,
+                expire_after: fresh_ttl + decision.stale_window,
             }
         });
-        Ok(WritePlan { read, entry })
+        Ok(WritePlan {
+            read,
+            entry,
+            fresh_ttl,
+        })
     }
 
     fn check_key(&self, key: &str) -> Result<(), RequestError> {
@@ -721,6 +727,16 @@ struct Plan {
 struct WritePlan {
     read: Plan,
     entry: Option<WriteEntry>,
+    /// The fresh TTL written, jitter included.
+    fresh_ttl: Duration,
+}
+
+/// A random duration in `0..=max`.
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(rand::random_range(0..=millis(max)))
 }
 
 /// The store key for `key` in `namespace`: `cg:{namespace}:{key}`.

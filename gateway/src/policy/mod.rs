@@ -81,8 +81,11 @@ impl Invalidation {
 pub struct Decision {
     /// The key within the namespace (the cache layer scopes it).
     pub key: String,
-    /// How long a written entry is fresh, jitter included.
+    /// How long a written entry is fresh, before jitter.
     pub fresh_ttl: Duration,
+    /// Up to this much is added at random to `fresh_ttl` when an entry is
+    /// written, so entries written together do not expire together.
+    pub ttl_jitter: Duration,
     /// How long after that it may still be served stale.
     pub stale_window: Duration,
     /// Tags attached to a written entry.
@@ -110,6 +113,7 @@ impl DefaultPolicy {
         Decision {
             key: key.to_owned(),
             fresh_ttl: namespace.default_ttl,
+            ttl_jitter: Duration::ZERO,
             stale_window: Duration::ZERO,
             tags: Vec::new(),
             bypass: false,
@@ -268,12 +272,31 @@ impl Decider {
     pub fn decide(&self, namespace: &NamespaceSettings, request: &DecisionRequest<'_>) -> Decision {
         // The Arc this request holds keeps its version alive to the end of the
         // request, whatever is bound meanwhile.
-        let Some(binding) = self
-            .registry
-            .binding(request.namespace, namespace.is_template())
+        let Some(route) =
+            self.registry
+                .route(request.namespace, namespace.is_template(), request.key)
         else {
             return DefaultPolicy.decide(namespace, request.key);
         };
+        let outcome = self.ask(&route.binding, namespace, request);
+        let decision = match &outcome {
+            Ok(decision) => decision.clone(),
+            Err(fault) => self.fall_back(&route.binding, namespace, request, fault),
+        };
+        if let Some(shadow) = route.shadow.filter(|shadow| shadow.samples()) {
+            let candidate = self.ask(&shadow.binding, namespace, request);
+            shadow.record(compare(request.key, &decision, &candidate));
+        }
+        decision
+    }
+
+    /// One policy call, validated and measured.
+    fn ask(
+        &self,
+        binding: &Binding,
+        namespace: &NamespaceSettings,
+        request: &DecisionRequest<'_>,
+    ) -> Result<Decision, Fault> {
         let started = Instant::now();
         let input = pb::PolicyInput {
             op: match request.op {
@@ -296,10 +319,7 @@ impl Decider {
             started.elapsed(),
             outcome.as_ref().err(),
         );
-        match outcome {
-            Ok(decision) => decision,
-            Err(fault) => self.fall_back(&binding, namespace, request, &fault),
-        }
+        outcome
     }
 
     fn fall_back(
@@ -410,14 +430,10 @@ impl Decision {
                 ));
             }
         }
-        let jitter = if wire.ttl_jitter_ms > 0 {
-            Duration::from_millis(rand::random_range(0..=wire.ttl_jitter_ms))
-        } else {
-            Duration::ZERO
-        };
         Ok(Decision {
             key: wire.storage_key,
-            fresh_ttl: fresh_ttl + jitter,
+            fresh_ttl,
+            ttl_jitter: Duration::from_millis(wire.ttl_jitter_ms),
             stale_window: Duration::from_millis(wire.stale_window_ms),
             tags: wire.tags,
             bypass: wire.bypass,
@@ -435,6 +451,63 @@ impl Decision {
             decided_by: Arc::clone(decided_by),
         })
     }
+}
+
+/// What differs between the applied decision and a shadow's, if anything.
+fn compare(
+    key: &str,
+    active: &Decision,
+    candidate: &Result<Decision, Fault>,
+) -> Option<registry::ShadowDifference> {
+    let brief = |d: &Decision| {
+        format!(
+            "key={:?} ttl={:?} stale={:?} tags={:?} bypass={} invalidate={:?}/{:?}/{:?}",
+            d.key,
+            d.fresh_ttl,
+            d.stale_window,
+            d.tags,
+            d.bypass,
+            d.invalidate.keys,
+            d.invalidate.patterns,
+            d.invalidate.tags
+        )
+    };
+    let candidate = match candidate {
+        Ok(candidate) => candidate,
+        Err(fault) => {
+            return Some(registry::ShadowDifference {
+                key: key.to_owned(),
+                fields: vec!["fault"],
+                active: brief(active),
+                candidate: format!("{} fault: {fault}", fault.kind()),
+            });
+        }
+    };
+    let mut fields = Vec::new();
+    if active.key != candidate.key {
+        fields.push("key");
+    }
+    if active.fresh_ttl != candidate.fresh_ttl || active.ttl_jitter != candidate.ttl_jitter {
+        fields.push("fresh_ttl");
+    }
+    if active.stale_window != candidate.stale_window {
+        fields.push("stale_window");
+    }
+    if active.tags != candidate.tags {
+        fields.push("tags");
+    }
+    if active.bypass != candidate.bypass {
+        fields.push("bypass");
+    }
+    if active.invalidate != candidate.invalidate {
+        fields.push("invalidate");
+    }
+    (!fields.is_empty()).then(|| registry::ShadowDifference {
+        key: key.to_owned(),
+        fields,
+        active: brief(active),
+        candidate: brief(candidate),
+    })
 }
 
 /// Why a binding could not be set up at start.

@@ -61,6 +61,124 @@ pub enum RegistryError {
     /// Nothing to roll back to.
     #[error("namespace `{0}` has no previous binding to roll back to")]
     NoPrevious(String),
+    /// A candidate needs an active binding to compare with or share traffic with.
+    #[error("namespace `{0}` has no active policy binding: bind one before a canary or shadow")]
+    NoActive(String),
+}
+
+/// Which binding decides a request, and who watches.
+pub struct Route {
+    /// The binding whose decision applies.
+    pub binding: Arc<Binding>,
+    /// A shadow candidate, evaluated on a sample and never applied.
+    pub shadow: Option<Arc<Shadow>>,
+}
+
+/// The kinds of candidate binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateKind {
+    /// Takes a share of the keys.
+    Canary,
+    /// Runs beside the active binding; its decisions are only compared.
+    Shadow,
+}
+
+/// A namespace's candidates.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    /// The canary, if any.
+    pub canary: Option<Arc<Canary>>,
+    /// The shadow, if any.
+    pub shadow: Option<Arc<Shadow>>,
+}
+
+/// A binding taking `basis_points` / 10 000 of a namespace's keys.
+#[derive(Debug)]
+pub struct Canary {
+    /// The candidate.
+    pub binding: Arc<Binding>,
+    /// Its share, in hundredths of a percent.
+    pub basis_points: u32,
+}
+
+/// How many recent differences a shadow keeps.
+const SHADOW_EXAMPLES: usize = 20;
+
+/// A shadow candidate and what it has seen.
+#[derive(Debug)]
+pub struct Shadow {
+    /// The candidate.
+    pub binding: Arc<Binding>,
+    /// The sampled share of requests, in hundredths of a percent.
+    pub basis_points: u32,
+    sampled: std::sync::atomic::AtomicU64,
+    differing: std::sync::atomic::AtomicU64,
+    examples: Mutex<std::collections::VecDeque<ShadowDifference>>,
+}
+
+/// One request on which a shadow decided differently.
+#[derive(Debug, Clone)]
+pub struct ShadowDifference {
+    /// The client's key.
+    pub key: String,
+    /// The fields that differ (`key`, `fresh_ttl`, `tags`, ... or `fault`).
+    pub fields: Vec<&'static str>,
+    /// The active decision, briefly.
+    pub active: String,
+    /// The candidate's decision (or fault), briefly.
+    pub candidate: String,
+}
+
+impl Shadow {
+    fn new(binding: Arc<Binding>, basis_points: u32) -> Self {
+        Self {
+            binding,
+            basis_points,
+            sampled: Default::default(),
+            differing: Default::default(),
+            examples: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Whether this request is in the sample.
+    pub fn samples(&self) -> bool {
+        rand::random_range(0..10_000) < self.basis_points
+    }
+
+    /// Records one sampled comparison.
+    pub fn record(&self, difference: Option<ShadowDifference>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sampled.fetch_add(1, Relaxed);
+        if let Some(difference) = difference {
+            self.differing.fetch_add(1, Relaxed);
+            let mut examples = lock(&self.examples);
+            if examples.len() == SHADOW_EXAMPLES {
+                examples.pop_front();
+            }
+            examples.push_back(difference);
+        }
+    }
+
+    /// Requests compared, requests that differed, and the latest differences.
+    pub fn report(&self) -> (u64, u64, Vec<ShadowDifference>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.sampled.load(Relaxed),
+            self.differing.load(Relaxed),
+            lock(&self.examples).iter().cloned().collect(),
+        )
+    }
+}
+
+/// A key's bucket in 0..10 000: FNV-1a, the same on every gateway and every
+/// build, so one key always sees the same version.
+pub fn stable_bucket(key: &str) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % 10_000) as u32
 }
 
 /// Loaded versions and namespace bindings.
@@ -70,6 +188,7 @@ pub struct PolicyRegistry {
     engine: OnceLock<Arc<PolicyEngine>>,
     versions: Mutex<BTreeMap<String, PolicyVersion>>,
     bindings: ArcSwap<HashMap<String, Arc<Binding>>>,
+    candidates: ArcSwap<HashMap<String, Arc<Candidates>>>,
     history: Mutex<HashMap<String, Vec<Arc<Binding>>>>,
     rollbacks: Mutex<HashMap<String, RollbackEvent>>,
 }
@@ -94,6 +213,7 @@ impl PolicyRegistry {
             engine: OnceLock::new(),
             versions: Mutex::new(BTreeMap::new()),
             bindings: ArcSwap::from_pointee(HashMap::new()),
+            candidates: ArcSwap::from_pointee(HashMap::new()),
             history: Mutex::new(HashMap::new()),
             rollbacks: Mutex::new(HashMap::new()),
         }
@@ -137,6 +257,96 @@ impl PolicyRegistry {
             .get(namespace)
             .or_else(|| template.then(|| table.get(TEMPLATE_KEY)).flatten())
             .cloned()
+    }
+
+    /// Which binding decides `key` in `namespace` (the active one, or a canary
+    /// for its share of keys), and the shadow candidate watching, if any.
+    pub fn route(&self, namespace: &str, template: bool, key: &str) -> Option<Route> {
+        let table = self.bindings.load();
+        let (resolved, active) = match table.get_key_value(namespace) {
+            Some((resolved, active)) => (resolved.as_str(), active),
+            None if template => (TEMPLATE_KEY, table.get(TEMPLATE_KEY)?),
+            None => return None,
+        };
+        let candidates = self.candidates.load();
+        let Some(candidates) = candidates.get(resolved) else {
+            return Some(Route {
+                binding: Arc::clone(active),
+                shadow: None,
+            });
+        };
+        let binding = match &candidates.canary {
+            Some(canary) if stable_bucket(key) < canary.basis_points => Arc::clone(&canary.binding),
+            _ => Arc::clone(active),
+        };
+        Some(Route {
+            binding,
+            shadow: candidates.shadow.clone(),
+        })
+    }
+
+    /// Installs (or, with `basis_points == 0`, removes) a canary or shadow
+    /// candidate for `namespace`, after the same checks as [`Self::bind`].
+    pub fn bind_candidate(
+        &self,
+        namespace: &str,
+        version: &str,
+        config: Bytes,
+        fallback: FallbackMode,
+        kind: CandidateKind,
+        basis_points: u32,
+    ) -> Result<(), RegistryError> {
+        if !self.bindings.load().contains_key(namespace) {
+            return Err(RegistryError::NoActive(namespace.to_owned()));
+        }
+        let binding = if basis_points == 0 {
+            None
+        } else {
+            let module = self.version(version)?;
+            self.check_binding(&module, &config)?;
+            Some(Arc::new(Binding::new(namespace, module, config, fallback)))
+        };
+        self.candidates.rcu(|table| {
+            let mut table = HashMap::clone(table);
+            let mut entry = table
+                .get(namespace)
+                .map(|existing| Candidates::clone(existing))
+                .unwrap_or_default();
+            match kind {
+                CandidateKind::Canary => {
+                    entry.canary = binding.clone().map(|binding| {
+                        Arc::new(Canary {
+                            binding,
+                            basis_points,
+                        })
+                    });
+                }
+                CandidateKind::Shadow => {
+                    entry.shadow = binding
+                        .clone()
+                        .map(|binding| Arc::new(Shadow::new(binding, basis_points)));
+                }
+            }
+            if entry.canary.is_none() && entry.shadow.is_none() {
+                table.remove(namespace);
+            } else {
+                table.insert(namespace.to_owned(), Arc::new(entry));
+            }
+            table
+        });
+        info!(
+            namespace,
+            ?kind,
+            version,
+            basis_points,
+            "policy candidate updated"
+        );
+        Ok(())
+    }
+
+    /// The canary and shadow candidates of `namespace`.
+    pub fn candidates(&self, namespace: &str) -> Option<Arc<Candidates>> {
+        self.candidates.load().get(namespace).cloned()
     }
 
     /// Every version loaded, by version.
@@ -271,7 +481,21 @@ impl PolicyRegistry {
         fallback: FallbackMode,
     ) -> Result<Option<String>, RegistryError> {
         let module = self.version(version)?;
-        match module.init(&config) {
+        self.check_binding(&module, &config)?;
+        let binding = Binding::new(namespace, module, config, fallback);
+        let previous = self.swap(namespace, Some(Arc::new(binding)));
+        // Candidates were measured against the binding just replaced.
+        self.candidates.rcu(|table| {
+            let mut table = HashMap::clone(table);
+            table.remove(namespace);
+            table
+        });
+        Ok(previous.map(|binding| binding.module().version().to_owned()))
+    }
+
+    /// The policy's init must accept `config`, and a dry run with it pass.
+    fn check_binding(&self, module: &PolicyModule, config: &Bytes) -> Result<(), RegistryError> {
+        match module.init(config) {
             Ok(None) => {}
             Ok(Some(reason)) => {
                 return Err(RegistryError::Rejected(format!(
@@ -286,11 +510,8 @@ impl PolicyRegistry {
                 )));
             }
         }
-        self.dry_run(&module, &config)
-            .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
-        let binding = Binding::new(namespace, module, config, fallback);
-        let previous = self.swap(namespace, Some(Arc::new(binding)));
-        Ok(previous.map(|binding| binding.module().version().to_owned()))
+        self.dry_run(module, config)
+            .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))
     }
 
     /// Rolls `faulty`'s namespace back to its previous binding, if `faulty` is
