@@ -254,6 +254,14 @@ pub struct PolicyEngineConfig {
     /// The window `rollback_after_faults` is counted in.
     #[serde(with = "humantime_serde")]
     pub rollback_window: Duration,
+    /// With the Redis store: share uploaded versions and bindings with every
+    /// gateway using the same Redis (stored there, announced by pub/sub).
+    pub sync_through_redis: bool,
+    /// At start, how long to wait for the fleet's bindings (fetching and
+    /// compiling their modules) before serving; past it the gateway serves
+    /// with its config's bindings and keeps catching up in the background.
+    #[serde(with = "humantime_serde")]
+    pub sync_catch_up: Duration,
 }
 
 impl Default for PolicyEngineConfig {
@@ -269,6 +277,8 @@ impl Default for PolicyEngineConfig {
             invalidation_timeout: Duration::from_secs(5),
             rollback_after_faults: 50,
             rollback_window: Duration::from_secs(10),
+            sync_through_redis: true,
+            sync_catch_up: Duration::from_secs(30),
         }
     }
 }

@@ -149,6 +149,17 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let local_addr = listener.local_addr().ok();
+        if self.config.store == StoreKind::Redis && self.config.policy.sync_through_redis {
+            if let Err(err) = crate::policy::sync::start(
+                Arc::clone(&self.policies),
+                &self.config.redis,
+                self.config.policy.sync_catch_up,
+            )
+            .await
+            {
+                warn!(cause = %err, "policy sync through Redis is off");
+            }
+        }
         let (stop_admin_tx, stop_admin_rx) = tokio::sync::watch::channel(false);
         let admin = admin_listener.map(|admin_listener| {
             let admin_addr = admin_listener.local_addr().ok();

@@ -12,6 +12,7 @@
 pub mod engine;
 mod metrics;
 pub mod registry;
+pub mod sync;
 pub mod tool;
 
 use std::{

@@ -191,6 +191,7 @@ pub struct PolicyRegistry {
     candidates: ArcSwap<HashMap<String, Arc<Candidates>>>,
     history: Mutex<HashMap<String, Vec<Arc<Binding>>>>,
     rollbacks: Mutex<HashMap<String, RollbackEvent>>,
+    publisher: OnceLock<super::sync::ChangeSender>,
 }
 
 /// An automatic rollback, as ListPolicies reports it.
@@ -216,6 +217,7 @@ impl PolicyRegistry {
             candidates: ArcSwap::from_pointee(HashMap::new()),
             history: Mutex::new(HashMap::new()),
             rollbacks: Mutex::new(HashMap::new()),
+            publisher: OnceLock::new(),
         }
     }
 
@@ -344,6 +346,49 @@ impl PolicyRegistry {
         Ok(())
     }
 
+    /// Sends local changes (uploads, bindings) to the fleet from now on.
+    pub fn publish_to(&self, publisher: super::sync::ChangeSender) {
+        let _ = self.publisher.set(publisher);
+    }
+
+    fn publish(&self, change: super::sync::Change) {
+        if let Some(publisher) = self.publisher.get() {
+            let _ = publisher.send(change);
+        }
+    }
+
+    /// The active binding of `namespace` (`""`: the template's).
+    pub fn active(&self, namespace: &str) -> Option<Arc<Binding>> {
+        self.bindings.load().get(namespace).cloned()
+    }
+
+    /// Whether `namespace` is bound to exactly this version, config and fallback.
+    pub fn is_active(
+        &self,
+        namespace: &str,
+        version: &str,
+        config: &Bytes,
+        fallback: FallbackMode,
+    ) -> bool {
+        self.active(namespace).is_some_and(|active| {
+            active.module().version() == version
+                && active.config() == config
+                && active.fallback() == fallback
+        })
+    }
+
+    /// Like [`Self::bind`], for a binding that came from the fleet (not
+    /// published again).
+    pub fn bind_synced(
+        &self,
+        namespace: &str,
+        version: &str,
+        config: Bytes,
+        fallback: FallbackMode,
+    ) -> Result<Option<String>, RegistryError> {
+        self.bind_inner(namespace, version, config, fallback, false)
+    }
+
     /// The canary and shadow candidates of `namespace`.
     pub fn candidates(&self, namespace: &str) -> Option<Arc<Candidates>> {
         self.candidates.load().get(namespace).cloned()
@@ -435,6 +480,13 @@ impl PolicyRegistry {
         self.dry_run(&module, &Bytes::new())
             .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
         let module = self.insert_version(module, source);
+        if source == "admin" {
+            self.publish(super::sync::Change::Module {
+                version: module.version().to_owned(),
+                name: module.name().to_owned(),
+                bytes: Bytes::copy_from_slice(bytes),
+            });
+        }
         info!(policy = %module.label(), source, validate_ms = started.elapsed().as_millis() as u64, "policy version accepted");
         Ok(module)
     }
@@ -480,6 +532,17 @@ impl PolicyRegistry {
         config: Bytes,
         fallback: FallbackMode,
     ) -> Result<Option<String>, RegistryError> {
+        self.bind_inner(namespace, version, config, fallback, true)
+    }
+
+    fn bind_inner(
+        &self,
+        namespace: &str,
+        version: &str,
+        config: Bytes,
+        fallback: FallbackMode,
+        publish: bool,
+    ) -> Result<Option<String>, RegistryError> {
         let module = self.version(version)?;
         self.check_binding(&module, &config)?;
         let binding = Binding::new(namespace, module, config, fallback);
@@ -490,6 +553,9 @@ impl PolicyRegistry {
             table.remove(namespace);
             table
         });
+        if publish {
+            self.publish(super::sync::Change::Binding(namespace.to_owned()));
+        }
         Ok(previous.map(|binding| binding.module().version().to_owned()))
     }
 
@@ -561,6 +627,7 @@ impl PolicyRegistry {
         let version = previous.module().version().to_owned();
         self.replace(namespace, Some(previous));
         warn!(namespace, to = %version, "policy binding rolled back");
+        self.publish(super::sync::Change::Binding(namespace.to_owned()));
         Ok(version)
     }
 

@@ -1,0 +1,247 @@
+//! Fleet synchronisation through Redis: every gateway sharing a Redis
+//! converges on the same policy versions and namespace bindings.
+//!
+//! - Modules live in the hash `cachegw:policy:modules` (version -> bytes) and
+//!   their names in `cachegw:policy:names`; the active binding of each
+//!   namespace in `cachegw:policy:bindings` (namespace -> JSON record). The
+//!   `cachegw:` prefix cannot collide with cache entries (all `cg:`).
+//! - A gateway that changes a binding (admin API, automatic rollback) writes
+//!   the record and publishes on `cachegw:policy:events`; every gateway
+//!   subscribed re-reads the records and applies what differs, validating
+//!   each module as an upload would be.
+//! - A gateway that starts later, or missed a message (Redis restarted, a
+//!   connection dropped), catches up: it syncs at start and every
+//!   `resync_interval`, whatever the channel says.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use deadpool_redis::redis::{self, AsyncCommands, aio::MultiplexedConnection};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tracing::{debug, info, warn};
+
+use super::PolicyRegistry;
+use crate::config::FallbackMode;
+
+const MODULES: &str = "cachegw:policy:modules";
+const NAMES: &str = "cachegw:policy:names";
+const BINDINGS: &str = "cachegw:policy:bindings";
+const EVENTS: &str = "cachegw:policy:events";
+
+/// How often a gateway re-reads the fleet's bindings even without a message.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A namespace's binding as the fleet stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BindingRecord {
+    version: String,
+    config: String,
+    fail_closed: bool,
+}
+
+/// Local changes to publish: a module uploaded, or a namespace re-bound.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A module version accepted here.
+    Module {
+        /// Its version.
+        version: String,
+        /// Its name.
+        name: String,
+        /// Its bytes.
+        bytes: Bytes,
+    },
+    /// A namespace whose active binding changed here.
+    Binding(String),
+}
+
+/// The sending half given to the registry and the admin API.
+pub type ChangeSender = mpsc::UnboundedSender<Change>;
+
+/// Catches up with the fleet (bounded by `catch_up`, so a down Redis does
+/// not hold start-up), then keeps `registry` in sync in a background task.
+/// Local changes are published through the registry from then on.
+pub async fn start(
+    registry: Arc<PolicyRegistry>,
+    redis_config: &crate::config::RedisConfig,
+    catch_up: Duration,
+) -> Result<(), redis::RedisError> {
+    let client = redis::Client::open(redis_config.url.as_str())?;
+    // Redis round trips are bounded by the store's timeouts; compiling the
+    // modules caught up with (local CPU) by `catch_up`.
+    let timeouts = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(redis_config.connect_timeout))
+        .set_response_timeout(Some(redis_config.response_timeout));
+    let first = async {
+        let mut connection = client
+            .get_multiplexed_async_connection_with_config(&timeouts)
+            .await?;
+        pull(&registry, &mut connection).await
+    };
+    match tokio::time::timeout(catch_up, first).await {
+        Ok(Ok(())) => info!("policy bindings caught up with the fleet"),
+        Ok(Err(err)) => warn!(cause = %err, "policy sync: cannot catch up at start; will retry"),
+        Err(_) => warn!(?catch_up, "policy sync: catching up timed out; will retry"),
+    }
+    let (changes, mut local) = mpsc::unbounded_channel::<Change>();
+    registry.publish_to(changes);
+    tokio::spawn(async move {
+        let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        loop {
+            let Ok(mut connection) = client
+                .get_multiplexed_async_connection_with_config(&timeouts)
+                .await
+            else {
+                debug!("policy sync: Redis unreachable, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            let mut events = match client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(EVENTS).await {
+                    Ok(()) => pubsub.into_on_message(),
+                    Err(err) => {
+                        warn!(cause = %err, "policy sync: cannot subscribe");
+                        continue;
+                    }
+                },
+                Err(err) => {
+                    warn!(cause = %err, "policy sync: no pub/sub connection");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            // Subscribed first, then read: nothing published in between is lost.
+            if let Err(err) = pull(&registry, &mut connection).await {
+                warn!(cause = %err, "policy sync failed");
+            }
+            loop {
+                tokio::select! {
+                    change = local.recv() => {
+                        let Some(change) = change else { return };
+                        if let Err(err) = push(&registry, &mut connection, change).await {
+                            warn!(cause = %err, "policy sync: cannot publish a change");
+                            break;
+                        }
+                    }
+                    message = events.next() => {
+                        if message.is_none() {
+                            warn!("policy sync: pub/sub connection lost; reconnecting");
+                            break;
+                        }
+                        if let Err(err) = pull(&registry, &mut connection).await {
+                            warn!(cause = %err, "policy sync failed");
+                        }
+                    }
+                    _ = resync.tick() => {
+                        if let Err(err) = pull(&registry, &mut connection).await {
+                            warn!(cause = %err, "policy sync failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Writes a local change to Redis and tells the fleet.
+async fn push(
+    registry: &PolicyRegistry,
+    connection: &mut MultiplexedConnection,
+    change: Change,
+) -> redis::RedisResult<()> {
+    match change {
+        Change::Module {
+            version,
+            name,
+            bytes,
+        } => {
+            let _: () = redis::pipe()
+                .hset(MODULES, &version, bytes.as_ref())
+                .hset(NAMES, &version, &name)
+                .query_async(connection)
+                .await?;
+        }
+        Change::Binding(namespace) => {
+            let Some(binding) = registry.active(&namespace) else {
+                let _: () = connection.hdel(BINDINGS, &namespace).await?;
+                return Ok(());
+            };
+            let record = BindingRecord {
+                version: binding.module().version().to_owned(),
+                config: String::from_utf8_lossy(binding.config()).into_owned(),
+                fail_closed: binding.fallback() == FallbackMode::FailClosed,
+            };
+            let record = serde_json::to_string(&record).unwrap_or_default();
+            let _: () = connection.hset(BINDINGS, &namespace, record).await?;
+            let _: () = connection.publish(EVENTS, &namespace).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies every fleet binding that differs from the local one.
+async fn pull(
+    registry: &Arc<PolicyRegistry>,
+    connection: &mut MultiplexedConnection,
+) -> redis::RedisResult<()> {
+    let records: Vec<(String, String)> = connection.hgetall(BINDINGS).await?;
+    for (namespace, record) in records {
+        let Ok(record) = serde_json::from_str::<BindingRecord>(&record) else {
+            warn!(namespace, "policy sync: unreadable binding record; skipped");
+            continue;
+        };
+        let fallback = if record.fail_closed {
+            FallbackMode::FailClosed
+        } else {
+            FallbackMode::FailOpen
+        };
+        let config = Bytes::from(record.config.clone().into_bytes());
+        if registry.is_active(&namespace, &record.version, &config, fallback) {
+            continue;
+        }
+        if registry.version(&record.version).is_err() {
+            let (bytes, name): (Option<Vec<u8>>, Option<String>) = redis::pipe()
+                .hget(MODULES, &record.version)
+                .hget(NAMES, &record.version)
+                .query_async(connection)
+                .await?;
+            let Some(bytes) = bytes else {
+                warn!(
+                    namespace,
+                    version = record.version,
+                    "policy sync: module missing from Redis"
+                );
+                continue;
+            };
+            let name = name.unwrap_or_else(|| "policy".to_owned());
+            let registry = Arc::clone(registry);
+            let loaded = tokio::task::spawn_blocking(move || registry.put(&name, &bytes, "redis"))
+                .await
+                .map_err(|err| redis::RedisError::from(std::io::Error::other(err.to_string())))?;
+            if let Err(err) = loaded {
+                warn!(namespace, version = record.version, "policy sync: {err}");
+                continue;
+            }
+        }
+        let registry = Arc::clone(registry);
+        let (ns, version) = (namespace.clone(), record.version.clone());
+        let bound = tokio::task::spawn_blocking(move || {
+            registry.bind_synced(&ns, &version, config, fallback)
+        })
+        .await
+        .map_err(|err| redis::RedisError::from(std::io::Error::other(err.to_string())))?;
+        match bound {
+            Ok(_) => info!(
+                namespace,
+                version = record.version,
+                "policy binding synced from the fleet"
+            ),
+            Err(err) => warn!(namespace, version = record.version, "policy sync: {err}"),
+        }
+    }
+    Ok(())
+}
