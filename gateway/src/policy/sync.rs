@@ -29,6 +29,23 @@ const MODULES: &str = "cachegw:policy:modules";
 const NAMES: &str = "cachegw:policy:names";
 const BINDINGS: &str = "cachegw:policy:bindings";
 const EVENTS: &str = "cachegw:policy:events";
+/// The name the sync connection shows in `CLIENT LIST`.
+pub const CLIENT_NAME: &str = "cachegw-policy-sync";
+
+async fn named(
+    client: &redis::Client,
+    timeouts: &redis::AsyncConnectionConfig,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(timeouts)
+        .await?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(CLIENT_NAME)
+        .exec_async(&mut connection)
+        .await?;
+    Ok(connection)
+}
 
 /// How often a gateway re-reads the fleet's bindings even without a message.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
@@ -75,9 +92,7 @@ pub async fn start(
         .set_connection_timeout(Some(redis_config.connect_timeout))
         .set_response_timeout(Some(redis_config.response_timeout));
     let first = async {
-        let mut connection = client
-            .get_multiplexed_async_connection_with_config(&timeouts)
-            .await?;
+        let mut connection = named(&client, &timeouts).await?;
         pull(&registry, &mut connection).await
     };
     match tokio::time::timeout(catch_up, first).await {
@@ -90,10 +105,7 @@ pub async fn start(
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
         loop {
-            let Ok(mut connection) = client
-                .get_multiplexed_async_connection_with_config(&timeouts)
-                .await
-            else {
+            let Ok(mut connection) = named(&client, &timeouts).await else {
                 debug!("policy sync: Redis unreachable, retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
