@@ -599,3 +599,164 @@ async fn a_shadow_is_compared_but_never_applied() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+/// Publishes `bytes` as `dir/name` the way operators should: write, then rename.
+fn publish(dir: &std::path::Path, name: &str, bytes: &[u8]) {
+    let staging = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&staging, bytes).unwrap();
+    std::fs::rename(&staging, dir.join(name)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_swaps_through_the_watched_directory_fail_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_bytes = std::fs::read(policy_module("ttl-by-route")).unwrap();
+    let second_bytes = std::fs::read(policy_module("tenant-keying")).unwrap();
+    publish(dir.path(), "swapper.wasm", &first_bytes);
+    let module_path = dir.path().join("swapper.wasm");
+    let world = World::start_with(Backend::Memory, |config| {
+        config.policy.watch_dir = Some(dir.path().to_owned());
+        config.policy.watch_interval = std::time::Duration::from_millis(20);
+        config.namespaces.insert(
+            "watched".into(),
+            gateway::config::NamespaceConfig {
+                policy: Some(gateway::config::PolicyBindingConfig {
+                    module: module_path.clone(),
+                    config: None,
+                    fallback: gateway::config::FallbackMode::FailOpen,
+                }),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let admin = world.gateway.admin().await;
+    let active = |admin: &PolicyAdminClient<Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            let listed = admin
+                .list_policies(ListPoliciesRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            listed
+                .bindings
+                .into_iter()
+                .find(|b| b.namespace == "watched")
+                .map(|b| b.policy)
+                .unwrap_or_default()
+        }
+    };
+    let label = |bytes: &[u8]| {
+        format!(
+            "swapper@{}",
+            gateway::policy::engine::content_version(bytes)
+        )
+    };
+    let (first, second) = (label(&first_bytes), label(&second_bytes));
+    assert_eq!(active(&admin).await, first);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for worker in 0..64 {
+        let mut client = world.client.clone();
+        let stop = Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let (mut seen, mut failures) = (HashSet::new(), Vec::new());
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let key = format!("k{}", (worker * 7 + i) % 40);
+                let answer = if i % 2 == 0 {
+                    let request = SetRequest {
+                        namespace: "watched".into(),
+                        key,
+                        value: b"v".to_vec().into(),
+                        ..Default::default()
+                    };
+                    client
+                        .set(request)
+                        .await
+                        .map(|r| (r.get_ref().policy.clone(), r.get_ref().stored))
+                } else {
+                    let request = GetRequest {
+                        namespace: "watched".into(),
+                        key,
+                        attributes: Default::default(),
+                    };
+                    client
+                        .get(request)
+                        .await
+                        .map(|r| (r.get_ref().policy.clone(), !r.get_ref().degraded))
+                };
+                match answer {
+                    Ok((policy, true)) => {
+                        seen.insert(policy);
+                    }
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (seen, failures)
+        }));
+    }
+    for swap in 0..100 {
+        let (bytes, want) = if swap % 2 == 0 {
+            (&second_bytes, &second)
+        } else {
+            (&first_bytes, &first)
+        };
+        publish(dir.path(), "swapper.wasm", bytes);
+        support::wait_until(
+            "the watcher to activate the file",
+            std::time::Duration::from_secs(20),
+            || {
+                let admin = &admin;
+                async move { active(admin).await == *want }
+            },
+        )
+        .await;
+    }
+    // A half-written file (no rename) is never activated: once the watcher has
+    // tried and rejected it, the last complete version is still serving.
+    let rejected = |world: &World| {
+        support::counter_sum(
+            &world.gateway.metrics.encode(),
+            "cachegw_policy_uploads_rejected",
+        )
+    };
+    let rejected_before = rejected(&world);
+    let serving = active(&admin).await;
+    std::fs::write(&module_path, &second_bytes[..second_bytes.len() / 2]).unwrap();
+    support::wait_until(
+        "the watcher to reject the truncated file",
+        std::time::Duration::from_secs(20),
+        || {
+            let rejected_now = rejected(&world);
+            async move { rejected_now > rejected_before }
+        },
+    )
+    .await;
+    assert_eq!(
+        active(&admin).await,
+        serving,
+        "a truncated module is never activated"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = HashSet::new();
+    for client in clients {
+        let (policies, failures) = client.await.unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} failed requests, first {:?}",
+            failures.len(),
+            failures.first()
+        );
+        seen.extend(policies);
+    }
+    let expected: HashSet<String> = [first.clone(), second.clone()].into();
+    assert_eq!(
+        seen, expected,
+        "every response reports one of the two versions"
+    );
+}

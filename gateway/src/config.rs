@@ -262,6 +262,21 @@ pub struct PolicyEngineConfig {
     /// with its config's bindings and keeps catching up in the background.
     #[serde(with = "humantime_serde")]
     pub sync_catch_up: Duration,
+    /// Where compiled policy modules are cached (keyed by wasmtime's engine
+    /// compatibility hash and the module's hash), so a restart with many
+    /// policies skips compiling them. Remove the key to turn caching off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile_cache_dir: Option<std::path::PathBuf>,
+    /// A directory of `.wasm` policies to watch: each file is loaded as a
+    /// version named after it, and when it changes every namespace bound to a
+    /// module of that name moves to the new version (validated first; a
+    /// rejected or half-written file leaves the old version serving).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_dir: Option<std::path::PathBuf>,
+    /// How often `watch_dir` is scanned; a file must look the same on two
+    /// scans in a row before it is loaded, so partial writes never are.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
 }
 
 impl Default for PolicyEngineConfig {
@@ -279,6 +294,9 @@ impl Default for PolicyEngineConfig {
             rollback_window: Duration::from_secs(10),
             sync_through_redis: true,
             sync_catch_up: Duration::from_secs(30),
+            compile_cache_dir: Some(std::env::temp_dir().join("cachegw-compiled-policies")),
+            watch_dir: None,
+            watch_interval: Duration::from_millis(250),
         }
     }
 }
@@ -447,6 +465,17 @@ impl Config {
                 binding.module = dir.join(&binding.module);
             }
         }
+        for path in [
+            &mut self.policy.watch_dir,
+            &mut self.policy.compile_cache_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
     }
 
     /// Parses a TOML document on top of the defaults (no environment, no flags).
@@ -507,6 +536,17 @@ impl Config {
         }
         if self.policy.max_instances == 0 {
             return invalid("policy.max_instances", "must be at least 1");
+        }
+        if self.policy.watch_interval < Duration::from_millis(10) {
+            return invalid("policy.watch_interval", "must be at least 10ms");
+        }
+        if let Some(dir) = &self.policy.watch_dir {
+            if !dir.is_dir() {
+                return invalid(
+                    "policy.watch_dir",
+                    &format!("names `{}`, which is not a directory", dir.display()),
+                );
+            }
         }
         if self.policy.max_ttl < Duration::from_secs(1) || self.policy.max_ttl > MAX_TTL {
             return invalid("policy.max_ttl", "must be between 1s and 365 days");

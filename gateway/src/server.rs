@@ -89,6 +89,7 @@ impl Gateway {
         let mut registry = Registry::default();
         let cache_metrics = CacheMetrics::register(&mut registry);
         let policy_metrics = PolicyMetrics::register(&mut registry);
+        policies.count_into(policy_metrics.clone());
         let cache = Arc::new(Cache::new(
             &config,
             namespaces,
@@ -159,6 +160,14 @@ impl Gateway {
             {
                 warn!(cause = %err, "policy sync through Redis is off");
             }
+        }
+        if let Some(dir) = &self.config.policy.watch_dir {
+            crate::policy::watch::start(
+                Arc::clone(&self.policies),
+                dir.clone(),
+                self.config.policy.watch_interval,
+            )
+            .await;
         }
         let (stop_admin_tx, stop_admin_rx) = tokio::sync::watch::channel(false);
         let admin = admin_listener.map(|admin_listener| {

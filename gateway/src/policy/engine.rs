@@ -157,6 +157,20 @@ impl PolicyEngine {
             .guard_before_linear_memory(false)
             .signals_based_traps(false)
             .memory_init_cow(true);
+        if let Some(dir) = &limits.compile_cache_dir {
+            // wasmtime's own cache: keyed by the engine's compatibility hash and
+            // the module's, written atomically, safe to share between processes.
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            match wasmtime::Cache::new(cache) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                }
+                Err(err) => {
+                    warn!(dir = %dir.display(), cause = %err, "compiled-policy cache is off")
+                }
+            }
+        }
         let engine = Engine::new(&config).map_err(|err| LoadError::Compile(format!("{err:#}")))?;
         let mut linker = Linker::new(&engine);
         linker

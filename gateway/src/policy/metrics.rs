@@ -36,6 +36,12 @@ pub struct PolicyMetrics {
     faults: Family<FaultLabels, Counter>,
     latency: Family<PolicyLabels, Histogram, fn() -> Histogram>,
     rollbacks: Family<PolicyLabels, Counter>,
+    uploads_rejected: Family<SourceLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
 }
 
 impl PolicyMetrics {
@@ -46,7 +52,13 @@ impl PolicyMetrics {
             faults: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             rollbacks: Family::default(),
+            uploads_rejected: Family::default(),
         };
+        registry.register(
+            "cachegw_policy_uploads_rejected",
+            "Modules that failed validation, by source (admin, dir, redis)",
+            metrics.uploads_rejected.clone(),
+        );
         registry.register(
             "cachegw_policy_rollbacks",
             "Automatic rollbacks away from a policy version that kept faulting",
@@ -68,6 +80,12 @@ impl PolicyMetrics {
             metrics.latency.clone(),
         );
         metrics
+    }
+
+    pub(super) fn upload_rejected(&self, source: &'static str) {
+        self.uploads_rejected
+            .get_or_create(&SourceLabels { source })
+            .inc();
     }
 
     pub(super) fn rolled_back(&self, policy: &Arc<str>) {

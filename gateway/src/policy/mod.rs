@@ -14,6 +14,7 @@ mod metrics;
 pub mod registry;
 pub mod sync;
 pub mod tool;
+pub mod watch;
 
 use std::{
     path::{Path, PathBuf},

@@ -192,6 +192,7 @@ pub struct PolicyRegistry {
     history: Mutex<HashMap<String, Vec<Arc<Binding>>>>,
     rollbacks: Mutex<HashMap<String, RollbackEvent>>,
     publisher: OnceLock<super::sync::ChangeSender>,
+    metrics: OnceLock<super::PolicyMetrics>,
 }
 
 /// An automatic rollback, as ListPolicies reports it.
@@ -218,6 +219,7 @@ impl PolicyRegistry {
             history: Mutex::new(HashMap::new()),
             rollbacks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
+            metrics: OnceLock::new(),
         }
     }
 
@@ -346,6 +348,11 @@ impl PolicyRegistry {
         Ok(())
     }
 
+    /// Counts rejected uploads into `metrics` from now on.
+    pub fn count_into(&self, metrics: super::PolicyMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
     /// Sends local changes (uploads, bindings) to the fleet from now on.
     pub fn publish_to(&self, publisher: super::sync::ChangeSender) {
         let _ = self.publisher.set(publisher);
@@ -459,10 +466,28 @@ impl PolicyRegistry {
         bytes: &[u8],
         source: &'static str,
     ) -> Result<Arc<PolicyModule>, RegistryError> {
+        self.validate_and_insert(name, bytes, source)
+            .inspect_err(|_| {
+                if let Some(metrics) = self.metrics.get() {
+                    metrics.upload_rejected(source);
+                }
+            })
+    }
+
+    fn validate_and_insert(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        source: &'static str,
+    ) -> Result<Arc<PolicyModule>, RegistryError> {
         if bytes.is_empty() {
             return Err(RegistryError::Rejected(
                 "the module is empty (0 bytes)".into(),
             ));
+        }
+        // Known bytes were validated when first accepted.
+        if let Ok(module) = self.version(&engine::content_version(bytes)) {
+            return Ok(module);
         }
         let engine = self
             .engine()
@@ -489,6 +514,40 @@ impl PolicyRegistry {
         }
         info!(policy = %module.label(), source, validate_ms = started.elapsed().as_millis() as u64, "policy version accepted");
         Ok(module)
+    }
+
+    /// Accepts `bytes` as a version of `name` (see [`Self::put`]) and moves
+    /// every namespace bound to a module of that name to it, keeping each
+    /// binding's config and fallback. Returns the namespaces moved.
+    pub fn put_and_rebind(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        source: &'static str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let module = self.put(name, bytes, source)?;
+        let stale: Vec<(String, Arc<Binding>)> = self
+            .bindings
+            .load()
+            .iter()
+            .filter(|(_, binding)| {
+                binding.module().name() == name && binding.module().version() != module.version()
+            })
+            .map(|(namespace, binding)| (namespace.clone(), Arc::clone(binding)))
+            .collect();
+        let mut moved = Vec::new();
+        for (namespace, binding) in stale {
+            match self.bind(
+                &namespace,
+                module.version(),
+                binding.config().clone(),
+                binding.fallback(),
+            ) {
+                Ok(_) => moved.push(namespace),
+                Err(err) => warn!(namespace, policy = %module.label(), "not re-bound: {err}"),
+            }
+        }
+        Ok(moved)
     }
 
     /// Runs a probe Get, Set and Delete; every one must give a valid decision.
