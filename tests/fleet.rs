@@ -6,7 +6,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use gateway::{
-    api::proto::v1::{BindPolicyRequest, PutPolicyRequest, RollbackRequest, SetRequest},
+    api::proto::v1::{
+        BindMode, BindPolicyRequest, ListPoliciesRequest, PutPolicyRequest, RollbackRequest,
+        SetRequest,
+    },
     config::StoreKind,
 };
 use support::{RedisServer, TestGateway, policy_module, test_config, wait_until};
@@ -120,4 +123,36 @@ async fn a_push_to_one_gateway_is_active_on_all_and_on_late_joiners() {
         )
         .await;
     }
+
+    // Canaries (and shadows) are fleet-wide too.
+    admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "fleet".into(),
+            version: second_version.version.clone(),
+            mode: BindMode::Canary as i32,
+            percent: 25.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let second_admin = second.admin().await;
+    wait_until(
+        "the canary to reach the second gateway",
+        Duration::from_secs(10),
+        || {
+            let mut second_admin = second_admin.clone();
+            let label = second_version.label.clone();
+            async move {
+                let listed = second_admin
+                    .list_policies(ListPoliciesRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                listed.bindings.iter().any(|b| {
+                    b.namespace == "fleet" && b.canary_policy == label && b.canary_percent == 25.0
+                })
+            }
+        },
+    )
+    .await;
 }

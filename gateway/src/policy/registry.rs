@@ -300,6 +300,22 @@ impl PolicyRegistry {
         kind: CandidateKind,
         basis_points: u32,
     ) -> Result<(), RegistryError> {
+        self.bind_candidate_synced(namespace, version, config, fallback, kind, basis_points)?;
+        self.publish(super::sync::Change::Binding(namespace.to_owned()));
+        Ok(())
+    }
+
+    /// Like [`Self::bind_candidate`], for a candidate that came from the fleet
+    /// (not published again).
+    pub fn bind_candidate_synced(
+        &self,
+        namespace: &str,
+        version: &str,
+        config: Bytes,
+        fallback: FallbackMode,
+        kind: CandidateKind,
+        basis_points: u32,
+    ) -> Result<(), RegistryError> {
         if !self.bindings.load().contains_key(namespace) {
             return Err(RegistryError::NoActive(namespace.to_owned()));
         }

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::PolicyRegistry;
+use super::{PolicyRegistry, registry::CandidateKind};
 use crate::config::FallbackMode;
 
 const MODULES: &str = "cachegw:policy:modules";
@@ -56,6 +56,38 @@ struct BindingRecord {
     version: String,
     config: String,
     fail_closed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    canary: Option<CandidateRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shadow: Option<CandidateRecord>,
+}
+
+/// A canary or shadow candidate as the fleet stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CandidateRecord {
+    version: String,
+    config: String,
+    fail_closed: bool,
+    basis_points: u32,
+}
+
+impl CandidateRecord {
+    fn of(binding: &super::Binding, basis_points: u32) -> Self {
+        Self {
+            version: binding.module().version().to_owned(),
+            config: String::from_utf8_lossy(binding.config()).into_owned(),
+            fail_closed: binding.fallback() == FallbackMode::FailClosed,
+            basis_points,
+        }
+    }
+}
+
+fn fallback_of(fail_closed: bool) -> FallbackMode {
+    if fail_closed {
+        FallbackMode::FailClosed
+    } else {
+        FallbackMode::FailOpen
+    }
 }
 
 /// Local changes to publish: a module uploaded, or a namespace re-bound.
@@ -182,10 +214,18 @@ async fn push(
                 let _: () = connection.hdel(BINDINGS, &namespace).await?;
                 return Ok(());
             };
+            let candidates = registry.candidates(&namespace);
+            let candidates = candidates.as_deref();
             let record = BindingRecord {
                 version: binding.module().version().to_owned(),
                 config: String::from_utf8_lossy(binding.config()).into_owned(),
                 fail_closed: binding.fallback() == FallbackMode::FailClosed,
+                canary: candidates
+                    .and_then(|c| c.canary.as_ref())
+                    .map(|c| CandidateRecord::of(&c.binding, c.basis_points)),
+                shadow: candidates
+                    .and_then(|c| c.shadow.as_ref())
+                    .map(|s| CandidateRecord::of(&s.binding, s.basis_points)),
             };
             let record = serde_json::to_string(&record).unwrap_or_default();
             let _: () = connection.hset(BINDINGS, &namespace, record).await?;
@@ -193,6 +233,46 @@ async fn push(
         }
     }
     Ok(())
+}
+
+/// Runs blocking registry work (compiling, validating) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> redis::RedisResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| redis::RedisError::from(std::io::Error::other(err.to_string())))
+}
+
+/// Makes sure `version` is loaded here, fetching and validating it from Redis
+/// if need be. False (logged) when it cannot be.
+async fn ensure_loaded(
+    registry: &Arc<PolicyRegistry>,
+    connection: &mut MultiplexedConnection,
+    namespace: &str,
+    version: &str,
+) -> redis::RedisResult<bool> {
+    if registry.version(version).is_ok() {
+        return Ok(true);
+    }
+    let (bytes, name): (Option<Vec<u8>>, Option<String>) = redis::pipe()
+        .hget(MODULES, version)
+        .hget(NAMES, version)
+        .query_async(connection)
+        .await?;
+    let Some(bytes) = bytes else {
+        warn!(namespace, version, "policy sync: module missing from Redis");
+        return Ok(false);
+    };
+    let name = name.unwrap_or_else(|| "policy".to_owned());
+    let registry = Arc::clone(registry);
+    match blocking(move || registry.put(&name, &bytes, "redis")).await? {
+        Ok(_) => Ok(true),
+        Err(err) => {
+            warn!(namespace, version, "policy sync: {err}");
+            Ok(false)
+        }
+    }
 }
 
 /// Applies every fleet binding that differs from the local one.
@@ -212,47 +292,70 @@ async fn pull(
             FallbackMode::FailOpen
         };
         let config = Bytes::from(record.config.clone().into_bytes());
-        if registry.is_active(&namespace, &record.version, &config, fallback) {
-            continue;
-        }
-        if registry.version(&record.version).is_err() {
-            let (bytes, name): (Option<Vec<u8>>, Option<String>) = redis::pipe()
-                .hget(MODULES, &record.version)
-                .hget(NAMES, &record.version)
-                .query_async(connection)
-                .await?;
-            let Some(bytes) = bytes else {
-                warn!(
-                    namespace,
-                    version = record.version,
-                    "policy sync: module missing from Redis"
-                );
-                continue;
-            };
-            let name = name.unwrap_or_else(|| "policy".to_owned());
-            let registry = Arc::clone(registry);
-            let loaded = tokio::task::spawn_blocking(move || registry.put(&name, &bytes, "redis"))
-                .await
-                .map_err(|err| redis::RedisError::from(std::io::Error::other(err.to_string())))?;
-            if let Err(err) = loaded {
-                warn!(namespace, version = record.version, "policy sync: {err}");
+        if !registry.is_active(&namespace, &record.version, &config, fallback) {
+            if !ensure_loaded(registry, connection, &namespace, &record.version).await? {
                 continue;
             }
+            let registry = Arc::clone(registry);
+            let (ns, version) = (namespace.clone(), record.version.clone());
+            let bound =
+                blocking(move || registry.bind_synced(&ns, &version, config, fallback)).await?;
+            match bound {
+                Ok(_) => info!(
+                    namespace,
+                    version = record.version,
+                    "policy binding synced from the fleet"
+                ),
+                Err(err) => {
+                    warn!(namespace, version = record.version, "policy sync: {err}");
+                    continue;
+                }
+            }
         }
-        let registry = Arc::clone(registry);
-        let (ns, version) = (namespace.clone(), record.version.clone());
-        let bound = tokio::task::spawn_blocking(move || {
-            registry.bind_synced(&ns, &version, config, fallback)
-        })
-        .await
-        .map_err(|err| redis::RedisError::from(std::io::Error::other(err.to_string())))?;
-        match bound {
-            Ok(_) => info!(
-                namespace,
-                version = record.version,
-                "policy binding synced from the fleet"
-            ),
-            Err(err) => warn!(namespace, version = record.version, "policy sync: {err}"),
+        for (kind, wanted) in [
+            (CandidateKind::Canary, record.canary.clone()),
+            (CandidateKind::Shadow, record.shadow.clone()),
+        ] {
+            let local = registry.candidates(&namespace).and_then(|c| match kind {
+                CandidateKind::Canary => c
+                    .canary
+                    .as_ref()
+                    .map(|c| CandidateRecord::of(&c.binding, c.basis_points)),
+                CandidateKind::Shadow => c
+                    .shadow
+                    .as_ref()
+                    .map(|s| CandidateRecord::of(&s.binding, s.basis_points)),
+            });
+            if local == wanted {
+                continue;
+            }
+            let wanted = wanted.unwrap_or(CandidateRecord {
+                version: String::new(),
+                config: String::new(),
+                fail_closed: false,
+                basis_points: 0,
+            });
+            if wanted.basis_points > 0
+                && !ensure_loaded(registry, connection, &namespace, &wanted.version).await?
+            {
+                continue;
+            }
+            let registry = Arc::clone(registry);
+            let ns = namespace.clone();
+            let applied = blocking(move || {
+                registry.bind_candidate_synced(
+                    &ns,
+                    &wanted.version,
+                    Bytes::from(wanted.config.into_bytes()),
+                    fallback_of(wanted.fail_closed),
+                    kind,
+                    wanted.basis_points,
+                )
+            })
+            .await?;
+            if let Err(err) = applied {
+                warn!(namespace, ?kind, "policy sync: {err}");
+            }
         }
     }
     Ok(())
