@@ -521,7 +521,8 @@ impl PolicyRegistry {
         self.dry_run(&module, &Bytes::new())
             .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
         let module = self.insert_version(module, source);
-        if source == "admin" {
+        // Share what was uploaded here; what came from the fleet is there already.
+        if source != "redis" && source != "config" {
             self.publish(super::sync::Change::Module {
                 version: module.version().to_owned(),
                 name: module.name().to_owned(),
