@@ -253,16 +253,6 @@ impl PolicyRegistry {
         Ok(self.engine.get_or_init(|| engine))
     }
 
-    /// The binding deciding `namespace`'s requests; `template` says whether the
-    /// namespace is admitted by the default-namespace template.
-    pub fn binding(&self, namespace: &str, template: bool) -> Option<Arc<Binding>> {
-        let table = self.bindings.load();
-        table
-            .get(namespace)
-            .or_else(|| template.then(|| table.get(TEMPLATE_KEY)).flatten())
-            .cloned()
-    }
-
     /// Which binding decides `key` in `namespace` (the active one, or a canary
     /// for its share of keys), and the shadow candidate watching, if any.
     pub fn route(&self, namespace: &str, template: bool, key: &str) -> Option<Route> {
