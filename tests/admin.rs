@@ -76,35 +76,16 @@ async fn uploads_are_validated_and_bad_ones_change_nothing() {
     // Re-uploading the same bytes is the same version.
     assert_eq!(put_example(&mut admin, "ttl-by-route").await, good);
 
+    let module = |name: &str| std::fs::read(policy_module(name)).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "hostile-trap",
-            std::fs::read(policy_module("hostile-trap")).unwrap(),
-            "trapped",
-        ),
-        (
-            "hostile-loop",
-            std::fs::read(policy_module("hostile-loop")).unwrap(),
-            "deadline",
-        ),
-        (
-            "hostile-memory",
-            std::fs::read(policy_module("hostile-memory")).unwrap(),
-            "memory",
-        ),
-        (
-            "hostile-garbage",
-            std::fs::read(policy_module("hostile-garbage")).unwrap(),
-            "output",
-        ),
-        (
-            "hostile-abi",
-            std::fs::read(policy_module("hostile-abi")).unwrap(),
-            "returned 999",
-        ),
+        ("hostile-trap", module("hostile-trap"), "trapped"),
+        ("hostile-loop", module("hostile-loop"), "deadline"),
+        ("hostile-memory", module("hostile-memory"), "memory"),
+        ("hostile-garbage", module("hostile-garbage"), "output"),
+        ("hostile-abi", module("hostile-abi"), "returned 999"),
         (
             "hostile-noexport",
-            std::fs::read(policy_module("hostile-noexport")).unwrap(),
+            module("hostile-noexport"),
             "missing export `cachegw_decide`",
         ),
         (
