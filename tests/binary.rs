@@ -22,9 +22,20 @@ fn spawn_serve(args: &[&str]) -> (Child, String) {
 
 /// Like [`spawn_serve`], also returning the admin API's address.
 fn spawn_serve_with_admin(args: &[&str]) -> (Child, String, String) {
+    let spawned = spawn_gateway(args);
+    (spawned.child, spawned.data, spawned.admin)
+}
+
+/// Starts `cachegw serve ARGS` (every listener on a free port).
+fn spawn_gateway(args: &[&str]) -> Spawned {
     let mut child = Command::new(CACHEGW)
         .arg("serve")
-        .args(["--admin-listen", "127.0.0.1:0"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .args(args)
         .current_dir(std::env::temp_dir())
         .env_remove("CACHEGW_CONFIG")
@@ -41,6 +52,8 @@ fn spawn_serve_with_admin(args: &[&str]) -> (Child, String, String) {
                 "data"
             } else if line.contains("policy admin API serving") {
                 "admin"
+            } else if line.contains("metrics endpoint serving") {
+                "metrics"
             } else {
                 continue;
             };
@@ -54,18 +67,27 @@ fn spawn_serve_with_admin(args: &[&str]) -> (Child, String, String) {
             }
         }
     });
-    let (mut data, mut admin) = (None, None);
-    while data.is_none() || admin.is_none() {
+    let mut found = std::collections::HashMap::new();
+    while found.len() < 3 {
         let (which, addr) = found_rx
             .recv_timeout(Duration::from_secs(20))
             .expect("cachegw logged its listen addresses");
-        if which == "data" {
-            data = Some(addr);
-        } else {
-            admin = Some(addr);
-        }
+        found.insert(which, addr);
     }
-    (child, data.unwrap(), admin.unwrap())
+    Spawned {
+        child,
+        data: found["data"].clone(),
+        admin: found["admin"].clone(),
+        metrics: found["metrics"].clone(),
+    }
+}
+
+/// A running `cachegw serve` and the addresses it logged.
+struct Spawned {
+    child: Child,
+    data: String,
+    admin: String,
+    metrics: String,
 }
 
 async fn wait_for_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
@@ -498,6 +520,58 @@ async fn operators_push_bind_list_and_roll_back_from_the_cli() {
     assert!(status.success());
     assert!(
         wait_for_exit(&mut child, Duration::from_secs(10))
+            .await
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_the_metrics_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut gateway = spawn_gateway(&["--store", "memory", "--listen", "127.0.0.1:0"]);
+    let mut client = CacheClient::connect(format!("http://{}", gateway.data))
+        .await
+        .unwrap();
+    let set = SetRequest {
+        namespace: "scraped".into(),
+        key: "k".into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    };
+    assert!(client.set(set).await.unwrap().into_inner().stored);
+
+    let mut stream = tokio::net::TcpStream::connect(&gateway.metrics)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                gateway.metrics
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("content-type: application/openmetrics-text"),
+        "{response}"
+    );
+    assert!(
+        response
+            .contains(r#"cachegw_requests_total{op="set",namespace="_default",outcome="done"} 1"#),
+        "{response}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        wait_for_exit(&mut gateway.child, Duration::from_secs(10))
             .await
             .success()
     );

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 const CONFIG_SECTIONS: &[&str] = &[
     "server",
     "admin",
+    "metrics",
     "store",
     "redis",
     "memory",
@@ -37,6 +38,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The policy administration API's listener.
     pub admin: AdminConfig,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
     /// Which store backs the cache: `redis` (default) or `memory` (in-process).
     pub store: StoreKind,
     /// The Redis store (used when `store = "redis"`).
@@ -133,6 +136,25 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+        }
+    }
+}
+
+/// The Prometheus endpoint: `GET /metrics` in the text exposition format.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint.
+    pub enabled: bool,
+    /// Its listen address (HTTP). Port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
 }
@@ -404,6 +426,8 @@ pub struct Overrides {
     pub store: Option<StoreKind>,
     /// `--admin-listen`
     pub admin_listen: Option<SocketAddr>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -437,6 +461,9 @@ impl Config {
         }
         if let Some(url) = &overrides.redis_url {
             figment = figment.merge(Serialized::default("redis.url", url));
+        }
+        if let Some(metrics) = overrides.metrics_listen {
+            figment = figment.merge(Serialized::default("metrics.listen", metrics));
         }
         if let Some(admin) = overrides.admin_listen {
             figment = figment.merge(Serialized::default("admin.listen", admin));
@@ -672,6 +699,7 @@ mod tests {
             redis_url: Some("redis://127.0.0.1:6390".to_owned()),
             store: Some(StoreKind::Memory),
             admin_listen: None,
+            metrics_listen: None,
         };
         let merged = Config::load(Some(&file), &overrides).unwrap();
         assert_eq!(merged.server.listen.port(), 7001);

@@ -193,6 +193,9 @@ struct ServeArgs {
     /// Policy admin API listen address [default: 127.0.0.1:50052].
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Prometheus endpoint listen address [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -233,6 +236,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         redis_url: args.redis,
         store: args.store,
         admin_listen: args.admin_listen,
+        metrics_listen: args.metrics_listen,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
@@ -251,10 +255,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let metrics_listener = if config.metrics.enabled {
+        Some(
+            tokio::net::TcpListener::bind(config.metrics.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (metrics.listen)",
+                        config.metrics.listen
+                    )
+                })?,
+        )
+    } else {
+        None
+    };
     let gateway = Gateway::new(config)?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = metrics_listener {
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
+        let metrics = gateway.metrics();
+        tracing::info!(%addr, "metrics endpoint serving /metrics");
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(err) = metrics.serve(listener, stopped).await {
+                tracing::error!(cause = %err, "metrics endpoint failed");
+            }
+        });
+    }
     gateway
         .serve_with_admin(listener, admin, shutdown_signal())
         .await?;
+    let _ = stop_metrics.send(());
     Ok(())
 }
 
