@@ -1,5 +1,7 @@
 //! `cachegw`: parse flags, load config, init tracing, run.
 
+#![forbid(unsafe_code)]
+
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
