@@ -187,7 +187,7 @@ async fn a_hundred_swaps_under_load_fail_no_request() {
                 i += 1;
                 requests += 1;
                 let key = format!("k{}", (worker * 31 + i) % 50);
-                let policy = if i % 3 == 0 {
+                let policy = if i.is_multiple_of(3) {
                     let request = SetRequest {
                         namespace: "swapped".into(),
                         key,
@@ -648,7 +648,7 @@ async fn a_hundred_swaps_through_the_watched_directory_fail_no_request() {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let key = format!("k{}", (worker * 7 + i) % 40);
-                let answer = if i % 2 == 0 {
+                let answer = if i.is_multiple_of(2) {
                     let request = SetRequest {
                         namespace: "watched".into(),
                         key,

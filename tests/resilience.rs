@@ -55,7 +55,7 @@ async fn a_redis_killed_mid_run_degrades_then_recovers_in_the_same_gateway() {
                 i += 1;
                 let began = Instant::now();
                 let key = format!("w{worker}-{}", i % 10);
-                let result = if i % 2 == 0 {
+                let result = if i.is_multiple_of(2) {
                     client
                         .set(set(&key, "v"))
                         .await

@@ -154,6 +154,9 @@ struct Workload {
 
 const REDIS_KEY_PREFIX: &str = "cachegw-bench:";
 
+/// One measured series: a target (and namespace), its connections, its work.
+type Lane = (Target, Option<String>, Vec<Driver>, Arc<Workload>);
+
 impl Driver {
     async fn call(&mut self, work: &Workload, key: usize, set: bool) -> anyhow::Result<Answer> {
         match self {
@@ -253,7 +256,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     targets.dedup();
     // One "lane" per target and (for the gateway) per namespace; lanes
     // alternate round by round.
-    let mut lanes: Vec<(Target, Option<String>, Vec<Driver>, Arc<Workload>)> = Vec::new();
+    let mut lanes: Vec<Lane> = Vec::new();
     for target in targets {
         match target {
             Target::Gateway => {
@@ -537,10 +540,10 @@ fn render(results: &[RoundResult]) -> String {
     let namespaces: Vec<&String> = {
         let mut seen = Vec::new();
         for r in results {
-            if let Some(ns) = &r.namespace {
-                if !seen.contains(&ns) {
-                    seen.push(ns);
-                }
+            if let Some(ns) = &r.namespace
+                && !seen.contains(&ns)
+            {
+                seen.push(ns);
             }
         }
         seen

@@ -567,13 +567,13 @@ impl Config {
         if self.policy.watch_interval < Duration::from_millis(10) {
             return invalid("policy.watch_interval", "must be at least 10ms");
         }
-        if let Some(dir) = &self.policy.watch_dir {
-            if !dir.is_dir() {
-                return invalid(
-                    "policy.watch_dir",
-                    &format!("names `{}`, which is not a directory", dir.display()),
-                );
-            }
+        if let Some(dir) = &self.policy.watch_dir
+            && !dir.is_dir()
+        {
+            return invalid(
+                "policy.watch_dir",
+                &format!("names `{}`, which is not a directory", dir.display()),
+            );
         }
         if self.policy.max_ttl < Duration::from_secs(1) || self.policy.max_ttl > MAX_TTL {
             return invalid("policy.max_ttl", "must be between 1s and 365 days");

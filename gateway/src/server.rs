@@ -176,16 +176,16 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let local_addr = listener.local_addr().ok();
-        if self.config.store == StoreKind::Redis && self.config.policy.sync_through_redis {
-            if let Err(err) = crate::policy::sync::start(
+        if self.config.store == StoreKind::Redis
+            && self.config.policy.sync_through_redis
+            && let Err(err) = crate::policy::sync::start(
                 Arc::clone(&self.policies),
                 &self.config.redis,
                 self.config.policy.sync_catch_up,
             )
             .await
-            {
-                warn!(cause = %err, "policy sync through Redis is off");
-            }
+        {
+            warn!(cause = %err, "policy sync through Redis is off");
         }
         if let Some(dir) = &self.config.policy.watch_dir {
             crate::policy::watch::start(

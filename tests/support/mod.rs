@@ -207,8 +207,10 @@ async fn ping(url: &str) -> bool {
 
 /// Config for a test gateway: short timeouts so degraded answers come fast.
 pub fn test_config(store: StoreKind, redis_url: Option<String>) -> Config {
-    let mut config = Config::default();
-    config.store = store;
+    let mut config = Config {
+        store,
+        ..Default::default()
+    };
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.store_timeout = Duration::from_millis(500);
     config.server.shutdown_grace = Duration::from_secs(5);

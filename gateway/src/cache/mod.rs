@@ -756,7 +756,7 @@ fn scoped_key(namespace: &str, key: &str) -> StorageKey {
 fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| millis(elapsed))
+        .map_or(0, millis)
 }
 
 fn millis(duration: Duration) -> u64 {

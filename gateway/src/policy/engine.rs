@@ -234,10 +234,10 @@ impl PolicyEngine {
             exports: exports.clone().map_err(Fault::Abi),
             size: bytes.len(),
         };
-        if loaded.exports.is_ok() {
-            if let Err(fault) = loaded.check_abi_version() {
-                loaded.exports = Err(fault);
-            }
+        if loaded.exports.is_ok()
+            && let Err(fault) = loaded.check_abi_version()
+        {
+            loaded.exports = Err(fault);
         }
         info!(
             policy = %loaded.label,
