@@ -66,6 +66,80 @@ async fn bind(
         .previous_version
 }
 
+/// 64 clients of mixed Get/Set (one Set in three) on `namespace` until
+/// stopped; collects which policy versions answered and every failure.
+struct MixedLoad {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<LoadReport>>,
+}
+
+/// Versions seen, failures, requests made.
+type LoadReport = (HashSet<String>, Vec<String>, u64);
+
+impl MixedLoad {
+    fn start(world: &World, namespace: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..64u64)
+            .map(|worker| {
+                let mut client = world.client.clone();
+                let (stop, namespace) = (Arc::clone(&stop), namespace.to_owned());
+                tokio::spawn(async move {
+                    let (mut seen, mut failures, mut requests) = (HashSet::new(), Vec::new(), 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        requests += 1;
+                        let key = format!("k{}", (worker * 31 + requests) % 50);
+                        let answer = if requests.is_multiple_of(3) {
+                            let request = SetRequest {
+                                namespace: namespace.clone(),
+                                key,
+                                value: b"v".to_vec().into(),
+                                ..Default::default()
+                            };
+                            client
+                                .set(request)
+                                .await
+                                .map(|r| r.into_inner())
+                                .map(|r| (r.policy, r.stored && !r.degraded))
+                        } else {
+                            let request = GetRequest {
+                                namespace: namespace.clone(),
+                                key,
+                                attributes: Default::default(),
+                            };
+                            client
+                                .get(request)
+                                .await
+                                .map(|r| r.into_inner())
+                                .map(|r| (r.policy, !r.degraded))
+                        };
+                        match answer {
+                            Ok((policy, true)) => {
+                                seen.insert(policy);
+                            }
+                            other => failures.push(format!("{other:?}")),
+                        }
+                    }
+                    (seen, failures, requests)
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Stops the clients: the versions seen, the failures, the request count.
+    async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut seen, mut failures, mut requests) = (HashSet::new(), Vec::new(), 0);
+        for client in self.clients {
+            let (s, f, r) = client.await.unwrap();
+            seen.extend(s);
+            failures.extend(f);
+            requests += r;
+        }
+        (seen, failures, requests)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_validated_and_bad_ones_change_nothing() {
     let mut world = World::start(Backend::Memory).await;
@@ -175,70 +249,18 @@ async fn a_hundred_swaps_under_load_fail_no_request() {
     let second = put_example(&mut admin, "tenant-keying").await;
     bind(&mut admin, "swapped", &first, "").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for worker in 0..64 {
-        let mut client = world.client.clone();
-        let stop = Arc::clone(&stop);
-        clients.push(tokio::spawn(async move {
-            let (mut seen, mut failures, mut requests) = (HashSet::new(), Vec::new(), 0u64);
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                requests += 1;
-                let key = format!("k{}", (worker * 31 + i) % 50);
-                let policy = if i.is_multiple_of(3) {
-                    let request = SetRequest {
-                        namespace: "swapped".into(),
-                        key,
-                        value: b"v".to_vec().into(),
-                        ..Default::default()
-                    };
-                    client
-                        .set(request)
-                        .await
-                        .map(|r| r.into_inner())
-                        .map(|r| (r.policy, r.stored && !r.degraded))
-                } else {
-                    let request = GetRequest {
-                        namespace: "swapped".into(),
-                        key,
-                        attributes: Default::default(),
-                    };
-                    client
-                        .get(request)
-                        .await
-                        .map(|r| r.into_inner())
-                        .map(|r| (r.policy, !r.degraded))
-                };
-                match policy {
-                    Ok((policy, true)) => {
-                        seen.insert(policy);
-                    }
-                    other => failures.push(format!("{other:?}")),
-                }
-            }
-            (seen, failures, requests)
-        }));
-    }
+    let load = MixedLoad::start(&world, "swapped");
     for swap in 0..100 {
         let target = if swap % 2 == 0 { &second } else { &first };
         bind(&mut admin, "swapped", target, "").await;
     }
-    stop.store(true, Ordering::Relaxed);
-
-    let (mut seen, mut requests) = (HashSet::new(), 0);
-    for client in clients {
-        let (policies, failures, count) = client.await.unwrap();
-        assert!(
-            failures.is_empty(),
-            "{} failed requests, first {:?}",
-            failures.len(),
-            failures.first()
-        );
-        seen.extend(policies);
-        requests += count;
-    }
+    let (seen, failures, requests) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, first {:?}",
+        failures.len(),
+        failures.first()
+    );
     let expected: HashSet<String> = [first.clone(), second.clone()].into();
     assert!(
         seen.is_subset(&expected),
@@ -637,49 +659,7 @@ async fn a_hundred_swaps_through_the_watched_directory_fail_no_request() {
     let (first, second) = (label(&first_bytes), label(&second_bytes));
     assert_eq!(active(&admin).await, first);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for worker in 0..64 {
-        let mut client = world.client.clone();
-        let stop = Arc::clone(&stop);
-        clients.push(tokio::spawn(async move {
-            let (mut seen, mut failures) = (HashSet::new(), Vec::new());
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let key = format!("k{}", (worker * 7 + i) % 40);
-                let answer = if i.is_multiple_of(2) {
-                    let request = SetRequest {
-                        namespace: "watched".into(),
-                        key,
-                        value: b"v".to_vec().into(),
-                        ..Default::default()
-                    };
-                    client
-                        .set(request)
-                        .await
-                        .map(|r| (r.get_ref().policy.clone(), r.get_ref().stored))
-                } else {
-                    let request = GetRequest {
-                        namespace: "watched".into(),
-                        key,
-                        attributes: Default::default(),
-                    };
-                    client
-                        .get(request)
-                        .await
-                        .map(|r| (r.get_ref().policy.clone(), !r.get_ref().degraded))
-                };
-                match answer {
-                    Ok((policy, true)) => {
-                        seen.insert(policy);
-                    }
-                    other => failures.push(format!("{other:?}")),
-                }
-            }
-            (seen, failures)
-        }));
-    }
+    let load = MixedLoad::start(&world, "watched");
     for swap in 0..100 {
         let (bytes, want) = if swap % 2 == 0 {
             (&second_bytes, &second)
@@ -723,18 +703,13 @@ async fn a_hundred_swaps_through_the_watched_directory_fail_no_request() {
         "a truncated module is never activated"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let mut seen = HashSet::new();
-    for client in clients {
-        let (policies, failures) = client.await.unwrap();
-        assert!(
-            failures.is_empty(),
-            "{} failed requests, first {:?}",
-            failures.len(),
-            failures.first()
-        );
-        seen.extend(policies);
-    }
+    let (seen, failures, _) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, first {:?}",
+        failures.len(),
+        failures.first()
+    );
     let expected: HashSet<String> = [first.clone(), second.clone()].into();
     assert_eq!(
         seen, expected,

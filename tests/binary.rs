@@ -90,6 +90,17 @@ struct Spawned {
     metrics: String,
 }
 
+/// SIGTERMs `child` and asserts it exits cleanly within 10 s.
+async fn terminate(child: &mut Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = wait_for_exit(child, Duration::from_secs(10)).await;
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
 async fn wait_for_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + within;
     loop {
@@ -131,14 +142,8 @@ async fn serve_answers_and_stops_cleanly_on_sigterm() {
         (Outcome::Hit as i32, &b"hello"[..])
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
     // The client stays connected: the drain must not wait for it to leave.
-    let exit = wait_for_exit(&mut child, Duration::from_secs(10)).await;
-    assert!(exit.success(), "exit status {exit:?}");
+    terminate(&mut child).await;
 }
 
 fn print_config(file: Option<&std::path::Path>, env: &[(&str, &str)], flags: &[&str]) -> String {
@@ -417,16 +422,7 @@ async fn the_example_config_serves_the_example_policies() {
         set.stored && set.ttl_ms == 60_000 && set.policy.starts_with("ttl-by-route@"),
         "{set:?}"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        wait_for_exit(&mut child, Duration::from_secs(10))
-            .await
-            .success()
-    );
+    terminate(&mut child).await;
 }
 
 fn cli(args: &[&str]) -> (Option<i32>, String, String) {
@@ -513,16 +509,7 @@ async fn operators_push_bind_list_and_roll_back_from_the_cli() {
         "{err}"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        wait_for_exit(&mut child, Duration::from_secs(10))
-            .await
-            .success()
-    );
+    terminate(&mut child).await;
 }
 
 #[tokio::test]
@@ -565,14 +552,5 @@ async fn prometheus_scrapes_the_metrics_endpoint() {
             .contains(r#"cachegw_requests_total{op="set",namespace="_default",outcome="done"} 1"#),
         "{response}"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        wait_for_exit(&mut gateway.child, Duration::from_secs(10))
-            .await
-            .success()
-    );
+    terminate(&mut gateway.child).await;
 }
