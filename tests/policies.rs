@@ -69,7 +69,7 @@ async fn remaining_ttl_ms(world: &mut World, namespace: &str, key: &str) -> i64 
     if let Some(redis) = &world.redis {
         let mut connection = redis.connection().await;
         redis::cmd("PTTL")
-            .arg(format!("cg:{namespace}:{key}"))
+            .arg(format!("cg:{namespace}:0:{key}"))
             .query_async(&mut connection)
             .await
             .unwrap()
@@ -322,7 +322,7 @@ async fn decisions_cannot_reach_another_namespace(backend: Backend) {
         // Something of the attacker's own for its `*` pattern to find.
         let mut connection = redis.connection().await;
         redis::cmd("SET")
-            .arg("cg:attacker:seed")
+            .arg("cg:attacker:0:seed")
             .arg("x")
             .exec_async(&mut connection)
             .await
@@ -364,7 +364,7 @@ async fn decisions_cannot_reach_another_namespace(backend: Backend) {
         keys.sort();
         assert_eq!(
             keys,
-            ["cg:victim:other", "cg:victim:secret"],
+            ["cg:victim:0:other", "cg:victim:0:secret"],
             "only the victim's entries are left, untouched"
         );
     }
@@ -425,7 +425,7 @@ async fn hostile(module: &str, fault_kind: &str, spare: Option<&str>) {
     if let Some(redis) = &world.redis {
         let mut connection = redis.connection().await;
         let exists: u32 = redis::cmd("EXISTS")
-            .arg("cg:open:k")
+            .arg("cg:open:0:k")
             .query_async(&mut connection)
             .await
             .unwrap();

@@ -22,6 +22,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "redis",
     "memory",
     "limits",
+    "invalidation",
     "policy",
     "default_namespace",
     "namespaces",
@@ -48,6 +49,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Limits applied to every request, whatever the namespace.
     pub limits: LimitsConfig,
+    /// The Invalidate RPC's jobs.
+    pub invalidation: InvalidationConfig,
     /// The WebAssembly policy engine's limits.
     pub policy: PolicyEngineConfig,
     /// Settings for namespaces not declared under `[namespaces]`.
@@ -237,6 +240,40 @@ impl Default for LimitsConfig {
         Self {
             max_key_bytes: 1024,
             max_batch_items: 1000,
+        }
+    }
+}
+
+/// How the Invalidate RPC runs its jobs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InvalidationConfig {
+    /// How long an Invalidate call waits for its job before answering
+    /// RUNNING with the job's id (unless the request asks for less, or its
+    /// deadline is sooner).
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    /// Most invalidation jobs running at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_running_jobs: usize,
+    /// Most keys or tags in one Invalidate request.
+    pub max_targets: usize,
+    /// How long a finished job's outcome stays available to GetInvalidation.
+    #[serde(with = "humantime_serde")]
+    pub keep_finished: Duration,
+    /// How long one job may run before it is stopped and reported failed.
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(2),
+            max_running_jobs: 16,
+            max_targets: 1000,
+            keep_finished: Duration::from_secs(15 * 60),
+            job_timeout: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -551,6 +588,15 @@ impl Config {
         }
         if self.limits.max_key_bytes == 0 {
             return invalid("limits.max_key_bytes", "must be at least 1");
+        }
+        if self.invalidation.max_running_jobs == 0 {
+            return invalid("invalidation.max_running_jobs", "must be at least 1");
+        }
+        if self.invalidation.max_targets == 0 {
+            return invalid("invalidation.max_targets", "must be at least 1");
+        }
+        if self.invalidation.job_timeout.is_zero() {
+            return invalid("invalidation.job_timeout", "must be longer than 0s");
         }
         if self.limits.max_batch_items == 0 {
             return invalid("limits.max_batch_items", "must be at least 1");

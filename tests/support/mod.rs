@@ -482,15 +482,28 @@ impl World {
             .into_inner()
     }
 
-    /// Keys in the test Redis (None for the memory store).
+    /// Entries in the test Redis (None for the memory store): keys under
+    /// `cg:`, leaving out tag indexes and namespace state.
     pub async fn redis_key_count(&self) -> Option<u64> {
         let redis = self.redis.as_ref()?;
         let mut connection = redis.connection().await;
-        Some(
-            redis::cmd("DBSIZE")
+        let mut cursor = 0u64;
+        let mut count = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("cg:*")
+                .arg("COUNT")
+                .arg(1000)
                 .query_async(&mut connection)
                 .await
-                .unwrap(),
-        )
+                .unwrap();
+            count += keys.len() as u64;
+            if next == 0 {
+                return Some(count);
+            }
+            cursor = next;
+        }
     }
 }

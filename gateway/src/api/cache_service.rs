@@ -8,8 +8,9 @@ use tonic::{Request, Response, Status};
 use super::{
     client_deadline,
     proto::v1::{
-        DeleteRequest, DeleteResponse, GetRequest, GetResponse, MGetRequest, MGetResponse,
-        MSetRequest, MSetResponse, SetRequest, SetResponse, cache_server,
+        DeleteRequest, DeleteResponse, GetInvalidationRequest, GetRequest, GetResponse,
+        InvalidateRequest, InvalidateResponse, MGetRequest, MGetResponse, MSetRequest,
+        MSetResponse, SetRequest, SetResponse, cache_server,
     },
 };
 use crate::cache::{Cache, CacheMetrics, RequestError};
@@ -112,5 +113,31 @@ impl cache_server::Cache for CacheApi {
         Ok(Response::new(MSetResponse {
             results: results.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn invalidate(
+        &self,
+        request: Request<InvalidateRequest>,
+    ) -> Result<Response<InvalidateResponse>, Status> {
+        self.unary("invalidate", request, |command, deadline| {
+            self.cache.invalidate(command, deadline)
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_invalidation(
+        &self,
+        request: Request<GetInvalidationRequest>,
+    ) -> Result<Response<InvalidateResponse>, Status> {
+        let deadline = client_deadline(&request);
+        let request = request.into_inner();
+        let wait = Duration::from_millis(request.wait_ms);
+        let job = self
+            .cache
+            .invalidation_status(&request.job_id, wait, deadline)
+            .await?;
+        Ok(Response::new(job.into()))
     }
 }

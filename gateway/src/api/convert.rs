@@ -4,8 +4,8 @@
 
 use super::proto::v1 as pb;
 use crate::cache::{
-    DeleteCommand, DeleteResult, GetCommand, GetResult, Outcome, RequestError, SetCommand,
-    SetResult, validate_namespace_name,
+    DeleteCommand, DeleteResult, GetCommand, GetResult, InvalidateCommand, JobSnapshot, JobState,
+    Outcome, RequestError, SetCommand, SetResult, Target, validate_namespace_name,
 };
 
 fn checked_namespace(namespace: String) -> Result<String, RequestError> {
@@ -122,6 +122,64 @@ impl From<Result<SetResult, RequestError>> for pb::MSetResult {
                 Ok(written) => Item::Response(written.into()),
                 Err(err) => Item::Error(err.into()),
             }),
+        }
+    }
+}
+
+impl TryFrom<pb::InvalidateRequest> for InvalidateCommand {
+    type Error = RequestError;
+
+    fn try_from(request: pb::InvalidateRequest) -> Result<Self, Self::Error> {
+        use pb::invalidate_request::Target as Wire;
+        let target = match request.target {
+            None => {
+                return Err(RequestError::invalid(
+                    "target",
+                    "set one of keys, pattern, tags or whole_namespace",
+                ));
+            }
+            Some(Wire::Keys(list)) => Target::Keys(
+                list.keys
+                    .into_iter()
+                    .map(checked_key)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(Wire::Pattern(pattern)) => Target::Pattern(pattern),
+            Some(Wire::Tags(list)) => Target::Tags(list.tags),
+            Some(Wire::WholeNamespace(true)) => Target::WholeNamespace,
+            Some(Wire::WholeNamespace(false)) => {
+                return Err(RequestError::invalid(
+                    "whole_namespace",
+                    "must be true when set (to invalidate less, set keys, pattern or tags)",
+                ));
+            }
+        };
+        Ok(InvalidateCommand {
+            namespace: checked_namespace(request.namespace)?,
+            target,
+            soft: request.soft,
+            attributes: request.attributes,
+            wait: (request.wait_ms > 0).then(|| std::time::Duration::from_millis(request.wait_ms)),
+        })
+    }
+}
+
+impl From<JobSnapshot> for pb::InvalidateResponse {
+    fn from(job: JobSnapshot) -> Self {
+        let state = match job.state {
+            JobState::Running => pb::JobState::Running,
+            JobState::Done => pb::JobState::Done,
+            JobState::Failed => pb::JobState::Failed,
+        };
+        pb::InvalidateResponse {
+            job_id: job.id,
+            state: state as i32,
+            affected: job.affected,
+            examined: job.examined,
+            error: job.error,
+            generation: job.generation,
+            elapsed_ms: millis(job.elapsed),
+            policy: job.policy,
         }
     }
 }

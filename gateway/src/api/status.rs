@@ -9,7 +9,7 @@ fn code(err: &RequestError) -> Code {
     match err {
         RequestError::InvalidArgument { .. } => Code::InvalidArgument,
         RequestError::TooLarge { .. } => Code::ResourceExhausted,
-        RequestError::UnknownNamespace(_) => Code::NotFound,
+        RequestError::UnknownNamespace(_) | RequestError::NotFound { .. } => Code::NotFound,
     }
 }
 

@@ -1,29 +1,49 @@
 //! The value envelope: what the gateway stores under a key. It carries the
-//! client's bytes plus what freshness, content negotiation and compression
-//! need, behind a magic and a format version so that a foreign or corrupt
-//! value is recognised, never misread.
+//! client's bytes plus what freshness, tags, content negotiation and
+//! compression need, behind a magic and a format version so that a foreign or
+//! corrupt value is recognised, never misread.
 //!
-//! Layout (all integers little-endian):
+//! Layout of format version 2 (all integers little-endian):
 //!
-//! | offset | size | field                                       |
-//! |--------|------|---------------------------------------------|
-//! | 0      | 2    | magic `b"cg"`                               |
-//! | 2      | 1    | format version (1)                          |
-//! | 3      | 1    | flags (bit 0: value is compressed)          |
-//! | 4      | 8    | created at, ms since the Unix epoch         |
-//! | 12     | 8    | fresh until, ms since the Unix epoch        |
-//! | 20     | 8    | stale until, ms since the Unix epoch        |
-//! | 28     | 1    | content-type length `n` (0-255)             |
-//! | 29     | n    | content type, UTF-8                         |
-//! | 29 + n | rest | the value                                   |
+//! | offset     | size | field                                          |
+//! |------------|------|------------------------------------------------|
+//! | 0          | 2    | magic `b"cg"`                                  |
+//! | 2          | 1    | format version (2)                             |
+//! | 3          | 1    | flags (bit 0: value is compressed)             |
+//! | 4          | 8    | created at, ms since the Unix epoch            |
+//! | 12         | 8    | fresh until, ms since the Unix epoch           |
+//! | 20         | 8    | stale until, ms since the Unix epoch           |
+//! | 28         | 2    | tag section length `t`                         |
+//! | 30         | t    | tags, each a length byte (1-255) and its UTF-8 |
+//! | 30 + t     | 1    | content-type length `n` (0-255)                |
+//! | 31 + t     | n    | content type, UTF-8                            |
+//! | 31 + t + n | rest | the value                                      |
+//!
+//! Version 1 (written by earlier gateways, still read) has no tag section: the
+//! content-type length sits at offset 28.
+//!
+//! The fixed offsets are a contract with the store: the Redis store's purge
+//! script (`store/redis.rs`) reads the tag section and rewrites "fresh until"
+//! in place to mark an entry stale, without decoding the value.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 const MAGIC: &[u8; 2] = b"cg";
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION_1: u8 = 1;
 const FLAG_COMPRESSED: u8 = 0b0000_0001;
 const KNOWN_FLAGS: u8 = FLAG_COMPRESSED;
-const HEADER_LEN: usize = 29;
+/// Bytes before the tag section (version 2) or the content type (version 1).
+const FIXED_LEN: usize = 28;
+/// The shortest possible envelope (version 1, no content type, empty value).
+const HEADER_LEN: usize = FIXED_LEN + 1;
+
+/// Offset of "fresh until", rewritten in place by a soft purge.
+pub const FRESH_UNTIL_OFFSET: usize = 12;
+/// Longest tag an envelope can carry.
+pub const MAX_TAG_BYTES: usize = u8::MAX as usize;
+/// Longest tag section (all tags with their length bytes).
+pub const MAX_TAG_SECTION_BYTES: usize = u16::MAX as usize;
 
 /// Longest content type an envelope can carry.
 pub const MAX_CONTENT_TYPE_BYTES: usize = u8::MAX as usize;
@@ -37,6 +57,8 @@ pub struct Envelope {
     pub fresh_until_ms: u64,
     /// Until when the entry may be served stale (>= `fresh_until_ms`).
     pub stale_until_ms: u64,
+    /// The entry's tags (surrogate keys), each 1-255 bytes.
+    pub tags: Vec<String>,
     /// The media type given at write time (may be empty).
     pub content_type: String,
     /// Whether `value` is compressed.
@@ -77,6 +99,9 @@ pub enum EnvelopeError {
     /// The content type runs past the end or is not UTF-8.
     #[error("envelope content type is malformed")]
     BadContentType,
+    /// The tag section runs past the end, or a tag is empty or not UTF-8.
+    #[error("envelope tag section is malformed")]
+    BadTags,
 }
 
 impl Envelope {
@@ -84,18 +109,28 @@ impl Envelope {
     ///
     /// # Panics
     /// Never for envelopes built by the cache layer, which bounds the content
-    /// type to [`MAX_CONTENT_TYPE_BYTES`] before building one.
+    /// type to [`MAX_CONTENT_TYPE_BYTES`] and each tag to [`MAX_TAG_BYTES`]
+    /// (and their total to [`MAX_TAG_SECTION_BYTES`]) before building one.
     pub fn encode(&self) -> Bytes {
         let content_type = self.content_type.as_bytes();
         let content_type_len =
             u8::try_from(content_type.len()).expect("content type length checked by the caller");
-        let mut out = BytesMut::with_capacity(HEADER_LEN + content_type.len() + self.value.len());
+        let tags_len: usize = self.tags.iter().map(|tag| 1 + tag.len()).sum();
+        let tags_len = u16::try_from(tags_len).expect("tag section length checked by the caller");
+        let mut out = BytesMut::with_capacity(
+            FIXED_LEN + 3 + usize::from(tags_len) + content_type.len() + self.value.len(),
+        );
         out.put_slice(MAGIC);
         out.put_u8(FORMAT_VERSION);
         out.put_u8(if self.compressed { FLAG_COMPRESSED } else { 0 });
         out.put_u64_le(self.created_at_ms);
         out.put_u64_le(self.fresh_until_ms);
         out.put_u64_le(self.stale_until_ms);
+        out.put_u16_le(tags_len);
+        for tag in &self.tags {
+            out.put_u8(u8::try_from(tag.len()).expect("tag length checked by the caller"));
+            out.put_slice(tag.as_bytes());
+        }
         out.put_u8(content_type_len);
         out.put_slice(content_type);
         out.put_slice(&self.value);
@@ -104,19 +139,7 @@ impl Envelope {
 
     /// Decodes stored bytes; the value shares `bytes`' buffer (no copy).
     pub fn decode(bytes: Bytes) -> Result<Envelope, EnvelopeError> {
-        if bytes.len() < HEADER_LEN {
-            return Err(EnvelopeError::Truncated(bytes.len()));
-        }
-        if &bytes[0..2] != MAGIC {
-            return Err(EnvelopeError::BadMagic);
-        }
-        if bytes[2] != FORMAT_VERSION {
-            return Err(EnvelopeError::UnsupportedVersion(bytes[2]));
-        }
-        let flags = bytes[3];
-        if flags & !KNOWN_FLAGS != 0 {
-            return Err(EnvelopeError::UnknownFlags(flags));
-        }
+        let version = check_header(&bytes)?;
         let u64_at = |offset: usize| {
             let mut word = [0u8; 8];
             word.copy_from_slice(&bytes[offset..offset + 8]);
@@ -130,21 +153,111 @@ impl Envelope {
                 stale,
             });
         }
-        let content_type_end = HEADER_LEN + usize::from(bytes[28]);
+        let (tags, content_type_at) = if version == FORMAT_VERSION_1 {
+            (Vec::new(), FIXED_LEN)
+        } else {
+            let section = tag_section(&bytes).ok_or(EnvelopeError::BadTags)?;
+            let tags = Tags(section)
+                .map(|tag| {
+                    tag.and_then(|tag| std::str::from_utf8(tag).ok())
+                        .map(str::to_owned)
+                        .ok_or(EnvelopeError::BadTags)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (tags, FIXED_LEN + 2 + section.len())
+        };
+        let content_type_len = *bytes
+            .get(content_type_at)
+            .ok_or(EnvelopeError::BadContentType)?;
+        let content_type_start = content_type_at + 1;
+        let content_type_end = content_type_start + usize::from(content_type_len);
         if content_type_end > bytes.len() {
             return Err(EnvelopeError::BadContentType);
         }
-        let content_type = std::str::from_utf8(&bytes[HEADER_LEN..content_type_end])
+        let content_type = std::str::from_utf8(&bytes[content_type_start..content_type_end])
             .map_err(|_| EnvelopeError::BadContentType)?
             .to_owned();
         Ok(Envelope {
             created_at_ms: created,
             fresh_until_ms: fresh,
             stale_until_ms: stale,
+            tags,
             content_type,
-            compressed: flags & FLAG_COMPRESSED != 0,
+            compressed: flags_of(&bytes) & FLAG_COMPRESSED != 0,
             value: bytes.slice(content_type_end..),
         })
+    }
+}
+
+/// Whether the stored bytes are an envelope that carries `tag`. Reads only
+/// the header and the tag section; anything malformed carries no tag.
+pub fn carries_tag(bytes: &[u8], tag: &str) -> bool {
+    matches!(check_header(bytes), Ok(FORMAT_VERSION))
+        && tag_section(bytes)
+            .is_some_and(|section| Tags(section).any(|candidate| candidate == Some(tag.as_bytes())))
+}
+
+/// The stored bytes with "fresh until" moved back to `now_ms`, so the entry
+/// is served as stale for the rest of its stale window; `None` when they are
+/// not an envelope or the entry is not fresh anyway.
+pub fn mark_stale(bytes: &[u8], now_ms: u64) -> Option<Bytes> {
+    check_header(bytes).ok()?;
+    let offset = FRESH_UNTIL_OFFSET;
+    let fresh_until = u64::from_le_bytes(bytes[offset..offset + 8].try_into().ok()?);
+    if fresh_until <= now_ms {
+        return None;
+    }
+    let created_at = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
+    let mut out = BytesMut::from(bytes);
+    out[offset..offset + 8].copy_from_slice(&now_ms.max(created_at).to_le_bytes());
+    Some(out.freeze())
+}
+
+/// Checks length, magic, version and flags; returns the version.
+fn check_header(bytes: &[u8]) -> Result<u8, EnvelopeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(EnvelopeError::Truncated(bytes.len()));
+    }
+    if &bytes[0..2] != MAGIC {
+        return Err(EnvelopeError::BadMagic);
+    }
+    let version = bytes[2];
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
+        return Err(EnvelopeError::UnsupportedVersion(version));
+    }
+    let flags = flags_of(bytes);
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(EnvelopeError::UnknownFlags(flags));
+    }
+    Ok(version)
+}
+
+fn flags_of(bytes: &[u8]) -> u8 {
+    bytes[3]
+}
+
+/// The tag section of a version 2 envelope whose header was checked.
+fn tag_section(bytes: &[u8]) -> Option<&[u8]> {
+    let len = u16::from_le_bytes([*bytes.get(FIXED_LEN)?, *bytes.get(FIXED_LEN + 1)?]);
+    bytes.get(FIXED_LEN + 2..FIXED_LEN + 2 + usize::from(len))
+}
+
+/// The tags of a tag section; `None` for a malformed one (then stops).
+struct Tags<'a>(&'a [u8]);
+
+impl<'a> Iterator for Tags<'a> {
+    type Item = Option<&'a [u8]>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (&len, rest) = self.0.split_first()?;
+        let len = usize::from(len);
+        if len == 0 || len > rest.len() {
+            self.0 = &[];
+            return Some(None);
+        }
+        let (tag, rest) = rest.split_at(len);
+        self.0 = rest;
+        Some(Some(tag))
     }
 }
 
@@ -157,6 +270,7 @@ mod tests {
             created_at_ms: 1_700_000_000_000,
             fresh_until_ms: 1_700_000_060_000,
             stale_until_ms: 1_700_000_090_000,
+            tags: vec!["user:42".to_owned(), "ünïcode tag".to_owned()],
             content_type: "application/json".to_owned(),
             compressed: false,
             value: Bytes::copy_from_slice(value),
@@ -172,6 +286,7 @@ mod tests {
         let mut compressed = sample(b"zz");
         compressed.compressed = true;
         compressed.content_type.clear();
+        compressed.tags.clear();
         assert_eq!(Envelope::decode(compressed.encode()).unwrap(), compressed);
     }
 
@@ -185,9 +300,16 @@ mod tests {
         assert_eq!(Envelope::decode(plain), Err(EnvelopeError::BadMagic));
     }
 
+    /// Where `sample`'s content-type length byte sits.
+    fn content_type_at(envelope: &Envelope) -> usize {
+        FIXED_LEN + 2 + envelope.tags.iter().map(|t| 1 + t.len()).sum::<usize>()
+    }
+
     #[test]
     fn rejects_unknown_versions_flags_and_bad_fields() {
-        let good = sample(b"v").encode().to_vec();
+        let envelope = sample(b"v");
+        let good = envelope.encode().to_vec();
+        let at = content_type_at(&envelope);
         let with = |index: usize, byte: u8| {
             let mut bytes = good.clone();
             bytes[index] = byte;
@@ -195,16 +317,23 @@ mod tests {
         };
         assert_eq!(with(2, 9), Err(EnvelopeError::UnsupportedVersion(9)));
         assert_eq!(with(3, 0b100), Err(EnvelopeError::UnknownFlags(0b100)));
-        assert_eq!(with(28, 200), Err(EnvelopeError::BadContentType));
+        assert_eq!(with(at, 200), Err(EnvelopeError::BadContentType));
+        assert_eq!(with(at + 1, 0xFF), Err(EnvelopeError::BadContentType));
         assert!(matches!(
             with(19, 0xFF),
             Err(EnvelopeError::InconsistentTimes { .. })
         ));
-        let mut bad_utf8 = good.clone();
-        bad_utf8[29] = 0xFF;
+        assert_eq!(with(FIXED_LEN + 1, 0xFF), Err(EnvelopeError::BadTags));
         assert_eq!(
-            Envelope::decode(Bytes::from(bad_utf8)),
-            Err(EnvelopeError::BadContentType)
+            with(FIXED_LEN + 2, 0),
+            Err(EnvelopeError::BadTags),
+            "empty tag"
+        );
+        assert_eq!(with(FIXED_LEN + 2, 200), Err(EnvelopeError::BadTags));
+        assert_eq!(
+            with(FIXED_LEN + 3, 0xFF),
+            Err(EnvelopeError::BadTags),
+            "not UTF-8"
         );
     }
 
@@ -212,16 +341,73 @@ mod tests {
     fn every_truncation_is_a_precise_error_or_a_shorter_value() {
         let envelope = sample(b"value");
         let good = envelope.encode();
-        let value_start = HEADER_LEN + envelope.content_type.len();
+        let tags_end = content_type_at(&envelope);
+        let value_start = tags_end + 1 + envelope.content_type.len();
         for len in 0..good.len() {
             let decoded = Envelope::decode(good.slice(..len));
             if len < HEADER_LEN {
                 assert_eq!(decoded, Err(EnvelopeError::Truncated(len)));
+            } else if len < tags_end {
+                assert_eq!(decoded, Err(EnvelopeError::BadTags), "at {len}");
             } else if len < value_start {
-                assert_eq!(decoded, Err(EnvelopeError::BadContentType));
+                assert_eq!(decoded, Err(EnvelopeError::BadContentType), "at {len}");
             } else {
                 assert_eq!(decoded.unwrap().value, &b"value"[..len - value_start]);
             }
         }
+    }
+
+    #[test]
+    fn still_reads_version_1_entries() {
+        let mut v1 = vec![b'c', b'g', 1, 0];
+        for time in [10u64, 20, 30] {
+            v1.extend_from_slice(&time.to_le_bytes());
+        }
+        v1.push(4);
+        v1.extend_from_slice(b"text");
+        v1.extend_from_slice(b"old value");
+        let decoded = Envelope::decode(Bytes::from(v1.clone())).unwrap();
+        assert_eq!(decoded.value, &b"old value"[..]);
+        assert_eq!(decoded.content_type, "text");
+        assert!(decoded.tags.is_empty());
+        assert!(!carries_tag(&v1, "text"));
+    }
+
+    #[test]
+    fn finds_exactly_the_tags_it_carries() {
+        let bytes = sample(b"v").encode();
+        assert!(carries_tag(&bytes, "user:42"));
+        assert!(carries_tag(&bytes, "ünïcode tag"));
+        for absent in ["user:4", "user:42x", "ser:42", "", "application/json", "v"] {
+            assert!(!carries_tag(&bytes, absent), "{absent:?}");
+        }
+        assert!(!carries_tag(
+            b"plain bytes that are no envelope at all",
+            "user:42"
+        ));
+    }
+
+    #[test]
+    fn marking_stale_moves_only_fresh_until() {
+        let envelope = sample(b"v");
+        let now = envelope.fresh_until_ms - 5_000;
+        let marked = Envelope::decode(mark_stale(&envelope.encode(), now).unwrap()).unwrap();
+        assert_eq!(marked.fresh_until_ms, now);
+        assert_eq!(
+            Envelope {
+                fresh_until_ms: envelope.fresh_until_ms,
+                ..marked
+            },
+            envelope
+        );
+        assert_eq!(
+            mark_stale(&envelope.encode(), envelope.fresh_until_ms),
+            None,
+            "already stale"
+        );
+        assert_eq!(
+            mark_stale(b"not an envelope, long enough to have a header", 1),
+            None
+        );
     }
 }

@@ -25,6 +25,14 @@ pub enum RequestError {
         "namespace `{0}` is not declared in the gateway's config (add [namespaces.{0}] or enable [default_namespace])"
     )]
     UnknownNamespace(String),
+    /// Something the request names does not exist (an invalidation job id).
+    #[error("unknown `{field}`: {reason}")]
+    NotFound {
+        /// The request field at fault.
+        field: &'static str,
+        /// What was looked for and where.
+        reason: String,
+    },
 }
 
 impl RequestError {

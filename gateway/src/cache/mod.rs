@@ -8,8 +8,9 @@
 //! (a MISS, or "not stored"), never an error: callers fall back to their
 //! origin, exactly as they would on a miss.
 
-mod envelope;
+pub(crate) mod envelope;
 mod error;
+mod invalidation;
 mod metrics;
 mod namespace;
 
@@ -20,20 +21,23 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tracing::warn;
 
-pub use self::envelope::{Envelope, EnvelopeError, MAX_CONTENT_TYPE_BYTES};
+pub use self::envelope::{
+    Envelope, EnvelopeError, MAX_CONTENT_TYPE_BYTES, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES,
+};
 pub use self::error::RequestError;
+pub use self::invalidation::{InvalidateCommand, InvalidationJobs, JobSnapshot, JobState, Target};
 pub use self::metrics::CacheMetrics;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
 use crate::{
     config::Config,
     policy::{
-        Compression, Decider, Decision, DecisionLimits, DecisionRequest, Invalidation, Operation,
-        PolicyMetrics, PolicyRegistry,
+        Compression, Decider, Decision, DecisionLimits, DecisionRequest, Operation, PolicyMetrics,
+        PolicyRegistry,
     },
-    store::{StorageKey, Store, StoreError, WriteEntry},
+    store::{Fetched, StorageKey, Store, StoreError, WriteEntry},
 };
 
 /// Request context a policy may vary on.
@@ -163,6 +167,7 @@ pub struct Cache {
     max_batch_items: usize,
     store_timeout: Duration,
     invalidation_timeout: Duration,
+    jobs: InvalidationJobs,
     metrics: CacheMetrics,
 }
 
@@ -190,6 +195,7 @@ impl Cache {
             max_batch_items: config.limits.max_batch_items,
             store_timeout: config.server.store_timeout,
             invalidation_timeout: config.policy.invalidation_timeout,
+            jobs: InvalidationJobs::new(&config.invalidation),
             metrics,
         }
     }
@@ -283,7 +289,7 @@ impl Cache {
         let invalidation = if degraded {
             InvalidationReport::default()
         } else {
-            self.invalidate(&plan.namespace, &plan.decision.invalidate)
+            self.write_side_effects(&plan.namespace, &plan.decision.invalidate)
                 .await
         };
         let outcome = match (degraded, plan.decision.bypass, deleted) {
@@ -340,7 +346,7 @@ impl Cache {
                 GetResult::miss(false, &plan.decision.decided_by)
             } else {
                 match &mut stored {
-                    Ok(values) => self.read_entry(values.next().flatten(), &plan),
+                    Ok(values) => self.read_entry(values.next().unwrap_or_default(), &plan),
                     Err(err) => self.degraded(
                         "get",
                         &plan.metric,
@@ -406,7 +412,7 @@ impl Cache {
         let invalidation = if degraded {
             InvalidationReport::default()
         } else {
-            self.invalidate(&plan.read.namespace, &plan.read.decision.invalidate)
+            self.write_side_effects(&plan.read.namespace, &plan.read.decision.invalidate)
                 .await
         };
         let outcome = match (degraded, plan.read.decision.bypass) {
@@ -422,54 +428,6 @@ impl Cache {
             policy: plan.read.decision.decided_by,
             invalidation,
         }
-    }
-
-    /// Runs a decision's invalidations, all scoped to `namespace`.
-    async fn invalidate(&self, namespace: &str, invalidation: &Invalidation) -> InvalidationReport {
-        if invalidation.is_empty() {
-            return InvalidationReport::default();
-        }
-        let mut report = InvalidationReport::default();
-        let mut errors = Vec::new();
-        let keys: Vec<StorageKey> = invalidation
-            .keys
-            .iter()
-            .map(|key| scoped_key(namespace, key))
-            .collect();
-        let work = async {
-            match self.store.delete_many(&keys).await {
-                Ok(removed) => report.removed += removed,
-                Err(err) => errors.push(format!("keys: {err}")),
-            }
-            let prefix = scoped_key(namespace, "");
-            for pattern in &invalidation.patterns {
-                match self.store.delete_matching(prefix.as_bytes(), pattern).await {
-                    Ok(removed) => report.removed += removed,
-                    Err(err) => errors.push(format!("pattern {pattern:?}: {err}")),
-                }
-            }
-        };
-        if tokio::time::timeout(self.invalidation_timeout, work)
-            .await
-            .is_err()
-        {
-            errors.push(format!(
-                "timed out after {:?} (policy.invalidation_timeout)",
-                self.invalidation_timeout
-            ));
-        }
-        if !invalidation.tags.is_empty() {
-            errors.push(format!(
-                "tag invalidation is not supported by this gateway version ({} tag(s) ignored)",
-                invalidation.tags.len()
-            ));
-        }
-        self.metrics.invalidated(report.removed);
-        if !errors.is_empty() {
-            warn!(namespace, errors = ?errors, "invalidations incomplete");
-            report.error = errors.join("; ");
-        }
-        report
     }
 
     fn check_batch(&self, items: usize) -> Result<(), RequestError> {
@@ -561,6 +519,7 @@ impl Cache {
                 created_at_ms: now,
                 fresh_until_ms: fresh_until,
                 stale_until_ms: fresh_until.saturating_add(millis(decision.stale_window)),
+                tags: decision.tags.clone(),
                 content_type: command.content_type.clone(),
                 compressed,
                 value,
@@ -569,6 +528,7 @@ impl Cache {
                 key: read.key.clone(),
                 value: envelope.encode(),
                 expire_after: fresh_ttl + decision.stale_window,
+                tags: envelope.tags,
             }
         });
         Ok(WritePlan {
@@ -595,9 +555,9 @@ impl Cache {
         Ok(())
     }
 
-    fn read_entry(&self, stored: Option<Bytes>, plan: &Plan) -> GetResult {
+    fn read_entry(&self, stored: Fetched, plan: &Plan) -> GetResult {
         let policy = &plan.decision.decided_by;
-        let Some(bytes) = stored else {
+        let Some(bytes) = stored.value else {
             return GetResult::miss(false, policy);
         };
         let envelope = match Envelope::decode(bytes) {
@@ -620,8 +580,15 @@ impl Cache {
         } else {
             envelope.value
         };
+        // A soft namespace flush ended the freshness of everything written
+        // before it.
+        let fresh_until_ms = if envelope.created_at_ms <= stored.stale_before_ms {
+            envelope.fresh_until_ms.min(stored.stale_before_ms)
+        } else {
+            envelope.fresh_until_ms
+        };
         let now = unix_millis();
-        let outcome = if now < envelope.fresh_until_ms {
+        let outcome = if now < fresh_until_ms {
             Outcome::Hit
         } else if now < envelope.stale_until_ms {
             Outcome::Stale
@@ -630,7 +597,7 @@ impl Cache {
         };
         GetResult {
             outcome,
-            ttl_remaining: Duration::from_millis(envelope.fresh_until_ms.saturating_sub(now)),
+            ttl_remaining: Duration::from_millis(fresh_until_ms.saturating_sub(now)),
             value,
             content_type: envelope.content_type,
             degraded: false,
@@ -739,18 +706,10 @@ fn jitter(max: Duration) -> Duration {
     Duration::from_millis(rand::random_range(0..=millis(max)))
 }
 
-/// The store key for `key` in `namespace`: `cg:{namespace}:{key}`.
-///
-/// Namespace names cannot contain `:`, so the prefix is unambiguous and the key
-/// is appended byte for byte: distinct (namespace, key) pairs never collide,
-/// whatever characters the key holds.
+/// The address of `key` in `namespace` (the store lays it out, see
+/// [`crate::store::layout`]).
 fn scoped_key(namespace: &str, key: &str) -> StorageKey {
-    let mut out = BytesMut::with_capacity(4 + namespace.len() + key.len());
-    out.put_slice(b"cg:");
-    out.put_slice(namespace.as_bytes());
-    out.put_u8(b':');
-    out.put_slice(key.as_bytes());
-    StorageKey::from_scoped(out.freeze())
+    StorageKey::new(Arc::from(namespace), Bytes::copy_from_slice(key.as_bytes()))
 }
 
 fn unix_millis() -> u64 {
@@ -804,20 +763,5 @@ mod tests {
         assert!(decompress(&stored, 99_999).unwrap_err().contains("100000"));
         assert_eq!(decompress(&stored, 100_000).unwrap().len(), 100_000);
         assert!(decompress(&[1, 0], 10).is_err());
-    }
-
-    #[test]
-    fn scoped_keys_keep_every_character_and_never_collide() {
-        let awkward = [
-            "a", "a:b", "a*", "a?", "[a]", "a\\b", "a b", "a\nb", "ключ", "a:",
-        ];
-        let mut seen = std::collections::HashSet::new();
-        for namespace in ["users", "users.v2"] {
-            for key in awkward {
-                let scoped = scoped_key(namespace, key);
-                assert!(scoped.as_bytes().ends_with(key.as_bytes()));
-                assert!(seen.insert(scoped), "collision for {namespace}/{key}");
-            }
-        }
     }
 }

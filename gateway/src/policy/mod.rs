@@ -33,7 +33,7 @@ pub use self::metrics::PolicyMetrics;
 pub use self::registry::{PolicyRegistry, RegistryError};
 use crate::{
     api::proto::policy as pb,
-    cache::{Attributes, NamespaceSettings},
+    cache::{Attributes, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES, NamespaceSettings},
     config::FallbackMode,
 };
 
@@ -431,6 +431,20 @@ impl Decision {
                     limits.max_key_bytes
                 ));
             }
+        }
+        for (field, tags) in [("tags", &wire.tags), ("invalidate.tags", &invalidate.tags)] {
+            if let Some(bad) = tags.iter().find(|tag| tag.len() > MAX_TAG_BYTES) {
+                return invalid(format!(
+                    "{field} holds a tag of {} bytes (tags are 1 to {MAX_TAG_BYTES} bytes)",
+                    bad.len()
+                ));
+            }
+        }
+        let tag_bytes: usize = wire.tags.iter().map(|tag| 1 + tag.len()).sum();
+        if tag_bytes > MAX_TAG_SECTION_BYTES {
+            return invalid(format!(
+                "tags take {tag_bytes} bytes, over the {MAX_TAG_SECTION_BYTES}-byte limit of an entry"
+            ));
         }
         Ok(Decision {
             key: wire.storage_key,

@@ -2,50 +2,72 @@
 //! values, with each entry's own expiry. It lets the gateway run where there
 //! is no Redis (development, single-node deployments); entries live only as
 //! long as the process.
+//!
+//! Entries use the same physical keys as in Redis ([`layout`]), so patterns
+//! and generations behave identically. There is no tag index: a tag purge
+//! walks the namespace's entries and checks each envelope's tag section, which
+//! is exact by construction and costs O(entries in the store), fine at the
+//! sizes an in-process store holds. Every write goes through moka's per-key
+//! compute lock, so a purge's read-check-write of one entry never races a
+//! concurrent Set of the same key.
 
-use std::time::{Duration, Instant};
+use std::{
+    future::ready,
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use moka::{Expiry, future::Cache};
+use moka::{
+    Expiry,
+    future::Cache,
+    ops::compute::{CompResult, Op},
+};
 
-use super::{StorageKey, Store, StoreError, WriteEntry};
+use super::{
+    Fetched, Progress, PurgeMode, StorageKey, Store, StoreError, WriteEntry,
+    generations::{Generations, NamespaceState},
+    glob, layout,
+};
+use crate::cache::envelope;
 
 /// Per-entry bookkeeping moka does not keep for us.
 const ENTRY_OVERHEAD_BYTES: usize = 64;
 
 /// Cache entries in this process's memory.
 pub struct MemoryStore {
-    entries: Cache<StorageKey, StoredValue>,
+    entries: Cache<Bytes, StoredValue>,
+    generations: Generations,
 }
 
 #[derive(Clone)]
 struct StoredValue {
     bytes: Bytes,
-    expire_after: Duration,
+    expires_at: Instant,
 }
 
-/// Each entry expires after the duration it was written with.
+/// Each entry expires when it was written to; rewriting it in place (a soft
+/// purge) keeps that time.
 struct WrittenExpiry;
 
-impl Expiry<StorageKey, StoredValue> for WrittenExpiry {
+impl Expiry<Bytes, StoredValue> for WrittenExpiry {
     fn expire_after_create(
         &self,
-        _key: &StorageKey,
+        _key: &Bytes,
         value: &StoredValue,
-        _created_at: Instant,
+        created_at: Instant,
     ) -> Option<Duration> {
-        Some(value.expire_after)
+        Some(value.expires_at.saturating_duration_since(created_at))
     }
 
     fn expire_after_update(
         &self,
-        _key: &StorageKey,
+        _key: &Bytes,
         value: &StoredValue,
-        _updated_at: Instant,
+        updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.expire_after)
+        Some(value.expires_at.saturating_duration_since(updated_at))
     }
 }
 
@@ -54,13 +76,16 @@ impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
         let entries = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &StorageKey, value: &StoredValue| {
-                let weight = key.as_bytes().len() + value.bytes.len() + ENTRY_OVERHEAD_BYTES;
+            .weigher(|key: &Bytes, value: &StoredValue| {
+                let weight = key.len() + value.bytes.len() + ENTRY_OVERHEAD_BYTES;
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
             .expire_after(WrittenExpiry)
             .build();
-        Self { entries }
+        Self {
+            entries,
+            generations: Generations::default(),
+        }
     }
 
     /// Bytes currently accounted for (after pending maintenance has run).
@@ -68,28 +93,108 @@ impl MemoryStore {
         self.entries.run_pending_tasks().await;
         self.entries.weighted_size()
     }
+
+    fn physical(&self, key: &StorageKey) -> (Bytes, NamespaceState) {
+        let state = self.generations.get(key.namespace());
+        let physical = layout::entry_key(key.namespace(), state.generation, key.key());
+        (Bytes::from(physical), state)
+    }
+
+    /// Applies `mode` to the entry under `physical` if `still_selected`
+    /// (checked under the key's lock) holds for it; whether it was affected.
+    async fn purge_one(
+        &self,
+        physical: Bytes,
+        mode: PurgeMode,
+        still_selected: impl FnOnce(&[u8]) -> bool,
+    ) -> bool {
+        let result = self
+            .entries
+            .entry(physical)
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if still_selected(&entry.value().bytes) => match mode {
+                        PurgeMode::Delete => Op::Remove,
+                        PurgeMode::MarkStale { now_ms } => {
+                            match envelope::mark_stale(&entry.value().bytes, now_ms) {
+                                Some(bytes) => Op::Put(StoredValue {
+                                    bytes,
+                                    expires_at: entry.value().expires_at,
+                                }),
+                                None => Op::Nop,
+                            }
+                        }
+                    },
+                    _ => Op::Nop,
+                };
+                ready(op)
+            })
+            .await;
+        matches!(result, CompResult::Removed(_) | CompResult::ReplacedWith(_))
+    }
+
+    /// Purges every entry of the namespace's current generation whose key
+    /// (after the prefix) and bytes pass `select`.
+    async fn purge_where(
+        &self,
+        namespace: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+        select: impl Fn(&[u8], &[u8]) -> bool,
+    ) -> u64 {
+        let state = self.generations.get(namespace);
+        let prefix = layout::entry_prefix(namespace, state.generation);
+        // A full walk: the in-process store has no index to narrow it.
+        let selected: Vec<Bytes> = self
+            .entries
+            .iter()
+            .filter(|(key, value)| {
+                key.strip_prefix(prefix.as_slice())
+                    .is_some_and(|rest| select(rest, &value.bytes))
+            })
+            .map(|(key, _)| Bytes::clone(&key))
+            .collect();
+        let mut affected = 0;
+        for physical in selected {
+            let rest = physical.slice(prefix.len()..);
+            let hit = self
+                .purge_one(physical, mode, |bytes| select(&rest, bytes))
+                .await;
+            progress.add(1, u64::from(hit));
+            affected += u64::from(hit);
+        }
+        affected
+    }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn get(&self, key: &StorageKey) -> Result<Option<Bytes>, StoreError> {
-        Ok(self.entries.get(key).await.map(|value| value.bytes))
+    async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
+        let (physical, state) = self.physical(key);
+        Ok(Fetched {
+            value: self.entries.get(&physical).await.map(|value| value.bytes),
+            stale_before_ms: state.stale_before_ms,
+        })
     }
 
-    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
+    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
         let mut values = Vec::with_capacity(keys.len());
         for key in keys {
-            values.push(self.entries.get(key).await.map(|value| value.bytes));
+            values.push(self.get(key).await?);
         }
         Ok(values)
     }
 
     async fn set(&self, entry: WriteEntry) -> Result<(), StoreError> {
+        let (physical, _) = self.physical(&entry.key);
         let value = StoredValue {
             bytes: entry.value,
-            expire_after: entry.expire_after,
+            expires_at: Instant::now() + entry.expire_after,
         };
-        self.entries.insert(entry.key, value).await;
+        self.entries
+            .entry(physical)
+            .and_compute_with(|_| ready(Op::Put(value)))
+            .await;
         Ok(())
     }
 
@@ -101,30 +206,56 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        Ok(self.entries.remove(key).await.is_some())
+        let (physical, _) = self.physical(key);
+        Ok(self.purge_one(physical, PurgeMode::Delete, |_| true).await)
     }
 
-    async fn delete_many(&self, keys: &[StorageKey]) -> Result<u64, StoreError> {
-        let mut removed = 0;
+    async fn purge_keys(&self, keys: &[StorageKey], mode: PurgeMode) -> Result<u64, StoreError> {
+        let mut affected = 0;
         for key in keys {
-            removed += u64::from(self.entries.remove(key).await.is_some());
+            let (physical, _) = self.physical(key);
+            affected += u64::from(self.purge_one(physical, mode, |_| true).await);
         }
-        Ok(removed)
+        Ok(affected)
     }
 
-    async fn delete_matching(&self, prefix: &[u8], pattern: &str) -> Result<u64, StoreError> {
-        // A full walk: the in-process store has no index to narrow it.
-        let matching: Vec<StorageKey> = self
-            .entries
-            .iter()
-            .filter(|(key, _)| {
-                key.as_bytes()
-                    .strip_prefix(prefix)
-                    .is_some_and(|rest| super::glob::matches(pattern.as_bytes(), rest))
+    async fn purge_matching(
+        &self,
+        namespace: &str,
+        pattern: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+    ) -> Result<u64, StoreError> {
+        let pattern = pattern.as_bytes();
+        Ok(self
+            .purge_where(namespace, mode, progress, |key, _| {
+                glob::matches(pattern, key)
             })
-            .map(|(key, _)| StorageKey::clone(&key))
-            .collect();
-        self.delete_many(&matching).await
+            .await)
+    }
+
+    async fn purge_tag(
+        &self,
+        namespace: &str,
+        tag: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .purge_where(namespace, mode, progress, |_, bytes| {
+                envelope::carries_tag(bytes, tag)
+            })
+            .await)
+    }
+
+    async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError> {
+        let state = self.generations.update(namespace, |state| match mode {
+            PurgeMode::Delete => state.generation += 1,
+            PurgeMode::MarkStale { now_ms } => {
+                state.stale_before_ms = state.stale_before_ms.max(now_ms);
+            }
+        });
+        Ok(state.generation)
     }
 
     fn name(&self) -> &'static str {
@@ -134,81 +265,196 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
 
-    fn key(text: &str) -> StorageKey {
-        StorageKey::from_scoped(Bytes::copy_from_slice(text.as_bytes()))
+    use super::*;
+    use crate::cache::Envelope;
+
+    fn key(namespace: &str, text: &str) -> StorageKey {
+        StorageKey::new(
+            Arc::from(namespace),
+            Bytes::copy_from_slice(text.as_bytes()),
+        )
     }
 
-    fn entry(text: &str, value: &[u8], ttl: Duration) -> WriteEntry {
+    fn entry(namespace: &str, text: &str, value: &[u8], ttl: Duration) -> WriteEntry {
         WriteEntry {
-            key: key(text),
+            key: key(namespace, text),
             value: Bytes::copy_from_slice(value),
             expire_after: ttl,
+            tags: Vec::new(),
         }
+    }
+
+    fn tagged(namespace: &str, text: &str, tags: &[&str]) -> WriteEntry {
+        let envelope = Envelope {
+            created_at_ms: 1,
+            fresh_until_ms: u64::MAX / 2,
+            stale_until_ms: u64::MAX / 2,
+            tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+            content_type: String::new(),
+            compressed: false,
+            value: Bytes::from_static(b"v"),
+        };
+        WriteEntry {
+            key: key(namespace, text),
+            value: envelope.encode(),
+            expire_after: Duration::from_secs(60),
+            tags: envelope.tags,
+        }
+    }
+
+    async fn present(store: &MemoryStore, namespace: &str, text: &str) -> bool {
+        store
+            .get(&key(namespace, text))
+            .await
+            .unwrap()
+            .value
+            .is_some()
     }
 
     #[tokio::test]
     async fn stores_reads_and_deletes() {
         let store = MemoryStore::new(1 << 20);
         store
-            .set(entry("a", b"1", Duration::from_secs(60)))
+            .set(entry("a", "k", b"1", Duration::from_secs(60)))
             .await
             .unwrap();
         assert_eq!(
-            store.get(&key("a")).await.unwrap().as_deref(),
+            store.get(&key("a", "k")).await.unwrap().value.as_deref(),
             Some(&b"1"[..])
         );
-        assert!(store.delete(&key("a")).await.unwrap());
-        assert!(!store.delete(&key("a")).await.unwrap());
-        assert_eq!(store.get(&key("a")).await.unwrap(), None);
+        assert!(!present(&store, "b", "k").await, "namespaces are separate");
+        assert!(store.delete(&key("a", "k")).await.unwrap());
+        assert!(!store.delete(&key("a", "k")).await.unwrap());
+        assert!(!present(&store, "a", "k").await);
     }
 
     #[tokio::test]
     async fn entries_expire_after_their_own_ttl() {
         let store = MemoryStore::new(1 << 20);
         store
-            .set(entry("short", b"x", Duration::from_millis(30)))
+            .set(entry("a", "short", b"x", Duration::from_millis(30)))
             .await
             .unwrap();
         store
-            .set(entry("long", b"y", Duration::from_secs(60)))
+            .set(entry("a", "long", b"y", Duration::from_secs(60)))
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while store.get(&key("short")).await.unwrap().is_some() {
+        while present(&store, "a", "short").await {
             assert!(Instant::now() < deadline, "entry outlived its ttl");
             tokio::task::yield_now().await;
         }
-        assert!(store.get(&key("long")).await.unwrap().is_some());
+        assert!(present(&store, "a", "long").await);
     }
 
     #[tokio::test]
-    async fn pattern_deletes_stay_inside_the_prefix() {
+    async fn pattern_purges_stay_inside_the_namespace() {
         let store = MemoryStore::new(1 << 20);
-        for text in [
-            "cg:a:profile:1:x",
-            "cg:a:profile:1:y",
-            "cg:a:profile:2:x",
-            "cg:b:profile:1:x",
+        for (namespace, text) in [
+            ("a", "profile:1:x"),
+            ("a", "profile:1:y"),
+            ("a", "profile:2:x"),
+            ("b", "profile:1:x"),
         ] {
             store
-                .set(entry(text, b"v", Duration::from_secs(60)))
+                .set(entry(namespace, text, b"v", Duration::from_secs(60)))
+                .await
+                .unwrap();
+        }
+        let progress = Progress::default();
+        let purged = store
+            .purge_matching("a", "profile:1:*", PurgeMode::Delete, &progress)
+            .await
+            .unwrap();
+        assert_eq!(
+            (purged, progress.examined(), progress.affected()),
+            (2, 2, 2)
+        );
+        assert!(present(&store, "a", "profile:2:x").await);
+        assert!(present(&store, "b", "profile:1:x").await);
+        // A pattern that tries to name another namespace matches nothing.
+        for pattern in ["cg:b:*", "*:b:*", "../b/*"] {
+            let purged = store
+                .purge_matching("a", pattern, PurgeMode::Delete, &Progress::default())
+                .await
+                .unwrap();
+            assert_eq!(purged, 0, "{pattern}");
+        }
+        assert!(present(&store, "b", "profile:1:x").await);
+    }
+
+    #[tokio::test]
+    async fn tag_purges_take_exactly_the_tagged_entries() {
+        let store = MemoryStore::new(1 << 20);
+        store.set(tagged("a", "one", &["t", "u"])).await.unwrap();
+        store.set(tagged("a", "two", &["u"])).await.unwrap();
+        store.set(tagged("a", "three", &["t"])).await.unwrap();
+        store.set(tagged("b", "one", &["t"])).await.unwrap();
+        // Retagged: no longer carries `t`.
+        store.set(tagged("a", "three", &["v"])).await.unwrap();
+        let purged = store
+            .purge_tag("a", "t", PurgeMode::Delete, &Progress::default())
+            .await
+            .unwrap();
+        assert_eq!(purged, 1);
+        assert!(!present(&store, "a", "one").await);
+        assert!(present(&store, "a", "two").await);
+        assert!(present(&store, "a", "three").await);
+        assert!(
+            present(&store, "b", "one").await,
+            "other namespace untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn soft_purges_keep_the_entry_but_end_its_freshness() {
+        let store = MemoryStore::new(1 << 20);
+        store.set(tagged("a", "one", &["t"])).await.unwrap();
+        let mode = PurgeMode::MarkStale { now_ms: 1_000 };
+        let purged = store
+            .purge_tag("a", "t", mode, &Progress::default())
+            .await
+            .unwrap();
+        assert_eq!(purged, 1);
+        let stored = store.get(&key("a", "one")).await.unwrap().value.unwrap();
+        assert_eq!(Envelope::decode(stored).unwrap().fresh_until_ms, 1_000);
+        let again = store
+            .purge_tag("a", "t", mode, &Progress::default())
+            .await
+            .unwrap();
+        assert_eq!(again, 0, "already stale");
+    }
+
+    #[tokio::test]
+    async fn a_namespace_flush_hides_every_entry_at_once() {
+        let store = MemoryStore::new(1 << 20);
+        for namespace in ["a", "b"] {
+            store
+                .set(entry(namespace, "k", b"v", Duration::from_secs(60)))
                 .await
                 .unwrap();
         }
         assert_eq!(
-            store
-                .delete_matching(b"cg:a:", "profile:1:*")
-                .await
-                .unwrap(),
-            2
+            store.flush_namespace("a", PurgeMode::Delete).await.unwrap(),
+            1
         );
-        assert!(store.get(&key("cg:a:profile:2:x")).await.unwrap().is_some());
-        assert!(store.get(&key("cg:b:profile:1:x")).await.unwrap().is_some());
-        // A pattern that tries to name another namespace matches nothing.
-        assert_eq!(store.delete_matching(b"cg:a:", "cg:b:*").await.unwrap(), 0);
-        assert!(store.get(&key("cg:b:profile:1:x")).await.unwrap().is_some());
+        assert!(!present(&store, "a", "k").await);
+        assert!(present(&store, "b", "k").await);
+        store
+            .set(entry("a", "k", b"new", Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(
+            present(&store, "a", "k").await,
+            "new writes land in the new generation"
+        );
+        store
+            .flush_namespace("b", PurgeMode::MarkStale { now_ms: 77 })
+            .await
+            .unwrap();
+        assert_eq!(store.get(&key("b", "k")).await.unwrap().stale_before_ms, 77);
     }
 
     #[tokio::test]
@@ -218,7 +464,12 @@ mod tests {
         let value = vec![7u8; 1000];
         for i in 0..1000 {
             store
-                .set(entry(&format!("k{i}"), &value, Duration::from_secs(60)))
+                .set(entry(
+                    "a",
+                    &format!("k{i}"),
+                    &value,
+                    Duration::from_secs(60),
+                ))
                 .await
                 .unwrap();
         }

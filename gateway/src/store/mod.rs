@@ -1,15 +1,27 @@
 //! The storage layer: a small trait over "bytes under a key with an expiry",
-//! with two implementations: [`RedisStore`] (the product's default, through a
-//! deadpool-redis pool) and [`MemoryStore`] (in-process, bounded by bytes).
+//! with namespaces, tags and generations, and two implementations:
+//! [`RedisStore`] (the product's default, through a deadpool-redis pool) and
+//! [`MemoryStore`] (in-process, bounded by bytes).
 //!
-//! Stores know nothing of namespaces, envelopes or policies; the cache layer
-//! hands them finished [`StorageKey`]s and encoded entries.
+//! Stores own the physical layout ([`layout`]): where an entry of a namespace
+//! lives, how its namespace's *generation* is folded into the key (bumping it
+//! flushes the namespace in O(1)), and how tags are indexed. They know the
+//! envelope only through its fixed header (tags and "fresh until"), for tag
+//! purges and soft purges; the cache layer encodes and decodes it.
 
+mod generations;
 pub mod glob;
+pub mod layout;
 mod memory;
 mod redis;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,19 +29,28 @@ use bytes::Bytes;
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
-/// The exact key an entry is stored under, built only by the cache layer.
+/// An entry's logical address: its namespace and the key its policy decided.
+/// Built only by the cache layer, after the namespace and key were checked.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StorageKey(Bytes);
+pub struct StorageKey {
+    namespace: Arc<str>,
+    key: Bytes,
+}
 
 impl StorageKey {
-    /// Wraps bytes that the cache layer has already scoped to a namespace.
-    pub(crate) fn from_scoped(bytes: Bytes) -> Self {
-        Self(bytes)
+    /// An entry address; `namespace` is a checked namespace name.
+    pub(crate) fn new(namespace: Arc<str>, key: Bytes) -> Self {
+        Self { namespace, key }
     }
 
-    /// The key's bytes as the store sees them.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The key inside the namespace.
+    pub fn key(&self) -> &[u8] {
+        &self.key
     }
 }
 
@@ -38,10 +59,60 @@ impl StorageKey {
 pub struct WriteEntry {
     /// Where to write it.
     pub key: StorageKey,
-    /// The encoded entry.
+    /// The encoded entry (an envelope that lists `tags`).
     pub value: Bytes,
     /// When the store should drop it.
     pub expire_after: Duration,
+    /// The entry's tags, to index with it.
+    pub tags: Vec<String>,
+}
+
+/// What a read found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// The stored bytes, if any.
+    pub value: Option<Bytes>,
+    /// Entries of the namespace created at or before this time (ms since the
+    /// Unix epoch) were soft-purged by a namespace flush: they are stale.
+    pub stale_before_ms: u64,
+}
+
+/// What a purge does to the entries it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeMode {
+    /// Remove them.
+    Delete,
+    /// Mark the fresh ones stale as of `now_ms`: they stay servable as stale
+    /// for the rest of their stale window.
+    MarkStale {
+        /// The current time, ms since the Unix epoch.
+        now_ms: u64,
+    },
+}
+
+/// How far a long purge has got; shared with whoever follows the job.
+#[derive(Debug, Default)]
+pub struct Progress {
+    examined: AtomicU64,
+    affected: AtomicU64,
+}
+
+impl Progress {
+    /// Candidates looked at so far (keys a scan matched, tag members).
+    pub fn examined(&self) -> u64 {
+        self.examined.load(Ordering::Relaxed)
+    }
+
+    /// Entries removed or marked stale so far.
+    pub fn affected(&self) -> u64 {
+        self.affected.load(Ordering::Relaxed)
+    }
+
+    /// Counts `examined` candidates, of which `affected` were purged.
+    pub fn add(&self, examined: u64, affected: u64) {
+        self.examined.fetch_add(examined, Ordering::Relaxed);
+        self.affected.fetch_add(affected, Ordering::Relaxed);
+    }
 }
 
 /// Why a store operation failed. Every variant means "the store could not
@@ -74,28 +145,49 @@ impl StoreError {
     }
 }
 
-/// A key-value store with per-entry expiry.
+/// A key-value store with per-entry expiry, namespaces and tags.
 ///
 /// Implementations must be cancel-safe: the cache layer drops a call's future
-/// when the request's time budget runs out.
+/// when the request's time budget runs out. A write is atomic with its tag
+/// index: no reader ever sees the entry without its tags indexed.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Reads one entry.
-    async fn get(&self, key: &StorageKey) -> Result<Option<Bytes>, StoreError>;
+    /// Reads one entry of the namespace's current generation.
+    async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError>;
     /// Reads many entries in one round trip; results in `keys` order.
-    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Option<Bytes>>, StoreError>;
-    /// Writes one entry, replacing any previous one.
+    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError>;
+    /// Writes one entry (and indexes its tags), replacing any previous one.
     async fn set(&self, entry: WriteEntry) -> Result<(), StoreError>;
     /// Writes many entries in one round trip.
     async fn set_many(&self, entries: Vec<WriteEntry>) -> Result<(), StoreError>;
     /// Removes one entry; `true` when it existed.
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError>;
-    /// Removes many entries in one round trip; how many existed.
-    async fn delete_many(&self, keys: &[StorageKey]) -> Result<u64, StoreError>;
-    /// Removes every entry whose key starts with `prefix` and continues with
-    /// something matching `pattern` (Redis glob syntax, see [`glob`]); how
-    /// many there were. `prefix` is literal: no pattern can reach outside it.
-    async fn delete_matching(&self, prefix: &[u8], pattern: &str) -> Result<u64, StoreError>;
+    /// Removes (or marks stale) the given entries; how many were affected.
+    async fn purge_keys(&self, keys: &[StorageKey], mode: PurgeMode) -> Result<u64, StoreError>;
+    /// Removes (or marks stale) every entry of `namespace` whose key matches
+    /// `pattern` (Redis glob syntax, see [`glob`]); how many were affected.
+    /// The namespace is a literal scope: no pattern reaches outside it.
+    async fn purge_matching(
+        &self,
+        namespace: &str,
+        pattern: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+    ) -> Result<u64, StoreError>;
+    /// Removes (or marks stale) every entry of `namespace` written with
+    /// `tag`; how many were affected.
+    async fn purge_tag(
+        &self,
+        namespace: &str,
+        tag: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+    ) -> Result<u64, StoreError>;
+    /// Flushes a whole namespace in O(1): [`PurgeMode::Delete`] bumps its
+    /// generation, so every existing entry becomes unreachable at once (and
+    /// ages out by its TTL); [`PurgeMode::MarkStale`] makes every existing
+    /// entry stale. Returns the namespace's generation afterwards.
+    async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError>;
     /// A short name for logs and metrics (`redis`, `memory`).
     fn name(&self) -> &'static str;
 }

@@ -17,10 +17,10 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use arc_swap::ArcSwapOption;
@@ -32,7 +32,11 @@ use deadpool_redis::{
 };
 use tracing::{debug, warn};
 
-use super::{StorageKey, Store, StoreError, WriteEntry};
+use super::{
+    Fetched, Progress, PurgeMode, StorageKey, Store, StoreError, WriteEntry,
+    generations::{Generations, NamespaceState},
+    layout,
+};
 use crate::config::RedisConfig;
 
 /// Cache entries in Redis, through a pool of multiplexed connections.
@@ -42,6 +46,7 @@ pub struct RedisStore {
     next_lane: AtomicUsize,
     health_check_interval: Option<Duration>,
     epoch: Instant,
+    generations: Generations,
 }
 
 /// Where a lane lives: the lane itself (swapped without locks on the hot
@@ -85,6 +90,7 @@ impl RedisStore {
             health_check_interval: (!config.health_check_interval.is_zero())
                 .then_some(config.health_check_interval),
             epoch: Instant::now(),
+            generations: Generations::default(),
         })
     }
 
@@ -177,94 +183,356 @@ impl RedisStore {
     }
 }
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn get(&self, key: &StorageKey) -> Result<Option<Bytes>, StoreError> {
-        self.run(async |conn| {
-            redis::cmd("GET")
-                .arg(key.as_bytes())
-                .query_async::<Option<Bytes>>(conn)
-                .await
-        })
-        .await
+/// Removes or marks stale one entry, only if it is a cachegw envelope and, when
+/// a tag is given, only if it still carries that tag (an entry rewritten
+/// without the tag since it was indexed is left alone). Reads just the
+/// envelope's header and tag section (see `cache/envelope.rs` for the layout).
+///
+/// KEYS[1]: the entry. ARGV: mode (`d` delete, `s` mark stale), now (ms,
+/// decimal), now (8 bytes little-endian), tag (empty: any entry).
+const PURGE_SCRIPT: &str = r"
+local header = redis.call('GETRANGE', KEYS[1], 0, 29)
+if string.len(header) < 29 or string.sub(header, 1, 2) ~= 'cg' then return 0 end
+local version = string.byte(header, 3)
+if version ~= 1 and version ~= 2 then return 0 end
+local tag = ARGV[4]
+if tag ~= '' then
+  if version ~= 2 or string.len(header) < 30 then return 0 end
+  local len = string.byte(header, 29) + 256 * string.byte(header, 30)
+  if len == 0 then return 0 end
+  local section = redis.call('GETRANGE', KEYS[1], 30, 29 + len)
+  local pos, found = 1, false
+  while pos <= string.len(section) do
+    local n = string.byte(section, pos)
+    if n == 0 then break end
+    if string.sub(section, pos + 1, pos + n) == tag then found = true break end
+    pos = pos + 1 + n
+  end
+  if not found then return 0 end
+end
+if ARGV[1] == 'd' then return redis.call('UNLINK', KEYS[1]) end
+local now = tonumber(ARGV[2])
+local created, fresh = 0, 0
+for i = 12, 5, -1 do created = created * 256 + string.byte(header, i) end
+for i = 20, 13, -1 do fresh = fresh * 256 + string.byte(header, i) end
+if fresh <= now or created > now then return 0 end
+redis.call('SETRANGE', KEYS[1], 12, ARGV[3])
+return 1
+";
+
+/// Moves a namespace's soft-flush time forward (never back) and returns its
+/// generation. KEYS[1]: the namespace state hash. ARGV[1]: now (ms).
+const SOFT_FLUSH_SCRIPT: &str = r"
+local current = tonumber(redis.call('HGET', KEYS[1], 'stale') or '0')
+if tonumber(ARGV[1]) > current then redis.call('HSET', KEYS[1], 'stale', ARGV[1]) end
+return tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+";
+
+/// How often a read or write is retried when it finds that the namespace's
+/// generation moved under it (a concurrent flush) before giving up on it.
+const GENERATION_ATTEMPTS: usize = 3;
+
+impl RedisStore {
+    /// Adds `HMGET {state} gen stale` to `pipeline`.
+    fn read_state(pipeline: &mut redis::Pipeline, namespace: &str) {
+        pipeline
+            .cmd("HMGET")
+            .arg(layout::namespace_state_key(namespace))
+            .arg(layout::GENERATION_FIELD)
+            .arg(layout::STALE_BEFORE_FIELD);
     }
 
-    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
+    /// Records the reply of [`Self::read_state`].
+    fn learn(&self, namespace: &str, reply: &[Option<u64>]) -> NamespaceState {
+        let state = NamespaceState {
+            generation: reply.first().copied().flatten().unwrap_or(0),
+            stale_before_ms: reply.get(1).copied().flatten().unwrap_or(0),
+        };
+        self.generations.learn(namespace, state);
+        state
+    }
+
+    /// The current state of `namespace`, read from Redis.
+    async fn current_state(&self, namespace: &str) -> Result<NamespaceState, StoreError> {
+        let mut pipeline = redis::pipe();
+        Self::read_state(&mut pipeline, namespace);
+        let (reply,): (Vec<Option<u64>>,) = self
+            .run(async |conn| pipeline.query_async(conn).await)
+            .await?;
+        Ok(self.learn(namespace, &reply))
+    }
+
+    /// Adds the commands writing `entry` in `generation` to `pipeline`: a
+    /// plain SET, or for a tagged entry a MULTI/EXEC block that writes it and
+    /// indexes it under each tag (scored by its expiry), drops index members
+    /// that have expired, and keeps each index alive as long as its
+    /// longest-lived entry. A transaction suffices (no script): nothing in it
+    /// depends on what Redis holds, and a purge checks each entry's own tags
+    /// before touching it.
+    fn write_commands(
+        pipeline: &mut redis::Pipeline,
+        entry: &WriteEntry,
+        generation: u64,
+        now_ms: u64,
+    ) {
+        let namespace = entry.key.namespace();
+        let ttl = expiry_millis(entry.expire_after);
+        let tagged = !entry.tags.is_empty();
+        if tagged {
+            pipeline.cmd("MULTI").ignore();
+        }
+        pipeline
+            .cmd("SET")
+            .arg(layout::entry_key(namespace, generation, entry.key.key()))
+            .arg(entry.value.as_ref())
+            .arg("PX")
+            .arg(ttl)
+            .ignore();
+        if tagged {
+            let expires_at = now_ms.saturating_add(ttl);
+            for tag in &entry.tags {
+                let index = layout::tag_index_key(namespace, generation, tag);
+                pipeline
+                    .cmd("ZADD")
+                    .arg(&index)
+                    .arg(expires_at)
+                    .arg(entry.key.key())
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&index)
+                    .arg("-inf")
+                    .arg(format!("({now_ms}"))
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(&index)
+                    .arg(ttl)
+                    .arg("NX")
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(&index)
+                    .arg(ttl)
+                    .arg("GT")
+                    .ignore();
+            }
+            pipeline.cmd("EXEC").ignore();
+        }
+    }
+
+    /// Writes `entries` in one round trip, each in its namespace's current
+    /// generation; entries whose generation moved meanwhile are rewritten.
+    async fn write(&self, mut entries: Vec<WriteEntry>) -> Result<(), StoreError> {
+        for _ in 0..GENERATION_ATTEMPTS {
+            let namespaces = distinct_namespaces(entries.iter().map(|entry| &entry.key));
+            let guesses: Vec<NamespaceState> = namespaces
+                .iter()
+                .map(|namespace| self.generations.get(namespace))
+                .collect();
+            let mut pipeline = redis::pipe();
+            for namespace in &namespaces {
+                Self::read_state(&mut pipeline, namespace);
+            }
+            let now_ms = unix_millis();
+            for entry in &entries {
+                let at = position(&namespaces, entry.key.namespace());
+                Self::write_commands(&mut pipeline, entry, guesses[at].generation, now_ms);
+            }
+            let replies: Vec<Vec<Option<u64>>> = self
+                .run(async |conn| pipeline.query_async(conn).await)
+                .await?;
+            let moved: Vec<&str> = namespaces
+                .iter()
+                .zip(&guesses)
+                .zip(&replies)
+                .filter(|((namespace, guess), reply)| {
+                    self.learn(namespace, reply).generation != guess.generation
+                })
+                .map(|((namespace, _), _)| namespace.as_ref())
+                .collect();
+            if moved.is_empty() {
+                return Ok(());
+            }
+            // Those entries went to a generation that was flushed meanwhile
+            // (unreachable, they age out): write them again.
+            entries.retain(|entry| moved.contains(&entry.key.namespace()));
+        }
+        Err(StoreError::Command(
+            "namespace flushed repeatedly during the write".to_owned(),
+        ))
+    }
+
+    /// Reads `keys` in one round trip from their namespaces' current
+    /// generations; keys whose generation moved meanwhile are read again.
+    async fn read(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
+        let mut results: Vec<Option<Fetched>> = vec![None; keys.len()];
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        for _ in 0..GENERATION_ATTEMPTS {
+            let namespaces = distinct_namespaces(pending.iter().map(|&i| &keys[i]));
+            let guesses: Vec<NamespaceState> = namespaces
+                .iter()
+                .map(|namespace| self.generations.get(namespace))
+                .collect();
+            let mut pipeline = redis::pipe();
+            for namespace in &namespaces {
+                Self::read_state(&mut pipeline, namespace);
+            }
+            for &i in &pending {
+                let key = &keys[i];
+                let generation = guesses[position(&namespaces, key.namespace())].generation;
+                pipeline
+                    .cmd("GET")
+                    .arg(layout::entry_key(key.namespace(), generation, key.key()));
+            }
+            let replies: Vec<redis::Value> = self
+                .run(async |conn| pipeline.query_async(conn).await)
+                .await?;
+            let mut replies = replies.into_iter();
+            let mut states = Vec::with_capacity(namespaces.len());
+            for (namespace, guess) in namespaces.iter().zip(&guesses) {
+                let reply: Vec<Option<u64>> = parse(replies.next())?;
+                let state = self.learn(namespace, &reply);
+                states.push((state, state.generation == guess.generation));
+            }
+            let mut still_pending = Vec::new();
+            for &i in &pending {
+                let value: Option<Bytes> = parse(replies.next())?;
+                let (state, current) = states[position(&namespaces, keys[i].namespace())];
+                if current {
+                    results[i] = Some(Fetched {
+                        value,
+                        stale_before_ms: state.stale_before_ms,
+                    });
+                } else {
+                    still_pending.push(i);
+                }
+            }
+            pending = still_pending;
+            if pending.is_empty() {
+                break;
+            }
+        }
+        // Whatever a flush storm kept moving reads as absent: never an entry
+        // from a generation that was flushed.
+        Ok(results.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Applies `mode` to the entries of `namespace` (generation `generation`)
+    /// with the given keys, optionally only to those carrying `tag`.
+    async fn purge_batch(
+        &self,
+        namespace: &str,
+        generation: u64,
+        keys: &[Bytes],
+        mode: PurgeMode,
+        tag: &str,
+    ) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let script = purge_script();
+        let (flag, now_ms) = match mode {
+            PurgeMode::Delete => ("d", 0),
+            PurgeMode::MarkStale { now_ms } => ("s", now_ms),
+        };
+        let mut pipeline = redis::pipe();
+        // Loaded in the same pipeline: a restarted Redis has lost its script cache.
+        pipeline.load_script(script).ignore();
+        for key in keys {
+            let mut invocation = script.key(layout::entry_key(namespace, generation, key));
+            invocation
+                .arg(flag)
+                .arg(now_ms)
+                .arg(now_ms.to_le_bytes().as_slice())
+                .arg(tag);
+            pipeline.invoke_script(&invocation);
+        }
+        let affected: Vec<u64> = self
+            .run(async |conn| pipeline.query_async(conn).await)
+            .await?;
+        Ok(affected.iter().sum())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
+        let mut fetched = self.read(std::slice::from_ref(key)).await?;
+        Ok(fetched.pop().unwrap_or_default())
+    }
+
+    async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = redis::pipe();
-        for key in keys {
-            pipeline.cmd("GET").arg(key.as_bytes());
-        }
-        self.run(async |conn| pipeline.query_async::<Vec<Option<Bytes>>>(conn).await)
-            .await
+        self.read(keys).await
     }
 
     async fn set(&self, entry: WriteEntry) -> Result<(), StoreError> {
-        let mut command = redis::cmd("SET");
-        command
-            .arg(entry.key.as_bytes())
-            .arg(entry.value.as_ref())
-            .arg("PX")
-            .arg(expiry_millis(entry.expire_after));
-        self.run(async |conn| command.exec_async(conn).await).await
+        self.write(vec![entry]).await
     }
 
     async fn set_many(&self, entries: Vec<WriteEntry>) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut pipeline = redis::pipe();
-        for entry in &entries {
-            pipeline
-                .cmd("SET")
-                .arg(entry.key.as_bytes())
-                .arg(entry.value.as_ref())
-                .arg("PX")
-                .arg(expiry_millis(entry.expire_after))
-                .ignore();
-        }
-        self.run(async |conn| pipeline.exec_async(conn).await).await
+        self.write(entries).await
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        // UNLINK frees large values off Redis's main thread.
-        self.run(async |conn| {
-            redis::cmd("UNLINK")
-                .arg(key.as_bytes())
-                .query_async::<u64>(conn)
-                .await
-        })
-        .await
-        .map(|removed| removed > 0)
+        let namespace = key.namespace();
+        let mut guess = self.generations.get(namespace);
+        for _ in 0..GENERATION_ATTEMPTS {
+            let mut pipeline = redis::pipe();
+            Self::read_state(&mut pipeline, namespace);
+            // UNLINK frees large values off Redis's main thread.
+            pipeline
+                .cmd("UNLINK")
+                .arg(layout::entry_key(namespace, guess.generation, key.key()));
+            let (reply, removed): (Vec<Option<u64>>, u64) = self
+                .run(async |conn| pipeline.query_async(conn).await)
+                .await?;
+            let state = self.learn(namespace, &reply);
+            if state.generation == guess.generation {
+                return Ok(removed > 0);
+            }
+            guess = state;
+        }
+        // The namespace keeps being flushed: nothing of it is reachable anyway.
+        Ok(false)
     }
 
-    async fn delete_many(&self, keys: &[StorageKey]) -> Result<u64, StoreError> {
-        if keys.is_empty() {
-            return Ok(0);
+    async fn purge_keys(&self, keys: &[StorageKey], mode: PurgeMode) -> Result<u64, StoreError> {
+        let mut affected = 0;
+        for namespace in distinct_namespaces(keys.iter()) {
+            let state = self.current_state(&namespace).await?;
+            let batch: Vec<Bytes> = keys
+                .iter()
+                .filter(|key| key.namespace() == &*namespace)
+                .map(|key| Bytes::copy_from_slice(key.key()))
+                .collect();
+            affected += self
+                .purge_batch(&namespace, state.generation, &batch, mode, "")
+                .await?;
         }
-        // One UNLINK per key in a pipeline rather than one multi-key UNLINK:
-        // keys of a batch may live on different Redis Cluster slots.
-        let mut pipeline = redis::pipe();
-        for key in keys {
-            pipeline.cmd("UNLINK").arg(key.as_bytes());
-        }
-        let removed: Vec<u64> = self
-            .run(async |conn| pipeline.query_async(conn).await)
-            .await?;
-        Ok(removed.iter().sum())
+        Ok(affected)
     }
 
-    async fn delete_matching(&self, prefix: &[u8], pattern: &str) -> Result<u64, StoreError> {
-        // SCAN with a bounded COUNT and one UNLINK per batch: never KEYS, never
-        // one huge command. The prefix is a namespace scope made of
-        // `[A-Za-z0-9_.-:]`, which holds no glob metacharacters.
-        let mut matcher = Vec::with_capacity(prefix.len() + pattern.len());
-        matcher.extend_from_slice(prefix);
+    async fn purge_matching(
+        &self,
+        namespace: &str,
+        pattern: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+    ) -> Result<u64, StoreError> {
+        // SCAN with a bounded COUNT and one UNLINK (or one pipeline of purge
+        // scripts) per batch: never KEYS, never one huge command. The prefix
+        // (`cg:{namespace}:{generation}:`) holds no glob metacharacters, so
+        // the pattern cannot reach outside it.
+        let generation = self.current_state(namespace).await?.generation;
+        let prefix = layout::entry_prefix(namespace, generation);
+        let mut matcher = prefix.clone();
         matcher.extend_from_slice(pattern.as_bytes());
         let mut cursor: u64 = 0;
-        let mut removed = 0;
+        let mut affected = 0;
         loop {
             let (next, keys): (u64, Vec<Bytes>) = self
                 .run(async |conn| {
@@ -279,25 +547,203 @@ impl Store for RedisStore {
                 })
                 .await?;
             if !keys.is_empty() {
-                let mut unlink = redis::cmd("UNLINK");
-                for key in &keys {
-                    unlink.arg(key.as_ref());
-                }
-                removed += self
-                    .run(async |conn| unlink.query_async::<u64>(conn).await)
-                    .await?;
+                let removed = match mode {
+                    PurgeMode::Delete => {
+                        let mut unlink = redis::cmd("UNLINK");
+                        for key in &keys {
+                            unlink.arg(key.as_ref());
+                        }
+                        self.run(async |conn| unlink.query_async::<u64>(conn).await)
+                            .await?
+                    }
+                    PurgeMode::MarkStale { .. } => {
+                        let inner: Vec<Bytes> =
+                            keys.iter().map(|key| key.slice(prefix.len()..)).collect();
+                        self.purge_batch(namespace, generation, &inner, mode, "")
+                            .await?
+                    }
+                };
+                progress.add(keys.len() as u64, removed);
+                affected += removed;
             }
             if next == 0 {
-                return Ok(removed);
+                return Ok(affected);
             }
             cursor = next;
         }
+    }
+
+    async fn purge_tag(
+        &self,
+        namespace: &str,
+        tag: &str,
+        mode: PurgeMode,
+        progress: &Progress,
+    ) -> Result<u64, StoreError> {
+        let generation = self.current_state(namespace).await?.generation;
+        let index = layout::tag_index_key(namespace, generation, tag);
+        let now_ms = unix_millis();
+        let mut affected = 0;
+        match mode {
+            PurgeMode::Delete => {
+                // Take the index over atomically: every entry tagged before
+                // this point is in the snapshot, and writes from now on index
+                // into a fresh set that this purge leaves alone.
+                let snapshot = layout::tag_purge_key(namespace, generation, rand::random());
+                let renamed = self
+                    .run(async |conn| {
+                        redis::cmd("RENAME")
+                            .arg(&index)
+                            .arg(&snapshot)
+                            .exec_async(conn)
+                            .await
+                    })
+                    .await;
+                match renamed {
+                    Ok(()) => {}
+                    Err(StoreError::Command(message)) if message.contains("no such key") => {
+                        return Ok(0);
+                    }
+                    Err(err) => return Err(err),
+                }
+                loop {
+                    let popped: Vec<(Bytes, f64)> = self
+                        .run(async |conn| {
+                            redis::cmd("ZPOPMIN")
+                                .arg(&snapshot)
+                                .arg(TAG_BATCH)
+                                .query_async(conn)
+                                .await
+                        })
+                        .await?;
+                    if popped.is_empty() {
+                        return Ok(affected);
+                    }
+                    // Members scored before now belong to entries that expired.
+                    let live: Vec<Bytes> = popped
+                        .iter()
+                        .filter(|(_, expires_at)| *expires_at >= now_ms as f64)
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    let removed = self
+                        .purge_batch(namespace, generation, &live, mode, tag)
+                        .await?;
+                    progress.add(popped.len() as u64, removed);
+                    affected += removed;
+                }
+            }
+            PurgeMode::MarkStale { .. } => {
+                // Entries marked stale stay indexed (a later hard purge of the
+                // tag must still find them), so walk the live index.
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, flat): (u64, Vec<Bytes>) = self
+                        .run(async |conn| {
+                            redis::cmd("ZSCAN")
+                                .arg(&index)
+                                .arg(cursor)
+                                .arg("COUNT")
+                                .arg(TAG_BATCH)
+                                .query_async(conn)
+                                .await
+                        })
+                        .await?;
+                    let members: Vec<Bytes> = flat.into_iter().step_by(2).collect();
+                    let marked = self
+                        .purge_batch(namespace, generation, &members, mode, tag)
+                        .await?;
+                    progress.add(members.len() as u64, marked);
+                    affected += marked;
+                    if next == 0 {
+                        return Ok(affected);
+                    }
+                    cursor = next;
+                }
+            }
+        }
+    }
+
+    async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError> {
+        let state_key = layout::namespace_state_key(namespace);
+        let generation: u64 = match mode {
+            PurgeMode::Delete => {
+                self.run(async |conn| {
+                    redis::cmd("HINCRBY")
+                        .arg(&state_key)
+                        .arg(layout::GENERATION_FIELD)
+                        .arg(1)
+                        .query_async(conn)
+                        .await
+                })
+                .await?
+            }
+            PurgeMode::MarkStale { now_ms } => {
+                let script = soft_flush_script();
+                let mut invocation = script.key(&state_key);
+                invocation.arg(now_ms);
+                let mut pipeline = redis::pipe();
+                pipeline
+                    .load_script(script)
+                    .ignore()
+                    .invoke_script(&invocation);
+                let (generation,): (u64,) = self
+                    .run(async |conn| pipeline.query_async(conn).await)
+                    .await?;
+                generation
+            }
+        };
+        self.current_state(namespace).await?;
+        Ok(generation)
     }
 
     fn name(&self) -> &'static str {
         "redis"
     }
 }
+
+fn purge_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(PURGE_SCRIPT))
+}
+
+fn soft_flush_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(SOFT_FLUSH_SCRIPT))
+}
+
+/// The namespaces of `keys`, each once, in order of first appearance.
+fn distinct_namespaces<'a>(keys: impl Iterator<Item = &'a StorageKey>) -> Vec<Arc<str>> {
+    let mut namespaces: Vec<Arc<str>> = Vec::new();
+    for key in keys {
+        if !namespaces.iter().any(|known| **known == *key.namespace()) {
+            namespaces.push(Arc::from(key.namespace()));
+        }
+    }
+    namespaces
+}
+
+fn position(namespaces: &[Arc<str>], namespace: &str) -> usize {
+    namespaces
+        .iter()
+        .position(|known| **known == *namespace)
+        .expect("namespace collected from the same keys")
+}
+
+fn parse<T: redis::FromRedisValue>(reply: Option<redis::Value>) -> Result<T, StoreError> {
+    let reply = reply.ok_or_else(|| StoreError::Command("short pipeline reply".to_owned()))?;
+    redis::from_redis_value(reply).map_err(|err| StoreError::Command(err.to_string()))
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// Tag index members handled per step of a tag purge.
+const TAG_BATCH: u64 = 500;
 
 /// Keys examined per SCAN step.
 const SCAN_COUNT: u64 = 1000;
@@ -320,7 +766,7 @@ fn is_connection_error(err: &RedisError) -> bool {
 fn command_error(err: RedisError) -> StoreError {
     if err.is_timeout() {
         StoreError::Timeout(Duration::ZERO)
-    } else if err.code() == Some("OOM") {
+    } else if err.code() == Some("OOM") || err.to_string().contains("OOM command not allowed") {
         StoreError::OutOfMemory(err.to_string())
     } else if is_connection_error(&err) {
         StoreError::Unavailable(err.to_string())

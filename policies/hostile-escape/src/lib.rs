@@ -18,7 +18,9 @@ impl Policy for HostileEscape {
         let decision = Decision::cache(outside.clone());
         Ok(match req.op() {
             Operation::Set => decision.invalidate_key(outside),
-            Operation::Delete => decision.invalidate_pattern("*").invalidate_pattern("cg:victim:*"),
+            Operation::Delete => decision
+                .invalidate_pattern("*")
+                .invalidate_pattern("cg:victim:*"),
             _ => decision,
         })
     }

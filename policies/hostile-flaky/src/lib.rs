@@ -16,7 +16,10 @@ impl Policy for HostileFlaky {
         if req.key().starts_with("cachegw-dry-run:") {
             return Ok(Decision::cache(req.key()));
         }
-        panic!("hostile-flaky: real traffic ({:?}) reaches the bug", req.key());
+        panic!(
+            "hostile-flaky: real traffic ({:?}) reaches the bug",
+            req.key()
+        );
     }
 }
 
@@ -32,7 +35,8 @@ mod tests {
 
     #[test]
     fn passes_probes_and_traps_on_traffic() {
-        let probe = testing::request(Operation::Get, "ns", "cachegw-dry-run:probe").round_trip::<HostileFlaky>();
+        let probe = testing::request(Operation::Get, "ns", "cachegw-dry-run:probe")
+            .round_trip::<HostileFlaky>();
         assert_eq!(probe.decision().storage_key, "cachegw-dry-run:probe");
         let real = testing::request(Operation::Get, "ns", "user:1").round_trip::<HostileFlaky>();
         assert!(matches!(real, Outcome::Trapped(_)), "{real:?}");

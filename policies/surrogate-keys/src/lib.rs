@@ -1,0 +1,114 @@
+//! `surrogate-keys`: tags (surrogate keys) chosen by the client, the way CDNs take a
+//! `Surrogate-Key` header. One write of a product page can carry `product:42 category:7`, and
+//! one purge of `category:7` later removes every entry that carried it, whatever its key.
+//!
+//! - Set: the `surrogate-key` attribute holds space-separated tags; each is attached to the
+//!   entry (the gateway scopes tags to the namespace, so they never reach another one).
+//! - Set or Delete: the `purge` attribute holds space-separated tags to invalidate once the
+//!   write succeeded (write-through invalidation).
+//! - Every entry is fresh for `ttl` (default: the namespace's) and then servable as stale for
+//!   `stale` (default 0).
+//!
+//! Config (JSON; every field optional): `{"ttl": "5m", "stale": "1m"}`.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use cachegw_policy::{Decision, Operation, Policy, PolicyError, Request, config, duration};
+use serde::Deserialize;
+
+/// Attribute listing the tags to attach on Set.
+pub const SURROGATE_KEY_ATTR: &str = "surrogate-key";
+/// Attribute listing the tags to invalidate after a Set or Delete.
+pub const PURGE_ATTR: &str = "purge";
+
+/// The policy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SurrogateKeys {
+    /// Fresh TTL (`None`: the namespace default).
+    #[serde(default, deserialize_with = "duration::deserialize_option")]
+    ttl: Option<Duration>,
+    /// Stale window after the fresh TTL.
+    #[serde(default, deserialize_with = "duration::deserialize")]
+    stale: Duration,
+}
+
+/// The space-separated words of attribute `name`.
+fn words<'a>(req: &'a Request, name: &str) -> impl Iterator<Item = &'a str> {
+    req.attr(name).unwrap_or_default().split_ascii_whitespace()
+}
+
+impl Policy for SurrogateKeys {
+    fn from_config(config: &[u8]) -> Result<Self, PolicyError> {
+        let policy: Self = config::from_json(config)?;
+        if policy.ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err(PolicyError::new("`ttl` must be positive"));
+        }
+        Ok(policy)
+    }
+
+    fn decide(&self, req: &Request) -> Result<Decision, PolicyError> {
+        let mut decision = Decision::cache(req.key()).stale_for(self.stale);
+        if let Some(ttl) = self.ttl {
+            decision = decision.fresh_for(ttl);
+        }
+        if req.op() == Operation::Set {
+            decision = decision.with_tags(words(req, SURROGATE_KEY_ATTR));
+        }
+        if req.op() != Operation::Get {
+            for tag in words(req, PURGE_ATTR) {
+                decision = decision.invalidate_tag(tag);
+            }
+        }
+        Ok(decision)
+    }
+}
+
+cachegw_policy::export_policy!(SurrogateKeys);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cachegw_policy::testing;
+
+    #[test]
+    fn sets_carry_the_client_tags_and_purge_after_writing() {
+        let decision = testing::request(Operation::Set, "catalog", "page:/p/42")
+            .attr(SURROGATE_KEY_ATTR, " product:42  category:7 ")
+            .attr(PURGE_ATTR, "search:shoes")
+            .decide::<SurrogateKeys>()
+            .unwrap();
+        assert_eq!(decision.storage_key(), "page:/p/42");
+        assert_eq!(decision.tags(), ["product:42", "category:7"]);
+        assert_eq!(decision.invalidated_tags(), ["search:shoes"]);
+        assert_eq!(decision.fresh_ttl(), None, "namespace default");
+    }
+
+    #[test]
+    fn reads_neither_tag_nor_purge() {
+        let decision = testing::request(Operation::Get, "catalog", "page:/p/42")
+            .attr(SURROGATE_KEY_ATTR, "product:42")
+            .attr(PURGE_ATTR, "product:42")
+            .decide::<SurrogateKeys>()
+            .unwrap();
+        assert!(decision.tags().is_empty());
+        assert!(decision.invalidated_tags().is_empty());
+    }
+
+    #[test]
+    fn deletes_purge_and_config_sets_the_times() {
+        let policy = br#"{"ttl": "2m", "stale": "30s"}"#;
+        let decision = testing::request(Operation::Delete, "catalog", "page:/p/42")
+            .attr(PURGE_ATTR, "category:7")
+            .config(policy)
+            .decide::<SurrogateKeys>()
+            .unwrap();
+        assert_eq!(decision.invalidated_tags(), ["category:7"]);
+        assert_eq!(decision.fresh_ttl(), Some(Duration::from_secs(120)));
+        assert_eq!(decision.stale_window(), Duration::from_secs(30));
+        assert!(SurrogateKeys::from_config(br#"{"ttl": "0s"}"#).is_err());
+        assert!(SurrogateKeys::from_config(br#"{"tll": "1m"}"#).is_err());
+    }
+}

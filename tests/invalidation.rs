@@ -1,0 +1,937 @@
+//! Invalidation end to end: the Invalidate RPC by key, pattern, tag and whole
+//! namespace, soft purges, jobs, write-through tag purges, correctness while
+//! writers keep writing, and namespace isolation of patterns. Tags come from
+//! the `surrogate-keys` example policy, compiled to wasm.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use gateway::{
+    api::proto::v1::{
+        DeleteRequest, GetInvalidationRequest, GetRequest, InvalidateRequest, InvalidateResponse,
+        JobState, KeyList, MSetRequest, Outcome, SetRequest, TagList, cache_client::CacheClient,
+        invalidate_request::Target,
+    },
+    config::{Config, FallbackMode},
+};
+use serde_json::json;
+use support::{Backend, World, bind, wait_until};
+use tonic::{Code, transport::Channel};
+
+/// Bound to `surrogate-keys`: tags from the `surrogate-key` attribute.
+const NS: &str = "catalog";
+/// A neighbour that must never be touched by `catalog`'s invalidations.
+const NEIGHBOUR: &str = "catalog.b";
+
+on_both_stores!(
+    tags_patterns_and_keys_remove_exactly_their_entries,
+    a_soft_purge_serves_stale_until_a_hard_one_removes,
+    a_namespace_flush_hides_everything_at_once_and_only_there,
+    client_patterns_never_leave_their_namespace,
+    tag_invalidation_is_exact_while_writers_keep_writing,
+    pattern_invalidation_is_exact_while_writers_keep_writing,
+    writes_purge_the_tags_their_policy_names,
+    long_jobs_answer_running_and_can_be_followed,
+    bad_invalidations_are_refused_precisely,
+);
+
+fn catalog(config: &mut Config) {
+    bind(
+        config,
+        NS,
+        "surrogate-keys",
+        Some(json!({"ttl": "10m", "stale": "1m"})),
+        FallbackMode::FailClosed,
+    );
+}
+
+async fn world(backend: Backend) -> World {
+    World::start_with(backend, catalog).await
+}
+
+fn attrs(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+async fn set_tagged(client: &mut CacheClient<Channel>, key: &str, tags: &str) {
+    let set = client
+        .set(SetRequest {
+            namespace: NS.into(),
+            key: key.into(),
+            value: format!("value of {key}").into_bytes().into(),
+            attributes: attrs(&[("surrogate-key", tags)]),
+            ..Default::default()
+        })
+        .await
+        .expect("set")
+        .into_inner();
+    assert!(set.stored && !set.degraded, "{key}: {set:?}");
+}
+
+async fn outcome(client: &mut CacheClient<Channel>, namespace: &str, key: &str) -> Outcome {
+    let got = client
+        .get(GetRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+            attributes: HashMap::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!got.degraded, "{namespace}/{key}");
+    Outcome::try_from(got.outcome).unwrap()
+}
+
+async fn invalidate(
+    client: &mut CacheClient<Channel>,
+    namespace: &str,
+    target: Target,
+    soft: bool,
+) -> InvalidateResponse {
+    let answer = client
+        .invalidate(InvalidateRequest {
+            namespace: namespace.into(),
+            target: Some(target),
+            soft,
+            wait_ms: 30_000,
+            ..Default::default()
+        })
+        .await
+        .expect("invalidate")
+        .into_inner();
+    assert_eq!(answer.state, JobState::Done as i32, "{answer:?}");
+    assert!(answer.error.is_empty(), "{answer:?}");
+    answer
+}
+
+fn tags(list: &[&str]) -> Target {
+    Target::Tags(TagList {
+        tags: list.iter().map(|tag| (*tag).to_owned()).collect(),
+    })
+}
+
+/// Expects each key's outcome; names every key that differs.
+async fn expect_outcomes(
+    client: &mut CacheClient<Channel>,
+    namespace: &str,
+    expected: &[(&str, Outcome)],
+) {
+    let mut wrong = Vec::new();
+    for (key, want) in expected {
+        let got = outcome(client, namespace, key).await;
+        if got != *want {
+            wrong.push(format!("{key}: {got:?}, expected {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{namespace}: {wrong:#?}");
+}
+
+async fn tags_patterns_and_keys_remove_exactly_their_entries(backend: Backend) {
+    let mut world = world(backend).await;
+    let client = &mut world.client;
+    let entries = [
+        ("page:/p/1", "product:1 category:7"),
+        ("page:/p/2", "product:2 category:7"),
+        ("page:/p/3", "product:3 category:8"),
+        ("page:/c/7", "category:7"),
+        ("api:product:1", "product:1"),
+        ("api:product:11", "product:11"),
+        ("untagged", ""),
+    ];
+    for (key, tags) in entries {
+        set_tagged(client, key, tags).await;
+    }
+    // The neighbour's entries carry the same tags and keys.
+    let mut neighbour = world.gateway.client().await;
+    for (key, _) in entries {
+        let set = neighbour
+            .set(SetRequest {
+                namespace: NEIGHBOUR.into(),
+                key: key.into(),
+                value: b"n".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(set.stored);
+    }
+
+    let by_tag = invalidate(client, NS, tags(&["category:7"]), false).await;
+    assert_eq!(by_tag.affected, 3, "{by_tag:?}");
+    use Outcome::{Hit, Miss};
+    expect_outcomes(
+        client,
+        NS,
+        &[
+            ("page:/p/1", Miss),
+            ("page:/p/2", Miss),
+            ("page:/c/7", Miss),
+            ("page:/p/3", Hit),
+            ("api:product:1", Hit),
+            ("api:product:11", Hit),
+            ("untagged", Hit),
+        ],
+    )
+    .await;
+    // Invalidating a tag again, or one nobody carries, affects nothing.
+    assert_eq!(
+        invalidate(client, NS, tags(&["category:7", "nobody"]), false)
+            .await
+            .affected,
+        0
+    );
+
+    // `product:1` must not take `product:11` with it.
+    let by_tag = invalidate(client, NS, tags(&["product:1"]), false).await;
+    assert_eq!(by_tag.affected, 1, "{by_tag:?}");
+    expect_outcomes(
+        client,
+        NS,
+        &[("api:product:1", Miss), ("api:product:11", Hit)],
+    )
+    .await;
+
+    let by_pattern = invalidate(client, NS, Target::Pattern("page:/p/*".into()), false).await;
+    assert_eq!(
+        by_pattern.affected, 1,
+        "only page:/p/3 was left: {by_pattern:?}"
+    );
+    let by_keys = invalidate(
+        client,
+        NS,
+        Target::Keys(KeyList {
+            keys: vec!["untagged".into(), "never-written".into()],
+        }),
+        false,
+    )
+    .await;
+    assert_eq!(by_keys.affected, 1, "{by_keys:?}");
+    assert!(by_keys.policy.starts_with("surrogate-keys@"), "{by_keys:?}");
+    expect_outcomes(
+        client,
+        NS,
+        &[
+            ("page:/p/3", Miss),
+            ("untagged", Miss),
+            ("api:product:11", Hit),
+        ],
+    )
+    .await;
+
+    let untouched: Vec<(&str, Outcome)> = entries.iter().map(|(key, _)| (*key, Hit)).collect();
+    expect_outcomes(&mut neighbour, NEIGHBOUR, &untouched).await;
+}
+
+async fn a_soft_purge_serves_stale_until_a_hard_one_removes(backend: Backend) {
+    let mut world = world(backend).await;
+    let client = &mut world.client;
+    set_tagged(client, "a", "t").await;
+    set_tagged(client, "b", "t").await;
+    set_tagged(client, "c", "other").await;
+
+    let soft = invalidate(client, NS, tags(&["t"]), true).await;
+    assert_eq!(soft.affected, 2, "{soft:?}");
+    let got = client
+        .get(GetRequest {
+            namespace: NS.into(),
+            key: "a".into(),
+            attributes: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.outcome, Outcome::Stale as i32, "{got:?}");
+    assert_eq!(
+        got.value,
+        b"value of a".as_slice(),
+        "stale entries keep their value"
+    );
+    assert_eq!(got.ttl_remaining_ms, 0);
+    expect_outcomes(client, NS, &[("b", Outcome::Stale), ("c", Outcome::Hit)]).await;
+    // Already stale: a second soft purge changes nothing.
+    assert_eq!(invalidate(client, NS, tags(&["t"]), true).await.affected, 0);
+
+    // Soft-purged entries are still indexed: a hard purge finds them.
+    let hard = invalidate(client, NS, tags(&["t"]), false).await;
+    assert_eq!(hard.affected, 2, "{hard:?}");
+    expect_outcomes(
+        client,
+        NS,
+        &[
+            ("a", Outcome::Miss),
+            ("b", Outcome::Miss),
+            ("c", Outcome::Hit),
+        ],
+    )
+    .await;
+
+    // Soft by pattern and by key too.
+    set_tagged(client, "a", "").await;
+    let soft = invalidate(client, NS, Target::Pattern("[ab]".into()), true).await;
+    assert_eq!(soft.affected, 1, "{soft:?}");
+    let keys = Target::Keys(KeyList {
+        keys: vec!["c".into()],
+    });
+    assert_eq!(invalidate(client, NS, keys, true).await.affected, 1);
+    expect_outcomes(client, NS, &[("a", Outcome::Stale), ("c", Outcome::Stale)]).await;
+}
+
+async fn a_namespace_flush_hides_everything_at_once_and_only_there(backend: Backend) {
+    let mut world = world(backend).await;
+    for i in 0..50 {
+        set_tagged(&mut world.client, &format!("k{i}"), "t").await;
+        world.set(NEIGHBOUR, &format!("k{i}"), b"n").await;
+    }
+    let client = &mut world.client;
+    let flushed = invalidate(client, NS, Target::WholeNamespace(true), false).await;
+    assert_eq!(flushed.generation, 1, "{flushed:?}");
+    for i in 0..50 {
+        let key = format!("k{i}");
+        assert_eq!(outcome(client, NS, &key).await, Outcome::Miss, "{key}");
+        assert_eq!(
+            outcome(client, NEIGHBOUR, &key).await,
+            Outcome::Hit,
+            "{key}"
+        );
+    }
+    // The old generation's tag index went with it.
+    assert_eq!(
+        invalidate(client, NS, tags(&["t"]), false).await.affected,
+        0
+    );
+    // New writes land in the new generation.
+    set_tagged(client, "k0", "t").await;
+    assert_eq!(outcome(client, NS, "k0").await, Outcome::Hit);
+    assert_eq!(
+        invalidate(client, NS, tags(&["t"]), false).await.affected,
+        1
+    );
+
+    // A soft flush makes what exists stale, and leaves later writes fresh.
+    set_tagged(client, "k1", "").await;
+    let soft = invalidate(client, NS, Target::WholeNamespace(true), true).await;
+    assert_eq!(
+        soft.generation, 1,
+        "a soft flush keeps the generation: {soft:?}"
+    );
+    assert_eq!(outcome(client, NS, "k1").await, Outcome::Stale);
+    // Entries created in the same millisecond as the flush count as before it.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    set_tagged(client, "k2", "").await;
+    assert_eq!(outcome(client, NS, "k2").await, Outcome::Hit);
+    assert_eq!(outcome(client, NEIGHBOUR, "k1").await, Outcome::Hit);
+
+    if let Some(redis) = &world.redis {
+        // The flushed generation's entries are still in Redis, unreachable,
+        // aging out by their own TTL: that is the documented trade-off.
+        let mut connection = redis.connection().await;
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("cg:{NS}:0:k5"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "old entries keep their TTL: {ttl}");
+    }
+}
+
+/// Keys of the neighbour namespace, counted without the gateway: raw SCAN on
+/// Redis, else through Gets.
+async fn neighbour_count(world: &mut World, keys: &[&str]) -> usize {
+    if let Some(redis) = &world.redis {
+        let mut connection = redis.connection().await;
+        let mut cursor = 0u64;
+        let mut count = 0;
+        loop {
+            let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("cg:{NEIGHBOUR}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            count += found.len();
+            if next == 0 {
+                return count;
+            }
+            cursor = next;
+        }
+    }
+    let mut count = 0;
+    for key in keys {
+        if outcome(&mut world.client, NEIGHBOUR, key).await == Outcome::Hit {
+            count += 1;
+        }
+    }
+    count
+}
+
+async fn client_patterns_never_leave_their_namespace(backend: Backend) {
+    let mut world = world(backend).await;
+    // Awkward keys on both sides: glob characters, separators, other
+    // namespaces' prefixes spelled out.
+    let keys = [
+        "x",
+        "*",
+        "\\*",
+        "[a-z]",
+        "a:b",
+        ":",
+        "cg:catalog:0:x",
+        "cg:catalog.b:0:x",
+        "0:x",
+        "ключ",
+    ];
+    for key in keys {
+        world.set(NEIGHBOUR, key, b"n").await;
+    }
+    let before = neighbour_count(&mut world, &keys).await;
+    assert_eq!(before, keys.len());
+    let patterns = [
+        "*",
+        "[a-z]*",
+        "\\*",
+        "*:*",
+        ":*",
+        "b:*",
+        ".b:*",
+        "catalog.b:*",
+        "*catalog.b*",
+        "cg:catalog.b:*",
+        "0:*",
+        "../catalog.b/*",
+        "\\",
+        "[",
+        "?*",
+    ];
+    for pattern in patterns {
+        for key in keys {
+            set_tagged(&mut world.client, key, "").await;
+        }
+        let answer = invalidate(
+            &mut world.client,
+            NS,
+            Target::Pattern(pattern.into()),
+            false,
+        )
+        .await;
+        assert!(
+            answer.affected <= keys.len() as u64,
+            "{pattern}: {answer:?}"
+        );
+        let after = neighbour_count(&mut world, &keys).await;
+        assert_eq!(after, before, "pattern {pattern:?} reached the neighbour");
+    }
+    // And `*` does empty its own namespace.
+    for key in keys {
+        assert_eq!(
+            outcome(&mut world.client, NS, key).await,
+            Outcome::Miss,
+            "{key}"
+        );
+    }
+}
+
+/// One write a writer made: the key, and when its Set was sent and answered.
+struct Written {
+    key: String,
+    sent: Instant,
+    answered: Instant,
+}
+
+/// Runs `writers` tasks that each keep writing fresh keys `{prefix}{w}:{n}`
+/// with `tags`, until `stop`; returns what each wrote.
+fn spawn_writers(
+    world: &World,
+    stop: &Arc<AtomicBool>,
+    writers: usize,
+    prefix: &'static str,
+    tags: &'static str,
+) -> Vec<tokio::task::JoinHandle<Vec<Written>>> {
+    (0..writers)
+        .map(|w| {
+            let stop = Arc::clone(stop);
+            let endpoint = world.gateway.endpoint();
+            tokio::spawn(async move {
+                let mut client = CacheClient::connect(endpoint).await.unwrap();
+                let mut written = Vec::new();
+                for n in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("{prefix}{w}:{n}");
+                    let sent = Instant::now();
+                    set_tagged(&mut client, &key, tags).await;
+                    written.push(Written {
+                        key,
+                        sent,
+                        answered: Instant::now(),
+                    });
+                }
+                written
+            })
+        })
+        .collect()
+}
+
+/// While writers keep writing matching (`hot`) and non-matching (`cold`)
+/// entries, `target` removes every matching entry written before the
+/// invalidation started, nothing that does not match, and no entry written
+/// after it completed.
+async fn exact_under_concurrent_writes(backend: Backend, target: Target) {
+    let mut world = world(backend).await;
+    // Something to find from the start, in batches.
+    for batch in 0..4 {
+        let items = (0..250)
+            .flat_map(|i| {
+                [("hot:seed", "hot"), ("cold:seed", "cold")].map(|(prefix, tag)| SetRequest {
+                    namespace: NS.into(),
+                    key: format!("{prefix}{batch}:{i}"),
+                    value: b"seed".to_vec().into(),
+                    attributes: attrs(&[("surrogate-key", tag)]),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        world
+            .client
+            .m_set(MSetRequest { items })
+            .await
+            .expect("seed");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = spawn_writers(&world, &stop, 3, "hot:live", "hot");
+    tasks.extend(spawn_writers(&world, &stop, 3, "cold:live", "cold"));
+    // Let the writers get going (a condition, not a nap).
+    wait_until("writers have written", Duration::from_secs(10), || {
+        let endpoint = world.gateway.endpoint();
+        async move {
+            let mut client = CacheClient::connect(endpoint).await.unwrap();
+            outcome(&mut client, NS, "cold:live0:20").await == Outcome::Hit
+        }
+    })
+    .await;
+
+    let started = Instant::now();
+    let answer = invalidate(&mut world.client, NS, target.clone(), false).await;
+    let finished = Instant::now();
+    // Keep writing after the invalidation completed.
+    wait_until("writers wrote after it", Duration::from_secs(10), || {
+        let endpoint = world.gateway.endpoint();
+        async move {
+            let mut client = CacheClient::connect(endpoint).await.unwrap();
+            let _ = &client;
+            Instant::now() > finished + Duration::from_millis(300)
+                && outcome(&mut client, NS, "cold:seed0:0").await == Outcome::Hit
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut written = Vec::new();
+    for task in tasks {
+        written.extend(task.await.unwrap());
+    }
+    for batch in 0..4 {
+        for i in 0..250 {
+            for prefix in ["hot:seed", "cold:seed"] {
+                written.push(Written {
+                    key: format!("{prefix}{batch}:{i}"),
+                    sent: started - Duration::from_secs(3600),
+                    answered: started - Duration::from_secs(3600),
+                });
+            }
+        }
+    }
+
+    let (mut before, mut after, mut during) = (0, 0, 0);
+    let mut wrong = Vec::new();
+    for write in &written {
+        let hot = write.key.starts_with("hot:");
+        let expected = if !hot {
+            Some(Outcome::Hit)
+        } else if write.answered < started {
+            before += 1;
+            Some(Outcome::Miss)
+        } else if write.sent > finished {
+            after += 1;
+            Some(Outcome::Hit)
+        } else {
+            during += 1;
+            None
+        };
+        let got = outcome(&mut world.client, NS, &write.key).await;
+        if let Some(expected) = expected
+            && got != expected
+        {
+            wrong.push(format!("{}: {got:?}, expected {expected:?}", write.key));
+        }
+    }
+    println!(
+        "{target:?}: removed {} ({} examined) in {:?}; hot writes before {before}, during {during}, after {after}; {} writes in all",
+        answer.affected,
+        answer.examined,
+        finished - started,
+        written.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} wrong: {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(20)]
+    );
+    assert!(
+        before >= 1000 && after > 0,
+        "the test must cover both sides"
+    );
+}
+
+async fn tag_invalidation_is_exact_while_writers_keep_writing(backend: Backend) {
+    exact_under_concurrent_writes(backend, tags(&["hot"])).await;
+}
+
+async fn pattern_invalidation_is_exact_while_writers_keep_writing(backend: Backend) {
+    exact_under_concurrent_writes(backend, Target::Pattern("hot:*".into())).await;
+}
+
+async fn writes_purge_the_tags_their_policy_names(backend: Backend) {
+    let mut world = world(backend).await;
+    let client = &mut world.client;
+    for key in ["search:shoes:1", "search:shoes:2"] {
+        set_tagged(client, key, "search:shoes").await;
+    }
+    set_tagged(client, "search:hats:1", "search:hats").await;
+    // A product write purges the searches that listed it.
+    let set = client
+        .set(SetRequest {
+            namespace: NS.into(),
+            key: "product:9".into(),
+            value: b"new price".to_vec().into(),
+            attributes: attrs(&[("surrogate-key", "product:9"), ("purge", "search:shoes")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(set.stored, "{set:?}");
+    assert_eq!(
+        (set.invalidated, set.invalidation_error.as_str()),
+        (2, ""),
+        "{set:?}"
+    );
+    expect_outcomes(
+        client,
+        NS,
+        &[
+            ("search:shoes:1", Outcome::Miss),
+            ("search:shoes:2", Outcome::Miss),
+            ("search:hats:1", Outcome::Hit),
+            ("product:9", Outcome::Hit),
+        ],
+    )
+    .await;
+    // A delete purges too, after removing its own key.
+    let deleted = client
+        .delete(DeleteRequest {
+            namespace: NS.into(),
+            key: "product:9".into(),
+            attributes: attrs(&[("purge", "search:hats")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted, "{deleted:?}");
+    assert_eq!(deleted.invalidated, 1, "{deleted:?}");
+    assert_eq!(outcome(client, NS, "search:hats:1").await, Outcome::Miss);
+}
+
+async fn long_jobs_answer_running_and_can_be_followed(backend: Backend) {
+    let mut world = world(backend).await;
+    let total = 20_000;
+    for batch in 0..total / 1000 {
+        let items = (0..1000)
+            .map(|i| SetRequest {
+                namespace: NS.into(),
+                key: format!("bulk:{batch}:{i}"),
+                value: b"v".to_vec().into(),
+                ..Default::default()
+            })
+            .collect();
+        world.client.m_set(MSetRequest { items }).await.unwrap();
+    }
+    // Waiting one millisecond: the job outlives the call.
+    let started = world
+        .client
+        .invalidate(InvalidateRequest {
+            namespace: NS.into(),
+            target: Some(Target::Pattern("bulk:*".into())),
+            wait_ms: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!started.job_id.is_empty(), "{started:?}");
+    assert_eq!(started.state, JobState::Running as i32, "{started:?}");
+    let finished = world
+        .client
+        .get_invalidation(GetInvalidationRequest {
+            job_id: started.job_id.clone(),
+            wait_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(finished.state, JobState::Done as i32, "{finished:?}");
+    assert_eq!(finished.affected, total, "{finished:?}");
+    assert!(finished.examined >= total, "{finished:?}");
+    assert_eq!(
+        outcome(&mut world.client, NS, "bulk:3:7").await,
+        Outcome::Miss
+    );
+    // Finished jobs stay visible; unknown ones are NOT_FOUND.
+    let again = world
+        .client
+        .get_invalidation(GetInvalidationRequest {
+            job_id: started.job_id,
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, finished);
+    let unknown = world
+        .client
+        .get_invalidation(GetInvalidationRequest {
+            job_id: "nope-1".into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    assert!(unknown.message().contains("nope-1"), "{unknown:?}");
+}
+
+async fn bad_invalidations_are_refused_precisely(backend: Backend) {
+    let mut world = World::start_with(backend, |config| {
+        catalog(config);
+        config.invalidation.max_targets = 3;
+        config.default_namespace.enabled = false;
+    })
+    .await;
+    set_tagged(&mut world.client, "k", "t").await;
+    let cases: Vec<(&str, Option<Target>, Code, &str)> = vec![
+        ("no target", None, Code::InvalidArgument, "target"),
+        ("empty tags", Some(tags(&[])), Code::InvalidArgument, "tags"),
+        (
+            "empty tag",
+            Some(tags(&[""])),
+            Code::InvalidArgument,
+            "tags",
+        ),
+        (
+            "long tag",
+            Some(Target::Tags(TagList {
+                tags: vec!["t".repeat(256)],
+            })),
+            Code::InvalidArgument,
+            "255",
+        ),
+        (
+            "too many tags",
+            Some(tags(&["a", "b", "c", "d"])),
+            Code::ResourceExhausted,
+            "invalidation.max_targets",
+        ),
+        (
+            "empty key",
+            Some(Target::Keys(KeyList {
+                keys: vec!["k".into(), String::new()],
+            })),
+            Code::InvalidArgument,
+            "key",
+        ),
+        (
+            "no keys",
+            Some(Target::Keys(KeyList { keys: vec![] })),
+            Code::InvalidArgument,
+            "keys",
+        ),
+        (
+            "empty pattern",
+            Some(Target::Pattern(String::new())),
+            Code::InvalidArgument,
+            "pattern",
+        ),
+        (
+            "long pattern",
+            Some(Target::Pattern("*".repeat(2000))),
+            Code::InvalidArgument,
+            "limits.max_key_bytes",
+        ),
+        (
+            "whole_namespace false",
+            Some(Target::WholeNamespace(false)),
+            Code::InvalidArgument,
+            "whole_namespace",
+        ),
+    ];
+    for (case, target, code, mention) in cases {
+        let err = world
+            .client
+            .invalidate(InvalidateRequest {
+                namespace: NS.into(),
+                target,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{case}: {err:?}");
+        assert!(err.message().contains(mention), "{case}: {err:?}");
+    }
+    let unknown = world
+        .client
+        .invalidate(InvalidateRequest {
+            namespace: "undeclared".into(),
+            target: Some(Target::WholeNamespace(true)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    // Nothing was invalidated by any of them.
+    assert_eq!(outcome(&mut world.client, NS, "k").await, Outcome::Hit);
+}
+
+/// The tag index does not outlive its entries: 100 000 entries that all
+/// expired leave no index behind, and a long-lived tag's index sheds expired
+/// members as it is written to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
+    let world = World::start_with(Backend::Redis, |config| {
+        bind(
+            config,
+            NS,
+            "surrogate-keys",
+            Some(json!({"ttl": "5s"})),
+            FallbackMode::FailClosed,
+        );
+    })
+    .await;
+    let redis = world.redis.as_ref().unwrap();
+    let connection = redis.connection().await;
+    let total = 100_000;
+    let started = Instant::now();
+    let writers: Vec<_> = (0..4)
+        .map(|c| {
+            let endpoint = world.gateway.endpoint();
+            tokio::spawn(async move {
+                let mut client = CacheClient::connect(endpoint).await.unwrap();
+                for batch in 0..total / 4 / 1000 {
+                    let items = (0..1000)
+                        .map(|i| SetRequest {
+                            namespace: NS.into(),
+                            key: format!("e:{c}:{batch}:{i}"),
+                            value: b"v".to_vec().into(),
+                            attributes: attrs(&[("surrogate-key", "short-lived shared")]),
+                            ..Default::default()
+                        })
+                        .collect();
+                    client.m_set(MSetRequest { items }).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let index_size = |tag: &'static str| {
+        let mut connection = connection.clone();
+        async move {
+            redis::cmd("ZCARD")
+                .arg(format!("cgt:{NS}:0:{tag}"))
+                .query_async::<u64>(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    let indexed = index_size("short-lived").await;
+    let live = {
+        let mut connection = connection.clone();
+        let mut cursor = 0u64;
+        let mut live = 0;
+        loop {
+            let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("cg:{NS}:0:e:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            live += found.len() as u64;
+            if next == 0 {
+                break live;
+            }
+            cursor = next;
+        }
+    };
+    println!(
+        "wrote {total} tagged entries in {:?}; {live} still live, {indexed} indexed",
+        started.elapsed()
+    );
+    // Every live entry is indexed; entries that expired while the writes went
+    // on may already have been shed.
+    assert!(
+        live <= indexed && indexed <= total,
+        "{live} live, {indexed} indexed"
+    );
+    assert!(
+        live > 0,
+        "the writes were too slow for the TTL to test anything"
+    );
+
+    // Nothing writes `short-lived` again: its index expires with its last
+    // entry. `shared` keeps being written meanwhile, and sheds the members of
+    // entries that expired as it goes.
+    let client = world.gateway.client().await;
+    let mut keepalives = 0u64;
+    wait_until(
+        "the expired tag's index is gone",
+        Duration::from_secs(60),
+        || {
+            keepalives += 1;
+            let mut client = client.clone();
+            let mut connection = connection.clone();
+            async move {
+                set_tagged(&mut client, &format!("keepalive:{keepalives}"), "shared").await;
+                redis::cmd("EXISTS")
+                    .arg(format!("cgt:{NS}:0:short-lived"))
+                    .query_async::<u64>(&mut connection)
+                    .await
+                    .unwrap()
+                    == 0
+            }
+        },
+    )
+    .await;
+    let shared = index_size("shared").await;
+    println!("`shared` holds {shared} members after {keepalives} keepalive writes");
+    assert!(
+        (1..=keepalives).contains(&shared),
+        "only keepalive entries may be left in `shared`: {shared} of {keepalives}"
+    );
+}
