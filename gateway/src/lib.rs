@@ -12,14 +12,18 @@
 //! - [`api`]: tonic services, protobuf <-> domain conversion and the one
 //!   mapping from domain errors to gRPC statuses.
 //! - [`cache`]: the read and write paths: namespaces, limits, the value
-//!   envelope, freshness, time budgets and degraded answers.
+//!   envelope, freshness, time budgets and degraded answers; invalidation
+//!   jobs.
 //! - [`policy`]: caching decisions (storage key, TTL) per request.
-//! - [`store`]: the storage trait and its Redis and in-process implementations.
+//! - [`store`]: the storage trait and its Redis and in-process implementations:
+//!   key layout, namespace generations, tag indexes.
 //! - [`config`]: the configuration struct, merged from file, environment and
 //!   flags in one place.
 //! - [`server`]: assembling the above into a running gateway with health,
 //!   reflection and graceful shutdown.
 //! - [`bench`]: the load tool behind `cachegw bench`.
+//! - [`bench_invalidation`]: `cachegw bench-invalidation`, invalidation wall
+//!   time and its effect on concurrent reads.
 //! - [`admin_cli`]: `cachegw policy push|list|bind|rollback --remote`, over the
 //!   `PolicyAdmin` API.
 
@@ -28,6 +32,7 @@
 pub mod admin_cli;
 pub mod api;
 pub mod bench;
+pub mod bench_invalidation;
 pub mod cache;
 pub mod config;
 pub mod policy;

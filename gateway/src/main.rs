@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use gateway::{
     Config, Gateway,
     bench::{self, BenchArgs},
+    bench_invalidation::{self, InvalidationBenchArgs},
     config::{Overrides, StoreKind},
     policy::tool,
 };
@@ -34,6 +35,11 @@ enum Command {
     /// Drive load through a running gateway and straight at Redis, and print
     /// throughput and latency percentiles side by side.
     Bench(BenchArgs),
+    /// Fill a namespace bound to the surrogate-keys policy with --keys
+    /// entries, then time invalidating --matching of them by tag and by
+    /// pattern while a read load runs, and print the read latency before and
+    /// during each invalidation.
+    BenchInvalidation(InvalidationBenchArgs),
     /// Tools for policy authors: check, evaluate and benchmark a .wasm policy
     /// exactly as the gateway runs it.
     #[command(subcommand)]
@@ -219,6 +225,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Bench(args) => bench::run(args).await.map(|_| ()),
+            Command::BenchInvalidation(args) => bench_invalidation::run(args).await.map(|_| ()),
             Command::Policy(command) => policy_command(command).await,
         }
     });

@@ -2,7 +2,20 @@
 
 use std::time::Duration;
 
-use crate::{PolicyError, Request, proto};
+use crate::{Glob, PolicyError, Request, proto};
+
+/// Longest tag, in bytes of UTF-8, for both [`Decision::tag`] and [`Decision::invalidate_tag`]:
+/// the gateway stores each of an entry's tags inside the entry behind a one-byte length. Tags
+/// must also not be empty. [`Decision::to_wire`] rejects a decision with a tag outside
+/// 1..=`MAX_TAG_BYTES` bytes.
+pub const MAX_TAG_BYTES: usize = 255;
+
+/// Most bytes the tags attached to one entry ([`Decision::tag`]) may take together, counting
+/// each tag's length plus one byte for its length prefix: the entry's tag section has a two-byte
+/// length. With tags of the full [`MAX_TAG_BYTES`], that is 255 tags.
+/// [`Decision::to_wire`] rejects a decision over it. Invalidated tags are not stored and do not
+/// count.
+pub const MAX_TAG_SECTION_BYTES: usize = 65_535;
 
 /// How the gateway should treat the value's bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -112,7 +125,9 @@ impl Decision {
     }
 
     /// Attaches a tag (surrogate key) to the entry when it is written; see [`crate::tag`] to build
-    /// one from parts. Empty tags are rejected when the decision is sent.
+    /// one from parts. A tag must be 1 to [`MAX_TAG_BYTES`] bytes, and all of the entry's tags
+    /// together at most [`MAX_TAG_SECTION_BYTES`] (one byte more per tag); a decision outside
+    /// these limits is rejected when it is sent.
     pub fn tag(mut self, tag: impl Into<String>) -> Self {
         self.tags.push(tag.into());
         self
@@ -136,13 +151,44 @@ impl Decision {
     }
 
     /// After the write succeeds, remove the namespace's entries whose keys match this glob.
-    /// Escape anything taken from the request with [`crate::escape_glob`].
+    ///
+    /// Build the pattern with [`Glob`], which escapes every literal part, so that request data
+    /// (a user id like `*`) cannot reach other entries; a `Glob` is passed as it is. A plain
+    /// string is sent verbatim: escape anything taken from the request in it with
+    /// [`crate::escape_glob`].
+    ///
+    /// ```
+    /// use cachegw_policy::{Decision, Glob};
+    ///
+    /// let user_id = "7*";
+    /// let decision = Decision::bypass()
+    ///     .invalidate_pattern(Glob::new().literal("profile:").literal(user_id).literal(":").any());
+    /// assert_eq!(decision.invalidated_patterns(), ["profile:7\\*:*"]);
+    /// ```
     pub fn invalidate_pattern(mut self, pattern: impl Into<String>) -> Self {
         self.invalidate_patterns.push(pattern.into());
         self
     }
 
-    /// After the write succeeds, remove the namespace's entries carrying this tag.
+    /// After the write succeeds, remove the namespace's entries whose keys start with `prefix`:
+    /// the same as [`invalidate_pattern`](Decision::invalidate_pattern)`(`[`Glob::prefix`]`(prefix))`,
+    /// with `prefix` escaped, so it may come from the request.
+    ///
+    /// End the prefix with its separator (`"profile:4:"`, not `"profile:4"`, which also reaches
+    /// `profile:42:...`). An empty prefix reaches every entry of the namespace.
+    ///
+    /// ```
+    /// use cachegw_policy::Decision;
+    ///
+    /// let decision = Decision::bypass().invalidate_prefix("profile:7*:");
+    /// assert_eq!(decision.invalidated_patterns(), ["profile:7\\*:*"]);
+    /// ```
+    pub fn invalidate_prefix(self, prefix: impl AsRef<str>) -> Self {
+        self.invalidate_pattern(Glob::prefix(prefix))
+    }
+
+    /// After the write succeeds, remove the namespace's entries carrying this tag. A tag must be
+    /// 1 to [`MAX_TAG_BYTES`] bytes; a longer one is rejected when the decision is sent.
     pub fn invalidate_tag(mut self, tag: impl Into<String>) -> Self {
         self.invalidate_tags.push(tag.into());
         self
@@ -219,8 +265,10 @@ impl Decision {
 
     /// The wire message for this decision, answering `req`, after the checks the host would
     /// otherwise fail it for: a non-empty storage key (a bypass takes the client's key), a fresh
-    /// TTL of at least 1 ms when set, a finite non-negative beta, and no empty tag, key or
-    /// pattern. The host still validates (it also caps absurd TTLs).
+    /// TTL of at least 1 ms when set, a finite non-negative beta, no empty key or pattern, every
+    /// tag and invalidated tag 1 to [`MAX_TAG_BYTES`] bytes, and the attached tags within
+    /// [`MAX_TAG_SECTION_BYTES`]. The host still validates (it also caps absurd TTLs and the
+    /// number and size of items).
     pub fn to_wire(&self, req: &Request) -> Result<proto::PolicyDecision, PolicyError> {
         let storage_key = if self.storage_key.is_empty() && self.bypass {
             req.key().to_owned()
@@ -243,15 +291,16 @@ impl Decision {
             )));
         }
         for (what, list) in [
-            ("tag", &self.tags),
             ("invalidated key", &self.invalidate_keys),
             ("invalidated pattern", &self.invalidate_patterns),
-            ("invalidated tag", &self.invalidate_tags),
         ] {
             if list.iter().any(String::is_empty) {
                 return Err(PolicyError::new(format!("decision has an empty {what}")));
             }
         }
+        check_tag_sizes("tag", &self.tags)?;
+        check_tag_sizes("invalidated tag", &self.invalidate_tags)?;
+        check_tag_section(&self.tags)?;
         let has_invalidations = !(self.invalidate_keys.is_empty()
             && self.invalidate_patterns.is_empty()
             && self.invalidate_tags.is_empty());
@@ -271,6 +320,40 @@ impl Decision {
             early_refresh_beta: self.early_refresh_beta,
         })
     }
+}
+
+/// Rejects a tag in `tags` that is empty or longer than [`MAX_TAG_BYTES`]; `what` names the
+/// field in the error.
+fn check_tag_sizes(what: &str, tags: &[String]) -> Result<(), PolicyError> {
+    let Some(bad) = tags
+        .iter()
+        .find(|tag| tag.is_empty() || tag.len() > MAX_TAG_BYTES)
+    else {
+        return Ok(());
+    };
+    let problem = if bad.is_empty() {
+        format!("an empty {what}")
+    } else {
+        format!("an oversized {what} of {} bytes", bad.len())
+    };
+    Err(PolicyError::new(format!(
+        "decision has {problem} (tags are 1 to {MAX_TAG_BYTES} bytes)"
+    )))
+}
+
+/// Rejects attached tags that would not fit the entry's tag section: each tag's length plus
+/// its one-byte length prefix, over [`MAX_TAG_SECTION_BYTES`].
+fn check_tag_section(tags: &[String]) -> Result<(), PolicyError> {
+    let section_bytes = tags
+        .iter()
+        .fold(0usize, |sum, tag| sum.saturating_add(tag.len() + 1));
+    if section_bytes > MAX_TAG_SECTION_BYTES {
+        return Err(PolicyError::new(format!(
+            "decision has tags taking {section_bytes} bytes (each tag's length + 1), over the \
+             {MAX_TAG_SECTION_BYTES}-byte limit of an entry's tags"
+        )));
+    }
+    Ok(())
 }
 
 fn floor_millis(duration: Duration) -> u64 {
@@ -410,5 +493,138 @@ mod tests {
         }
         let no_key = testing::request(Operation::Get, "ns", "").build();
         assert!(Decision::bypass().to_wire(&no_key).is_err());
+    }
+
+    #[test]
+    fn invalidate_pattern_takes_a_glob() {
+        let decision = Decision::bypass()
+            .invalidate_pattern(
+                Glob::new()
+                    .literal("profile:")
+                    .literal("7*")
+                    .literal(":")
+                    .any(),
+            )
+            .invalidate_pattern(Glob::exact("a?"));
+        assert_eq!(decision.invalidated_patterns(), ["profile:7\\*:*", "a\\?"]);
+        let wire = decision.to_wire(&req()).unwrap();
+        assert_eq!(
+            wire.invalidate.unwrap().patterns,
+            ["profile:7\\*:*", "a\\?"]
+        );
+    }
+
+    #[test]
+    fn invalidate_prefix_escapes_the_prefix_and_adds_a_star() {
+        let user_id = String::from("[4]*");
+        let decision = Decision::cache("k")
+            .invalidate_prefix(format!("profile:{user_id}:"))
+            .invalidate_prefix("settings:42:")
+            .invalidate_prefix(&user_id);
+        assert_eq!(
+            decision.invalidated_patterns(),
+            ["profile:\\[4\\]\\*:*", "settings:42:*", "\\[4\\]\\**"]
+        );
+        assert_eq!(
+            decision,
+            Decision::cache("k")
+                .invalidate_pattern(Glob::prefix("profile:[4]*:"))
+                .invalidate_pattern(Glob::prefix("settings:42:"))
+                .invalidate_pattern(Glob::prefix("[4]*"))
+        );
+        let pattern = &decision.invalidated_patterns()[0];
+        assert!(crate::glob_match(pattern, "profile:[4]*:email"));
+        assert!(!crate::glob_match(pattern, "profile:4x:email"));
+    }
+
+    /// A tag of exactly `len` bytes, multi-byte characters included.
+    fn tag_of(len: usize) -> String {
+        let mut tag = "é".repeat(len / 2);
+        if len % 2 == 1 {
+            tag.push('x');
+        }
+        assert_eq!(tag.len(), len);
+        tag
+    }
+
+    #[test]
+    fn tags_up_to_the_limit_are_sent() {
+        let longest = tag_of(MAX_TAG_BYTES);
+        let wire = Decision::cache("k")
+            .tag(longest.clone())
+            .tag("a")
+            .invalidate_tag(longest.clone())
+            .to_wire(&req())
+            .unwrap();
+        assert_eq!(wire.tags, [longest.as_str(), "a"]);
+        assert_eq!(wire.invalidate.unwrap().tags, [longest]);
+    }
+
+    #[test]
+    fn tags_outside_one_to_255_bytes_are_rejected() {
+        let too_long = tag_of(MAX_TAG_BYTES + 1);
+        let cases = [
+            (
+                Decision::cache("k").tag("a").tag(too_long.clone()),
+                "decision has an oversized tag of 256 bytes (tags are 1 to 255 bytes)",
+            ),
+            (
+                Decision::cache("k").invalidate_tag(too_long),
+                "decision has an oversized invalidated tag of 256 bytes (tags are 1 to 255 bytes)",
+            ),
+            (
+                Decision::cache("k").tag("a").tag(""),
+                "decision has an empty tag (tags are 1 to 255 bytes)",
+            ),
+            (
+                Decision::bypass().invalidate_tag(""),
+                "decision has an empty invalidated tag (tags are 1 to 255 bytes)",
+            ),
+        ];
+        for (decision, expected) in cases {
+            let err = decision.to_wire(&req()).unwrap_err();
+            assert_eq!(err.message(), expected);
+        }
+    }
+
+    #[test]
+    fn the_tag_section_is_limited() {
+        // 255 tags of 255 bytes and one of 254: (255 + 1) * 255 + (254 + 1) = 65535 bytes.
+        let full: Vec<String> = (0..255).map(|_| tag_of(MAX_TAG_BYTES)).collect();
+        let fits = Decision::cache("k")
+            .with_tags(full.clone())
+            .tag(tag_of(254));
+        assert_eq!(fits.to_wire(&req()).unwrap().tags.len(), 256);
+        // One byte more.
+        let over = Decision::cache("k")
+            .with_tags(full.clone())
+            .tag(tag_of(255));
+        let err = over.to_wire(&req()).unwrap_err();
+        assert_eq!(
+            err.message(),
+            "decision has tags taking 65536 bytes (each tag's length + 1), over the \
+             65535-byte limit of an entry's tags"
+        );
+        // The length bytes count: 32768 one-byte tags take 65536 bytes.
+        let short = Decision::cache("k").with_tags(vec!["t"; 32_768]);
+        assert!(
+            short
+                .to_wire(&req())
+                .unwrap_err()
+                .message()
+                .contains("65536 bytes")
+        );
+        assert!(
+            Decision::cache("k")
+                .with_tags(vec!["t"; 32_767])
+                .to_wire(&req())
+                .is_ok()
+        );
+        // Invalidated tags are not stored in the entry and do not count.
+        let invalidating = full
+            .iter()
+            .chain(&full)
+            .fold(Decision::bypass(), |d, t| d.invalidate_tag(t.clone()));
+        assert!(invalidating.to_wire(&req()).is_ok());
     }
 }

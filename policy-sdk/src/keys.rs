@@ -2,9 +2,11 @@
 //!
 //! Patterns use the glob syntax of the gateway's pattern invalidation (Redis `SCAN MATCH`):
 //! `*` any run of characters, `?` one character, `[abc]` / `[a-z]` / `[^a]` a class, `\x` a
-//! literal `x`. Anything taken from a request (a user id, a path) must go through
-//! [`escape_glob`] before it is put into a pattern, or a user id like `*` would invalidate
-//! everyone's entries.
+//! literal `x`. Anything taken from a request (a user id, a path) must be escaped before it is
+//! put into a pattern, or a user id like `*` would invalidate everyone's entries: build patterns
+//! with [`Glob`], which escapes every literal part, or escape by hand with [`escape_glob`].
+
+use std::fmt;
 
 /// Normalises a key so that spellings of the same thing share one cache entry:
 /// surrounding whitespace is trimmed and the key is lower-cased; if it contains `?`, the text
@@ -55,7 +57,8 @@ pub fn normalize_key(key: &str) -> String {
 }
 
 /// Escapes the glob metacharacters `*`, `?`, `[`, `]` and `\` with a backslash, so that `text`
-/// matches only itself inside a pattern.
+/// matches only itself inside a pattern. [`Glob`] does this for every literal part of the
+/// pattern it builds: prefer it to formatting patterns by hand.
 ///
 /// ```
 /// use cachegw_policy::escape_glob;
@@ -67,13 +70,134 @@ pub fn normalize_key(key: &str) -> String {
 /// ```
 pub fn escape_glob(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
+    push_escaped(&mut escaped, text);
+    escaped
+}
+
+/// Appends `text` to `pattern` with the glob metacharacters escaped (see [`escape_glob`]).
+fn push_escaped(pattern: &mut String, text: &str) {
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
+            pattern.push('\\');
         }
-        escaped.push(c);
+        pattern.push(c);
     }
-    escaped
+}
+
+/// A glob pattern for the gateway's pattern invalidation, built from literal parts (escaped, so
+/// they match only themselves) and explicit wildcards, so that request data can never turn into
+/// a wildcard. Pass it to [`Decision::invalidate_pattern`](crate::Decision::invalidate_pattern)
+/// as it is, or use [`Decision::invalidate_prefix`](crate::Decision::invalidate_prefix) for the
+/// common "every key starting with" case.
+///
+/// ```
+/// use cachegw_policy::{Glob, glob_match};
+///
+/// let user_id = "7*"; // from the request: must match only itself
+/// let pattern = Glob::new().literal("profile:").literal(user_id).literal(":").any();
+/// assert_eq!(pattern.as_str(), "profile:7\\*:*");
+/// assert!(glob_match(pattern.as_str(), "profile:7*:email"));
+/// assert!(!glob_match(pattern.as_str(), "profile:71:email"));
+///
+/// // The same pattern, shorter:
+/// assert_eq!(Glob::prefix(format!("profile:{user_id}:")), pattern);
+/// ```
+///
+/// A wildcard matches any character, `:` included: `Glob::prefix("profile:4")` also matches
+/// `profile:42:email`. End a prefix with its separator (`"profile:4:"`) to stop at it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Glob {
+    pattern: String,
+}
+
+impl Glob {
+    /// The empty pattern, which matches only the empty key; extend it with the builder methods.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every key that starts with `text`: `text` escaped, then `*`.
+    ///
+    /// An empty `text` gives `*`, every key of the namespace.
+    ///
+    /// ```
+    /// use cachegw_policy::Glob;
+    ///
+    /// assert_eq!(Glob::prefix("orders:42:").as_str(), "orders:42:*");
+    /// assert_eq!(Glob::prefix("a?b:").as_str(), "a\\?b:*");
+    /// ```
+    pub fn prefix(text: impl AsRef<str>) -> Self {
+        Self::exact(text).any()
+    }
+
+    /// Exactly the key `text`: `text` escaped, nothing else.
+    ///
+    /// ```
+    /// use cachegw_policy::{Glob, glob_match};
+    ///
+    /// let glob = Glob::exact("report[2024]");
+    /// assert_eq!(glob.as_str(), "report\\[2024\\]");
+    /// assert!(glob_match(glob.as_str(), "report[2024]"));
+    /// assert!(!glob_match(glob.as_str(), "report2"));
+    /// ```
+    pub fn exact(text: impl AsRef<str>) -> Self {
+        Self::new().literal(text)
+    }
+
+    /// Appends `text`, escaped so that it matches only itself (see [`escape_glob`]). Use it for
+    /// everything taken from a request.
+    pub fn literal(mut self, text: impl AsRef<str>) -> Self {
+        push_escaped(&mut self.pattern, text.as_ref());
+        self
+    }
+
+    /// Appends `*`: any run of characters, including none.
+    pub fn any(mut self) -> Self {
+        self.pattern.push('*');
+        self
+    }
+
+    /// Appends `?`: exactly one character.
+    pub fn one(mut self) -> Self {
+        self.pattern.push('?');
+        self
+    }
+
+    /// Appends `pattern` verbatim, wildcards and all: for glob syntax the other methods do not
+    /// cover, such as a class (`[0-9]`).
+    ///
+    /// `pattern` must be a trusted constant written by the policy's author and must never
+    /// contain request data (a key, an attribute, anything derived from them): a `*` in it would
+    /// reach other users' entries. Put request data in with [`Glob::literal`].
+    ///
+    /// ```
+    /// use cachegw_policy::{Glob, glob_match};
+    ///
+    /// let glob = Glob::new().literal("country").raw("[-_]").literal("codes");
+    /// assert_eq!(glob.as_str(), "country[-_]codes");
+    /// assert!(glob_match(glob.as_str(), "country_codes"));
+    /// ```
+    pub fn raw(mut self, pattern: impl AsRef<str>) -> Self {
+        self.pattern.push_str(pattern.as_ref());
+        self
+    }
+
+    /// The pattern, in the gateway's glob syntax.
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+}
+
+impl fmt::Display for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.pattern)
+    }
+}
+
+impl From<Glob> for String {
+    fn from(glob: Glob) -> Self {
+        glob.pattern
+    }
 }
 
 /// Whether `text` matches the glob `pattern`, over characters, with the syntax of the gateway's
@@ -280,6 +404,83 @@ mod tests {
         }
         assert!(!glob_match(&escape_glob("*"), "anything"));
         assert!(!glob_match(&escape_glob("?"), "a"));
+    }
+
+    #[test]
+    fn glob_literals_escape_every_metacharacter() {
+        for (text, escaped) in [
+            ("*", "\\*"),
+            ("?", "\\?"),
+            ("[", "\\["),
+            ("]", "\\]"),
+            ("\\", "\\\\"),
+            ("a*b?[c]\\d", "a\\*b\\?\\[c\\]\\\\d"),
+            ("plain:42-ü", "plain:42-ü"),
+        ] {
+            assert_eq!(Glob::exact(text).as_str(), escaped, "{text}");
+            assert_eq!(Glob::new().literal(text).as_str(), escaped, "{text}");
+            assert_eq!(Glob::exact(text).as_str(), escape_glob(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn glob_prefix_and_exact() {
+        assert_eq!(Glob::prefix("profile:42:").as_str(), "profile:42:*");
+        assert_eq!(Glob::prefix("x*").as_str(), "x\\**");
+        assert_eq!(Glob::prefix("").as_str(), "*");
+        assert_eq!(Glob::exact("profile:42").as_str(), "profile:42");
+        assert_eq!(Glob::exact("").as_str(), "");
+        assert_eq!(Glob::new(), Glob::default());
+        assert_eq!(Glob::new().as_str(), "");
+    }
+
+    #[test]
+    fn glob_builder_chains_in_order() {
+        let glob = Glob::new()
+            .literal("a*")
+            .any()
+            .literal(String::from("b"))
+            .one()
+            .raw("[0-9]")
+            .literal("?");
+        assert_eq!(glob.as_str(), "a\\**b?[0-9]\\?");
+        assert_eq!(glob.to_string(), glob.as_str());
+        assert_eq!(String::from(glob.clone()), glob.as_str());
+        assert_eq!(Glob::exact("x").any(), Glob::prefix("x"));
+        assert_ne!(Glob::exact("x"), Glob::prefix("x"));
+    }
+
+    #[test]
+    fn glob_round_trips_through_glob_match() {
+        for text in ["42", "*", "a?b", "[x]", "back\\slash", "ü*", "[^a]"] {
+            let exact = Glob::exact(text);
+            assert!(glob_match(exact.as_str(), text), "{text}");
+            assert!(!glob_match(exact.as_str(), &format!("{text}x")), "{text}");
+            let prefix = Glob::prefix(text);
+            assert!(glob_match(prefix.as_str(), text), "{text}");
+            assert!(
+                glob_match(prefix.as_str(), &format!("{text}:rest")),
+                "{text}"
+            );
+            assert!(!glob_match(prefix.as_str(), &format!("x{text}")), "{text}");
+        }
+        // A hostile id reaches only its own keys.
+        let glob = Glob::new()
+            .literal("profile:")
+            .literal("*")
+            .literal(":")
+            .any();
+        assert!(glob_match(glob.as_str(), "profile:*:email"));
+        assert!(!glob_match(glob.as_str(), "profile:42:email"));
+        // `one` is one character, `any` a run.
+        let glob = Glob::exact("v").one().literal(":").any();
+        assert!(glob_match(glob.as_str(), "v1:x"));
+        assert!(!glob_match(glob.as_str(), "v12:x"));
+        assert!(!glob_match(glob.as_str(), "v:x"));
+        // `raw` keeps its wildcards.
+        let glob = Glob::exact("k").raw("[0-9]");
+        assert!(glob_match(glob.as_str(), "k7"));
+        assert!(!glob_match(glob.as_str(), "kx"));
     }
 
     #[test]

@@ -85,13 +85,37 @@
 //! [`fresh_for`](Decision::fresh_for), [`stale_for`](Decision::stale_for),
 //! [`jitter`](Decision::jitter), [`tag`](Decision::tag),
 //! [`invalidate_key`](Decision::invalidate_key) / [`invalidate_pattern`](Decision::invalidate_pattern)
-//! / [`invalidate_tag`](Decision::invalidate_tag), [`compression`](Decision::compression) and
-//! [`early_refresh_beta`](Decision::early_refresh_beta). What is not set keeps the namespace's
-//! defaults (no fresh TTL = the namespace's default TTL). Keys, patterns and tags are always
-//! scoped to the request's namespace by the gateway: a policy cannot reach another namespace,
-//! whatever key it names. The SDK checks a decision before sending it (non-empty key, fresh TTL
-//! of at least 1 ms, finite beta, no empty tag/pattern), so a mistake shows up as a clear
-//! error rather than as a rejected decision in the host.
+//! / [`invalidate_prefix`](Decision::invalidate_prefix) / [`invalidate_tag`](Decision::invalidate_tag),
+//! [`compression`](Decision::compression) and [`early_refresh_beta`](Decision::early_refresh_beta).
+//! What is not set keeps the namespace's defaults (no fresh TTL = the namespace's default TTL).
+//! Keys, patterns and tags are always scoped to the request's namespace by the gateway: a policy
+//! cannot reach another namespace, whatever key it names. The SDK checks a decision before
+//! sending it (non-empty key, fresh TTL of at least 1 ms, finite beta, no empty key/pattern, the
+//! tag limits below), so a mistake shows up as a clear error rather than as a rejected decision
+//! in the host.
+//!
+//! ## Patterns and tags
+//! Pattern invalidation uses the glob syntax of Redis `SCAN MATCH` (`*`, `?`, `[a-z]`, `\x`).
+//! Build patterns with [`Glob`], never by formatting request data into a string: its
+//! [`literal`](Glob::literal) parts are escaped, so a user id like `*` matches only itself,
+//! and wildcards are added explicitly with [`any`](Glob::any) / [`one`](Glob::one).
+//! [`Decision::invalidate_prefix`] covers the common case:
+//!
+//! ```
+//! use cachegw_policy::{Decision, Glob};
+//!
+//! let user_id = "*"; // from the request
+//! let decision = Decision::bypass()
+//!     .invalidate_prefix(format!("profile:{user_id}:"))
+//!     .invalidate_pattern(Glob::new().literal("settings:").literal(user_id).literal(":").any());
+//! assert_eq!(decision.invalidated_patterns(), ["profile:\\*:*", "settings:\\*:*"]);
+//! ```
+//!
+//! The gateway stores an entry's tags inside the entry, so each tag (attached or invalidated)
+//! is 1 to [`MAX_TAG_BYTES`] (255) bytes of UTF-8, and the tags attached to one entry take at
+//! most [`MAX_TAG_SECTION_BYTES`] (65535) bytes together, counting one byte more per tag. A
+//! decision outside these limits is an error, like any invalid decision, so bound the request
+//! data that goes into a tag.
 //!
 //! ## Config
 //! An operator binds a policy to a namespace with config bytes (JSON by convention).
@@ -113,8 +137,9 @@
 //!
 //! ## Helpers
 //! - [`normalize_key`]: lower-case, trim, sort URL query parameters, so spellings share an entry;
-//! - [`escape_glob`] for anything from the request that goes into a pattern, [`glob_match`] to
-//!   match the same syntax the gateway's pattern invalidation uses;
+//! - [`Glob`] to build invalidation patterns with request data escaped ([`escape_glob`] to
+//!   escape by hand), [`glob_match`] to match the same syntax the gateway's pattern
+//!   invalidation uses;
 //! - [`tag`] to join tag parts unambiguously (`tag(["user", id])` → `user:{id}`);
 //! - [`parse_duration`] for `"500ms"`, `"60s"`, `"5m"`, `"24h"`, `"1h30m"` in configs, with serde
 //!   helpers in [`duration`];
@@ -160,10 +185,10 @@ pub mod proto {
 }
 
 pub use abi::ABI_VERSION;
-pub use decision::{Compression, Decision};
+pub use decision::{Compression, Decision, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES};
 pub use duration::{DurationParseError, parse_duration};
 pub use error::PolicyError;
-pub use keys::{escape_glob, glob_match, normalize_key, tag};
+pub use keys::{Glob, escape_glob, glob_match, normalize_key, tag};
 pub use request::{Operation, Request};
 
 /// A caching policy: the one trait an author implements.

@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use cachegw_policy::{
-    Decision, Operation, Policy, PolicyError, Request, config, duration, escape_glob, tag,
+    Decision, Glob, Operation, Policy, PolicyError, Request, config, duration, tag,
 };
 use serde::Deserialize;
 
@@ -105,10 +105,9 @@ impl Policy for UserProfile {
         } else {
             self.cache_for_user(req, &user_key)
         };
-        let user_id = escape_glob(user_key.user_id);
         Ok(decision
-            .invalidate_pattern(format!("profile:{user_id}:*"))
-            .invalidate_pattern(format!("settings:{user_id}:*")))
+            .invalidate_pattern(user_entries("profile:", user_key.user_id))
+            .invalidate_pattern(user_entries("settings:", user_key.user_id)))
     }
 }
 
@@ -118,6 +117,16 @@ impl UserProfile {
             .fresh_for(self.ttl)
             .tag(tag(["user", user_key.user_id]))
     }
+}
+
+/// Every key of one kind (`kind` with its `:`) under `user_id`: `{kind}{user_id}:*`, the user
+/// id escaped so that an id like `*` cannot reach other users.
+fn user_entries(kind: &str, user_id: &str) -> Glob {
+    Glob::new()
+        .literal(kind)
+        .literal(user_id)
+        .literal(":")
+        .any()
 }
 
 cachegw_policy::export_policy!(UserProfile);
