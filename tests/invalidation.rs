@@ -935,3 +935,35 @@ async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
         "only keepalive entries may be left in `shared`: {shared} of {keepalives}"
     );
 }
+
+/// A Redis that lost its data (restart without persistence, FLUSHALL) also
+/// lost the namespace's generation: the gateway follows it back to 0 instead
+/// of hiding the namespace behind the generation it remembers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_follows_a_generation_reset() {
+    let mut world = world(Backend::Redis).await;
+    let flushed = invalidate(&mut world.client, NS, Target::WholeNamespace(true), false).await;
+    assert_eq!(flushed.generation, 1);
+    set_tagged(&mut world.client, "k", "").await;
+    assert_eq!(outcome(&mut world.client, NS, "k").await, Outcome::Hit);
+    let mut connection = world.redis.as_ref().unwrap().connection().await;
+    redis::cmd("FLUSHALL")
+        .exec_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(outcome(&mut world.client, NS, "k").await, Outcome::Miss);
+    set_tagged(&mut world.client, "k", "t").await;
+    assert_eq!(outcome(&mut world.client, NS, "k").await, Outcome::Hit);
+    let entries: Vec<String> = redis::cmd("KEYS")
+        .arg("cg:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(entries, [format!("cg:{NS}:0:k")]);
+    assert_eq!(
+        invalidate(&mut world.client, NS, tags(&["t"]), false)
+            .await
+            .affected,
+        1
+    );
+}

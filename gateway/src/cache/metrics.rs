@@ -82,7 +82,7 @@ impl CacheMetrics {
         );
         registry.register(
             "cachegw_invalidated_entries",
-            "Entries removed by the invalidations of write decisions",
+            "Entries removed or marked stale, by Invalidate jobs and by the invalidations of write decisions",
             metrics.invalidated.clone(),
         );
         registry.register(

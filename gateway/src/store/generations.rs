@@ -31,16 +31,13 @@ impl Generations {
             .unwrap_or_default()
     }
 
-    /// Records a state read from the authority (Redis). States only move
-    /// forward, so a slow reply cannot roll a newer one back.
+    /// Records a state read from the authority (Redis). Redis is believed
+    /// even when it went back (its data was lost or flushed): a slow reply
+    /// that briefly rolls the table back costs the next request one retry,
+    /// while ignoring a real reset would hide the namespace for good.
     pub fn learn(&self, namespace: &str, state: NamespaceState) {
-        let current = self.get(namespace);
-        if state.generation > current.generation || state.stale_before_ms > current.stale_before_ms
-        {
-            self.update(namespace, |known| {
-                known.generation = known.generation.max(state.generation);
-                known.stale_before_ms = known.stale_before_ms.max(state.stale_before_ms);
-            });
+        if self.get(namespace) != state {
+            self.update(namespace, |known| *known = state);
         }
     }
 
