@@ -232,6 +232,27 @@ async fn tags_patterns_and_keys_remove_exactly_their_entries(backend: Backend) {
 
     let untouched: Vec<(&str, Outcome)> = entries.iter().map(|(key, _)| (*key, Hit)).collect();
     expect_outcomes(&mut neighbour, NEIGHBOUR, &untouched).await;
+
+    // Five jobs, all done, removing 3 + 0 + 1 + 1 + 1 entries.
+    let metrics = world.gateway.metrics.encode();
+    assert_eq!(
+        support::counter_sum(&metrics, "cachegw_invalidation_jobs"),
+        5
+    );
+    assert!(
+        metrics.contains(
+            r#"cachegw_invalidation_jobs_total{namespace="catalog",target="tags",outcome="done"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert_eq!(
+        support::counter_sum(&metrics, "cachegw_invalidated_entries"),
+        6
+    );
+    assert_eq!(
+        support::gauge(&metrics, "cachegw_invalidation_jobs_running"),
+        0
+    );
 }
 
 async fn a_soft_purge_serves_stale_until_a_hard_one_removes(backend: Backend) {

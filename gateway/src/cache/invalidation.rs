@@ -280,9 +280,11 @@ impl Cache {
         let target = command.target.label();
         let store = Arc::clone(&self.store);
         let metrics = self.metrics.clone();
+        let job_metric = Arc::clone(&metric);
         let job = self
             .jobs
             .start(work.policy.clone(), move |job| async move {
+                let _running = metrics.job_started();
                 let mode = if soft {
                     PurgeMode::MarkStale {
                         now_ms: unix_millis(),
@@ -308,6 +310,7 @@ impl Cache {
                     }
                 };
                 metrics.invalidated(job.progress.affected());
+                metrics.job_finished(&job_metric, target, result.is_err());
                 match &result {
                     Ok(()) => info!(
                         job = %job.id, namespace, target, soft,

@@ -1,5 +1,5 @@
 //! The cache layer's metrics: request outcomes, rejected requests, store
-//! errors and undecodable entries.
+//! errors, undecodable entries and invalidation jobs.
 
 use std::sync::Arc;
 
@@ -16,6 +16,13 @@ use crate::store::StoreError;
 struct RequestLabels {
     op: &'static str,
     namespace: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    namespace: Arc<str>,
+    target: &'static str,
     outcome: &'static str,
 }
 
@@ -45,6 +52,8 @@ pub struct CacheMetrics {
     envelope_errors: Family<EnvelopeErrorLabels, Counter>,
     in_flight: Gauge,
     invalidated: Counter,
+    jobs: Family<JobLabels, Counter>,
+    jobs_running: Gauge,
 }
 
 /// Counts a request as in flight until dropped.
@@ -86,6 +95,16 @@ impl CacheMetrics {
             metrics.invalidated.clone(),
         );
         registry.register(
+            "cachegw_invalidation_jobs",
+            "Finished invalidation jobs by namespace, target (keys, pattern, tags, namespace) and outcome (done, failed)",
+            metrics.jobs.clone(),
+        );
+        registry.register(
+            "cachegw_invalidation_jobs_running",
+            "Invalidation jobs running right now",
+            metrics.jobs_running.clone(),
+        );
+        registry.register(
             "cachegw_requests_in_flight",
             "Cache requests being executed right now",
             metrics.in_flight.clone(),
@@ -116,6 +135,27 @@ impl CacheMetrics {
 
     pub(super) fn invalidated(&self, entries: u64) {
         self.invalidated.inc_by(entries);
+    }
+
+    /// Counts a job as running until the returned guard is dropped.
+    pub(super) fn job_started(&self) -> InFlight {
+        self.jobs_running.inc();
+        InFlight(self.jobs_running.clone())
+    }
+
+    pub(super) fn job_finished(
+        &self,
+        namespace: &MetricNamespace,
+        target: &'static str,
+        failed: bool,
+    ) {
+        self.jobs
+            .get_or_create(&JobLabels {
+                namespace: Arc::clone(namespace),
+                target,
+                outcome: if failed { "failed" } else { "done" },
+            })
+            .inc();
     }
 
     pub(super) fn request(
