@@ -19,7 +19,9 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
-use super::{Attributes, Cache, RequestError, scoped_key, unix_millis};
+use super::{
+    Attributes, Cache, InvalidationReport, MAX_TAG_BYTES, RequestError, scoped_key, unix_millis,
+};
 use crate::{
     config::InvalidationConfig,
     policy::{Invalidation, Operation},
@@ -285,30 +287,7 @@ impl Cache {
             .jobs
             .start(work.policy.clone(), move |job| async move {
                 let _running = metrics.job_started();
-                let mode = if soft {
-                    PurgeMode::MarkStale {
-                        now_ms: unix_millis(),
-                    }
-                } else {
-                    PurgeMode::Delete
-                };
-                let result = match work.flush {
-                    true => store
-                        .flush_namespace(&namespace, mode)
-                        .await
-                        .map(|generation| job.generation.store(generation, Ordering::Relaxed))
-                        .map_err(|err| err.to_string()),
-                    false => {
-                        let errors =
-                            purge(&*store, &namespace, &work.invalidation, mode, &job.progress)
-                                .await;
-                        if errors.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(errors.join("; "))
-                        }
-                    }
-                };
+                let result = run_job(&*store, &namespace, &work, soft, &job).await;
                 metrics.invalidated(job.progress.affected());
                 metrics.job_finished(&job_metric, target, result.is_err());
                 match &result {
@@ -319,7 +298,7 @@ impl Cache {
                         "invalidation finished"
                     ),
                     Err(error) => {
-                        warn!(job = %job.id, namespace, target, soft, error, "invalidation failed")
+                        warn!(job = %job.id, namespace, target, soft, error, "invalidation failed");
                     }
                 }
                 result
@@ -426,14 +405,13 @@ impl Cache {
                 check_count("tags", tags.len())?;
                 if let Some(bad) = tags
                     .iter()
-                    .find(|tag| tag.is_empty() || tag.len() > super::MAX_TAG_BYTES)
+                    .find(|tag| tag.is_empty() || tag.len() > MAX_TAG_BYTES)
                 {
                     return Err(RequestError::invalid(
                         "tags",
                         format!(
-                            "holds a tag of {} bytes (tags are 1 to {} bytes)",
+                            "holds a tag of {} bytes (tags are 1 to {MAX_TAG_BYTES} bytes)",
                             bad.len(),
-                            super::MAX_TAG_BYTES
                         ),
                     ));
                 }
@@ -450,12 +428,12 @@ impl Cache {
         &self,
         namespace: &str,
         invalidation: &Invalidation,
-    ) -> super::InvalidationReport {
+    ) -> InvalidationReport {
         if invalidation.is_empty() {
-            return super::InvalidationReport::default();
+            return InvalidationReport::default();
         }
         let progress = Progress::default();
-        let mut errors = match tokio::time::timeout(
+        let errors = match tokio::time::timeout(
             self.invalidation_timeout,
             purge(
                 &*self.store,
@@ -478,9 +456,9 @@ impl Cache {
         if !errors.is_empty() {
             warn!(namespace, errors = ?errors, "invalidations incomplete");
         }
-        super::InvalidationReport {
+        InvalidationReport {
             removed,
-            error: std::mem::take(&mut errors).join("; "),
+            error: errors.join("; "),
         }
     }
 }
@@ -491,6 +469,37 @@ struct Work {
     invalidation: Invalidation,
     flush: bool,
     policy: String,
+}
+
+/// What one job does: a namespace flush, or purges, as of now.
+async fn run_job(
+    store: &dyn Store,
+    namespace: &str,
+    work: &Work,
+    soft: bool,
+    job: &Job,
+) -> Result<(), String> {
+    let mode = if soft {
+        PurgeMode::MarkStale {
+            now_ms: unix_millis(),
+        }
+    } else {
+        PurgeMode::Delete
+    };
+    if work.flush {
+        let generation = store
+            .flush_namespace(namespace, mode)
+            .await
+            .map_err(|err| err.to_string())?;
+        job.generation.store(generation, Ordering::Relaxed);
+        return Ok(());
+    }
+    let errors = purge(store, namespace, &work.invalidation, mode, &job.progress).await;
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 /// Runs `invalidation` against `store`, all scoped to `namespace`, counting
