@@ -31,6 +31,9 @@ use super::{
 };
 use crate::cache::envelope;
 
+/// Entries a purge's walk looks at between yields to the runtime.
+const WALK_STEP: usize = 4096;
+
 /// Per-entry bookkeeping moka does not keep for us.
 const ENTRY_OVERHEAD_BYTES: usize = 64;
 
@@ -144,16 +147,21 @@ impl MemoryStore {
     ) -> u64 {
         let state = self.generations.get(namespace);
         let prefix = layout::entry_prefix(namespace, state.generation);
-        // A full walk: the in-process store has no index to narrow it.
-        let selected: Vec<Bytes> = self
-            .entries
-            .iter()
-            .filter(|(key, value)| {
-                key.strip_prefix(prefix.as_slice())
-                    .is_some_and(|rest| select(rest, &value.bytes))
-            })
-            .map(|(key, _)| Bytes::clone(&key))
-            .collect();
+        // A full walk: the in-process store has no index to narrow it. It
+        // yields to the runtime every few thousand entries, so a large store
+        // does not hold a worker thread away from the requests it serves.
+        let mut selected: Vec<Bytes> = Vec::new();
+        for (walked, (key, value)) in self.entries.iter().enumerate() {
+            if key
+                .strip_prefix(prefix.as_slice())
+                .is_some_and(|rest| select(rest, &value.bytes))
+            {
+                selected.push(Bytes::clone(&key));
+            }
+            if walked % WALK_STEP == WALK_STEP - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
         let mut affected = 0;
         for physical in selected {
             let rest = physical.slice(prefix.len()..);
