@@ -1020,3 +1020,46 @@ async fn redis_store_follows_a_generation_reset() {
         1
     );
 }
+
+/// With Redis gone, an invalidation does not pretend: the job fails and says
+/// why, and the call still answers within its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_failed_invalidations_say_why() {
+    let mut world = world(Backend::Redis).await;
+    set_tagged(&mut world.client, "k", "t").await;
+    world.redis.as_mut().unwrap().kill();
+    for target in [
+        tags(&["t"]),
+        Target::Pattern("*".into()),
+        Target::WholeNamespace(true),
+    ] {
+        let started = Instant::now();
+        let answer = world
+            .client
+            .invalidate(InvalidateRequest {
+                namespace: NS.into(),
+                target: Some(target.clone()),
+                wait_ms: 10_000,
+                ..Default::default()
+            })
+            .await
+            .expect("the call itself succeeds")
+            .into_inner();
+        assert_eq!(
+            answer.state,
+            JobState::Failed as i32,
+            "{target:?}: {answer:?}"
+        );
+        assert!(answer.error.contains("store"), "{target:?}: {answer:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let metrics = world.gateway.metrics.encode();
+    assert!(
+        metrics.contains(r#"cachegw_invalidation_jobs_total{namespace="catalog",target="tags",outcome="failed"} 1"#),
+        "{metrics}"
+    );
+}

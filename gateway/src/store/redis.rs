@@ -220,6 +220,14 @@ redis.call('SETRANGE', KEYS[1], 12, ARGV[3])
 return 1
 ";
 
+/// Renames a tag index (KEYS[1]) to a purge's private key (KEYS[2]) if it
+/// exists; 1 if it did.
+const TAKE_OVER_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+";
+
 /// Moves a namespace's soft-flush time forward (never back) and returns its
 /// generation. KEYS[1]: the namespace state hash. ARGV[1]: now (ms).
 const SOFT_FLUSH_SCRIPT: &str = r"
@@ -590,21 +598,19 @@ impl Store for RedisStore {
                 // this point is in the snapshot, and writes from now on index
                 // into a fresh set that this purge leaves alone.
                 let snapshot = layout::tag_purge_key(namespace, generation, rand::random());
-                let renamed = self
-                    .run(async |conn| {
-                        redis::cmd("RENAME")
-                            .arg(&index)
-                            .arg(&snapshot)
-                            .exec_async(conn)
-                            .await
-                    })
-                    .await;
-                match renamed {
-                    Ok(()) => {}
-                    Err(StoreError::Command(message)) if message.contains("no such key") => {
-                        return Ok(0);
-                    }
-                    Err(err) => return Err(err),
+                let script = take_over_script();
+                let mut invocation = script.key(&index);
+                invocation.key(&snapshot);
+                let mut pipeline = redis::pipe();
+                pipeline
+                    .load_script(script)
+                    .ignore()
+                    .invoke_script(&invocation);
+                let (taken,): (bool,) = self
+                    .run(async |conn| pipeline.query_async(conn).await)
+                    .await?;
+                if !taken {
+                    return Ok(0);
                 }
                 loop {
                     let popped: Vec<(Bytes, f64)> = self
@@ -704,6 +710,11 @@ impl Store for RedisStore {
 fn purge_script() -> &'static redis::Script {
     static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
     SCRIPT.get_or_init(|| redis::Script::new(PURGE_SCRIPT))
+}
+
+fn take_over_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(TAKE_OVER_SCRIPT))
 }
 
 fn soft_flush_script() -> &'static redis::Script {
