@@ -248,7 +248,7 @@ async fn write(
             tokio::spawn(async move {
                 let tags = HashMap::from([("surrogate-key".to_owned(), prefix.to_owned())]);
                 for start in (w * BATCH..count).step_by(writers * BATCH) {
-                    let items = (start..(start + BATCH).min(count))
+                    let mut items: Vec<SetRequest> = (start..(start + BATCH).min(count))
                         .map(|i| SetRequest {
                             namespace: namespace.clone(),
                             key: format!("{prefix}:{i}"),
@@ -257,12 +257,30 @@ async fn write(
                             ..Default::default()
                         })
                         .collect();
-                    let written = client.m_set(MSetRequest { items }).await?.into_inner();
-                    let stored = written.results.iter().all(|result| {
-                        matches!(&result.result, Some(m_set_result::Result::Response(r)) if r.stored)
-                    });
-                    if !stored {
-                        bail!("the gateway did not store every entry (is its store up?)");
+                    // Retry what was not stored, as a client would: under
+                    // CPU starvation a policy call can miss its deadline, and
+                    // a fail-closed binding then stores nothing.
+                    for attempt in 1.. {
+                        let written = client
+                            .m_set(MSetRequest {
+                                items: items.clone(),
+                            })
+                            .await?
+                            .into_inner();
+                        let mut stored = written.results.iter().map(|result| {
+                            matches!(&result.result, Some(m_set_result::Result::Response(r)) if r.stored)
+                        });
+                        items.retain(|_| !stored.next().unwrap_or(false));
+                        if items.is_empty() {
+                            break;
+                        }
+                        if attempt == 3 {
+                            bail!(
+                                "the gateway did not store {} entries after 3 attempts (is its store up?)",
+                                items.len()
+                            );
+                        }
+                        eprintln!("retrying {} entries the gateway did not store", items.len());
                     }
                 }
                 Ok(())

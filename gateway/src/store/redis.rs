@@ -463,8 +463,29 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
-        let mut fetched = self.read(std::slice::from_ref(key)).await?;
-        Ok(fetched.pop().unwrap_or_default())
+        // The hot path: `read` for one key, without its bookkeeping.
+        let namespace = key.namespace();
+        let mut guess = self.generations.get(namespace);
+        for _ in 0..GENERATION_ATTEMPTS {
+            let mut pipeline = redis::pipe();
+            Self::read_state(&mut pipeline, namespace);
+            pipeline
+                .cmd("GET")
+                .arg(layout::entry_key(namespace, guess.generation, key.key()));
+            let (reply, value): (Vec<Option<u64>>, Option<Bytes>) = self
+                .run(async |conn| pipeline.query_async(conn).await)
+                .await?;
+            let state = self.learn(namespace, &reply);
+            if state.generation == guess.generation {
+                return Ok(Fetched {
+                    value,
+                    stale_before_ms: state.stale_before_ms,
+                });
+            }
+            guess = state;
+        }
+        // Never an entry from a generation that was flushed.
+        Ok(Fetched::default())
     }
 
     async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
