@@ -44,13 +44,16 @@ on_both_stores!(
 );
 
 fn catalog(config: &mut Config) {
-    bind(
-        config,
-        NS,
-        "surrogate-keys",
-        Some(json!({"ttl": "10m", "stale": "1m"})),
-        FallbackMode::FailClosed,
-    );
+    // The neighbour runs the same policy: same keys, same tags, other namespace.
+    for namespace in [NS, NEIGHBOUR] {
+        bind(
+            config,
+            namespace,
+            "surrogate-keys",
+            Some(json!({"ttl": "10m", "stale": "1m"})),
+            FallbackMode::FailClosed,
+        );
+    }
 }
 
 async fn world(backend: Backend) -> World {
@@ -154,12 +157,13 @@ async fn tags_patterns_and_keys_remove_exactly_their_entries(backend: Backend) {
     }
     // The neighbour's entries carry the same tags and keys.
     let mut neighbour = world.gateway.client().await;
-    for (key, _) in entries {
+    for (key, tags) in entries {
         let set = neighbour
             .set(SetRequest {
                 namespace: NEIGHBOUR.into(),
                 key: key.into(),
                 value: b"n".to_vec().into(),
+                attributes: attrs(&[("surrogate-key", tags)]),
                 ..Default::default()
             })
             .await
@@ -232,12 +236,15 @@ async fn tags_patterns_and_keys_remove_exactly_their_entries(backend: Backend) {
 
     let untouched: Vec<(&str, Outcome)> = entries.iter().map(|(key, _)| (*key, Hit)).collect();
     expect_outcomes(&mut neighbour, NEIGHBOUR, &untouched).await;
+    // ...though they do carry those tags, in their own namespace.
+    let theirs = invalidate(&mut neighbour, NEIGHBOUR, tags(&["category:7"]), false).await;
+    assert_eq!(theirs.affected, 3, "{theirs:?}");
 
-    // Five jobs, all done, removing 3 + 0 + 1 + 1 + 1 entries.
+    // Six jobs, all done, removing 3 + 0 + 1 + 1 + 1 + 3 entries.
     let metrics = world.gateway.metrics.encode();
     assert_eq!(
         support::counter_sum(&metrics, "cachegw_invalidation_jobs"),
-        5
+        6
     );
     assert!(
         metrics.contains(
@@ -247,7 +254,7 @@ async fn tags_patterns_and_keys_remove_exactly_their_entries(backend: Backend) {
     );
     assert_eq!(
         support::counter_sum(&metrics, "cachegw_invalidated_entries"),
-        6
+        9
     );
     assert_eq!(
         support::gauge(&metrics, "cachegw_invalidation_jobs_running"),
