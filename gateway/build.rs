@@ -6,6 +6,11 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // The contracts live outside this package: without saying so, cargo would
+    // only rerun this script when a file of the package changes, and every
+    // build variant (lib, tests, release) could keep stale generated code.
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+    println!("cargo:rerun-if-changed=build.rs");
 
     let mut prost_config = prost_build::Config::new();
     prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

@@ -104,7 +104,7 @@ impl MixedLoad {
                             let request = GetRequest {
                                 namespace: namespace.clone(),
                                 key,
-                                attributes: Default::default(),
+                                ..Default::default()
                             };
                             client
                                 .get(request)
@@ -460,6 +460,7 @@ async fn a_canary_takes_its_share_of_keys_stably() {
                 namespace: "ns".into(),
                 key: format!("key-{}", batch * 500 + i),
                 attributes: Default::default(),
+                ..Default::default()
             })
             .collect();
         let response = client
@@ -498,6 +499,7 @@ async fn a_canary_takes_its_share_of_keys_stably() {
             namespace: "ns".into(),
             key: format!("key-{i}"),
             attributes: Default::default(),
+            ..Default::default()
         })
         .collect();
     let again = client

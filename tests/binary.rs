@@ -133,6 +133,7 @@ async fn serve_answers_and_stops_cleanly_on_sigterm() {
             namespace: "quickstart".into(),
             key: "greeting".into(),
             attributes: Default::default(),
+            ..Default::default()
         })
         .await
         .unwrap()

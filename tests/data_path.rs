@@ -288,6 +288,7 @@ async fn bad_input_is_rejected_precisely_and_writes_nothing(backend: Backend) {
             namespace: NS.into(),
             key: String::new(),
             attributes: Default::default(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -338,6 +339,7 @@ async fn batches_answer_per_item_in_request_order(backend: Backend) {
         namespace: NS.into(),
         key: key.into(),
         attributes: Default::default(),
+        ..Default::default()
     };
     let response = world
         .client
@@ -461,7 +463,7 @@ async fn many_concurrent_clients_see_no_errors(backend: Backend) {
                     let request = GetRequest {
                         namespace: NS.into(),
                         key,
-                        attributes: Default::default(),
+                        ..Default::default()
                     };
                     match client.get(request).await {
                         Ok(response) if !response.get_ref().degraded => {

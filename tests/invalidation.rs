@@ -87,7 +87,8 @@ async fn outcome(client: &mut CacheClient<Channel>, namespace: &str, key: &str) 
         .get(GetRequest {
             namespace: namespace.into(),
             key: key.into(),
-            attributes: HashMap::new(),
+            allow_stale: true,
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -275,7 +276,8 @@ async fn a_soft_purge_serves_stale_until_a_hard_one_removes(backend: Backend) {
         .get(GetRequest {
             namespace: NS.into(),
             key: "a".into(),
-            attributes: HashMap::new(),
+            allow_stale: true,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -57,6 +57,7 @@ async fn get_with(
             namespace: namespace.into(),
             key: key.into(),
             attributes: attrs(attributes),
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -599,6 +600,7 @@ async fn batches_ask_the_policy_for_every_item() {
         namespace: "routes".into(),
         key: key.into(),
         attributes: Default::default(),
+        ..Default::default()
     };
     let response = world
         .client

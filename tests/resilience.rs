@@ -31,6 +31,7 @@ fn get(key: &str) -> GetRequest {
         namespace: NS.into(),
         key: key.into(),
         attributes: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -179,6 +179,8 @@ impl Driver {
                 } else {
                     let response = client
                         .get(GetRequest {
+                            allow_stale: false,
+                            lease: None,
                             namespace: work.namespace.clone(),
                             key: format!("k{key}"),
                             attributes: Default::default(),

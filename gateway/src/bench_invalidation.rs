@@ -322,6 +322,8 @@ impl Load {
                     let started = Instant::now();
                     let answer = client
                         .get(GetRequest {
+                            allow_stale: false,
+                            lease: None,
                             namespace: namespace.clone(),
                             key,
                             attributes: HashMap::new(),

@@ -233,6 +233,13 @@ pub struct LimitsConfig {
     pub max_key_bytes: usize,
     /// Most items in one MGet/MSet.
     pub max_batch_items: usize,
+    /// Longest lease a Get may ask for (and how long a tag purge's mark
+    /// voiding older leases is kept).
+    #[serde(with = "humantime_serde")]
+    pub max_lease_ttl: Duration,
+    /// Longest a Get may wait for another caller's fill.
+    #[serde(with = "humantime_serde")]
+    pub max_lease_wait: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -240,6 +247,8 @@ impl Default for LimitsConfig {
         Self {
             max_key_bytes: 1024,
             max_batch_items: 1000,
+            max_lease_ttl: Duration::from_secs(300),
+            max_lease_wait: Duration::from_secs(30),
         }
     }
 }
@@ -419,6 +428,15 @@ pub struct NamespaceConfig {
     /// Values at least this many bytes are stored LZ4-compressed when that
     /// saves space (a policy can say never, or prefer compression for any size).
     pub compress_min_bytes: usize,
+    /// How long a lease lasts when the Get asking for it names no TTL: the
+    /// longest a fill may take before another caller gets the lease.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// XFetch early-refresh beta when the policy decides none: above 0, a
+    /// lease-asking reader of a fresh entry gets a refresh lease with a
+    /// probability that grows as the entry nears expiry (1.0 is the paper's
+    /// recommendation; larger refreshes earlier); 0 turns early refresh off.
+    pub early_refresh_beta: f64,
     /// The WebAssembly policy deciding this namespace's keys and TTLs; without
     /// one, the built-in default policy applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -431,6 +449,8 @@ impl Default for NamespaceConfig {
             default_ttl: Duration::from_secs(300),
             max_value_bytes: 4 * 1024 * 1024,
             compress_min_bytes: 4096,
+            lease_ttl: Duration::from_secs(10),
+            early_refresh_beta: 1.0,
             policy: None,
         }
     }
@@ -624,9 +644,32 @@ impl Config {
         if self.policy.max_ttl < Duration::from_secs(1) || self.policy.max_ttl > MAX_TTL {
             return invalid("policy.max_ttl", "must be between 1s and 365 days");
         }
+        if self.limits.max_lease_ttl < Duration::from_millis(1) {
+            return invalid("limits.max_lease_ttl", "must be at least 1ms");
+        }
         self.default_namespace
             .settings
             .validate("default_namespace", self.server.max_request_bytes)?;
+        let namespaces = std::iter::once((
+            "default_namespace".to_owned(),
+            &self.default_namespace.settings,
+        ))
+        .chain(
+            self.namespaces
+                .iter()
+                .map(|(name, ns)| (format!("namespaces.{name}"), ns)),
+        );
+        for (path, namespace) in namespaces {
+            if namespace.lease_ttl > self.limits.max_lease_ttl {
+                return invalid(
+                    &format!("{path}.lease_ttl"),
+                    &format!(
+                        "({:?}) must not exceed limits.max_lease_ttl ({:?})",
+                        namespace.lease_ttl, self.limits.max_lease_ttl
+                    ),
+                );
+            }
+        }
         for (name, namespace) in &self.namespaces {
             if let Err(reason) = crate::cache::validate_namespace_name(name) {
                 return invalid(&format!("namespaces.{name}"), &reason);
@@ -650,6 +693,15 @@ impl NamespaceConfig {
         }
         if self.default_ttl > MAX_TTL {
             return invalid("default_ttl", "must be at most 365 days".to_owned());
+        }
+        if self.lease_ttl < Duration::from_millis(1) {
+            return invalid("lease_ttl", "must be at least 1ms".to_owned());
+        }
+        if !self.early_refresh_beta.is_finite() || self.early_refresh_beta < 0.0 {
+            return invalid(
+                "early_refresh_beta",
+                format!("({}) must be a finite number >= 0", self.early_refresh_beta),
+            );
         }
         if self.max_value_bytes >= max_request_bytes {
             return invalid(

@@ -100,16 +100,20 @@ impl Gateway {
     /// Builds the store, cache and metrics from `config`. Does not connect:
     /// Redis may be down; requests are answered degraded until it is up.
     pub fn new(config: Config) -> Result<Self, GatewayError> {
-        let store: Arc<dyn Store> =
-            match config.store {
-                StoreKind::Redis => Arc::new(RedisStore::new(&config.redis).map_err(|source| {
+        let store: Arc<dyn Store> = match config.store {
+            StoreKind::Redis => Arc::new(
+                RedisStore::new(&config.redis, config.limits.max_lease_ttl).map_err(|source| {
                     GatewayError::Store {
                         store: StoreKind::Redis,
                         source,
                     }
-                })?),
-                StoreKind::Memory => Arc::new(MemoryStore::new(config.memory.max_bytes)),
-            };
+                })?,
+            ),
+            StoreKind::Memory => Arc::new(MemoryStore::new(
+                config.memory.max_bytes,
+                config.limits.max_lease_ttl,
+            )),
+        };
         let namespaces = Namespaces::from_config(&config);
         let policies = Arc::new(PolicyRegistry::from_config(&config)?);
         let mut registry = Registry::default();

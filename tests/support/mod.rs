@@ -476,6 +476,7 @@ impl World {
                 namespace: namespace.into(),
                 key: key.into(),
                 attributes: Default::default(),
+                ..Default::default()
             })
             .await
             .expect("get")

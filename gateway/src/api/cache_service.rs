@@ -10,7 +10,8 @@ use super::{
     proto::v1::{
         DeleteRequest, DeleteResponse, GetInvalidationRequest, GetRequest, GetResponse,
         InvalidateRequest, InvalidateResponse, MGetRequest, MGetResponse, MSetRequest,
-        MSetResponse, SetRequest, SetResponse, cache_server,
+        MSetResponse, ReleaseLeaseRequest, ReleaseLeaseResponse, SetRequest, SetResponse,
+        cache_server,
     },
 };
 use crate::cache::{Cache, CacheMetrics, RequestError};
@@ -139,5 +140,17 @@ impl cache_server::Cache for CacheApi {
             .invalidation_status(&request.job_id, wait, deadline)
             .await?;
         Ok(Response::new(job.into()))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn release_lease(
+        &self,
+        request: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        self.unary("release_lease", request, |command, deadline| async move {
+            let released = self.cache.release_lease(command, deadline).await?;
+            Ok(ReleaseLeaseResponse { released })
+        })
+        .await
     }
 }

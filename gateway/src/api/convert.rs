@@ -3,9 +3,12 @@
 //! namespace are the cache layer's to check.
 
 use super::proto::v1 as pb;
+use std::time::Duration;
+
 use crate::cache::{
     DeleteCommand, DeleteResult, GetCommand, GetResult, InvalidateCommand, JobSnapshot, JobState,
-    Outcome, RequestError, SetCommand, SetResult, Target, validate_namespace_name,
+    LeaseAsk, LeaseState, LeaseWrite, Outcome, ReleaseCommand, RequestError, SetCommand, SetResult,
+    Target, validate_namespace_name,
 };
 
 fn checked_namespace(namespace: String) -> Result<String, RequestError> {
@@ -29,6 +32,11 @@ impl TryFrom<pb::GetRequest> for GetCommand {
             namespace: checked_namespace(request.namespace)?,
             key: checked_key(request.key)?,
             attributes: request.attributes,
+            allow_stale: request.allow_stale,
+            lease: request.lease.map(|lease| LeaseAsk {
+                wait: Duration::from_millis(lease.wait_ms),
+                ttl: (lease.ttl_ms > 0).then(|| Duration::from_millis(lease.ttl_ms)),
+            }),
         })
     }
 }
@@ -43,6 +51,7 @@ impl TryFrom<pb::SetRequest> for SetCommand {
             value: request.value,
             content_type: request.content_type,
             attributes: request.attributes,
+            lease_token: (!request.lease_token.is_empty()).then_some(request.lease_token),
         })
     }
 }
@@ -73,7 +82,34 @@ impl From<GetResult> for pb::GetResponse {
             degraded: result.degraded,
             content_type: result.content_type,
             policy: result.policy.to_string(),
+            lease: lease_state(result.lease) as i32,
+            lease_token: result.lease_token,
         }
+    }
+}
+
+fn lease_state(state: LeaseState) -> pb::LeaseState {
+    match state {
+        LeaseState::NotRequested => pb::LeaseState::LeaseNotRequested,
+        LeaseState::Granted => pb::LeaseState::Granted,
+        LeaseState::Wait => pb::LeaseState::Wait,
+        LeaseState::StaleServed => pb::LeaseState::StaleServed,
+        LeaseState::Coalesced => pb::LeaseState::Coalesced,
+        LeaseState::TimedOut => pb::LeaseState::TimedOut,
+        LeaseState::NotNeeded => pb::LeaseState::NotNeeded,
+    }
+}
+
+impl TryFrom<pb::ReleaseLeaseRequest> for ReleaseCommand {
+    type Error = RequestError;
+
+    fn try_from(request: pb::ReleaseLeaseRequest) -> Result<Self, Self::Error> {
+        Ok(ReleaseCommand {
+            namespace: checked_namespace(request.namespace)?,
+            key: checked_key(request.key)?,
+            attributes: request.attributes,
+            token: request.lease_token,
+        })
     }
 }
 
@@ -86,6 +122,11 @@ impl From<SetResult> for pb::SetResponse {
             policy: result.policy.to_string(),
             invalidated: result.invalidation.removed,
             invalidation_error: result.invalidation.error,
+            lease: match result.lease {
+                LeaseWrite::None => pb::LeaseWrite::None,
+                LeaseWrite::Accepted => pb::LeaseWrite::Accepted,
+                LeaseWrite::Voided => pb::LeaseWrite::Voided,
+            } as i32,
         }
     }
 }
@@ -159,7 +200,7 @@ impl TryFrom<pb::InvalidateRequest> for InvalidateCommand {
             target,
             soft: request.soft,
             attributes: request.attributes,
-            wait: (request.wait_ms > 0).then(|| std::time::Duration::from_millis(request.wait_ms)),
+            wait: (request.wait_ms > 0).then(|| Duration::from_millis(request.wait_ms)),
         })
     }
 }
@@ -184,7 +225,7 @@ impl From<JobSnapshot> for pb::InvalidateResponse {
     }
 }
 
-fn millis(duration: std::time::Duration) -> u64 {
+fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -197,7 +238,7 @@ mod tests {
         let err = GetCommand::try_from(pb::GetRequest {
             namespace: "users".into(),
             key: String::new(),
-            attributes: Default::default(),
+            ..Default::default()
         })
         .unwrap_err();
         assert!(

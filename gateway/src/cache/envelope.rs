@@ -15,9 +15,10 @@
 //! | 20         | 8    | stale until, ms since the Unix epoch           |
 //! | 28         | 2    | tag section length `t`                         |
 //! | 30         | t    | tags, each a length byte (1-255) and its UTF-8 |
-//! | 30 + t     | 1    | content-type length `n` (0-255)                |
-//! | 31 + t     | n    | content type, UTF-8                            |
-//! | 31 + t + n | rest | the value                                      |
+//! | 30 + t     | 4    | fill time, ms (0: unknown), for early refresh  |
+//! | 34 + t     | 1    | content-type length `n` (0-255)                |
+//! | 35 + t     | n    | content type, UTF-8                            |
+//! | 35 + t + n | rest | the value                                      |
 //!
 //! Version 1 (written by earlier gateways, still read) has no tag section: the
 //! content-type length sits at offset 28.
@@ -59,6 +60,9 @@ pub struct Envelope {
     pub stale_until_ms: u64,
     /// The entry's tags (surrogate keys), each 1-255 bytes.
     pub tags: Vec<String>,
+    /// How long the fill that wrote the entry took (lease grant to Set), in
+    /// ms; 0 when unknown. Early refresh (XFetch) scales with it.
+    pub fill_ms: u32,
     /// The media type given at write time (may be empty).
     pub content_type: String,
     /// Whether `value` is compressed.
@@ -102,6 +106,9 @@ pub enum EnvelopeError {
     /// The tag section runs past the end, or a tag is empty or not UTF-8.
     #[error("envelope tag section is malformed")]
     BadTags,
+    /// The entry ends before its fill time.
+    #[error("envelope is truncated before its fill time")]
+    BadFillTime,
 }
 
 impl Envelope {
@@ -118,7 +125,7 @@ impl Envelope {
         let tags_len: usize = self.tags.iter().map(|tag| 1 + tag.len()).sum();
         let tags_len = u16::try_from(tags_len).expect("tag section length checked by the caller");
         let mut out = BytesMut::with_capacity(
-            FIXED_LEN + 3 + usize::from(tags_len) + content_type.len() + self.value.len(),
+            FIXED_LEN + 7 + usize::from(tags_len) + content_type.len() + self.value.len(),
         );
         out.put_slice(MAGIC);
         out.put_u8(FORMAT_VERSION);
@@ -131,6 +138,7 @@ impl Envelope {
             out.put_u8(u8::try_from(tag.len()).expect("tag length checked by the caller"));
             out.put_slice(tag.as_bytes());
         }
+        out.put_u32_le(self.fill_ms);
         out.put_u8(content_type_len);
         out.put_slice(content_type);
         out.put_slice(&self.value);
@@ -153,8 +161,8 @@ impl Envelope {
                 stale,
             });
         }
-        let (tags, content_type_at) = if version == FORMAT_VERSION_1 {
-            (Vec::new(), FIXED_LEN)
+        let (tags, fill_ms, content_type_at) = if version == FORMAT_VERSION_1 {
+            (Vec::new(), 0, FIXED_LEN)
         } else {
             let section = tag_section(&bytes).ok_or(EnvelopeError::BadTags)?;
             let tags = Tags(section)
@@ -164,7 +172,13 @@ impl Envelope {
                         .ok_or(EnvelopeError::BadTags)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            (tags, FIXED_LEN + 2 + section.len())
+            let fill_at = FIXED_LEN + 2 + section.len();
+            let fill_ms = bytes
+                .get(fill_at..fill_at + 4)
+                .and_then(|word| word.try_into().ok())
+                .map(u32::from_le_bytes)
+                .ok_or(EnvelopeError::BadFillTime)?;
+            (tags, fill_ms, fill_at + 4)
         };
         let content_type_len = *bytes
             .get(content_type_at)
@@ -182,6 +196,7 @@ impl Envelope {
             fresh_until_ms: fresh,
             stale_until_ms: stale,
             tags,
+            fill_ms,
             content_type,
             compressed: flags_of(&bytes) & FLAG_COMPRESSED != 0,
             value: bytes.slice(content_type_end..),
@@ -195,6 +210,25 @@ pub fn carries_tag(bytes: &[u8], tag: &str) -> bool {
     matches!(check_header(bytes), Ok(FORMAT_VERSION))
         && tag_section(bytes)
             .is_some_and(|section| Tags(section).any(|candidate| candidate == Some(tag.as_bytes())))
+}
+
+/// An envelope's creation and freshness times, read from its header alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Times {
+    /// When the entry was written, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Until when it is fresh.
+    pub fresh_until_ms: u64,
+}
+
+/// The times in the header of stored bytes; `None` if they are not an
+/// envelope.
+pub fn times(bytes: &[u8]) -> Option<Times> {
+    check_header(bytes).ok()?;
+    Some(Times {
+        created_at_ms: u64::from_le_bytes(bytes[4..12].try_into().ok()?),
+        fresh_until_ms: u64::from_le_bytes(bytes[12..20].try_into().ok()?),
+    })
 }
 
 /// The stored bytes with "fresh until" moved back to `now_ms`, so the entry
@@ -271,6 +305,7 @@ mod tests {
             fresh_until_ms: 1_700_000_060_000,
             stale_until_ms: 1_700_000_090_000,
             tags: vec!["user:42".to_owned(), "ünïcode tag".to_owned()],
+            fill_ms: 1234,
             content_type: "application/json".to_owned(),
             compressed: false,
             value: Bytes::copy_from_slice(value),
@@ -300,9 +335,14 @@ mod tests {
         assert_eq!(Envelope::decode(plain), Err(EnvelopeError::BadMagic));
     }
 
+    /// Where `sample`'s fill time starts.
+    fn fill_at(envelope: &Envelope) -> usize {
+        FIXED_LEN + 2 + envelope.tags.iter().map(|t| 1 + t.len()).sum::<usize>()
+    }
+
     /// Where `sample`'s content-type length byte sits.
     fn content_type_at(envelope: &Envelope) -> usize {
-        FIXED_LEN + 2 + envelope.tags.iter().map(|t| 1 + t.len()).sum::<usize>()
+        fill_at(envelope) + 4
     }
 
     #[test]
@@ -341,14 +381,16 @@ mod tests {
     fn every_truncation_is_a_precise_error_or_a_shorter_value() {
         let envelope = sample(b"value");
         let good = envelope.encode();
-        let tags_end = content_type_at(&envelope);
-        let value_start = tags_end + 1 + envelope.content_type.len();
+        let fill_end = content_type_at(&envelope);
+        let value_start = fill_end + 1 + envelope.content_type.len();
         for len in 0..good.len() {
             let decoded = Envelope::decode(good.slice(..len));
             if len < HEADER_LEN {
                 assert_eq!(decoded, Err(EnvelopeError::Truncated(len)));
-            } else if len < tags_end {
+            } else if len < fill_at(&envelope) {
                 assert_eq!(decoded, Err(EnvelopeError::BadTags), "at {len}");
+            } else if len < fill_end {
+                assert_eq!(decoded, Err(EnvelopeError::BadFillTime), "at {len}");
             } else if len < value_start {
                 assert_eq!(decoded, Err(EnvelopeError::BadContentType), "at {len}");
             } else {

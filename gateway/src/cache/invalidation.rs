@@ -20,7 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use super::{
-    Attributes, Cache, InvalidationReport, MAX_TAG_BYTES, RequestError, scoped_key, unix_millis,
+    Attributes, Cache, InvalidationReport, MAX_TAG_BYTES, RequestError, reserve_answer_time,
+    scoped_key, unix_millis,
 };
 use crate::{
     config::InvalidationConfig,
@@ -537,11 +538,4 @@ async fn purge(
         }
     }
     errors
-}
-
-/// The part of a client's remaining time a waiting call may use, keeping a
-/// little for the answer to travel back.
-fn reserve_answer_time(deadline: Duration) -> Duration {
-    let reserve = (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
-    deadline.saturating_sub(reserve)
 }

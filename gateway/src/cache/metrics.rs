@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{GetResult, MetricNamespace, Outcome};
+use super::{GetResult, LeaseState, MetricNamespace, Outcome};
 use crate::store::StoreError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,6 +23,12 @@ struct RequestLabels {
 struct JobLabels {
     namespace: Arc<str>,
     target: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseLabels {
+    namespace: Arc<str>,
     outcome: &'static str,
 }
 
@@ -54,6 +60,7 @@ pub struct CacheMetrics {
     invalidated: Counter,
     jobs: Family<JobLabels, Counter>,
     jobs_running: Gauge,
+    leases: Family<LeaseLabels, Counter>,
 }
 
 /// Counts a request as in flight until dropped.
@@ -105,6 +112,11 @@ impl CacheMetrics {
             metrics.jobs_running.clone(),
         );
         registry.register(
+            "cachegw_leases",
+            "Lease protocol outcomes by namespace: granted, early_refresh, wait, stale_served, coalesced, timed_out, not_needed (Gets); accepted, voided (Sets); released, release_stale",
+            metrics.leases.clone(),
+        );
+        registry.register(
             "cachegw_requests_in_flight",
             "Cache requests being executed right now",
             metrics.in_flight.clone(),
@@ -126,11 +138,21 @@ impl CacheMetrics {
         let outcome = match (result.degraded, bypass, result.outcome) {
             (true, _, _) => "degraded",
             (false, true, _) => "bypass",
+            (false, false, Outcome::Hit) if result.lease == LeaseState::Coalesced => "coalesced",
             (false, false, Outcome::Hit) => "hit",
             (false, false, Outcome::Miss) => "miss",
             (false, false, Outcome::Stale) => "stale",
         };
         self.request("get", namespace, outcome);
+    }
+
+    pub(super) fn lease(&self, namespace: &MetricNamespace, outcome: &'static str) {
+        self.leases
+            .get_or_create(&LeaseLabels {
+                namespace: Arc::clone(namespace),
+                outcome,
+            })
+            .inc();
     }
 
     pub(super) fn invalidated(&self, entries: u64) {

@@ -11,6 +11,7 @@
 pub(crate) mod envelope;
 mod error;
 mod invalidation;
+mod lease;
 mod metrics;
 mod namespace;
 
@@ -29,6 +30,8 @@ pub use self::envelope::{
 };
 pub use self::error::RequestError;
 pub use self::invalidation::{InvalidateCommand, InvalidationJobs, JobSnapshot, JobState, Target};
+use self::lease::{Fills, Freshness};
+pub use self::lease::{LeaseAsk, LeaseState, LeaseWrite, ReleaseCommand};
 pub use self::metrics::CacheMetrics;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
 use crate::{
@@ -52,6 +55,10 @@ pub struct GetCommand {
     pub key: String,
     /// Request context.
     pub attributes: Attributes,
+    /// Serve an entry past its fresh TTL, inside its stale window.
+    pub allow_stale: bool,
+    /// The lease protocol, if the caller takes part.
+    pub lease: Option<LeaseAsk>,
 }
 
 /// A validated Set.
@@ -67,6 +74,8 @@ pub struct SetCommand {
     pub content_type: String,
     /// Request context.
     pub attributes: Attributes,
+    /// The lease this write fills, if any.
+    pub lease_token: Option<String>,
 }
 
 /// A validated Delete.
@@ -106,6 +115,10 @@ pub struct GetResult {
     pub degraded: bool,
     /// Who decided how this request is cached.
     pub policy: Arc<str>,
+    /// What became of the lease request.
+    pub lease: LeaseState,
+    /// With [`LeaseState::Granted`]: the token to fill with.
+    pub lease_token: String,
 }
 
 impl GetResult {
@@ -117,6 +130,8 @@ impl GetResult {
             content_type: String::new(),
             degraded,
             policy: Arc::clone(policy),
+            lease: LeaseState::NotRequested,
+            lease_token: String::new(),
         }
     }
 }
@@ -143,6 +158,8 @@ pub struct SetResult {
     pub policy: Arc<str>,
     /// The decision's invalidations, run after the write.
     pub invalidation: InvalidationReport,
+    /// What became of the lease token.
+    pub lease: LeaseWrite,
 }
 
 /// The answer to a Delete.
@@ -168,6 +185,9 @@ pub struct Cache {
     store_timeout: Duration,
     invalidation_timeout: Duration,
     jobs: InvalidationJobs,
+    fills: Arc<Fills>,
+    max_lease_ttl: Duration,
+    max_lease_wait: Duration,
     metrics: CacheMetrics,
 }
 
@@ -196,6 +216,9 @@ impl Cache {
             store_timeout: config.server.store_timeout,
             invalidation_timeout: config.policy.invalidation_timeout,
             jobs: InvalidationJobs::new(&config.invalidation),
+            fills: Arc::default(),
+            max_lease_ttl: config.limits.max_lease_ttl,
+            max_lease_wait: config.limits.max_lease_wait,
             metrics,
         }
     }
@@ -210,7 +233,8 @@ impl Cache {
         &self.namespaces
     }
 
-    /// Reads one entry. `deadline` is the client's remaining time, if it set one.
+    /// Reads one entry, taking part in the lease protocol if asked to.
+    /// `deadline` is the client's remaining time, if it set one.
     pub async fn get(
         &self,
         command: GetCommand,
@@ -225,41 +249,86 @@ impl Cache {
                 0,
             )
             .inspect_err(|_| self.metrics.rejected("get"))?;
-        let result = if plan.decision.bypass {
-            GetResult::miss(false, &plan.decision.decided_by)
+        let ask = command
+            .lease
+            .map(|ask| self.check_lease_ask(ask))
+            .transpose()
+            .inspect_err(|_| self.metrics.rejected("get"))?;
+        let (found, freshness) = if plan.decision.bypass {
+            (GetResult::miss(false, &plan.decision.decided_by), None)
         } else {
             match self.bounded(deadline, self.store.get(&plan.key)).await {
                 Ok(stored) => self.read_entry(stored, &plan),
-                Err(err) => self.degraded(
-                    "get",
-                    &plan.metric,
-                    &err,
-                    GetResult::miss(true, &plan.decision.decided_by),
-                ),
+                Err(err) => {
+                    let miss = GetResult::miss(true, &plan.decision.decided_by);
+                    (self.degraded("get", &plan.metric, &err, miss), None)
+                }
             }
+        };
+        let result = match ask {
+            Some(ask) if !found.degraded && !plan.decision.bypass => {
+                self.lease(found, freshness, &plan, ask, command.allow_stale, deadline)
+                    .await
+            }
+            _ => lease::without_stale(found, command.allow_stale),
         };
         self.metrics
             .get_outcome(&plan.metric, &result, plan.decision.bypass);
         Ok(result)
     }
 
-    /// Writes one entry, then runs the invalidations its decision asks for.
+    /// Writes one entry (only while its lease is current, when it carries a
+    /// lease token), then runs the invalidations its decision asks for.
     pub async fn set(
         &self,
         command: SetCommand,
         deadline: Option<Duration>,
     ) -> Result<SetResult, RequestError> {
-        let plan = self
-            .plan_write(&command)
+        let granted_at = command
+            .lease_token
+            .as_deref()
+            .map(lease::check_token)
+            .transpose()
             .inspect_err(|_| self.metrics.rejected("set"))?;
-        let written = match &plan.entry {
-            None => Ok(false),
-            Some(entry) => self
-                .bounded(deadline, self.store.set(entry.clone()))
-                .await
-                .map(|()| true),
+        let fill_ms = granted_at.map_or(0, lease::fill_ms);
+        let plan = self
+            .plan_write(&command, fill_ms)
+            .inspect_err(|_| self.metrics.rejected("set"))?;
+        let (written, lease) = match (&plan.entry, &command.lease_token) {
+            (None, None) => (Ok(false), LeaseWrite::None),
+            (Some(entry), None) => (
+                self.bounded(deadline, self.store.set(entry.clone()))
+                    .await
+                    .map(|()| true),
+                LeaseWrite::None,
+            ),
+            (None, Some(token)) => {
+                // Nothing to fill with (the policy bypasses): let the next
+                // caller have the lease rather than wait for its expiry.
+                let released = self
+                    .bounded(deadline, self.store.release_lease(&plan.read.key, token))
+                    .await;
+                (released.map(|_| false), LeaseWrite::None)
+            }
+            (Some(entry), Some(token)) => {
+                match self
+                    .bounded(deadline, self.store.set_leased(entry.clone(), token))
+                    .await
+                {
+                    Ok(true) => {
+                        self.deliver_fill(&entry.key, entry.value.clone());
+                        self.metrics.lease(&plan.read.metric, "accepted");
+                        (Ok(true), LeaseWrite::Accepted)
+                    }
+                    Ok(false) => {
+                        self.metrics.lease(&plan.read.metric, "voided");
+                        (Ok(false), LeaseWrite::Voided)
+                    }
+                    Err(err) => (Err(err), LeaseWrite::None),
+                }
+            }
         };
-        Ok(self.finish_write(plan, written).await)
+        Ok(self.finish_write(plan, written, lease).await)
     }
 
     /// Removes one entry, then runs the invalidations its decision asks for.
@@ -318,8 +387,12 @@ impl Cache {
         let plans: Vec<Result<Plan, RequestError>> = commands
             .into_iter()
             .map(|command| {
-                command
-                    .and_then(|c| self.plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0))
+                command.and_then(|c| {
+                    let mut plan =
+                        self.plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0)?;
+                    plan.allow_stale = c.allow_stale;
+                    Ok(plan)
+                })
             })
             .collect();
         let keys: Vec<StorageKey> = plans
@@ -346,7 +419,10 @@ impl Cache {
                 GetResult::miss(false, &plan.decision.decided_by)
             } else {
                 match &mut stored {
-                    Ok(values) => self.read_entry(values.next().unwrap_or_default(), &plan),
+                    Ok(values) => {
+                        let (found, _) = self.read_entry(values.next().unwrap_or_default(), &plan);
+                        lease::without_stale(found, plan.allow_stale)
+                    }
                     Err(err) => self.degraded(
                         "get",
                         &plan.metric,
@@ -373,7 +449,7 @@ impl Cache {
         self.check_batch(commands.len())?;
         let plans: Vec<Result<WritePlan, RequestError>> = commands
             .into_iter()
-            .map(|command| command.and_then(|command| self.plan_write(&command)))
+            .map(|command| command.and_then(|command| self.plan_write(&command, 0)))
             .collect();
         let entries: Vec<WriteEntry> = plans
             .iter()
@@ -395,30 +471,37 @@ impl Cache {
                 (Some(_), Ok(())) => Ok(true),
                 (Some(_), Err(err)) => Err(StoreError::Unavailable(err.to_string())),
             };
-            results.push(Ok(self.finish_write(plan, outcome).await));
+            results.push(Ok(self.finish_write(plan, outcome, LeaseWrite::None).await));
         }
         Ok(results)
     }
 
     /// Reports a write and runs its invalidations once it is acknowledged.
-    async fn finish_write(&self, plan: WritePlan, written: Result<bool, StoreError>) -> SetResult {
+    async fn finish_write(
+        &self,
+        plan: WritePlan,
+        written: Result<bool, StoreError>,
+        lease: LeaseWrite,
+    ) -> SetResult {
         let ttl = plan.fresh_ttl;
         let (stored, degraded) = match written {
             Ok(stored) => (stored, false),
             Err(err) => self.degraded("set", &plan.read.metric, &err, (false, true)),
         };
         // A write the store did not acknowledge invalidates nothing: the
-        // caller will retry it, and its invalidations with it.
-        let invalidation = if degraded {
+        // caller will retry it, and its invalidations with it. Neither does a
+        // write whose lease was voided: it never happened.
+        let invalidation = if degraded || lease == LeaseWrite::Voided {
             InvalidationReport::default()
         } else {
             self.write_side_effects(&plan.read.namespace, &plan.read.decision.invalidate)
                 .await
         };
-        let outcome = match (degraded, plan.read.decision.bypass) {
-            (true, _) => "degraded",
-            (false, true) => "bypass",
-            (false, false) => "done",
+        let outcome = match (degraded, plan.read.decision.bypass, lease) {
+            (true, _, _) => "degraded",
+            (false, true, _) => "bypass",
+            (false, false, LeaseWrite::Voided) => "voided",
+            (false, false, _) => "done",
         };
         self.metrics.request("set", &plan.read.metric, outcome);
         SetResult {
@@ -427,6 +510,7 @@ impl Cache {
             degraded,
             policy: plan.read.decision.decided_by,
             invalidation,
+            lease,
         }
     }
 
@@ -471,11 +555,15 @@ impl Cache {
             metric: settings.label(),
             max_value_bytes: settings.max_value_bytes,
             compress_min_bytes: settings.compress_min_bytes,
+            lease_ttl: settings.lease_ttl,
+            early_refresh_beta: settings.early_refresh_beta,
+            allow_stale: false,
             decision,
         })
     }
 
-    fn plan_write(&self, command: &SetCommand) -> Result<WritePlan, RequestError> {
+    /// Plans a write; `fill_ms` is how long the fill took (0: not a fill).
+    fn plan_write(&self, command: &SetCommand, fill_ms: u32) -> Result<WritePlan, RequestError> {
         let settings = self.namespaces.resolve(&command.namespace)?;
         if command.value.len() > settings.max_value_bytes {
             return Err(RequestError::TooLarge {
@@ -520,6 +608,7 @@ impl Cache {
                 fresh_until_ms: fresh_until,
                 stale_until_ms: fresh_until.saturating_add(millis(decision.stale_window)),
                 tags: decision.tags.clone(),
+                fill_ms,
                 content_type: command.content_type.clone(),
                 compressed,
                 value,
@@ -555,17 +644,20 @@ impl Cache {
         Ok(())
     }
 
-    fn read_entry(&self, stored: Fetched, plan: &Plan) -> GetResult {
+    /// What stored bytes mean for a Get, and (for a usable entry) its
+    /// freshness figures for early refresh.
+    fn read_entry(&self, stored: Fetched, plan: &Plan) -> (GetResult, Option<Freshness>) {
         let policy = &plan.decision.decided_by;
+        let miss = || (GetResult::miss(false, policy), None);
         let Some(bytes) = stored.value else {
-            return GetResult::miss(false, policy);
+            return miss();
         };
         let envelope = match Envelope::decode(bytes) {
             Ok(envelope) => envelope,
             Err(err) => {
                 self.metrics.envelope_error(&plan.metric, "undecodable");
                 warn!(namespace = %plan.metric, cause = %err, "stored entry is not a valid envelope");
-                return GetResult::miss(false, policy);
+                return miss();
             }
         };
         let value = if envelope.compressed {
@@ -574,7 +666,7 @@ impl Cache {
                 Err(reason) => {
                     self.metrics.envelope_error(&plan.metric, "decompression");
                     warn!(namespace = %plan.metric, reason, "stored entry does not decompress");
-                    return GetResult::miss(false, policy);
+                    return miss();
                 }
             }
         } else {
@@ -593,16 +685,23 @@ impl Cache {
         } else if now < envelope.stale_until_ms {
             Outcome::Stale
         } else {
-            return GetResult::miss(false, policy);
+            return miss();
         };
-        GetResult {
+        let result = GetResult {
             outcome,
             ttl_remaining: Duration::from_millis(fresh_until_ms.saturating_sub(now)),
             value,
             content_type: envelope.content_type,
             degraded: false,
             policy: Arc::clone(policy),
-        }
+            lease: LeaseState::NotRequested,
+            lease_token: String::new(),
+        };
+        let freshness = Freshness {
+            fresh_until_ms,
+            fill_ms: envelope.fill_ms,
+        };
+        (result, Some(freshness))
     }
 
     /// Runs a store call within the request's budget: the configured store
@@ -635,6 +734,13 @@ impl Cache {
         warn!(op, namespace = %namespace, store = self.store.name(), cause = %err, "store unavailable, answering degraded");
         answer
     }
+}
+
+/// The part of a client's remaining time a waiting call may use, keeping a
+/// little for the answer to travel back.
+fn reserve_answer_time(deadline: Duration) -> Duration {
+    let reserve = (deadline / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+    deadline.saturating_sub(reserve)
 }
 
 /// Values smaller than this are never worth compressing.
@@ -687,6 +793,10 @@ struct Plan {
     metric: MetricNamespace,
     max_value_bytes: usize,
     compress_min_bytes: usize,
+    lease_ttl: Duration,
+    early_refresh_beta: f64,
+    /// MGet items: serve stale entries (single Gets handle it themselves).
+    allow_stale: bool,
     decision: Decision,
 }
 

@@ -46,6 +46,10 @@ pub struct NamespaceSettings {
     pub max_value_bytes: usize,
     /// Values at least this large are compressed (unless the policy says never).
     pub compress_min_bytes: usize,
+    /// Lease lifetime when the Get names none.
+    pub lease_ttl: Duration,
+    /// XFetch beta when the policy decides none.
+    pub early_refresh_beta: f64,
     template: bool,
 }
 
@@ -67,6 +71,8 @@ impl NamespaceSettings {
             default_ttl: config.default_ttl,
             max_value_bytes: config.max_value_bytes,
             compress_min_bytes: config.compress_min_bytes,
+            lease_ttl: config.lease_ttl,
+            early_refresh_beta: config.early_refresh_beta,
             template: label == TEMPLATE_LABEL,
         }
     }

@@ -3,9 +3,11 @@
 //! | key                            | holds                                                |
 //! |--------------------------------|------------------------------------------------------|
 //! | `cg:{namespace}:{gen}:{key}`   | an entry (an envelope), with the entry's expiry      |
+//! | `cl:{namespace}:{gen}:{key}`   | the entry's lease: `{token}:{tag sequence}`, expiring |
+//! | `cgv:{namespace}:{gen}:{tag}`  | the tag sequence of the tag's last purge (voids leases) |
 //! | `cgt:{namespace}:{gen}:{tag}`  | the tag index: entry keys scored by their expiry      |
 //! | `cgp:{namespace}:{gen}:{id}`   | a tag index taken over by a running tag purge         |
-//! | `cgm:{namespace}`              | namespace state: `gen` (generation), `stale` (ms)     |
+//! | `cgm:{namespace}`              | namespace state: `gen` (generation), `stale` (ms), `tagseq` |
 //!
 //! Namespace names are `[A-Za-z0-9_.-]` (no `:`) and generations are decimal,
 //! so `cg:{namespace}:{gen}:` is an unambiguous, glob-free prefix: distinct
@@ -19,6 +21,30 @@ use std::fmt::Write as _;
 pub const GENERATION_FIELD: &str = "gen";
 /// Entries created at or before this time (ms) are stale (a soft flush).
 pub const STALE_BEFORE_FIELD: &str = "stale";
+
+/// `c[gl]:{namespace}:{generation}:`: matches the entries *and* the leases of
+/// a generation, so that one pattern scan finds both.
+pub fn entry_or_lease_matcher(namespace: &str, generation: u64) -> Vec<u8> {
+    format!("c[gl]:{namespace}:{generation}:").into_bytes()
+}
+
+/// The key of the lease on an entry.
+pub fn lease_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
+    let mut out = format!("cl:{namespace}:{generation}:").into_bytes();
+    out.extend_from_slice(key);
+    out
+}
+
+/// Whether a key found by [`entry_or_lease_matcher`] is a lease.
+pub fn is_lease_key(key: &[u8]) -> bool {
+    key.starts_with(b"cl:")
+}
+
+/// Where a tag's last purge records its tag sequence number: a leased write
+/// carrying the tag is refused if its lease is older than that purge.
+pub fn tag_void_key(namespace: &str, generation: u64, tag: &str) -> Vec<u8> {
+    format!("cgv:{namespace}:{generation}:{tag}").into_bytes()
+}
 
 /// `cg:{namespace}:{generation}:`, the prefix of every entry of a generation.
 pub fn entry_prefix(namespace: &str, generation: u64) -> Vec<u8> {

@@ -12,7 +12,9 @@
 //! concurrent Set of the same key.
 
 use std::{
+    collections::HashMap,
     future::ready,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -41,6 +43,53 @@ const ENTRY_OVERHEAD_BYTES: usize = 64;
 pub struct MemoryStore {
     entries: Cache<Bytes, StoredValue>,
     generations: Generations,
+    /// Every lease operation, and every void, under one lock: a leased
+    /// write's check-and-write is atomic against them.
+    leases: tokio::sync::Mutex<Leases>,
+    /// How long a tag purge's mark voids leases: the longest lease.
+    lease_void_ttl: Duration,
+}
+
+/// Leases held, and the marks tag purges leave to void them.
+#[derive(Default)]
+struct Leases {
+    /// By lease key (see [`layout::lease_key`]).
+    held: HashMap<Bytes, Held>,
+    /// By tag void key: the tag sequence of the tag's last purge.
+    voids: HashMap<Bytes, (u64, Instant)>,
+    /// Each namespace's tag sequence: moves on at every tag purge.
+    tag_seq: HashMap<Arc<str>, u64>,
+    /// Operations since expired leases and marks were last swept.
+    since_sweep: usize,
+}
+
+struct Held {
+    token: String,
+    /// The namespace's tag sequence when the lease was granted.
+    tag_seq: u64,
+    expires_at: Instant,
+}
+
+/// Operations between sweeps of expired leases and void marks.
+const LEASE_SWEEP_EVERY: usize = 4096;
+
+impl Leases {
+    fn sweep_now_and_then(&mut self) {
+        self.since_sweep += 1;
+        if self.since_sweep >= LEASE_SWEEP_EVERY {
+            self.since_sweep = 0;
+            let now = Instant::now();
+            self.held.retain(|_, held| held.expires_at > now);
+            self.voids.retain(|_, (_, expires_at)| *expires_at > now);
+        }
+    }
+
+    /// The live lease under `key` if `token` holds it.
+    fn held_by(&self, key: &[u8], token: &str) -> Option<&Held> {
+        self.held
+            .get(key)
+            .filter(|held| held.token == token && held.expires_at > Instant::now())
+    }
 }
 
 #[derive(Clone)]
@@ -75,8 +124,9 @@ impl Expiry<Bytes, StoredValue> for WrittenExpiry {
 }
 
 impl MemoryStore {
-    /// A store that holds at most `max_bytes` of keys and values.
-    pub fn new(max_bytes: u64) -> Self {
+    /// A store that holds at most `max_bytes` of keys and values, whose
+    /// leases last at most `max_lease_ttl`.
+    pub fn new(max_bytes: u64, max_lease_ttl: Duration) -> Self {
         let entries = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &Bytes, value: &StoredValue| {
@@ -88,6 +138,8 @@ impl MemoryStore {
         Self {
             entries,
             generations: Generations::default(),
+            leases: tokio::sync::Mutex::new(Leases::default()),
+            lease_void_ttl: max_lease_ttl,
         }
     }
 
@@ -95,6 +147,11 @@ impl MemoryStore {
     pub async fn weighted_size(&self) -> u64 {
         self.entries.run_pending_tasks().await;
         self.entries.weighted_size()
+    }
+
+    fn lease_key(&self, key: &StorageKey) -> Bytes {
+        let generation = self.generations.get(key.namespace()).generation;
+        Bytes::from(layout::lease_key(key.namespace(), generation, key.key()))
     }
 
     fn physical(&self, key: &StorageKey) -> (Bytes, NamespaceState) {
@@ -214,11 +271,18 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        self.leases.lock().await.held.remove(&self.lease_key(key));
         let (physical, _) = self.physical(key);
         Ok(self.purge_one(physical, PurgeMode::Delete, |_| true).await)
     }
 
     async fn purge_keys(&self, keys: &[StorageKey], mode: PurgeMode) -> Result<u64, StoreError> {
+        {
+            let mut leases = self.leases.lock().await;
+            for key in keys {
+                leases.held.remove(&self.lease_key(key));
+            }
+        }
         let mut affected = 0;
         for key in keys {
             let (physical, _) = self.physical(key);
@@ -235,6 +299,15 @@ impl Store for MemoryStore {
         progress: &Progress,
     ) -> Result<u64, StoreError> {
         let pattern = pattern.as_bytes();
+        {
+            // Fills in progress of matching keys are voided too.
+            let generation = self.generations.get(namespace).generation;
+            let prefix = layout::lease_key(namespace, generation, b"");
+            self.leases.lock().await.held.retain(|key, _| {
+                !key.strip_prefix(prefix.as_slice())
+                    .is_some_and(|rest| glob::matches(pattern, rest))
+            });
+        }
         Ok(self
             .purge_where(namespace, mode, progress, |key, _| {
                 glob::matches(pattern, key)
@@ -249,6 +322,17 @@ impl Store for MemoryStore {
         mode: PurgeMode,
         progress: &Progress,
     ) -> Result<u64, StoreError> {
+        {
+            let generation = self.generations.get(namespace).generation;
+            let mut leases = self.leases.lock().await;
+            let seq = leases.tag_seq.entry(Arc::from(namespace)).or_default();
+            *seq += 1;
+            let seq = *seq;
+            leases.voids.insert(
+                Bytes::from(layout::tag_void_key(namespace, generation, tag)),
+                (seq, Instant::now() + self.lease_void_ttl),
+            );
+        }
         Ok(self
             .purge_where(namespace, mode, progress, |_, bytes| {
                 envelope::carries_tag(bytes, tag)
@@ -264,6 +348,73 @@ impl Store for MemoryStore {
             }
         });
         Ok(state.generation)
+    }
+
+    async fn acquire_lease(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let lease_key = self.lease_key(key);
+        let mut leases = self.leases.lock().await;
+        leases.sweep_now_and_then();
+        let now = Instant::now();
+        if leases
+            .held
+            .get(&lease_key)
+            .is_some_and(|held| held.expires_at > now)
+        {
+            return Ok(false);
+        }
+        let tag_seq = leases
+            .tag_seq
+            .get(key.namespace())
+            .copied()
+            .unwrap_or_default();
+        leases.held.insert(
+            lease_key,
+            Held {
+                token: token.to_owned(),
+                tag_seq,
+                expires_at: now + ttl,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError> {
+        let lease_key = self.lease_key(&entry.key);
+        let generation = self.generations.get(entry.key.namespace()).generation;
+        let mut leases = self.leases.lock().await;
+        let Some(granted_at) = leases.held_by(&lease_key, token).map(|held| held.tag_seq) else {
+            return Ok(false);
+        };
+        leases.held.remove(&lease_key);
+        let now = Instant::now();
+        let voided = entry.tags.iter().any(|tag| {
+            let void = layout::tag_void_key(entry.key.namespace(), generation, tag);
+            leases
+                .voids
+                .get(void.as_slice())
+                .is_some_and(|(seq, expires_at)| *seq > granted_at && *expires_at > now)
+        });
+        if voided {
+            return Ok(false);
+        }
+        // Written while the lock is held: no void can slip in between.
+        self.set(entry).await?;
+        Ok(true)
+    }
+
+    async fn release_lease(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
+        let lease_key = self.lease_key(key);
+        let mut leases = self.leases.lock().await;
+        if leases.held_by(&lease_key, token).is_none() {
+            return Ok(false);
+        }
+        leases.held.remove(&lease_key);
+        Ok(true)
     }
 
     fn name(&self) -> &'static str {
@@ -300,6 +451,7 @@ mod tests {
             fresh_until_ms: u64::MAX / 2,
             stale_until_ms: u64::MAX / 2,
             tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+            fill_ms: 0,
             content_type: String::new(),
             compressed: false,
             value: Bytes::from_static(b"v"),
@@ -323,7 +475,7 @@ mod tests {
 
     #[tokio::test]
     async fn stores_reads_and_deletes() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
         store
             .set(entry("a", "k", b"1", Duration::from_secs(60)))
             .await
@@ -340,7 +492,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_expire_after_their_own_ttl() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
         store
             .set(entry("a", "short", b"x", Duration::from_millis(30)))
             .await
@@ -359,7 +511,7 @@ mod tests {
 
     #[tokio::test]
     async fn pattern_purges_stay_inside_the_namespace() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
         for (namespace, text) in [
             ("a", "profile:1:x"),
             ("a", "profile:1:y"),
@@ -395,7 +547,7 @@ mod tests {
 
     #[tokio::test]
     async fn tag_purges_take_exactly_the_tagged_entries() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
         store.set(tagged("a", "one", &["t", "u"])).await.unwrap();
         store.set(tagged("a", "two", &["u"])).await.unwrap();
         store.set(tagged("a", "three", &["t"])).await.unwrap();
@@ -418,7 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn soft_purges_keep_the_entry_but_end_its_freshness() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
         store.set(tagged("a", "one", &["t"])).await.unwrap();
         let mode = PurgeMode::MarkStale { now_ms: 1_000 };
         let purged = store
@@ -437,7 +589,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_namespace_flush_hides_every_entry_at_once() {
-        let store = MemoryStore::new(1 << 20);
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
         for namespace in ["a", "b"] {
             store
                 .set(entry(namespace, "k", b"v", Duration::from_secs(60)))
@@ -468,7 +620,7 @@ mod tests {
     #[tokio::test]
     async fn stays_within_its_byte_budget() {
         let budget = 64 * 1024;
-        let store = MemoryStore::new(budget);
+        let store = MemoryStore::new(budget, Duration::from_secs(60));
         let value = vec![7u8; 1000];
         for i in 0..1000 {
             store

@@ -188,6 +188,21 @@ pub trait Store: Send + Sync + 'static {
     /// ages out by its TTL); [`PurgeMode::MarkStale`] makes every existing
     /// entry stale. Returns the namespace's generation afterwards.
     async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError>;
+    /// Grants the lease on `key` to `token` for `ttl`, unless a lease is
+    /// held; whether it was granted. Deletes and purges of the key, purges
+    /// of a tag the filled entry carries, and namespace flushes void it.
+    async fn acquire_lease(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Writes `entry` only if `token` is its key's current lease and no tag
+    /// the entry carries was purged since the lease was granted, consuming
+    /// the lease, atomically; whether it was written.
+    async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError>;
+    /// Gives the lease back if `token` holds it (compare-and-delete).
+    async fn release_lease(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError>;
     /// A short name for logs and metrics (`redis`, `memory`).
     fn name(&self) -> &'static str;
 }

@@ -47,6 +47,8 @@ pub struct RedisStore {
     health_check_interval: Option<Duration>,
     epoch: Instant,
     generations: Generations,
+    /// How long a tag purge's mark voids leases: the longest lease.
+    lease_void_ttl: Duration,
 }
 
 /// Where a lane lives: the lane itself (swapped without locks on the hot
@@ -65,8 +67,9 @@ struct Lane {
 }
 
 impl RedisStore {
-    /// Builds the pool. Connects lazily: Redis need not be up yet.
-    pub fn new(config: &RedisConfig) -> Result<Self, StoreError> {
+    /// Builds the pool. Connects lazily: Redis need not be up yet. Leases
+    /// last at most `max_lease_ttl`.
+    pub fn new(config: &RedisConfig, max_lease_ttl: Duration) -> Result<Self, StoreError> {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
@@ -91,6 +94,7 @@ impl RedisStore {
                 .then_some(config.health_check_interval),
             epoch: Instant::now(),
             generations: Generations::default(),
+            lease_void_ttl: max_lease_ttl,
         })
     }
 
@@ -188,9 +192,14 @@ impl RedisStore {
 /// without the tag since it was indexed is left alone). Reads just the
 /// envelope's header and tag section (see `cache/envelope.rs` for the layout).
 ///
-/// KEYS[1]: the entry. ARGV: mode (`d` delete, `s` mark stale), now (ms,
-/// decimal), now (8 bytes little-endian), tag (empty: any entry).
+/// Without a tag (a purge by key or pattern) it also voids the key's lease,
+/// whether or not the entry exists: a fill in progress must not write back.
+///
+/// KEYS[1]: the entry, KEYS[2]: its lease. ARGV: mode (`d` delete, `s` mark
+/// stale), now (ms, decimal), now (8 bytes little-endian), tag (empty: any
+/// entry).
 const PURGE_SCRIPT: &str = r"
+if ARGV[4] == '' then redis.call('DEL', KEYS[2]) end
 local header = redis.call('GETRANGE', KEYS[1], 0, 29)
 if string.len(header) < 29 or string.sub(header, 1, 2) ~= 'cg' then return 0 end
 local version = string.byte(header, 3)
@@ -220,12 +229,73 @@ redis.call('SETRANGE', KEYS[1], 12, ARGV[3])
 return 1
 ";
 
-/// Renames a tag index (KEYS[1]) to a purge's private key (KEYS[2]) if it
-/// exists; 1 if it did.
-const TAKE_OVER_SCRIPT: &str = r"
+/// Starts a tag purge: voids the leases of fills that will carry the tag
+/// (the namespace's tag sequence moves on, and the tag records it for as long
+/// as a lease can live), then, for a hard purge, renames the tag index
+/// (KEYS[1]) to the purge's private key (KEYS[2]) if it exists; 1 if it did.
+///
+/// KEYS[3]: the namespace state, KEYS[4]: the tag's void mark. ARGV[1]: the
+/// mark's lifetime (ms), ARGV[2]: `take` (hard) or `keep` (soft).
+const TAG_PURGE_SCRIPT: &str = r"
+local seq = redis.call('HINCRBY', KEYS[3], 'tagseq', 1)
+redis.call('SET', KEYS[4], seq, 'PX', ARGV[1])
+if ARGV[2] ~= 'take' then return 1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
+";
+
+/// Grants a lease unless one is held. The lease records the namespace's tag
+/// sequence at grant time, for the leased write's check. Returns {granted,
+/// generation}.
+///
+/// KEYS[1]: the namespace state, KEYS[2]: the lease. ARGV[1]: the token,
+/// ARGV[2]: its lifetime (ms).
+const ACQUIRE_SCRIPT: &str = r"
+local state = redis.call('HMGET', KEYS[1], 'gen', 'tagseq')
+local granted = redis.call('SET', KEYS[2], ARGV[1] .. ':' .. (state[2] or '0'), 'NX', 'PX', ARGV[2])
+return {granted and 1 or 0, tonumber(state[1] or '0')}
+";
+
+/// Writes an entry only if its lease is still the caller's and none of its
+/// tags was purged since the lease was granted; consumes the lease either
+/// way once checked. Returns {written, generation}.
+///
+/// KEYS[1]: the namespace state, KEYS[2]: the lease, KEYS[3]: the entry,
+/// then n tag indexes, then the n tags' void marks. ARGV: token, value, ttl
+/// (ms), expiry (ms since the epoch), now (ms), the entry's key, n.
+const LEASED_SET_SCRIPT: &str = r"
+local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local token = ARGV[1]
+local lease = redis.call('GET', KEYS[2])
+if not lease or string.sub(lease, 1, #token + 1) ~= token .. ':' then return {0, gen} end
+local seq = tonumber(string.sub(lease, #token + 2)) or 0
+local n = tonumber(ARGV[7])
+redis.call('DEL', KEYS[2])
+for i = 1, n do
+  if tonumber(redis.call('GET', KEYS[3 + n + i]) or '0') > seq then return {0, gen} end
+end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+for i = 1, n do
+  local index = KEYS[3 + i]
+  redis.call('ZADD', index, ARGV[4], ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. ARGV[5])
+  redis.call('PEXPIRE', index, ARGV[3], 'NX')
+  redis.call('PEXPIRE', index, ARGV[3], 'GT')
+end
+return {1, gen}
+";
+
+/// Compare-and-delete: releases the lease (KEYS[1]) only if it is the
+/// token's (ARGV[1]).
+const RELEASE_SCRIPT: &str = r"
+local token = ARGV[1]
+local lease = redis.call('GET', KEYS[1])
+if lease and string.sub(lease, 1, #token + 1) == token .. ':' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 ";
 
 /// Moves a namespace's soft-flush time forward (never back) and returns its
@@ -423,6 +493,35 @@ impl RedisStore {
         Ok(results.into_iter().map(Option::unwrap_or_default).collect())
     }
 
+    /// Voids the leases of fills that will carry `tag`, and with a
+    /// `snapshot` key takes the tag's index over into it; whether there was
+    /// an index to take.
+    async fn begin_tag_purge(
+        &self,
+        namespace: &str,
+        generation: u64,
+        tag: &str,
+        snapshot: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let script = tag_purge_script();
+        let mut invocation = script.key(layout::tag_index_key(namespace, generation, tag));
+        invocation
+            .key(snapshot.unwrap_or_default())
+            .key(layout::namespace_state_key(namespace))
+            .key(layout::tag_void_key(namespace, generation, tag))
+            .arg(expiry_millis(self.lease_void_ttl))
+            .arg(if snapshot.is_some() { "take" } else { "keep" });
+        let mut pipeline = redis::pipe();
+        pipeline
+            .load_script(script)
+            .ignore()
+            .invoke_script(&invocation);
+        let (taken,): (bool,) = self
+            .run(async |conn| pipeline.query_async(conn).await)
+            .await?;
+        Ok(taken)
+    }
+
     /// Applies `mode` to the entries of `namespace` (generation `generation`)
     /// with the given keys, optionally only to those carrying `tag`.
     async fn purge_batch(
@@ -447,6 +546,7 @@ impl RedisStore {
         for key in keys {
             let mut invocation = script.key(layout::entry_key(namespace, generation, key));
             invocation
+                .key(layout::lease_key(namespace, generation, key))
                 .arg(flag)
                 .arg(now_ms)
                 .arg(now_ms.to_le_bytes().as_slice())
@@ -512,10 +612,14 @@ impl Store for RedisStore {
         for _ in 0..GENERATION_ATTEMPTS {
             let mut pipeline = redis::pipe();
             Self::read_state(&mut pipeline, namespace);
-            // UNLINK frees large values off Redis's main thread.
+            // UNLINK frees large values off Redis's main thread. The key's
+            // lease goes too: a fill in progress must not write back.
             pipeline
                 .cmd("UNLINK")
-                .arg(layout::entry_key(namespace, guess.generation, key.key()));
+                .arg(layout::entry_key(namespace, guess.generation, key.key()))
+                .cmd("UNLINK")
+                .arg(layout::lease_key(namespace, guess.generation, key.key()))
+                .ignore();
             let (reply, removed): (Vec<Option<u64>>, u64) = self
                 .run(async |conn| pipeline.query_async(conn).await)
                 .await?;
@@ -557,13 +661,15 @@ impl Store for RedisStore {
         // (`cg:{namespace}:{generation}:`) holds no glob metacharacters, so
         // the pattern cannot reach outside it.
         let generation = self.current_state(namespace).await?.generation;
-        let prefix = layout::entry_prefix(namespace, generation);
-        let mut matcher = prefix.clone();
+        // One scan finds the entries and the leases (fills in progress) the
+        // pattern matches: the leases are voided with the entries.
+        let prefix_len = layout::entry_prefix(namespace, generation).len();
+        let mut matcher = layout::entry_or_lease_matcher(namespace, generation);
         matcher.extend_from_slice(pattern.as_bytes());
         let mut cursor: u64 = 0;
         let mut affected = 0;
         loop {
-            let (next, keys): (u64, Vec<Bytes>) = self
+            let (next, found): (u64, Vec<Bytes>) = self
                 .run(async |conn| {
                     redis::cmd("SCAN")
                         .arg(cursor)
@@ -575,11 +681,20 @@ impl Store for RedisStore {
                         .await
                 })
                 .await?;
-            if !keys.is_empty() {
+            let (leases, entries): (Vec<Bytes>, Vec<Bytes>) =
+                found.into_iter().partition(|key| layout::is_lease_key(key));
+            if !leases.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                for key in &leases {
+                    unlink.arg(key.as_ref());
+                }
+                self.run(async |conn| unlink.exec_async(conn).await).await?;
+            }
+            if !entries.is_empty() {
                 let removed = match mode {
                     PurgeMode::Delete => {
                         let mut unlink = redis::cmd("UNLINK");
-                        for key in &keys {
+                        for key in &entries {
                             unlink.arg(key.as_ref());
                         }
                         self.run(async |conn| unlink.query_async::<u64>(conn).await)
@@ -587,12 +702,12 @@ impl Store for RedisStore {
                     }
                     PurgeMode::MarkStale { .. } => {
                         let inner: Vec<Bytes> =
-                            keys.iter().map(|key| key.slice(prefix.len()..)).collect();
+                            entries.iter().map(|key| key.slice(prefix_len..)).collect();
                         self.purge_batch(namespace, generation, &inner, mode, "")
                             .await?
                     }
                 };
-                progress.add(keys.len() as u64, removed);
+                progress.add(entries.len() as u64, removed);
                 affected += removed;
             }
             if next == 0 {
@@ -619,18 +734,10 @@ impl Store for RedisStore {
                 // this point is in the snapshot, and writes from now on index
                 // into a fresh set that this purge leaves alone.
                 let snapshot = layout::tag_purge_key(namespace, generation, rand::random());
-                let script = take_over_script();
-                let mut invocation = script.key(&index);
-                invocation.key(&snapshot);
-                let mut pipeline = redis::pipe();
-                pipeline
-                    .load_script(script)
-                    .ignore()
-                    .invoke_script(&invocation);
-                let (taken,): (bool,) = self
-                    .run(async |conn| pipeline.query_async(conn).await)
-                    .await?;
-                if !taken {
+                if !self
+                    .begin_tag_purge(namespace, generation, tag, Some(&snapshot))
+                    .await?
+                {
                     return Ok(0);
                 }
                 loop {
@@ -662,6 +769,8 @@ impl Store for RedisStore {
             PurgeMode::MarkStale { .. } => {
                 // Entries marked stale stay indexed (a later hard purge of the
                 // tag must still find them), so walk the live index.
+                self.begin_tag_purge(namespace, generation, tag, None)
+                    .await?;
                 let mut cursor: u64 = 0;
                 loop {
                     let (next, flat): (u64, Vec<Bytes>) = self
@@ -723,6 +832,107 @@ impl Store for RedisStore {
         Ok(generation)
     }
 
+    async fn acquire_lease(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let namespace = key.namespace();
+        let mut guess = self.generations.get(namespace);
+        let script = acquire_script();
+        for _ in 0..GENERATION_ATTEMPTS {
+            let mut invocation = script.key(layout::namespace_state_key(namespace));
+            invocation
+                .key(layout::lease_key(namespace, guess.generation, key.key()))
+                .arg(token)
+                .arg(expiry_millis(ttl));
+            let mut pipeline = redis::pipe();
+            pipeline
+                .load_script(script)
+                .ignore()
+                .invoke_script(&invocation);
+            let ((granted, generation),): ((bool, u64),) = self
+                .run(async |conn| pipeline.query_async(conn).await)
+                .await?;
+            if generation == guess.generation {
+                return Ok(granted);
+            }
+            // Granted (if at all) in a flushed generation, where nobody looks.
+            guess = NamespaceState {
+                generation,
+                ..guess
+            };
+            self.generations.learn(namespace, guess);
+        }
+        Ok(false)
+    }
+
+    async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError> {
+        let namespace = entry.key.namespace();
+        let guess = self.generations.get(namespace);
+        let generation = guess.generation;
+        let script = leased_set_script();
+        let ttl = expiry_millis(entry.expire_after);
+        let now_ms = unix_millis();
+        let mut invocation = script.key(layout::namespace_state_key(namespace));
+        invocation
+            .key(layout::lease_key(namespace, generation, entry.key.key()))
+            .key(layout::entry_key(namespace, generation, entry.key.key()));
+        for tag in &entry.tags {
+            invocation.key(layout::tag_index_key(namespace, generation, tag));
+        }
+        for tag in &entry.tags {
+            invocation.key(layout::tag_void_key(namespace, generation, tag));
+        }
+        invocation
+            .arg(token)
+            .arg(entry.value.as_ref())
+            .arg(ttl)
+            .arg(now_ms.saturating_add(ttl))
+            .arg(now_ms)
+            .arg(entry.key.key())
+            .arg(entry.tags.len());
+        let mut pipeline = redis::pipe();
+        pipeline
+            .load_script(script)
+            .ignore()
+            .invoke_script(&invocation);
+        let ((written, current),): ((bool, u64),) = self
+            .run(async |conn| pipeline.query_async(conn).await)
+            .await?;
+        if current != generation {
+            // The namespace was flushed since: that voids every lease of the
+            // old generation (what was written there is unreachable).
+            self.generations.learn(
+                namespace,
+                NamespaceState {
+                    generation: current,
+                    ..guess
+                },
+            );
+            return Ok(false);
+        }
+        Ok(written)
+    }
+
+    async fn release_lease(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
+        let namespace = key.namespace();
+        let generation = self.generations.get(namespace).generation;
+        let script = release_script();
+        let mut invocation = script.key(layout::lease_key(namespace, generation, key.key()));
+        invocation.arg(token);
+        let mut pipeline = redis::pipe();
+        pipeline
+            .load_script(script)
+            .ignore()
+            .invoke_script(&invocation);
+        let (released,): (bool,) = self
+            .run(async |conn| pipeline.query_async(conn).await)
+            .await?;
+        Ok(released)
+    }
+
     fn name(&self) -> &'static str {
         "redis"
     }
@@ -733,9 +943,24 @@ fn purge_script() -> &'static redis::Script {
     SCRIPT.get_or_init(|| redis::Script::new(PURGE_SCRIPT))
 }
 
-fn take_over_script() -> &'static redis::Script {
+fn tag_purge_script() -> &'static redis::Script {
     static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(TAKE_OVER_SCRIPT))
+    SCRIPT.get_or_init(|| redis::Script::new(TAG_PURGE_SCRIPT))
+}
+
+fn acquire_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(ACQUIRE_SCRIPT))
+}
+
+fn leased_set_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(LEASED_SET_SCRIPT))
+}
+
+fn release_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(RELEASE_SCRIPT))
 }
 
 fn soft_flush_script() -> &'static redis::Script {
