@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     policy::Operation,
-    store::{Fetched, StorageKey, Store},
+    store::{Fetched, LeaseCondition, LeaseGrant, StorageKey, Store},
 };
 
 /// What a Get asks of the lease protocol.
@@ -91,6 +91,14 @@ pub struct ReleaseCommand {
     pub attributes: super::Attributes,
     /// The lease token.
     pub token: String,
+}
+
+/// What a lease request got, as the cache layer sees it.
+enum Grant {
+    Granted(String),
+    Held,
+    /// No fill needed any more: the entry that makes it so, read.
+    Filled(GetResult),
 }
 
 /// Longest lease token accepted.
@@ -210,11 +218,18 @@ fn is_fresh(fetched: &Fetched) -> bool {
     })
 }
 
-/// The fresh-until time and fill time of what a Get found, for XFetch.
+/// What a Get's read found, beyond the answer: what the lease protocol
+/// needs to decide (and to ask the store atomically whether it still holds).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Freshness {
+    /// When the version read was created (0: nothing read).
+    pub created_at_ms: u64,
+    /// Until when it is fresh.
     pub fresh_until_ms: u64,
+    /// How long its fill took (0: unknown).
     pub fill_ms: u32,
+    /// The namespace's soft-flush time as the read saw it.
+    pub stale_before_ms: u64,
 }
 
 impl Cache {
@@ -249,7 +264,7 @@ impl Cache {
     pub(super) async fn lease(
         &self,
         found: GetResult,
-        freshness: Option<Freshness>,
+        freshness: Freshness,
         plan: &Plan,
         ask: LeaseAsk,
         allow_stale: bool,
@@ -258,64 +273,91 @@ impl Cache {
         let ttl = ask.ttl.unwrap_or(plan.lease_ttl);
         let result = match found.outcome {
             Outcome::Hit => {
-                let due = freshness.is_some_and(|f| self.early_refresh_due(f, plan));
-                let token = if due {
-                    self.try_acquire(&plan.key, ttl, plan).await.ok().flatten()
-                } else {
-                    None
+                let wanted = LeaseCondition::Refreshing {
+                    created_at_ms: freshness.created_at_ms,
                 };
-                match token {
-                    Some(token) => {
-                        self.metrics.lease(&plan.metric, "early_refresh");
-                        granted(found, token)
+                if !self.early_refresh_due(freshness, plan) {
+                    with_state(found, LeaseState::NotNeeded)
+                } else {
+                    match self.try_acquire(plan, ttl, wanted).await {
+                        Ok(Grant::Granted(token)) => {
+                            self.metrics.lease(&plan.metric, "early_refresh");
+                            granted(found, token)
+                        }
+                        // Refreshed meanwhile: the newer version, if it reads as a hit.
+                        Ok(Grant::Filled(newer)) if newer.outcome == Outcome::Hit => {
+                            with_state(newer, LeaseState::NotNeeded)
+                        }
+                        _ => with_state(found, LeaseState::NotNeeded),
                     }
-                    None => with_state(found, LeaseState::NotNeeded),
                 }
             }
-            Outcome::Miss | Outcome::Stale => match self.try_acquire(&plan.key, ttl, plan).await {
-                Err(()) => {
-                    // No lease can be had: answer degraded, go to the origin.
-                    let mut found = without_stale(found, allow_stale);
-                    found.degraded = true;
-                    found
-                }
-                Ok(Some(token)) => granted(without_stale(found, allow_stale), token),
-                Ok(None) if found.outcome == Outcome::Stale && allow_stale => {
-                    with_state(found, LeaseState::StaleServed)
-                }
-                Ok(None) if ask.wait.is_zero() => {
-                    with_state(without_stale(found, false), LeaseState::Wait)
-                }
-                Ok(None) => {
-                    let wait = deadline.map_or(ask.wait, |deadline| {
-                        ask.wait.min(reserve_answer_time(deadline))
-                    });
-                    match self.wait_for_fill(plan, wait).await {
-                        Some(filled) => with_state(filled, LeaseState::Coalesced),
-                        None => with_state(without_stale(found, false), LeaseState::TimedOut),
+            Outcome::Miss | Outcome::Stale => {
+                let wanted = LeaseCondition::Unfilled {
+                    stale_before_ms: freshness.stale_before_ms,
+                };
+                match self.try_acquire(plan, ttl, wanted).await {
+                    Err(()) => {
+                        // No lease can be had: answer degraded, go to the origin.
+                        let mut found = without_stale(found, allow_stale);
+                        found.degraded = true;
+                        found
+                    }
+                    Ok(Grant::Granted(token)) => granted(without_stale(found, allow_stale), token),
+                    // Filled between the read and the request: a plain hit.
+                    Ok(Grant::Filled(filled)) if filled.outcome == Outcome::Hit => {
+                        with_state(filled, LeaseState::NotNeeded)
+                    }
+                    Ok(_) if found.outcome == Outcome::Stale && allow_stale => {
+                        with_state(found, LeaseState::StaleServed)
+                    }
+                    Ok(_) if ask.wait.is_zero() => {
+                        with_state(without_stale(found, false), LeaseState::Wait)
+                    }
+                    Ok(_) => {
+                        let wait = deadline.map_or(ask.wait, |deadline| {
+                            ask.wait.min(reserve_answer_time(deadline))
+                        });
+                        match self.wait_for_fill(plan, wait).await {
+                            Some(filled) => with_state(filled, LeaseState::Coalesced),
+                            None => with_state(without_stale(found, false), LeaseState::TimedOut),
+                        }
                     }
                 }
-            },
+            }
         };
         self.metrics.lease(&plan.metric, result.lease.label());
         result
     }
 
-    /// Asks the store for the lease on `key`: `Ok(Some(token))` when
-    /// granted, `Ok(None)` when another caller holds it, `Err` when the store
-    /// failed (counted and logged).
+    /// Asks the store for the lease on `plan.key`, if `wanted` still holds:
+    /// `Err` when the store failed (counted and logged).
     async fn try_acquire(
         &self,
-        key: &StorageKey,
-        ttl: Duration,
         plan: &Plan,
-    ) -> Result<Option<String>, ()> {
+        ttl: Duration,
+        wanted: LeaseCondition,
+    ) -> Result<Grant, ()> {
         let token = new_token();
         match self
-            .bounded(None, self.store.acquire_lease(key, &token, ttl))
+            .bounded(
+                None,
+                self.store.acquire_lease(&plan.key, &token, ttl, wanted),
+            )
             .await
         {
-            Ok(granted) => Ok(granted.then_some(token)),
+            Ok(LeaseGrant::Granted) => Ok(Grant::Granted(token)),
+            Ok(LeaseGrant::Held) => Ok(Grant::Held),
+            Ok(LeaseGrant::Filled(bytes)) => {
+                let fetched = Fetched {
+                    value: Some(bytes),
+                    stale_before_ms: match wanted {
+                        LeaseCondition::Unfilled { stale_before_ms } => stale_before_ms,
+                        LeaseCondition::Refreshing { .. } => 0,
+                    },
+                };
+                Ok(Grant::Filled(self.read_entry(fetched, plan).0))
+            }
             Err(err) => {
                 self.degraded("lease", &plan.metric, &err, ());
                 Err(())
@@ -330,7 +372,7 @@ impl Cache {
         } else {
             plan.early_refresh_beta
         };
-        if beta <= 0.0 || freshness.fill_ms == 0 {
+        if beta <= 0.0 || freshness.fill_ms == 0 || freshness.created_at_ms == 0 {
             return false;
         }
         // 1 - random is in (0, 1]: its logarithm is finite and <= 0.

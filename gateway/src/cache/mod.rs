@@ -15,12 +15,7 @@ mod lease;
 mod metrics;
 mod namespace;
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tracing::warn;
@@ -40,7 +35,7 @@ use crate::{
         Compression, Decider, Decision, DecisionLimits, DecisionRequest, Operation, PolicyMetrics,
         PolicyRegistry,
     },
-    store::{Fetched, StorageKey, Store, StoreError, WriteEntry},
+    store::{Fetched, StorageKey, Store, StoreError, WriteEntry, unix_millis},
 };
 
 /// Request context a policy may vary on.
@@ -255,13 +250,15 @@ impl Cache {
             .transpose()
             .inspect_err(|_| self.metrics.rejected("get"))?;
         let (found, freshness) = if plan.decision.bypass {
-            (GetResult::miss(false, &plan.decision.decided_by), None)
+            let miss = GetResult::miss(false, &plan.decision.decided_by);
+            (miss, Freshness::default())
         } else {
             match self.bounded(deadline, self.store.get(&plan.key)).await {
                 Ok(stored) => self.read_entry(stored, &plan),
                 Err(err) => {
                     let miss = GetResult::miss(true, &plan.decision.decided_by);
-                    (self.degraded("get", &plan.metric, &err, miss), None)
+                    let miss = self.degraded("get", &plan.metric, &err, miss);
+                    (miss, Freshness::default())
                 }
             }
         };
@@ -644,11 +641,15 @@ impl Cache {
         Ok(())
     }
 
-    /// What stored bytes mean for a Get, and (for a usable entry) its
-    /// freshness figures for early refresh.
-    fn read_entry(&self, stored: Fetched, plan: &Plan) -> (GetResult, Option<Freshness>) {
+    /// What stored bytes mean for a Get, and what the lease protocol needs
+    /// to know of them.
+    fn read_entry(&self, stored: Fetched, plan: &Plan) -> (GetResult, Freshness) {
         let policy = &plan.decision.decided_by;
-        let miss = || (GetResult::miss(false, policy), None);
+        let unread = Freshness {
+            stale_before_ms: stored.stale_before_ms,
+            ..Freshness::default()
+        };
+        let miss = || (GetResult::miss(false, policy), unread);
         let Some(bytes) = stored.value else {
             return miss();
         };
@@ -698,10 +699,12 @@ impl Cache {
             lease_token: String::new(),
         };
         let freshness = Freshness {
+            created_at_ms: envelope.created_at_ms,
             fresh_until_ms,
             fill_ms: envelope.fill_ms,
+            stale_before_ms: stored.stale_before_ms,
         };
-        (result, Some(freshness))
+        (result, freshness)
     }
 
     /// Runs a store call within the request's budget: the configured store
@@ -820,12 +823,6 @@ fn jitter(max: Duration) -> Duration {
 /// [`crate::store::layout`]).
 fn scoped_key(namespace: &str, key: &str) -> StorageKey {
     StorageKey::new(Arc::from(namespace), Bytes::copy_from_slice(key.as_bytes()))
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
 }
 
 fn millis(duration: Duration) -> u64 {

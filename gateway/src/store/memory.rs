@@ -27,9 +27,10 @@ use moka::{
 };
 
 use super::{
-    Fetched, Progress, PurgeMode, StorageKey, Store, StoreError, WriteEntry,
+    Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
+    WriteEntry,
     generations::{Generations, NamespaceState},
-    glob, layout,
+    glob, layout, unix_millis,
 };
 use crate::cache::envelope;
 
@@ -355,9 +356,30 @@ impl Store for MemoryStore {
         key: &StorageKey,
         token: &str,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+        wanted: LeaseCondition,
+    ) -> Result<LeaseGrant, StoreError> {
         let lease_key = self.lease_key(key);
         let mut leases = self.leases.lock().await;
+        // Under the lease lock, no leased write can land between this check
+        // and the grant.
+        let (physical, _) = self.physical(key);
+        let current = self.entries.get(&physical).await.map(|value| value.bytes);
+        let times = current.as_deref().and_then(envelope::times);
+        match (wanted, times) {
+            (LeaseCondition::Unfilled { stale_before_ms }, Some(times))
+                if times.fresh_until_ms > unix_millis()
+                    && times.created_at_ms > stale_before_ms =>
+            {
+                return Ok(LeaseGrant::Filled(current.unwrap_or_default()));
+            }
+            (LeaseCondition::Refreshing { created_at_ms }, Some(times))
+                if times.created_at_ms != created_at_ms =>
+            {
+                return Ok(LeaseGrant::Filled(current.unwrap_or_default()));
+            }
+            (LeaseCondition::Refreshing { .. }, None) => return Ok(LeaseGrant::Held),
+            _ => {}
+        }
         leases.sweep_now_and_then();
         let now = Instant::now();
         if leases
@@ -365,7 +387,7 @@ impl Store for MemoryStore {
             .get(&lease_key)
             .is_some_and(|held| held.expires_at > now)
         {
-            return Ok(false);
+            return Ok(LeaseGrant::Held);
         }
         let tag_seq = leases
             .tag_seq
@@ -380,7 +402,7 @@ impl Store for MemoryStore {
                 expires_at: now + ttl,
             },
         );
-        Ok(true)
+        Ok(LeaseGrant::Granted)
     }
 
     async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError> {

@@ -29,6 +29,15 @@ use bytes::Bytes;
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
+/// Now, in ms since the Unix epoch (the clock of envelopes and indexes).
+pub(crate) fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 /// An entry's logical address: its namespace and the key its policy decided.
 /// Built only by the cache layer, after the namespace and key were checked.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,6 +84,34 @@ pub struct Fetched {
     /// Entries of the namespace created at or before this time (ms since the
     /// Unix epoch) were soft-purged by a namespace flush: they are stale.
     pub stale_before_ms: u64,
+}
+
+/// When a lease is worth granting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCondition {
+    /// The entry is missing or not fresh (created at or before
+    /// `stale_before_ms`, or past its fresh time): a fill is needed.
+    Unfilled {
+        /// The namespace's soft-flush time, as the caller's read saw it.
+        stale_before_ms: u64,
+    },
+    /// The entry is still the version created at `created_at_ms`: an early
+    /// refresh of it is needed (not of a version that replaced it).
+    Refreshing {
+        /// The creation time of the version the caller read.
+        created_at_ms: u64,
+    },
+}
+
+/// What a lease request got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseGrant {
+    /// The lease is the caller's.
+    Granted,
+    /// Another caller holds it.
+    Held,
+    /// No fill is needed any more: here is the entry that makes it so.
+    Filled(Bytes),
 }
 
 /// What a purge does to the entries it selects.
@@ -189,14 +226,17 @@ pub trait Store: Send + Sync + 'static {
     /// entry stale. Returns the namespace's generation afterwards.
     async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError>;
     /// Grants the lease on `key` to `token` for `ttl`, unless a lease is
-    /// held; whether it was granted. Deletes and purges of the key, purges
-    /// of a tag the filled entry carries, and namespace flushes void it.
+    /// held or `wanted` no longer holds for the entry, all in one atomic
+    /// step (so a fill that lands between the caller's read and this call is
+    /// seen, not granted over). Deletes and purges of the key, purges of a
+    /// tag the filled entry carries, and namespace flushes void the lease.
     async fn acquire_lease(
         &self,
         key: &StorageKey,
         token: &str,
         ttl: Duration,
-    ) -> Result<bool, StoreError>;
+        wanted: LeaseCondition,
+    ) -> Result<LeaseGrant, StoreError>;
     /// Writes `entry` only if `token` is its key's current lease and no tag
     /// the entry carries was purged since the lease was granted, consuming
     /// the lease, atomically; whether it was written.

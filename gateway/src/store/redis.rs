@@ -20,7 +20,7 @@ use std::{
         Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwapOption;
@@ -33,9 +33,10 @@ use deadpool_redis::{
 use tracing::{debug, warn};
 
 use super::{
-    Fetched, Progress, PurgeMode, StorageKey, Store, StoreError, WriteEntry,
+    Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
+    WriteEntry,
     generations::{Generations, NamespaceState},
-    layout,
+    layout, unix_millis,
 };
 use crate::config::RedisConfig;
 
@@ -245,16 +246,34 @@ redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 ";
 
-/// Grants a lease unless one is held. The lease records the namespace's tag
-/// sequence at grant time, for the leased write's check. Returns {granted,
-/// generation}.
+/// Grants a lease unless one is held or no fill is needed any more: the
+/// entry (KEYS[3]) is fresh (mode `unfilled`: fresh until after ARGV[3] and
+/// created after ARGV[4]), or is no longer the version created at ARGV[4]
+/// (mode `refresh`). The lease records the namespace's tag sequence at grant
+/// time, for the leased write's check. Returns {state, generation, entry}
+/// with state 1 granted, 0 held, 2 filled (and the entry that fills it).
 ///
-/// KEYS[1]: the namespace state, KEYS[2]: the lease. ARGV[1]: the token,
-/// ARGV[2]: its lifetime (ms).
+/// KEYS[1]: the namespace state, KEYS[2]: the lease, KEYS[3]: the entry.
+/// ARGV: token, lifetime (ms), now (ms), the time above, mode.
 const ACQUIRE_SCRIPT: &str = r"
 local state = redis.call('HMGET', KEYS[1], 'gen', 'tagseq')
+local gen = tonumber(state[1] or '0')
+local entry = redis.call('GET', KEYS[3])
+if entry and string.len(entry) >= 20 and string.sub(entry, 1, 2) == 'cg' then
+  local created, fresh = 0, 0
+  for i = 12, 5, -1 do created = created * 256 + string.byte(entry, i) end
+  for i = 20, 13, -1 do fresh = fresh * 256 + string.byte(entry, i) end
+  local mark = tonumber(ARGV[4])
+  if ARGV[5] == 'unfilled' then
+    if fresh > tonumber(ARGV[3]) and created > mark then return {2, gen, entry} end
+  elseif created ~= mark then
+    return {2, gen, entry}
+  end
+elseif ARGV[5] == 'refresh' then
+  return {0, gen, false}
+end
 local granted = redis.call('SET', KEYS[2], ARGV[1] .. ':' .. (state[2] or '0'), 'NX', 'PX', ARGV[2])
-return {granted and 1 or 0, tonumber(state[1] or '0')}
+return {granted and 1 or 0, gen, false}
 ";
 
 /// Writes an entry only if its lease is still the caller's and none of its
@@ -837,26 +856,39 @@ impl Store for RedisStore {
         key: &StorageKey,
         token: &str,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+        wanted: LeaseCondition,
+    ) -> Result<LeaseGrant, StoreError> {
         let namespace = key.namespace();
         let mut guess = self.generations.get(namespace);
         let script = acquire_script();
+        let (mode, mark) = match wanted {
+            LeaseCondition::Unfilled { stale_before_ms } => ("unfilled", stale_before_ms),
+            LeaseCondition::Refreshing { created_at_ms } => ("refresh", created_at_ms),
+        };
         for _ in 0..GENERATION_ATTEMPTS {
             let mut invocation = script.key(layout::namespace_state_key(namespace));
             invocation
                 .key(layout::lease_key(namespace, guess.generation, key.key()))
+                .key(layout::entry_key(namespace, guess.generation, key.key()))
                 .arg(token)
-                .arg(expiry_millis(ttl));
+                .arg(expiry_millis(ttl))
+                .arg(unix_millis())
+                .arg(mark)
+                .arg(mode);
             let mut pipeline = redis::pipe();
             pipeline
                 .load_script(script)
                 .ignore()
                 .invoke_script(&invocation);
-            let ((granted, generation),): ((bool, u64),) = self
+            let ((state, generation, entry),): ((u8, u64, Option<Bytes>),) = self
                 .run(async |conn| pipeline.query_async(conn).await)
                 .await?;
             if generation == guess.generation {
-                return Ok(granted);
+                return Ok(match (state, entry) {
+                    (1, _) => LeaseGrant::Granted,
+                    (2, Some(entry)) => LeaseGrant::Filled(entry),
+                    _ => LeaseGrant::Held,
+                });
             }
             // Granted (if at all) in a flushed generation, where nobody looks.
             guess = NamespaceState {
@@ -865,7 +897,7 @@ impl Store for RedisStore {
             };
             self.generations.learn(namespace, guess);
         }
-        Ok(false)
+        Ok(LeaseGrant::Held)
     }
 
     async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError> {
@@ -989,14 +1021,6 @@ fn position(namespaces: &[Arc<str>], namespace: &str) -> usize {
 fn parse<T: redis::FromRedisValue>(reply: Option<redis::Value>) -> Result<T, StoreError> {
     let reply = reply.ok_or_else(|| StoreError::Command("short pipeline reply".to_owned()))?;
     redis::from_redis_value(reply).map_err(|err| StoreError::Command(err.to_string()))
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 /// Tag index members handled per step of a tag purge.
