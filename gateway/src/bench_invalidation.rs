@@ -367,33 +367,34 @@ impl Load {
     }
 }
 
-/// Latencies (µs) and failures of one load.
-struct Figures {
+/// Latencies (µs) and failures of one load (shared with the other load
+/// tools).
+pub(crate) struct Figures {
     histogram: Histogram<u64>,
     errors: u64,
 }
 
 impl Figures {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
             errors: 0,
         }
     }
 
-    fn record(&mut self, latency: Duration, ok: bool) {
+    pub(crate) fn record(&mut self, latency: Duration, ok: bool) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.histogram.saturating_record(micros.max(1));
         self.errors += u64::from(!ok);
     }
 
-    fn merge(&mut self, other: Figures) {
+    pub(crate) fn merge(&mut self, other: Figures) {
         // Same bounds on both sides: adding cannot fail.
         let _ = self.histogram.add(&other.histogram);
         self.errors += other.errors;
     }
 
-    fn result(&self, elapsed: Duration) -> LoadResult {
+    pub(crate) fn result(&self, elapsed: Duration) -> LoadResult {
         let ms = |quantile: f64| self.histogram.value_at_quantile(quantile) as f64 / 1000.0;
         LoadResult {
             requests: self.histogram.len(),

@@ -24,6 +24,8 @@
 //! - [`bench`]: the load tool behind `cachegw bench`.
 //! - [`bench_invalidation`]: `cachegw bench-invalidation`, invalidation wall
 //!   time and its effect on concurrent reads.
+//! - [`bench_stampede`]: `cachegw bench-stampede`, origin calls per expiry of
+//!   a hot key with and without leases.
 //! - [`admin_cli`]: `cachegw policy push|list|bind|rollback --remote`, over the
 //!   `PolicyAdmin` API.
 
@@ -33,6 +35,7 @@ pub mod admin_cli;
 pub mod api;
 pub mod bench;
 pub mod bench_invalidation;
+pub mod bench_stampede;
 pub mod cache;
 pub mod config;
 pub mod policy;

@@ -10,6 +10,7 @@ use gateway::{
     Config, Gateway,
     bench::{self, BenchArgs},
     bench_invalidation::{self, InvalidationBenchArgs},
+    bench_stampede::{self, StampedeBenchArgs},
     config::{Overrides, StoreKind},
     policy::tool,
 };
@@ -40,6 +41,10 @@ enum Command {
     /// pattern while a read load runs, and print the read latency before and
     /// during each invalidation.
     BenchInvalidation(InvalidationBenchArgs),
+    /// Read one hot key through the gateway(s) with many clients and a slow
+    /// origin, without and with leases, and print origin calls per expiry
+    /// and read latency side by side.
+    BenchStampede(StampedeBenchArgs),
     /// Tools for policy authors: check, evaluate and benchmark a .wasm policy
     /// exactly as the gateway runs it.
     #[command(subcommand)]
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Bench(args) => bench::run(args).await.map(|_| ()),
             Command::BenchInvalidation(args) => bench_invalidation::run(args).await.map(|_| ()),
+            Command::BenchStampede(args) => bench_stampede::run(args).await.map(|_| ()),
             Command::Policy(command) => policy_command(command).await,
         }
     });
