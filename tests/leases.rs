@@ -37,6 +37,7 @@ on_both_stores!(
     a_dead_fillers_lease_expires_and_exactly_one_caller_gets_the_next,
     released_leases_pass_on_at_once_and_only_their_holder_can_release,
     bad_lease_requests_are_refused_precisely,
+    ttl_jitter_spreads_the_expiries_of_entries_written_together,
 );
 
 /// Entries fresh for `ttl`, then stale for `stale`.
@@ -645,4 +646,51 @@ async fn redis_store_xfetch_refreshes_about_once_per_expiry_before_it() {
         "one refresh lease per version: {per_version:?}"
     );
     assert!(left_ms.iter().all(|left| *left < 1_000), "{left_ms:?}");
+}
+
+async fn ttl_jitter_spreads_the_expiries_of_entries_written_together(backend: Backend) {
+    let mut world = World::start_with(backend, |config| {
+        bind(
+            config,
+            "jittered",
+            "ttl-by-route",
+            Some(json!({"rules": [{"prefix": "j:", "ttl": "10s", "jitter": "5s"}]})),
+            FallbackMode::FailClosed,
+        );
+    })
+    .await;
+    let mut ttls = Vec::new();
+    for i in 0..50 {
+        let set = world
+            .client
+            .set(SetRequest {
+                namespace: "jittered".into(),
+                key: format!("j:{i}"),
+                value: b"v".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(set.stored, "{set:?}");
+        assert!((10_000..=15_000).contains(&set.ttl_ms), "{set:?}");
+        ttls.push(set.ttl_ms);
+        let got = world
+            .client
+            .get(GetRequest {
+                namespace: "jittered".into(),
+                key: format!("j:{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.ttl_remaining_ms <= set.ttl_ms && got.ttl_remaining_ms + 2_000 > set.ttl_ms);
+    }
+    ttls.sort_unstable();
+    let spread = ttls[ttls.len() - 1] - ttls[0];
+    println!("50 entries written together expire over {spread} ms: {ttls:?}");
+    // 50 uniform draws over 5 s: all within 1 s of each other has a chance
+    // of about 50 * 0.2^49.
+    assert!(spread >= 1_000, "{ttls:?}");
 }
