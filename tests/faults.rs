@@ -1,0 +1,3 @@
+//! Fault injection: placeholder replaced by the fault-injection suite.
+
+mod support;
