@@ -23,6 +23,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "memory",
     "limits",
     "invalidation",
+    "breaker",
     "policy",
     "default_namespace",
     "namespaces",
@@ -51,6 +52,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The Invalidate RPC's jobs.
     pub invalidation: InvalidationConfig,
+    /// The circuit breaker and retries on the Redis path.
+    pub breaker: BreakerConfig,
     /// The WebAssembly policy engine's limits.
     pub policy: PolicyEngineConfig,
     /// Settings for namespaces not declared under `[namespaces]`.
@@ -249,6 +252,56 @@ impl Default for LimitsConfig {
             max_batch_items: 1000,
             max_lease_ttl: Duration::from_secs(300),
             max_lease_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The circuit breaker and retries on the Redis path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Put the breaker in front of Redis.
+    pub enabled: bool,
+    /// Open when more than this share of calls failed (connection failures
+    /// and timeouts) within `window`...
+    pub failure_rate: f64,
+    /// ...and at least this many calls were made in it.
+    pub min_requests: u32,
+    /// The sliding window the failure rate is measured over.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Open after this many failures in a row, whatever the rate.
+    pub consecutive_failures: u32,
+    /// How long the breaker stays open the first time, before it half-opens
+    /// to probe.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// The open time doubles while probes keep failing, up to this.
+    #[serde(with = "humantime_serde")]
+    pub max_open_for: Duration,
+    /// Wait before retrying an idempotent call after a broken connection
+    /// (plus up to as much again of jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Retries allowed, as a share of recent calls...
+    pub retry_ratio: f32,
+    /// ...and at least this many per second.
+    pub retry_min_per_sec: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_rate: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(10),
+            consecutive_failures: 5,
+            open_for: Duration::from_millis(250),
+            max_open_for: Duration::from_secs(1),
+            retry_backoff: Duration::from_millis(5),
+            retry_ratio: 0.1,
+            retry_min_per_sec: 10,
         }
     }
 }
@@ -608,6 +661,25 @@ impl Config {
         }
         if self.limits.max_key_bytes == 0 {
             return invalid("limits.max_key_bytes", "must be at least 1");
+        }
+        let breaker = &self.breaker;
+        if !(0.0..=1.0).contains(&breaker.failure_rate) {
+            return invalid("breaker.failure_rate", "must be between 0 and 1");
+        }
+        if breaker.consecutive_failures == 0 {
+            return invalid("breaker.consecutive_failures", "must be at least 1");
+        }
+        if breaker.window.is_zero() || breaker.open_for.is_zero() {
+            return invalid(
+                "breaker.window",
+                "window and open_for must be longer than 0s",
+            );
+        }
+        if breaker.max_open_for < breaker.open_for {
+            return invalid("breaker.max_open_for", "must be at least breaker.open_for");
+        }
+        if !(0.0..=1.0).contains(&breaker.retry_ratio) {
+            return invalid("breaker.retry_ratio", "must be between 0 and 1");
         }
         if self.invalidation.max_running_jobs == 0 {
             return invalid("invalidation.max_running_jobs", "must be at least 1");

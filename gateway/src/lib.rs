@@ -19,6 +19,7 @@
 //!   key layout, namespace generations, tag indexes.
 //! - [`config`]: the configuration struct, merged from file, environment and
 //!   flags in one place.
+//! - [`stats`]: the last minute's requests per namespace, for the Stats RPC.
 //! - [`server`]: assembling the above into a running gateway with health,
 //!   reflection and graceful shutdown.
 //! - [`bench`]: the load tool behind `cachegw bench`.
@@ -40,6 +41,7 @@ pub mod cache;
 pub mod config;
 pub mod policy;
 pub mod server;
+pub mod stats;
 pub mod store;
 
 pub use config::Config;

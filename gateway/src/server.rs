@@ -17,7 +17,7 @@ use crate::{
     cache::{Cache, CacheMetrics, Namespaces},
     config::{Config, StoreKind},
     policy::{DecisionLimits, PolicyMetrics, PolicyRegistry},
-    store::{MemoryStore, RedisStore, Store, StoreError},
+    store::{GuardMetrics, GuardedStore, MemoryStore, RedisStore, Store, StoreError},
 };
 
 /// The fully qualified name of the data service, as health checks know it.
@@ -100,15 +100,24 @@ impl Gateway {
     /// Builds the store, cache and metrics from `config`. Does not connect:
     /// Redis may be down; requests are answered degraded until it is up.
     pub fn new(config: Config) -> Result<Self, GatewayError> {
+        let mut registry = Registry::default();
+        let cache_metrics = CacheMetrics::register(&mut registry);
         let store: Arc<dyn Store> = match config.store {
-            StoreKind::Redis => Arc::new(
-                RedisStore::new(&config.redis, config.limits.max_lease_ttl).map_err(|source| {
-                    GatewayError::Store {
+            StoreKind::Redis => {
+                let redis = RedisStore::new(&config.redis, config.limits.max_lease_ttl).map_err(
+                    |source| GatewayError::Store {
                         store: StoreKind::Redis,
                         source,
-                    }
-                })?,
-            ),
+                    },
+                )?;
+                registry.register_collector(Box::new(redis.pool_collector()));
+                let guard_metrics = GuardMetrics::register(&mut registry);
+                Arc::new(GuardedStore::new(
+                    Arc::new(redis),
+                    &config.breaker,
+                    guard_metrics,
+                ))
+            }
             StoreKind::Memory => Arc::new(MemoryStore::new(
                 config.memory.max_bytes,
                 config.limits.max_lease_ttl,
@@ -116,8 +125,6 @@ impl Gateway {
         };
         let namespaces = Namespaces::from_config(&config);
         let policies = Arc::new(PolicyRegistry::from_config(&config)?);
-        let mut registry = Registry::default();
-        let cache_metrics = CacheMetrics::register(&mut registry);
         let policy_metrics = PolicyMetrics::register(&mut registry);
         policies.count_into(policy_metrics.clone());
         let cache = Arc::new(Cache::new(

@@ -8,7 +8,7 @@ use crate::cache::RequestError;
 fn code(err: &RequestError) -> Code {
     match err {
         RequestError::InvalidArgument { .. } => Code::InvalidArgument,
-        RequestError::TooLarge { .. } => Code::ResourceExhausted,
+        RequestError::TooLarge { .. } | RequestError::StoreFull(_) => Code::ResourceExhausted,
         RequestError::UnknownNamespace(_) | RequestError::NotFound { .. } => Code::NotFound,
     }
 }

@@ -25,6 +25,12 @@ pub enum RequestError {
         "namespace `{0}` is not declared in the gateway's config (add [namespaces.{0}] or enable [default_namespace])"
     )]
     UnknownNamespace(String),
+    /// The store refused the write because it is full (Redis `maxmemory`
+    /// reached under a `noeviction` policy). Nothing was written.
+    #[error(
+        "the store is full and refused the write (Redis maxmemory reached with a noeviction policy; nothing was written): {0}"
+    )]
+    StoreFull(String),
     /// Something the request names does not exist (an invalidation job id).
     #[error("unknown `{field}`: {reason}")]
     NotFound {

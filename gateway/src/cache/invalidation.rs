@@ -270,6 +270,7 @@ impl Cache {
         command: InvalidateCommand,
         deadline: Option<Duration>,
     ) -> Result<JobSnapshot, RequestError> {
+        let started = Instant::now();
         let settings = self
             .namespaces
             .resolve(&command.namespace)
@@ -314,6 +315,7 @@ impl Cache {
                 JobState::Done => "done",
                 JobState::Failed => "failed",
             },
+            started.elapsed(),
         );
         Ok(snapshot)
     }

@@ -3,20 +3,33 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
 use super::{GetResult, LeaseState, MetricNamespace, Outcome};
-use crate::store::StoreError;
+use crate::{stats::RecentStats, store::StoreError};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     op: &'static str,
     namespace: Arc<str>,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    op: &'static str,
+    namespace: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,9 +63,11 @@ struct EnvelopeErrorLabels {
 }
 
 /// Counters owned by the cache layer.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CacheMetrics {
     requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    recent: Arc<RecentStats>,
     rejected: Family<OpLabels, Counter>,
     store_errors: Family<StoreErrorLabels, Counter>,
     envelope_errors: Family<EnvelopeErrorLabels, Counter>,
@@ -75,7 +90,27 @@ impl Drop for InFlight {
 impl CacheMetrics {
     /// Creates the counters and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
+        let metrics = Self {
+            requests: Family::default(),
+            // 100 µs to about 13 s.
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+            }),
+            recent: Arc::default(),
+            rejected: Family::default(),
+            store_errors: Family::default(),
+            envelope_errors: Family::default(),
+            in_flight: Gauge::default(),
+            invalidated: Counter::default(),
+            jobs: Family::default(),
+            jobs_running: Gauge::default(),
+            leases: Family::default(),
+        };
+        registry.register(
+            "cachegw_request_seconds",
+            "Time the gateway took per request, from decoded request to answer (policy, store and waits included), by op and namespace",
+            metrics.latency.clone(),
+        );
         registry.register(
             "cachegw_requests",
             "Cache operations by op, namespace and outcome",
@@ -129,11 +164,17 @@ impl CacheMetrics {
         InFlight(self.in_flight.clone())
     }
 
+    /// Recent statistics (the Stats RPC's source).
+    pub fn recent(&self) -> Arc<RecentStats> {
+        Arc::clone(&self.recent)
+    }
+
     pub(super) fn get_outcome(
         &self,
         namespace: &MetricNamespace,
         result: &GetResult,
         bypass: bool,
+        latency: Duration,
     ) {
         let outcome = match (result.degraded, bypass, result.outcome) {
             (true, _, _) => "degraded",
@@ -143,7 +184,7 @@ impl CacheMetrics {
             (false, false, Outcome::Miss) => "miss",
             (false, false, Outcome::Stale) => "stale",
         };
-        self.request("get", namespace, outcome);
+        self.request("get", namespace, outcome, latency);
     }
 
     pub(super) fn lease(&self, namespace: &MetricNamespace, outcome: &'static str) {
@@ -185,6 +226,7 @@ impl CacheMetrics {
         op: &'static str,
         namespace: &MetricNamespace,
         outcome: &'static str,
+        latency: Duration,
     ) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -193,6 +235,13 @@ impl CacheMetrics {
                 outcome,
             })
             .inc();
+        self.latency
+            .get_or_create(&LatencyLabels {
+                op,
+                namespace: Arc::clone(namespace),
+            })
+            .observe(latency.as_secs_f64());
+        self.recent.record(namespace, op, outcome, latency);
     }
 
     pub(crate) fn rejected(&self, op: &'static str) {

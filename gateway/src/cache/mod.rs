@@ -269,8 +269,12 @@ impl Cache {
             }
             _ => lease::without_stale(found, command.allow_stale),
         };
-        self.metrics
-            .get_outcome(&plan.metric, &result, plan.decision.bypass);
+        self.metrics.get_outcome(
+            &plan.metric,
+            &result,
+            plan.decision.bypass,
+            plan.started.elapsed(),
+        );
         Ok(result)
     }
 
@@ -325,6 +329,9 @@ impl Cache {
                 }
             }
         };
+        if let Err(StoreError::OutOfMemory(reason)) = &written {
+            return Err(self.store_full(&plan.read, reason));
+        }
         Ok(self.finish_write(plan, written, lease).await)
     }
 
@@ -364,7 +371,8 @@ impl Cache {
             (false, false, true) => "done",
             (false, false, false) => "noop",
         };
-        self.metrics.request("delete", &plan.metric, outcome);
+        self.metrics
+            .request("delete", &plan.metric, outcome, plan.started.elapsed());
         Ok(DeleteResult {
             deleted,
             degraded,
@@ -428,8 +436,12 @@ impl Cache {
                     ),
                 }
             };
-            self.metrics
-                .get_outcome(&plan.metric, &result, plan.decision.bypass);
+            self.metrics.get_outcome(
+                &plan.metric,
+                &result,
+                plan.decision.bypass,
+                plan.started.elapsed(),
+            );
             results.push(Ok(result));
         }
         Ok(results)
@@ -466,6 +478,10 @@ impl Cache {
             let outcome = match (&plan.entry, &written) {
                 (None, _) => Ok(false),
                 (Some(_), Ok(())) => Ok(true),
+                (Some(_), Err(StoreError::OutOfMemory(reason))) => {
+                    results.push(Err(self.store_full(&plan.read, reason)));
+                    continue;
+                }
                 (Some(_), Err(err)) => Err(StoreError::Unavailable(err.to_string())),
             };
             results.push(Ok(self.finish_write(plan, outcome, LeaseWrite::None).await));
@@ -500,7 +516,12 @@ impl Cache {
             (false, false, LeaseWrite::Voided) => "voided",
             (false, false, _) => "done",
         };
-        self.metrics.request("set", &plan.read.metric, outcome);
+        self.metrics.request(
+            "set",
+            &plan.read.metric,
+            outcome,
+            plan.read.started.elapsed(),
+        );
         SetResult {
             stored,
             ttl,
@@ -555,6 +576,7 @@ impl Cache {
             lease_ttl: settings.lease_ttl,
             early_refresh_beta: settings.early_refresh_beta,
             allow_stale: false,
+            started: std::time::Instant::now(),
             decision,
         })
     }
@@ -726,6 +748,21 @@ impl Cache {
             .unwrap_or(Err(StoreError::Timeout(budget)))
     }
 
+    /// A write the store refused for lack of memory: counted, and a clear
+    /// error for the client rather than a degraded answer (the store is up;
+    /// retrying will not help until it has room).
+    fn store_full(&self, plan: &Plan, reason: &str) -> RequestError {
+        let namespace = &plan.metric;
+        self.metrics.store_error(
+            self.store.name(),
+            &StoreError::OutOfMemory(reason.to_owned()),
+        );
+        self.metrics
+            .request("set", namespace, "error", plan.started.elapsed());
+        warn!(namespace = %namespace, reason, "store full: write refused");
+        RequestError::StoreFull(reason.to_owned())
+    }
+
     fn degraded<T>(
         &self,
         op: &'static str,
@@ -800,6 +837,8 @@ struct Plan {
     early_refresh_beta: f64,
     /// MGet items: serve stale entries (single Gets handle it themselves).
     allow_stale: bool,
+    /// When the request began (for its latency).
+    started: std::time::Instant,
     decision: Decision,
 }
 

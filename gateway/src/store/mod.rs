@@ -11,6 +11,7 @@
 
 mod generations;
 pub mod glob;
+mod guard;
 pub mod layout;
 mod memory;
 mod redis;
@@ -26,6 +27,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use self::guard::{GuardMetrics, GuardedStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
@@ -168,6 +170,9 @@ pub enum StoreError {
     /// The store answered with an error or an unexpected reply.
     #[error("store error: {0}")]
     Command(String),
+    /// The circuit breaker is open: the store was not even asked.
+    #[error("store unavailable: circuit breaker open after repeated failures")]
+    CircuitOpen,
 }
 
 impl StoreError {
@@ -178,6 +183,7 @@ impl StoreError {
             StoreError::Timeout(_) => "timeout",
             StoreError::OutOfMemory(_) => "out_of_memory",
             StoreError::Command(_) => "command",
+            StoreError::CircuitOpen => "circuit_open",
         }
     }
 }

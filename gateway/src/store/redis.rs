@@ -40,6 +40,50 @@ use super::{
 };
 use crate::config::RedisConfig;
 
+/// The pool's figures, collected at each scrape: connections open, in use
+/// (checked out, in lanes or for a single command), the configured maximum,
+/// and requests waiting for a connection.
+#[derive(Debug)]
+pub struct PoolCollector(Pool);
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric, metrics::gauge::ConstGauge};
+        let status = self.0.status();
+        let in_use = status.size.saturating_sub(status.available);
+        for (name, help, value) in [
+            (
+                "cachegw_redis_pool_connections",
+                "Redis connections open",
+                status.size,
+            ),
+            (
+                "cachegw_redis_pool_in_use",
+                "Redis connections checked out (lanes and single commands)",
+                in_use,
+            ),
+            (
+                "cachegw_redis_pool_max",
+                "Most Redis connections the pool may open (redis.max_connections)",
+                status.max_size,
+            ),
+            (
+                "cachegw_redis_pool_waiting",
+                "Requests waiting for a Redis connection",
+                status.waiting,
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 /// Cache entries in Redis, through a pool of multiplexed connections.
 pub struct RedisStore {
     pool: Pool,
@@ -102,6 +146,11 @@ impl RedisStore {
     /// Connections currently open in the pool (checked out in lanes or idle).
     pub fn open_connections(&self) -> usize {
         self.pool.status().size
+    }
+
+    /// A metrics collector reporting the pool's figures at each scrape.
+    pub fn pool_collector(&self) -> PoolCollector {
+        PoolCollector(self.pool.clone())
     }
 
     /// A connection handle for one command, and the lane it came from.
