@@ -515,18 +515,59 @@ async fn operators_push_bind_list_and_roll_back_from_the_cli() {
 
 #[tokio::test]
 async fn prometheus_scrapes_the_metrics_endpoint() {
+    use gateway::api::proto::v1::{
+        DeleteRequest, GetRequest, InvalidateRequest, LeaseRequest, invalidate_request::Target,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut gateway = spawn_gateway(&["--store", "memory", "--listen", "127.0.0.1:0"]);
     let mut client = CacheClient::connect(format!("http://{}", gateway.data))
         .await
         .unwrap();
-    let set = SetRequest {
+    // A known sequence: 3 Sets, 2 hits, 1 miss, 1 lease granted on a miss,
+    // 1 Delete, 1 Invalidate removing 1 entry.
+    for key in ["a", "b", "c"] {
+        let set = SetRequest {
+            namespace: "scraped".into(),
+            key: key.into(),
+            value: b"v".to_vec().into(),
+            ..Default::default()
+        };
+        assert!(client.set(set).await.unwrap().into_inner().stored);
+    }
+    let get = |key: &str| GetRequest {
         namespace: "scraped".into(),
-        key: "k".into(),
-        value: b"v".to_vec().into(),
+        key: key.into(),
         ..Default::default()
     };
-    assert!(client.set(set).await.unwrap().into_inner().stored);
+    for key in ["a", "b", "missing"] {
+        client.get(get(key)).await.unwrap();
+    }
+    let leased = GetRequest {
+        lease: Some(LeaseRequest::default()),
+        ..get("cold")
+    };
+    assert_eq!(client.get(leased).await.unwrap().into_inner().lease, 1);
+    let delete = DeleteRequest {
+        namespace: "scraped".into(),
+        key: "a".into(),
+        ..Default::default()
+    };
+    assert!(client.delete(delete).await.unwrap().into_inner().deleted);
+    let invalidate = InvalidateRequest {
+        namespace: "scraped".into(),
+        target: Some(Target::Pattern("b".into())),
+        wait_ms: 10_000,
+        ..Default::default()
+    };
+    assert_eq!(
+        client
+            .invalidate(invalidate)
+            .await
+            .unwrap()
+            .into_inner()
+            .affected,
+        1
+    );
 
     let mut stream = tokio::net::TcpStream::connect(&gateway.metrics)
         .await
@@ -548,10 +589,27 @@ async fn prometheus_scrapes_the_metrics_endpoint() {
         response.contains("content-type: application/openmetrics-text"),
         "{response}"
     );
-    assert!(
-        response
-            .contains(r#"cachegw_requests_total{op="set",namespace="_default",outcome="done"} 1"#),
-        "{response}"
-    );
+    for line in [
+        r#"cachegw_requests_total{op="set",namespace="_default",outcome="done"} 3"#,
+        r#"cachegw_requests_total{op="get",namespace="_default",outcome="hit"} 2"#,
+        r#"cachegw_requests_total{op="get",namespace="_default",outcome="miss"} 2"#,
+        r#"cachegw_requests_total{op="delete",namespace="_default",outcome="done"} 1"#,
+        r#"cachegw_requests_total{op="invalidate",namespace="_default",outcome="done"} 1"#,
+        r#"cachegw_request_seconds_count{op="get",namespace="_default"} 4"#,
+        r#"cachegw_request_seconds_count{op="set",namespace="_default"} 3"#,
+        r#"cachegw_leases_total{namespace="_default",outcome="granted"} 1"#,
+        r#"cachegw_invalidation_jobs_total{namespace="_default",target="pattern",outcome="done"} 1"#,
+        "cachegw_invalidated_entries_total 1",
+    ] {
+        let found = response.lines().any(|scraped| scraped == line);
+        assert!(found, "missing `{line}` in:\n{response}");
+    }
+    // Nothing else was counted for this namespace.
+    let requests: u64 = response
+        .lines()
+        .filter(|line| line.starts_with("cachegw_requests_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(requests, 9, "{response}");
     terminate(&mut gateway.child).await;
 }

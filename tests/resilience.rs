@@ -366,3 +366,128 @@ async fn shutdown_drains_requests_in_flight() {
     );
     world.redis.as_ref().unwrap().resume();
 }
+
+/// The circuit breaker: Redis dies, the breaker opens and answers degraded at
+/// once (no waiting on dead sockets), half-opens with probes, and closes as
+/// soon as Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_answers_at_once_and_closes_when_redis_returns() {
+    let mut world = World::start(Backend::Redis).await;
+    let mut client = world.client.clone();
+    assert!(client.set(set("k", "v")).await.unwrap().into_inner().stored);
+    let state =
+        |world: &World| support::gauge(&world.gateway.metrics.encode(), "cachegw_breaker_state");
+    assert_eq!(state(&world), 0, "closed");
+
+    world.redis.as_mut().unwrap().kill();
+    wait_until("the breaker opens", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let open = state(&world) == 2;
+        async move {
+            let _ = client.get(get("k")).await;
+            open
+        }
+    })
+    .await;
+    // Open: degraded answers without touching the network.
+    let mut latencies = Vec::new();
+    for _ in 0..200 {
+        let began = Instant::now();
+        let got = client.get(get("k")).await.unwrap().into_inner();
+        latencies.push(began.elapsed());
+        if state(&world) == 2 {
+            assert!(got.degraded, "{got:?}");
+        }
+    }
+    latencies.sort_unstable();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!(
+        "breaker open: p50 {:?}, p99 {p99:?} per Get (debug build, over gRPC)",
+        latencies[100]
+    );
+    // Far below the 500 ms store timeout and the 300 ms connect timeout a
+    // call to the dead Redis would cost (the release-build figure is in
+    // docs/BENCHMARKS.md).
+    assert!(p99 < Duration::from_millis(50), "{p99:?}");
+    let metrics = world.gateway.metrics.encode();
+    assert!(
+        support::counter_sum(&metrics, "cachegw_breaker_rejected") > 0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cachegw_store_errors_total{store="redis",kind="circuit_open"}"#),
+        "{metrics}"
+    );
+
+    world.redis.as_mut().unwrap().restart().await;
+    let back = Instant::now();
+    wait_until("service is back", Duration::from_secs(2), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(get("probe"))
+                .await
+                .is_ok_and(|r| !r.get_ref().degraded)
+        }
+    })
+    .await;
+    println!("normal answers {:?} after Redis was back", back.elapsed());
+    assert_eq!(state(&world), 0, "closed again");
+    let metrics = world.gateway.metrics.encode();
+    for to in ["open", "half_open", "closed"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"cachegw_breaker_transitions_total{{to="{to}"}}"#
+            )),
+            "{to}: {metrics}"
+        );
+    }
+}
+
+/// Connections killed under the gateway (CLIENT KILL, a Redis failover):
+/// idempotent calls are retried once on a fresh connection, within the retry
+/// budget, so callers do not even see a degraded answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_are_retried_not_reported() {
+    let world = World::start(Backend::Redis).await;
+    let mut client = world.client.clone();
+    for i in 0..20 {
+        assert!(
+            client
+                .set(set(&format!("k{i}"), "v"))
+                .await
+                .unwrap()
+                .into_inner()
+                .stored
+        );
+    }
+    let mut admin = world.redis.as_ref().unwrap().connection().await;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed > 0);
+    for i in 0..20 {
+        let got = client
+            .get(get(&format!("k{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (got.outcome, got.degraded),
+            (Outcome::Hit as i32, false),
+            "k{i}"
+        );
+    }
+    let metrics = world.gateway.metrics.encode();
+    assert!(
+        metrics.contains(r#"cachegw_store_retries_total{outcome="retried"}"#),
+        "{metrics}"
+    );
+    assert_eq!(support::gauge(&metrics, "cachegw_breaker_state"), 0);
+}

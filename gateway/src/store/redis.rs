@@ -217,6 +217,13 @@ impl RedisStore {
             .compare_and_swap(&current, None::<Arc<Lane>>);
     }
 
+    /// Takes every lane out of its slot; commands in flight on them finish.
+    fn retire_all(&self) {
+        for slot in &self.lanes {
+            slot.current.store(None);
+        }
+    }
+
     /// Runs one command or pipeline on a lane, retiring the lane if the
     /// connection itself failed.
     async fn run<T, F>(&self, command: F) -> Result<T, StoreError>
@@ -227,7 +234,15 @@ impl RedisStore {
         match command(&mut handle).await {
             Ok(value) => Ok(value),
             Err(err) => {
-                if is_connection_error(&err) {
+                if err.is_connection_dropped() || err.is_io_error() {
+                    // The server closed this connection: it restarted, failed
+                    // over or killed its clients, and then every lane opened
+                    // before is just as dead. Retire them all, so that a retry
+                    // (and every later call) gets a fresh connection instead
+                    // of finding the next dead lane.
+                    debug!(cause = %err, lane = index, "redis closed a connection: retiring every lane");
+                    self.retire_all();
+                } else if is_connection_error(&err) {
                     debug!(cause = %err, lane = index, "retiring redis connection");
                     self.retire(index, &lane);
                 }
