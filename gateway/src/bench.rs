@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// rounds (to compare, say, a policy-bound namespace with a default one).
     #[arg(long, value_delimiter = ',', default_value = "bench")]
     pub namespace: Vec<String>,
+    /// Do not write the keys first (the store may be down: measuring the
+    /// degraded path, e.g. with the circuit breaker open).
+    #[arg(long)]
+    pub no_populate: bool,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -274,7 +278,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
                         })
                         .collect();
                     let work = workload(namespace);
-                    populate(&drivers[0], &work).await?;
+                    if !args.no_populate {
+                        populate(&drivers[0], &work).await?;
+                    }
                     lanes.push((target, Some(namespace.clone()), drivers, work));
                 }
             }
@@ -289,7 +295,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
             Target::Redis => {
                 let drivers = connect_redis(&args).await?;
                 let work = workload("");
-                populate(&drivers[0], &work).await?;
+                if !args.no_populate {
+                    populate(&drivers[0], &work).await?;
+                }
                 lanes.push((target, None, drivers, work));
             }
         }

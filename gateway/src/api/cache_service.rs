@@ -4,6 +4,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, field::Empty};
 
 use super::{
     client_deadline,
@@ -14,7 +15,10 @@ use super::{
         cache_server,
     },
 };
-use crate::cache::{Cache, CacheMetrics, RequestError};
+use crate::cache::{
+    Cache, CacheMetrics, DeleteResult, GetResult, JobSnapshot, JobState, LeaseState, LeaseWrite,
+    Outcome, RequestError, SetResult,
+};
 
 /// The data API over a [`Cache`].
 #[derive(Clone)]
@@ -31,7 +35,10 @@ impl CacheApi {
 
     /// The shape of every single-item RPC: count it in flight, read the
     /// client's deadline, convert the request (counting a rejection), run it
-    /// through the cache, convert the answer.
+    /// through the cache, convert the answer — all inside a `request` span
+    /// carrying the op, the namespace, and once known the outcome and the
+    /// policy version that decided, so every log line of the request says
+    /// which one it was.
     async fn unary<In, Command, Answer, Out, Run, Running>(
         &self,
         op: &'static str,
@@ -39,25 +46,141 @@ impl CacheApi {
         run: Run,
     ) -> Result<Response<Out>, Status>
     where
-        In: TryInto<Command, Error = RequestError>,
+        In: TryInto<Command, Error = RequestError> + Namespaced,
         Run: FnOnce(Command, Option<Duration>) -> Running,
         Running: Future<Output = Result<Answer, RequestError>>,
-        Answer: Into<Out>,
+        Answer: Into<Out> + Traced,
     {
-        let _in_flight = self.metrics.in_flight();
-        let deadline = client_deadline(&request);
-        let command = request.into_inner().try_into().map_err(|err| {
-            self.metrics.rejected(op);
-            Status::from(err)
-        })?;
-        let answer = run(command, deadline).await?;
-        Ok(Response::new(answer.into()))
+        let span = tracing::info_span!(
+            "request",
+            op,
+            namespace = request.get_ref().namespace(),
+            outcome = Empty,
+            policy = Empty,
+        );
+        async {
+            let _in_flight = self.metrics.in_flight();
+            let deadline = client_deadline(&request);
+            let command = request.into_inner().try_into().map_err(|err| {
+                self.metrics.rejected(op);
+                tracing::Span::current().record("outcome", "rejected");
+                tracing::debug!(cause = %err, "request refused");
+                Status::from(err)
+            })?;
+            let answer = run(command, deadline).await?;
+            let span = tracing::Span::current();
+            span.record("outcome", answer.outcome());
+            span.record("policy", answer.policy());
+            tracing::debug!("request answered");
+            Ok(Response::new(answer.into()))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Requests that name a namespace (for the request span).
+trait Namespaced {
+    fn namespace(&self) -> &str;
+}
+
+macro_rules! namespaced {
+    ($($request:ty),* $(,)?) => {
+        $(impl Namespaced for $request {
+            fn namespace(&self) -> &str {
+                &self.namespace
+            }
+        })*
+    };
+}
+
+namespaced!(
+    GetRequest,
+    SetRequest,
+    DeleteRequest,
+    InvalidateRequest,
+    ReleaseLeaseRequest
+);
+
+/// Answers that report an outcome and a deciding policy (for the span).
+trait Traced {
+    fn outcome(&self) -> &'static str;
+    fn policy(&self) -> &str {
+        ""
+    }
+}
+
+impl Traced for GetResult {
+    fn outcome(&self) -> &'static str {
+        match (self.degraded, self.lease, self.outcome) {
+            (true, _, _) => "degraded",
+            (false, LeaseState::Coalesced, _) => "coalesced",
+            (false, _, Outcome::Hit) => "hit",
+            (false, _, Outcome::Miss) => "miss",
+            (false, _, Outcome::Stale) => "stale",
+        }
+    }
+
+    fn policy(&self) -> &str {
+        &self.policy
+    }
+}
+
+impl Traced for SetResult {
+    fn outcome(&self) -> &'static str {
+        match (self.degraded, self.stored, self.lease) {
+            (true, _, _) => "degraded",
+            (false, _, LeaseWrite::Voided) => "voided",
+            (false, true, _) => "stored",
+            (false, false, _) => "not_stored",
+        }
+    }
+
+    fn policy(&self) -> &str {
+        &self.policy
+    }
+}
+
+impl Traced for DeleteResult {
+    fn outcome(&self) -> &'static str {
+        match (self.degraded, self.deleted) {
+            (true, _) => "degraded",
+            (false, true) => "deleted",
+            (false, false) => "absent",
+        }
+    }
+
+    fn policy(&self) -> &str {
+        &self.policy
+    }
+}
+
+impl Traced for JobSnapshot {
+    fn outcome(&self) -> &'static str {
+        match self.state {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    fn policy(&self) -> &str {
+        &self.policy
+    }
+}
+
+impl Traced for ReleaseLeaseResponse {
+    fn outcome(&self) -> &'static str {
+        if self.released {
+            "released"
+        } else {
+            "not_held"
+        }
     }
 }
 
 #[tonic::async_trait]
 impl cache_server::Cache for CacheApi {
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         self.unary("get", request, |command, deadline| {
             self.cache.get(command, deadline)
@@ -65,7 +188,6 @@ impl cache_server::Cache for CacheApi {
         .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
         self.unary("set", request, |command, deadline| {
             self.cache.set(command, deadline)
@@ -73,7 +195,6 @@ impl cache_server::Cache for CacheApi {
         .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn delete(
         &self,
         request: Request<DeleteRequest>,
@@ -84,7 +205,7 @@ impl cache_server::Cache for CacheApi {
         .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
+    #[tracing::instrument(name = "request", skip_all, fields(op = "mget", items = request.get_ref().items.len()))]
     async fn m_get(&self, request: Request<MGetRequest>) -> Result<Response<MGetResponse>, Status> {
         let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
@@ -100,7 +221,7 @@ impl cache_server::Cache for CacheApi {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
+    #[tracing::instrument(name = "request", skip_all, fields(op = "mset", items = request.get_ref().items.len()))]
     async fn m_set(&self, request: Request<MSetRequest>) -> Result<Response<MSetResponse>, Status> {
         let _in_flight = self.metrics.in_flight();
         let deadline = client_deadline(&request);
@@ -116,7 +237,6 @@ impl cache_server::Cache for CacheApi {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn invalidate(
         &self,
         request: Request<InvalidateRequest>,
@@ -127,7 +247,7 @@ impl cache_server::Cache for CacheApi {
         .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
+    #[tracing::instrument(name = "request", skip_all, fields(op = "get_invalidation", job = %request.get_ref().job_id))]
     async fn get_invalidation(
         &self,
         request: Request<GetInvalidationRequest>,
@@ -142,7 +262,6 @@ impl cache_server::Cache for CacheApi {
         Ok(Response::new(job.into()))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn release_lease(
         &self,
         request: Request<ReleaseLeaseRequest>,
