@@ -587,6 +587,20 @@ async fn a_shadow_is_compared_but_never_applied() {
         (200, 100),
         "{report:?}"
     );
+    // The same figures on /metrics, by candidate version.
+    let metrics = world.gateway.metrics.encode();
+    assert_eq!(
+        support::counter_sum(&metrics, "cachegw_policy_shadow_compared"),
+        200
+    );
+    assert_eq!(
+        support::counter_sum(&metrics, "cachegw_policy_shadow_differences"),
+        100
+    );
+    assert!(
+        support::counter_sum(&metrics, "cachegw_policy_bindings") >= 1,
+        "{metrics}"
+    );
     assert!(!report.examples.is_empty() && report.examples.len() <= 20);
     for example in &report.examples {
         assert!(

@@ -37,6 +37,9 @@ pub struct PolicyMetrics {
     latency: Family<PolicyLabels, Histogram, fn() -> Histogram>,
     rollbacks: Family<PolicyLabels, Counter>,
     uploads_rejected: Family<SourceLabels, Counter>,
+    bound: Family<PolicyLabels, Counter>,
+    shadow_compared: Family<PolicyLabels, Counter>,
+    shadow_differences: Family<PolicyLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,7 +56,25 @@ impl PolicyMetrics {
             latency: Family::new_with_constructor(latency_histogram),
             rollbacks: Family::default(),
             uploads_rejected: Family::default(),
+            bound: Family::default(),
+            shadow_compared: Family::default(),
+            shadow_differences: Family::default(),
         };
+        registry.register(
+            "cachegw_policy_bindings",
+            "Policy versions bound to a namespace since start-up (admin binds, watched-directory and fleet reloads), by the version bound",
+            metrics.bound.clone(),
+        );
+        registry.register(
+            "cachegw_policy_shadow_compared",
+            "Requests a shadow candidate was asked about, by candidate version",
+            metrics.shadow_compared.clone(),
+        );
+        registry.register(
+            "cachegw_policy_shadow_differences",
+            "Requests on which a shadow candidate decided differently from the applied policy, by candidate version",
+            metrics.shadow_differences.clone(),
+        );
         registry.register(
             "cachegw_policy_uploads_rejected",
             "Modules that failed validation, by source (admin, dir, redis)",
@@ -86,6 +107,24 @@ impl PolicyMetrics {
         self.uploads_rejected
             .get_or_create(&SourceLabels { source })
             .inc();
+    }
+
+    pub(super) fn bound(&self, policy: &Arc<str>) {
+        self.bound
+            .get_or_create(&PolicyLabels {
+                policy: Arc::clone(policy),
+            })
+            .inc();
+    }
+
+    pub(super) fn shadowed(&self, candidate: &Arc<str>, differed: bool) {
+        let labels = PolicyLabels {
+            policy: Arc::clone(candidate),
+        };
+        self.shadow_compared.get_or_create(&labels).inc();
+        if differed {
+            self.shadow_differences.get_or_create(&labels).inc();
+        }
     }
 
     pub(super) fn rolled_back(&self, policy: &Arc<str>) {

@@ -287,7 +287,10 @@ impl Decider {
         };
         if let Some(shadow) = route.shadow.filter(|shadow| shadow.samples()) {
             let candidate = self.ask(&shadow.binding, namespace, request);
-            shadow.record(compare(request.key, &decision, &candidate));
+            let difference = compare(request.key, &decision, &candidate);
+            self.metrics
+                .shadowed(shadow.binding.module.label(), difference.is_some());
+            shadow.record(difference);
         }
         decision
     }

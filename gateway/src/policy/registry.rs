@@ -700,6 +700,9 @@ impl PolicyRegistry {
     /// Installs `binding` (or removes the namespace's binding), remembering the
     /// one it replaces for rollback. Returns that one.
     fn swap(&self, namespace: &str, binding: Option<Arc<Binding>>) -> Option<Arc<Binding>> {
+        if let (Some(binding), Some(metrics)) = (&binding, self.metrics.get()) {
+            metrics.bound(binding.module.label());
+        }
         let previous = self.replace(namespace, binding);
         if let Some(previous) = &previous {
             lock(&self.history)
