@@ -1,8 +1,9 @@
-//! `cachegw policy push|list|bind|rollback|eval --remote`: thin wrappers over
-//! the `PolicyAdmin` API for operators at a terminal (text) or in scripts
-//! (`--json`). A refused request exits non-zero with the gateway's message.
+//! `cachegw policy push|list|bind|rollback|eval --remote` and `cachegw stats
+//! --remote`: thin wrappers over the `PolicyAdmin` API for operators at a
+//! terminal (text) or in scripts (`--json`). A refused request exits non-zero
+//! with the gateway's message.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::Context;
 use serde_json::json;
@@ -11,8 +12,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::{
     api::proto::v1::{
         BindMode, BindPolicyRequest, EvalPolicyRequest, FallbackMode as PbFallback,
-        ListPoliciesRequest, PutPolicyRequest, RollbackRequest,
-        policy_admin_client::PolicyAdminClient,
+        ListPoliciesRequest, NamespaceStats, OpStats, PutPolicyRequest, RedisMemory,
+        RollbackRequest, StatsRequest, StatsResponse, policy_admin_client::PolicyAdminClient,
     },
     config::FallbackMode,
     policy::tool::{DecisionView, Probe, parse_config},
@@ -262,4 +263,265 @@ pub async fn eval(
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(answer.fault_kind.is_empty())
+}
+
+/// Prints the gateway's last-minute statistics per namespace and operation,
+/// and Redis's memory facts and warnings.
+pub async fn stats(address: &str, as_json: bool) -> anyhow::Result<()> {
+    let stats = connect(address)
+        .await?
+        .stats(StatsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&stats_json(&stats))?);
+    } else {
+        print!("{}", stats_text(&stats));
+    }
+    Ok(())
+}
+
+/// A hit rate as the API sends it (negative: none) as a JSON number or null.
+fn hit_rate_json(rate: f64) -> serde_json::Value {
+    if rate < 0.0 { json!(null) } else { json!(rate) }
+}
+
+fn stats_json(stats: &StatsResponse) -> serde_json::Value {
+    let namespaces: Vec<_> = stats
+        .namespaces
+        .iter()
+        .map(|namespace| {
+            let ops: Vec<_> = namespace
+                .ops
+                .iter()
+                .map(|op| {
+                    let outcomes: BTreeMap<_, _> = op.outcomes.iter().collect();
+                    json!({"op": op.op, "requests": op.requests, "outcomes": outcomes,
+                           "p50_ms": op.p50_ms, "p99_ms": op.p99_ms})
+                })
+                .collect();
+            json!({"namespace": namespace.namespace, "hit_rate": hit_rate_json(namespace.hit_rate),
+                   "ops": ops})
+        })
+        .collect();
+    let redis = stats.redis.as_ref().map(|redis| {
+        json!({"used_memory": redis.used_memory, "used_memory_human": redis.used_memory_human,
+               "maxmemory": redis.maxmemory, "maxmemory_policy": redis.maxmemory_policy,
+               "evicted_keys": redis.evicted_keys, "keys": redis.keys,
+               "keys_with_ttl": redis.keys_with_ttl})
+    });
+    let redis_error = (!stats.redis_error.is_empty()).then_some(&stats.redis_error);
+    json!({"store": stats.store, "window_seconds": stats.window_seconds,
+           "namespaces": namespaces, "redis": redis, "redis_error": redis_error,
+           "warnings": stats.warnings})
+}
+
+/// The readable report: a table of the window's requests, then the Redis
+/// facts and warnings.
+fn stats_text(stats: &StatsResponse) -> String {
+    let mut text = format!(
+        "store: {}   window: the last {} s\n\n",
+        stats.store, stats.window_seconds
+    );
+    if stats.namespaces.is_empty() {
+        text.push_str("no requests in the window\n");
+    } else {
+        text.push_str(&requests_table(&stats.namespaces));
+    }
+    if let Some(redis) = &stats.redis {
+        text.push_str(&redis_text(redis));
+    } else if !stats.redis_error.is_empty() {
+        text.push_str(&format!("\nREDIS\n  unavailable: {}\n", stats.redis_error));
+    }
+    if !stats.warnings.is_empty() {
+        text.push_str("\nWARNINGS\n");
+        for warning in &stats.warnings {
+            text.push_str(&format!("  ! {warning}\n"));
+        }
+    }
+    text
+}
+
+fn requests_table(namespaces: &[NamespaceStats]) -> String {
+    let header = [
+        "NAMESPACE",
+        "OP",
+        "REQUESTS",
+        "HIT RATE",
+        "P50",
+        "P99",
+        "OUTCOMES",
+    ];
+    let mut rows = vec![header.map(str::to_owned)];
+    for namespace in namespaces {
+        for op in &namespace.ops {
+            rows.push(op_row(namespace, op));
+        }
+    }
+    let columns = header.len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
+        .collect();
+    let mut table = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(column, (cell, width))| {
+                if column + 1 == columns {
+                    cell.clone()
+                } else {
+                    format!("{cell:<width$}")
+                }
+            })
+            .collect();
+        table.push_str(cells.join("  ").trim_end());
+        table.push('\n');
+    }
+    table
+}
+
+fn op_row(namespace: &NamespaceStats, op: &OpStats) -> [String; 7] {
+    let hit_rate = if op.op == "get" && namespace.hit_rate >= 0.0 {
+        format!("{:.1}%", namespace.hit_rate * 100.0)
+    } else {
+        "-".to_owned()
+    };
+    let outcomes: BTreeMap<_, _> = op.outcomes.iter().collect();
+    let outcomes: Vec<String> = outcomes
+        .into_iter()
+        .map(|(outcome, count)| format!("{outcome}={count}"))
+        .collect();
+    [
+        namespace.namespace.clone(),
+        op.op.clone(),
+        op.requests.to_string(),
+        hit_rate,
+        format!("{:.2}ms", op.p50_ms),
+        format!("{:.2}ms", op.p99_ms),
+        outcomes.join(" "),
+    ]
+}
+
+fn redis_text(redis: &RedisMemory) -> String {
+    let maxmemory = if redis.maxmemory == 0 {
+        "0 (unset: no limit)".to_owned()
+    } else {
+        format!(
+            "{} ({} bytes)",
+            human_bytes(redis.maxmemory),
+            redis.maxmemory
+        )
+    };
+    format!(
+        "\nREDIS MEMORY\n  used memory:       {} ({} bytes)\n  maxmemory:         {maxmemory}\n  \
+         maxmemory-policy:  {}\n  evicted keys:      {} (since Redis started)\n  \
+         keys:              {} ({} with a TTL)\n",
+        redis.used_memory_human,
+        redis.used_memory,
+        redis.maxmemory_policy,
+        redis.evicted_keys,
+        redis.keys,
+        redis.keys_with_ttl,
+    )
+}
+
+/// `bytes` in the largest binary unit that keeps it at least 1 (`64.0 MiB`).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StatsResponse {
+        StatsResponse {
+            store: "redis".into(),
+            window_seconds: 60,
+            namespaces: vec![NamespaceStats {
+                namespace: "users".into(),
+                ops: vec![
+                    OpStats {
+                        op: "get".into(),
+                        requests: 3,
+                        outcomes: [("hit".to_owned(), 2), ("miss".to_owned(), 1)].into(),
+                        p50_ms: 0.5,
+                        p99_ms: 1.25,
+                    },
+                    OpStats {
+                        op: "set".into(),
+                        requests: 3,
+                        outcomes: [("done".to_owned(), 3)].into(),
+                        p50_ms: 0.75,
+                        p99_ms: 2.0,
+                    },
+                ],
+                hit_rate: 2.0 / 3.0,
+            }],
+            redis: Some(RedisMemory {
+                used_memory: 1000,
+                used_memory_human: "1000B".into(),
+                maxmemory_policy: "noeviction".into(),
+                ..Default::default()
+            }),
+            redis_error: String::new(),
+            warnings: vec!["maxmemory-policy is noeviction: fix it.".into()],
+        }
+    }
+
+    #[test]
+    fn the_text_report_has_a_row_per_operation_and_the_redis_facts() {
+        let text = stats_text(&sample());
+        assert!(text.contains("store: redis"), "{text}");
+        let get = text
+            .lines()
+            .find(|line| line.starts_with("users      get"))
+            .unwrap();
+        assert!(
+            get.contains("66.7%") && get.contains("hit=2 miss=1"),
+            "{text}"
+        );
+        let set = text
+            .lines()
+            .find(|line| line.starts_with("users      set"))
+            .unwrap();
+        assert!(set.contains(" - ") && set.contains("done=3"), "{text}");
+        assert!(
+            text.contains("maxmemory:         0 (unset: no limit)"),
+            "{text}"
+        );
+        assert!(text.contains("! maxmemory-policy is noeviction"), "{text}");
+    }
+
+    #[test]
+    fn byte_counts_read_in_binary_units() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn the_json_report_has_null_for_no_hit_rate() {
+        let mut stats = sample();
+        stats.namespaces[0].hit_rate = -1.0;
+        let report = stats_json(&stats);
+        assert!(report["namespaces"][0]["hit_rate"].is_null());
+        assert_eq!(report["namespaces"][0]["ops"][0]["outcomes"]["hit"], 2);
+        assert_eq!(report["redis"]["maxmemory_policy"], "noeviction");
+        assert!(report["redis_error"].is_null());
+    }
 }

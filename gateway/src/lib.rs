@@ -20,6 +20,7 @@
 //! - [`config`]: the configuration struct, merged from file, environment and
 //!   flags in one place.
 //! - [`stats`]: the last minute's requests per namespace, for the Stats RPC.
+//! - [`telemetry`]: logs (text or JSON) and optional OpenTelemetry export.
 //! - [`server`]: assembling the above into a running gateway with health,
 //!   reflection and graceful shutdown.
 //! - [`bench`]: the load tool behind `cachegw bench`.
@@ -42,6 +43,7 @@ pub mod config;
 pub mod policy;
 pub mod server;
 pub mod stats;
+pub mod telemetry;
 pub mod store;
 
 pub use config::Config;

@@ -49,6 +49,13 @@ enum Command {
     /// exactly as the gateway runs it.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Show a running gateway's last minute: requests, hit rate and latency
+    /// per namespace and operation, and (Redis store) Redis's memory facts
+    /// with warnings about settings that hurt a cache.
+    Stats {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +240,9 @@ fn main() -> ExitCode {
             Command::BenchInvalidation(args) => bench_invalidation::run(args).await.map(|_| ()),
             Command::BenchStampede(args) => bench_stampede::run(args).await.map(|_| ()),
             Command::Policy(command) => policy_command(command).await,
+            Command::Stats { remote } => {
+                gateway::admin_cli::stats(&remote.remote, remote.json).await
+            }
         }
     });
     match result {

@@ -213,6 +213,8 @@ impl Gateway {
                 Arc::clone(&self.policies),
                 Arc::clone(&self.cache),
                 self.decision_limits(),
+                self.cache_metrics.recent(),
+                (self.config.store == StoreKind::Redis).then(|| self.config.redis.clone()),
             ))
             .max_decoding_message_size(self.config.policy.max_module_bytes + 64 * 1024);
             let mut stop = stop_admin_rx.clone();

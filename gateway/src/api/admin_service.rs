@@ -1,6 +1,7 @@
 //! `cachegw.v1.PolicyAdmin`: uploading, listing, binding, rolling back and
-//! dry-running policies. Every change is validated before it takes effect
-//! and logged (who/what/when) as an audit trail.
+//! dry-running policies, and the gateway's recent statistics (Stats). Every
+//! change is validated before it takes effect and logged (who/what/when) as
+//! an audit trail.
 
 use std::{sync::Arc, time::Instant};
 
@@ -8,20 +9,25 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use super::proto::{
-    policy as pb_policy,
-    v1::{
-        AutoRollback, BindMode, BindPolicyRequest, BindPolicyResponse, BindingInfo,
-        EvalPolicyRequest, EvalPolicyResponse, FallbackMode as PbFallback, ListPoliciesRequest,
-        ListPoliciesResponse, PolicyVersionInfo, PutPolicyRequest, PutPolicyResponse,
-        RollbackRequest, RollbackResponse, ShadowDifference, ShadowReportRequest,
-        ShadowReportResponse, policy_admin_server,
+use super::{
+    proto::{
+        policy as pb_policy,
+        v1::{
+            AutoRollback, BindMode, BindPolicyRequest, BindPolicyResponse, BindingInfo,
+            EvalPolicyRequest, EvalPolicyResponse, FallbackMode as PbFallback, ListPoliciesRequest,
+            ListPoliciesResponse, NamespaceStats, OpStats as PbOpStats, PolicyVersionInfo,
+            PutPolicyRequest, PutPolicyResponse, RedisMemory, RollbackRequest, RollbackResponse,
+            ShadowDifference, ShadowReportRequest, ShadowReportResponse, StatsRequest,
+            StatsResponse, policy_admin_server,
+        },
     },
+    redis_info::{self, RedisFacts},
 };
 use crate::{
     cache::{Cache, NamespaceSettings, RequestError, validate_namespace_name},
-    config::FallbackMode,
+    config::{FallbackMode, RedisConfig},
     policy::{Decision, DecisionLimits, PolicyRegistry, RegistryError, registry::CandidateKind},
+    stats::{self, OpStats, RecentStats},
 };
 
 /// The admin API over a [`PolicyRegistry`].
@@ -29,15 +35,27 @@ pub struct AdminApi {
     registry: Arc<PolicyRegistry>,
     cache: Arc<Cache>,
     limits: DecisionLimits,
+    recent: Arc<RecentStats>,
+    redis: Option<RedisConfig>,
 }
 
 impl AdminApi {
-    /// Serves `registry`; `cache` answers which namespaces exist.
-    pub fn new(registry: Arc<PolicyRegistry>, cache: Arc<Cache>, limits: DecisionLimits) -> Self {
+    /// Serves `registry`; `cache` answers which namespaces exist. Stats
+    /// reports `recent` and, when the store is Redis (`redis` is its
+    /// config; `None` for the memory store), Redis's memory facts.
+    pub fn new(
+        registry: Arc<PolicyRegistry>,
+        cache: Arc<Cache>,
+        limits: DecisionLimits,
+        recent: Arc<RecentStats>,
+        redis: Option<RedisConfig>,
+    ) -> Self {
         Self {
             registry,
             cache,
             limits,
+            recent,
+            redis,
         }
     }
 
@@ -73,6 +91,60 @@ fn config_bytes(config_json: &str) -> Result<Bytes, Status> {
         ))
     })?;
     Ok(Bytes::copy_from_slice(config_json.as_bytes()))
+}
+
+/// Groups the window's per-operation statistics by namespace (the snapshot
+/// is sorted by namespace, then operation).
+fn namespace_stats(snapshot: Vec<OpStats>) -> Vec<NamespaceStats> {
+    let mut namespaces: Vec<NamespaceStats> = Vec::new();
+    for op in snapshot {
+        let same = namespaces
+            .last()
+            .is_some_and(|last| *last.namespace == *op.namespace);
+        if !same {
+            namespaces.push(NamespaceStats {
+                namespace: op.namespace.to_string(),
+                ops: Vec::new(),
+                hit_rate: -1.0,
+            });
+        }
+        if let Some(namespace) = namespaces.last_mut() {
+            if op.op == "get" {
+                namespace.hit_rate = op.hit_rate().unwrap_or(-1.0);
+            }
+            namespace.ops.push(op_stats(&op));
+        }
+    }
+    namespaces
+}
+
+fn op_stats(op: &OpStats) -> PbOpStats {
+    let millis = |latency: std::time::Duration| latency.as_secs_f64() * 1000.0;
+    PbOpStats {
+        op: op.op.to_owned(),
+        requests: op.total(),
+        outcomes: op
+            .outcomes
+            .iter()
+            .map(|(outcome, count)| ((*outcome).to_owned(), *count))
+            .collect(),
+        p50_ms: millis(op.p50),
+        p99_ms: millis(op.p99),
+    }
+}
+
+impl From<RedisFacts> for RedisMemory {
+    fn from(facts: RedisFacts) -> Self {
+        Self {
+            used_memory: facts.used_memory,
+            used_memory_human: facts.used_memory_human,
+            maxmemory: facts.maxmemory,
+            maxmemory_policy: facts.maxmemory_policy,
+            evicted_keys: facts.evicted_keys,
+            keys: facts.keys,
+            keys_with_ttl: facts.keys_with_ttl,
+        }
+    }
 }
 
 fn fallback_of(mode: i32) -> Result<FallbackMode, Status> {
@@ -328,5 +400,67 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let mut response = StatsResponse {
+            store: if self.redis.is_some() {
+                "redis"
+            } else {
+                "memory"
+            }
+            .to_owned(),
+            window_seconds: stats::WINDOW.as_secs(),
+            namespaces: namespace_stats(self.recent.snapshot()),
+            ..Default::default()
+        };
+        if let Some(config) = &self.redis {
+            match redis_info::read(config).await {
+                Ok(facts) => {
+                    response.warnings = facts.warnings();
+                    response.redis = Some(facts.into());
+                }
+                Err(err) => response.redis_error = err.to_string(),
+            }
+        }
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use super::*;
+
+    fn op(namespace: &str, op: &'static str, outcomes: &[(&'static str, u64)]) -> OpStats {
+        OpStats {
+            namespace: Arc::from(namespace),
+            op,
+            outcomes: outcomes.iter().copied().collect::<BTreeMap<_, _>>(),
+            p50: Duration::from_micros(1500),
+            p99: Duration::from_millis(12),
+        }
+    }
+
+    #[test]
+    fn groups_operations_by_namespace_with_the_gets_hit_rate() {
+        let grouped = namespace_stats(vec![
+            op("api", "get", &[("hit", 3), ("miss", 1), ("degraded", 5)]),
+            op("api", "set", &[("done", 2)]),
+            op("users", "set", &[("done", 1)]),
+        ]);
+        assert_eq!(grouped.len(), 2);
+        let api = &grouped[0];
+        assert_eq!(api.namespace, "api");
+        assert_eq!(api.hit_rate, 0.75, "degraded Gets are left out");
+        assert_eq!(api.ops.len(), 2);
+        assert_eq!(api.ops[0].requests, 9);
+        assert_eq!(api.ops[0].outcomes.get("degraded"), Some(&5));
+        assert_eq!((api.ops[0].p50_ms, api.ops[0].p99_ms), (1.5, 12.0));
+        assert_eq!(grouped[1].hit_rate, -1.0, "no reads: no hit rate");
     }
 }

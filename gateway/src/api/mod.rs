@@ -6,6 +6,7 @@ mod admin_service;
 mod cache_service;
 pub mod codec;
 mod convert;
+mod redis_info;
 mod status;
 
 use std::time::Duration;
