@@ -24,6 +24,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "limits",
     "invalidation",
     "breaker",
+    "log",
     "policy",
     "default_namespace",
     "namespaces",
@@ -54,6 +55,8 @@ pub struct Config {
     pub invalidation: InvalidationConfig,
     /// The circuit breaker and retries on the Redis path.
     pub breaker: BreakerConfig,
+    /// Logs and traces.
+    pub log: LogConfig,
     /// The WebAssembly policy engine's limits.
     pub policy: PolicyEngineConfig,
     /// Settings for namespaces not declared under `[namespaces]`.
@@ -254,6 +257,29 @@ impl Default for LimitsConfig {
             max_lease_wait: Duration::from_secs(30),
         }
     }
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json` (one object per line).
+    pub format: LogFormatConfig,
+    /// Export request spans over OTLP/gRPC to this endpoint (e.g.
+    /// `http://127.0.0.1:4317`); needs a build with the `otel` feature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatConfig {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The circuit breaker and retries on the Redis path.
@@ -557,12 +583,14 @@ impl Config {
         }
         figment = figment.merge(
             Env::prefixed("CACHEGW_")
-                // Other CACHEGW_* variables (CACHEGW_LOG, the scripts' own) are not config.
+                // Config variables always name a field (`CACHEGW_LOG__FORMAT`); other
+                // CACHEGW_* variables (the `CACHEGW_LOG` filter, the scripts' own) are not config.
                 .filter(|key| {
-                    let section = key.as_str().split("__").next().unwrap_or_default();
-                    CONFIG_SECTIONS
-                        .iter()
-                        .any(|known| section.eq_ignore_ascii_case(known))
+                    key.as_str().split_once("__").is_some_and(|(section, _)| {
+                        CONFIG_SECTIONS
+                            .iter()
+                            .any(|known| section.eq_ignore_ascii_case(known))
+                    })
                 })
                 .split("__"),
         );

@@ -2,7 +2,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,10 +11,10 @@ use gateway::{
     bench::{self, BenchArgs},
     bench_invalidation::{self, InvalidationBenchArgs},
     bench_stampede::{self, StampedeBenchArgs},
-    config::{Overrides, StoreKind},
+    config::{LogFormatConfig, Overrides, StoreKind},
     policy::tool,
+    telemetry::{self, LogFormat},
 };
-use tracing_subscriber::EnvFilter;
 
 /// cachegw: a gRPC cache gateway over Redis with per-namespace caching policies.
 #[derive(Parser)]
@@ -219,9 +219,13 @@ struct ServeArgs {
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// Log format.
-    #[arg(long, env = "CACHEGW_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log format, `text` or `json` [default: log.format, text].
+    #[arg(long, env = "CACHEGW_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<LogFormatConfig>,
+    /// Export request spans over OTLP/gRPC to this endpoint (needs a build
+    /// with `--features otel`) [default: log.otlp_endpoint].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -268,7 +272,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    init_tracing(&args.log_format);
+    let format = match args.log_format.unwrap_or(config.log.format) {
+        LogFormatConfig::Text => LogFormat::Text,
+        LogFormatConfig::Json => LogFormat::Json,
+    };
+    let otlp_endpoint = args.otlp_endpoint.or_else(|| config.log.otlp_endpoint.clone());
+    // Kept to the end of `serve`: dropping it flushes exported spans.
+    let _telemetry = telemetry::init(format, otlp_endpoint.as_deref())?;
     let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -466,22 +476,6 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(format: &str) {
-    let filter = EnvFilter::try_from_env("CACHEGW_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
 /// Completes on SIGTERM or SIGINT. The handlers are installed when this is
 /// called, not when the future is first polled: a signal arriving while the
 /// gateway is still starting must start a graceful shutdown, not kill it.

@@ -1108,10 +1108,21 @@ fn is_connection_error(err: &RedisError) -> bool {
         || err.is_unrecoverable_error()
 }
 
+/// Redis refused a write at `maxmemory` (`-OOM`), alone or as one command of
+/// a pipeline or transaction (redis-rs reports those as a list of server
+/// errors, whose first one sets the error's kind).
+fn is_out_of_memory(err: &RedisError) -> bool {
+    err.code() == Some("OOM")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == "OOM"))
+}
+
 fn command_error(err: RedisError) -> StoreError {
     if err.is_timeout() {
         StoreError::Timeout(Duration::ZERO)
-    } else if err.code() == Some("OOM") || err.to_string().contains("OOM command not allowed") {
+    } else if is_out_of_memory(&err) {
         StoreError::OutOfMemory(err.to_string())
     } else if is_connection_error(&err) {
         StoreError::Unavailable(err.to_string())
