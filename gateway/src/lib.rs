@@ -43,8 +43,8 @@ pub mod config;
 pub mod policy;
 pub mod server;
 pub mod stats;
-pub mod telemetry;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{Gateway, GatewayError, MetricsHandle};

@@ -276,7 +276,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         LogFormatConfig::Text => LogFormat::Text,
         LogFormatConfig::Json => LogFormat::Json,
     };
-    let otlp_endpoint = args.otlp_endpoint.or_else(|| config.log.otlp_endpoint.clone());
+    let otlp_endpoint = args
+        .otlp_endpoint
+        .or_else(|| config.log.otlp_endpoint.clone());
     // Kept to the end of `serve`: dropping it flushes exported spans.
     let _telemetry = telemetry::init(format, otlp_endpoint.as_deref())?;
     let shutdown = shutdown_signal();
