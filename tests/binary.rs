@@ -613,3 +613,83 @@ async fn prometheus_scrapes_the_metrics_endpoint() {
     assert_eq!(requests, 9, "{response}");
     terminate(&mut gateway.child).await;
 }
+
+/// `[log] format = "json"` (from the config file, with `CACHEGW_LOG` still a
+/// filter beside it): every line is one JSON object, and a request's lines
+/// carry its `request` span with the op, namespace, outcome and deciding
+/// policy.
+#[tokio::test]
+async fn json_logs_carry_the_request_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cachegw.toml");
+    std::fs::write(&file, "store = \"memory\"\n[log]\nformat = \"json\"\n").unwrap();
+    let mut child = Command::new(CACHEGW)
+        .arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env_remove("CACHEGW_CONFIG")
+        .env("CACHEGW_LOG", "info,gateway::api=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cachegw");
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let parsed = serde_json::from_str(&line)
+                .unwrap_or_else(|err| panic!("a log line that is not JSON ({err}): {line}"));
+            if line_tx.send(parsed).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |what: &str, matches: &dyn Fn(&serde_json::Value) -> bool| loop {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|err| panic!("no log line with {what}: {err}"));
+        if matches(&line) {
+            return line;
+        }
+    };
+
+    let serving = next_line("the data listener's address", &|line| {
+        line["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("cachegw serving"))
+    });
+    let addr = serving["fields"]["addr"].as_str().unwrap().to_owned();
+    let mut client = CacheClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .set(SetRequest {
+            namespace: "logs".into(),
+            key: "k".into(),
+            value: b"v".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .get(GetRequest {
+            namespace: "logs".into(),
+            key: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let answered = next_line("the Get's request span", &|line| {
+        line["fields"]["message"] == "request answered" && line["span"]["op"] == "get"
+    });
+    let span = &answered["span"];
+    assert_eq!(span["name"], "request", "{answered}");
+    assert_eq!(span["namespace"], "logs", "{answered}");
+    assert_eq!(span["outcome"], "hit", "{answered}");
+    assert_eq!(span["policy"], "default", "{answered}");
+    assert_eq!(answered["level"], "DEBUG", "{answered}");
+    terminate(&mut child).await;
+}
