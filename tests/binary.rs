@@ -35,6 +35,7 @@ fn spawn_gateway(args: &[&str]) -> Spawned {
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--no-auth",
         ])
         .args(args)
         .current_dir(std::env::temp_dir())
@@ -152,7 +153,8 @@ fn print_config(file: Option<&std::path::Path>, env: &[(&str, &str)], flags: &[&
     command
         .args(["serve", "--print-config"])
         .args(flags)
-        .env_remove("CACHEGW_CONFIG");
+        .env_remove("CACHEGW_CONFIG")
+        .env("CACHEGW_AUTH__ENABLED", "false");
     if let Some(file) = file {
         command.arg("--config").arg(file);
     }
@@ -628,7 +630,7 @@ async fn json_logs_carry_the_request_span() {
         .arg("--config")
         .arg(&file)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--no-auth"])
         .env_remove("CACHEGW_CONFIG")
         .env("CACHEGW_LOG", "info,gateway::api=debug")
         .stdout(Stdio::null())
@@ -691,5 +693,55 @@ async fn json_logs_carry_the_request_span() {
     assert_eq!(span["outcome"], "hit", "{answered}");
     assert_eq!(span["policy"], "default", "{answered}");
     assert_eq!(answered["level"], "DEBUG", "{answered}");
+    terminate(&mut child).await;
+}
+
+/// Authentication is on unless turned off: with no tokens configured,
+/// `serve` refuses to start and says what to do; `--no-auth` starts it with
+/// a warning that cannot be missed.
+#[tokio::test]
+async fn serve_without_tokens_refuses_to_start_unless_auth_is_turned_off() {
+    let output = Command::new(CACHEGW)
+        .args(["serve", "--store", "memory", "--listen", "127.0.0.1:0"])
+        .current_dir(std::env::temp_dir())
+        .env_remove("CACHEGW_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`auth`") && stderr.contains("auth.enabled = false"),
+        "{stderr}"
+    );
+
+    let mut child = Command::new(CACHEGW)
+        .args(["serve", "--store", "memory", "--no-auth"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .current_dir(std::env::temp_dir())
+        .env_remove("CACHEGW_CONFIG")
+        .env("CACHEGW_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let warning = loop {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a start-up warning that authentication is off");
+        if line.contains("AUTHENTICATION IS OFF") {
+            break line;
+        }
+    };
+    assert!(warning.contains("WARN"), "{warning}");
     terminate(&mut child).await;
 }

@@ -303,11 +303,28 @@ async fn tenant_keying_normalises_varies_and_bypasses(backend: Backend) {
 
 async fn decisions_cannot_reach_another_namespace(backend: Backend) {
     let mut world = World::start_with(backend, |config| {
-        bind(config, "attacker", "hostile-escape", None, FailOpen)
+        bind(config, "attacker", "hostile-escape", None, FailOpen);
+        // The victim tags its entries `shared`, the tag the attacker also
+        // attaches and then invalidates.
+        bind(
+            config,
+            "victim",
+            "surrogate-keys",
+            Some(serde_json::json!({"ttl": "10m"})),
+            FailOpen,
+        );
     })
     .await;
     for key in ["secret", "other"] {
-        assert!(world.set("victim", key, b"victim's").await.stored);
+        let set = set_with(
+            &mut world,
+            "victim",
+            key,
+            b"victim's",
+            &[("surrogate-key", "shared")],
+        )
+        .await;
+        assert!(set.stored, "{set:?}");
     }
     // The decision names `cg:victim:secret` and asks to invalidate it: both land in
     // the attacker's own namespace (the write, then its own invalidation, which
@@ -363,10 +380,19 @@ async fn decisions_cannot_reach_another_namespace(backend: Backend) {
             .await
             .unwrap();
         keys.sort();
+        let entries: Vec<&String> = keys.iter().filter(|key| key.starts_with("cg:")).collect();
         assert_eq!(
-            keys,
+            entries,
             ["cg:victim:0:other", "cg:victim:0:secret"],
-            "only the victim's entries are left, untouched"
+            "only the victim's entries are left, untouched: {keys:?}"
+        );
+        assert!(
+            keys.contains(&"cgt:victim:0:shared".to_owned()),
+            "the victim's tag index is untouched: {keys:?}"
+        );
+        assert!(
+            !keys.iter().any(|key| key.contains(":victim:") && key.starts_with("cgt:attacker")),
+            "{keys:?}"
         );
     }
 }

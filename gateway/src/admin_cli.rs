@@ -1,13 +1,18 @@
 //! `cachegw policy push|list|bind|rollback|eval --remote` and `cachegw stats
 //! --remote`: thin wrappers over the `PolicyAdmin` API for operators at a
 //! terminal (text) or in scripts (`--json`). A refused request exits non-zero
-//! with the gateway's message.
+//! with the gateway's message. The admin token comes from `--token-file` or
+//! `$CACHEGW_TOKEN`.
 
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::Context;
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     api::proto::v1::{
@@ -19,18 +24,75 @@ use crate::{
     policy::tool::{DecisionView, Probe, parse_config},
 };
 
-async fn connect(address: &str) -> anyhow::Result<PolicyAdminClient<Channel>> {
+/// A gateway's admin API and the admin token to present there.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// `host:port`, or a URL (`http://host:port`).
+    pub address: String,
+    /// Sent as `authorization: Bearer <token>`; `None` for a gateway with
+    /// authentication off.
+    pub token: Option<String>,
+}
+
+impl Remote {
+    /// `address` with the token from `token_file`, else from `$CACHEGW_TOKEN`.
+    pub fn new(address: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
+        let token = match token_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read --token-file `{}`", file.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => std::env::var("CACHEGW_TOKEN").ok(),
+        }
+        .filter(|token| !token.is_empty());
+        Ok(Self {
+            address: address.to_owned(),
+            token,
+        })
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type AdminClient = PolicyAdminClient<InterceptedService<Channel, Bearer>>;
+
+async fn connect(remote: &Remote) -> anyhow::Result<AdminClient> {
+    let address = &remote.address;
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
         format!("http://{address}")
     };
+    let bearer = remote
+        .token
+        .as_deref()
+        .map(|token| {
+            format!("Bearer {token}")
+                .parse::<MetadataValue<Ascii>>()
+                .context("the token has characters that cannot be sent as metadata")
+        })
+        .transpose()?;
     let channel = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("bad --remote address `{address}`"))?
         .connect()
         .await
         .with_context(|| format!("cannot reach the admin API at {uri}"))?;
-    Ok(PolicyAdminClient::new(channel)
+    Ok(PolicyAdminClient::with_interceptor(channel, Bearer(bearer))
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20))
 }
@@ -55,14 +117,14 @@ fn fallback(mode: FallbackMode) -> i32 {
 
 /// Uploads `file` as `name`, optionally binding it.
 pub async fn push(
-    address: &str,
+    remote: &Remote,
     file: &Path,
     name: &str,
     bind: Option<(String, Option<String>, FallbackMode)>,
     as_json: bool,
 ) -> anyhow::Result<()> {
     let module = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let mut admin = connect(address).await?;
+    let mut admin = connect(remote).await?;
     let pushed = admin
         .put_policy(PutPolicyRequest {
             name: name.to_owned(),
@@ -105,8 +167,8 @@ pub async fn push(
 }
 
 /// Prints versions and bindings.
-pub async fn list(address: &str, as_json: bool) -> anyhow::Result<()> {
-    let listed = connect(address)
+pub async fn list(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
+    let listed = connect(remote)
         .await?
         .list_policies(ListPoliciesRequest {})
         .await
@@ -170,7 +232,7 @@ pub enum BindAs {
 
 /// Binds `version` to `namespace`.
 pub async fn bind(
-    address: &str,
+    remote: &Remote,
     namespace: &str,
     version: &str,
     config: Option<&str>,
@@ -183,7 +245,7 @@ pub async fn bind(
         BindAs::Canary(percent) => (BindMode::Canary, percent),
         BindAs::Shadow(percent) => (BindMode::Shadow, percent),
     };
-    let bound = connect(address)
+    let bound = connect(remote)
         .await?
         .bind_policy(BindPolicyRequest {
             namespace: namespace.to_owned(),
@@ -210,8 +272,8 @@ pub async fn bind(
 }
 
 /// Rolls `namespace` back.
-pub async fn rollback(address: &str, namespace: &str, as_json: bool) -> anyhow::Result<()> {
-    let back = connect(address)
+pub async fn rollback(remote: &Remote, namespace: &str, as_json: bool) -> anyhow::Result<()> {
+    let back = connect(remote)
         .await?
         .rollback(RollbackRequest {
             namespace: namespace.to_owned(),
@@ -232,12 +294,12 @@ pub async fn rollback(address: &str, namespace: &str, as_json: bool) -> anyhow::
 
 /// Dry-runs a loaded version; prints the decision as JSON. `Ok(false)` on a fault.
 pub async fn eval(
-    address: &str,
+    remote: &Remote,
     version: &str,
     probe: Probe,
     config: Option<&str>,
 ) -> anyhow::Result<bool> {
-    let answer = connect(address)
+    let answer = connect(remote)
         .await?
         .eval_policy(EvalPolicyRequest {
             version: version.to_owned(),
@@ -267,8 +329,8 @@ pub async fn eval(
 
 /// Prints the gateway's last-minute statistics per namespace and operation,
 /// and Redis's memory facts and warnings.
-pub async fn stats(address: &str, as_json: bool) -> anyhow::Result<()> {
-    let stats = connect(address)
+pub async fn stats(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
+    let stats = connect(remote)
         .await?
         .stats(StatsRequest {})
         .await

@@ -25,6 +25,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "invalidation",
     "breaker",
     "log",
+    "auth",
     "policy",
     "default_namespace",
     "namespaces",
@@ -57,6 +58,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// Logs and traces.
     pub log: LogConfig,
+    /// Who may call the gateway: API tokens, tenants and their rights.
+    pub auth: AuthConfig,
     /// The WebAssembly policy engine's limits.
     pub policy: PolicyEngineConfig,
     /// Settings for namespaces not declared under `[namespaces]`.
@@ -256,6 +259,173 @@ impl Default for LimitsConfig {
             max_lease_ttl: Duration::from_secs(300),
             max_lease_wait: Duration::from_secs(30),
         }
+    }
+}
+
+/// Who may call the gateway. Every data call carries `authorization: Bearer
+/// <token>`; the token names a tenant, whose rights are granted per
+/// namespace. The admin API (`PolicyAdmin`, `Stats`) takes admin tokens only.
+/// Tokens are read from files or environment variables (or given as SHA-256
+/// digests), kept only as digests, and compared in constant time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require a token on every call. Turning it off lets anyone do
+    /// anything (local development only); the gateway warns at start-up.
+    pub enabled: bool,
+    /// Admin credentials by name (`[auth.admins.ops]`), for the admin API.
+    /// The name appears in the audit log.
+    pub admins: BTreeMap<String, TokenSources>,
+    /// Tenants by name (`[auth.tenants.shop]`).
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            admins: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where a principal's tokens come from; any mix, at least one token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenSources {
+    /// SHA-256 digests of tokens, as 64 hex digits (`cachegw token hash`):
+    /// safe to keep in the config file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_sha256: Vec<String>,
+    /// Files holding tokens, one per line (blank lines and `#` comments
+    /// skipped), read at start-up.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_files: Vec<std::path::PathBuf>,
+    /// Environment variables holding one token each, read at start-up.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_env: Vec<String>,
+}
+
+/// One tenant: its tokens, its rights per namespace and its request rate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's tokens.
+    #[serde(flatten)]
+    pub tokens: TokenSources,
+    /// Rights by namespace: `shop = ["read", "write", "invalidate"]`. A name
+    /// ending in `*` grants every namespace starting with what precedes it
+    /// (`"shop-*"`); nothing else is a wildcard.
+    pub namespaces: BTreeMap<String, Vec<Right>>,
+    /// Most requests per second from this tenant (all its tokens, every
+    /// RPC; a batch counts once). 0: no limit. More: `RESOURCE_EXHAUSTED`.
+    pub rate_limit: u32,
+    /// Requests allowed in a burst above the rate (default: one second's worth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// What a tenant may do in a namespace.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Right {
+    /// Get and MGet (leases included: the Set that fills needs `write`).
+    Read,
+    /// Set, MSet, Delete and ReleaseLease.
+    Write,
+    /// Invalidate and GetInvalidation.
+    Invalidate,
+}
+
+impl std::fmt::Display for Right {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Right::Read => "read",
+            Right::Write => "write",
+            Right::Invalidate => "invalidate",
+        })
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: String| Err(ConfigError::Invalid { field, reason });
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.admins.is_empty() && self.tenants.is_empty() {
+            return invalid(
+                "auth".to_owned(),
+                "is enabled but names no tenant and no admin: add `[auth.tenants.NAME]` \
+                 (tokens and namespaces) and `[auth.admins.NAME]`, or set `auth.enabled = false` \
+                 for local development (see docs/SECURITY.md)"
+                    .to_owned(),
+            );
+        }
+        let principals = self
+            .admins
+            .iter()
+            .map(|(name, tokens)| (format!("auth.admins.{name}"), name, tokens))
+            .chain(
+                self.tenants
+                    .iter()
+                    .map(|(name, tenant)| (format!("auth.tenants.{name}"), name, &tenant.tokens)),
+            );
+        for (path, name, tokens) in principals {
+            if crate::cache::validate_namespace_name(name).is_err() {
+                return invalid(
+                    path,
+                    "names must use only letters, digits, `_`, `.` and `-`".to_owned(),
+                );
+            }
+            if tokens.token_sha256.is_empty()
+                && tokens.token_files.is_empty()
+                && tokens.token_env.is_empty()
+            {
+                return invalid(
+                    path,
+                    "has no tokens: give token_sha256, token_files or token_env".to_owned(),
+                );
+            }
+            for digest in &tokens.token_sha256 {
+                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return invalid(
+                        format!("{path}.token_sha256"),
+                        "entries must be SHA-256 digests: 64 hex digits (`cachegw token hash`)"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        for (name, tenant) in &self.tenants {
+            let path = format!("auth.tenants.{name}");
+            if tenant.namespaces.is_empty() {
+                return invalid(
+                    format!("{path}.namespaces"),
+                    "grants nothing: name at least one namespace and its rights".to_owned(),
+                );
+            }
+            for (namespace, rights) in &tenant.namespaces {
+                let exact = namespace.strip_suffix('*').unwrap_or(namespace);
+                if exact.contains('*') || (!exact.is_empty() && crate::cache::validate_namespace_name(exact).is_err()) {
+                    return invalid(
+                        format!("{path}.namespaces.{namespace}"),
+                        "must be a namespace name, or a prefix followed by one `*`".to_owned(),
+                    );
+                }
+                if rights.is_empty() {
+                    return invalid(
+                        format!("{path}.namespaces.{namespace}"),
+                        "grants no right: list read, write and/or invalidate".to_owned(),
+                    );
+                }
+            }
+            if tenant.burst == Some(0) {
+                return invalid(format!("{path}.burst"), "must be at least 1".to_owned());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -564,6 +734,8 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     /// `--metrics-listen`
     pub metrics_listen: Option<SocketAddr>,
+    /// `--no-auth`
+    pub no_auth: bool,
 }
 
 impl Config {
@@ -596,6 +768,9 @@ impl Config {
         );
         if let Some(listen) = overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if overrides.no_auth {
+            figment = figment.merge(Serialized::default("auth.enabled", false));
         }
         if let Some(url) = &overrides.redis_url {
             figment = figment.merge(Serialized::default("redis.url", url));
@@ -776,7 +951,7 @@ impl Config {
             }
             namespace.validate(&format!("namespaces.{name}"), self.server.max_request_bytes)?;
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -822,7 +997,13 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_accept_any_namespace_for_five_minutes() {
-        let config = Config::default();
+        let mut config = Config::default();
+        // Authentication is on by default and needs tokens: that is the one
+        // thing the defaults cannot decide.
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("`auth`"), "{err}");
+        assert!(err.to_string().contains("auth.enabled = false"), "{err}");
+        config.auth.enabled = false;
         config.validate().unwrap();
         assert!(config.default_namespace.enabled);
         assert_eq!(
@@ -847,6 +1028,8 @@ mod tests {
             [redis]
             max_connections = 20
             response_timeout = "250ms"
+            [auth]
+            enabled = false
             "#,
         )
         .unwrap();
@@ -886,7 +1069,7 @@ mod tests {
         let file = dir.path().join("cachegw.toml");
         std::fs::write(
             &file,
-            "store = \"redis\"\n[server]\nlisten = \"127.0.0.1:7000\"\n",
+            "store = \"redis\"\n[server]\nlisten = \"127.0.0.1:7000\"\n[auth]\nenabled = false\n",
         )
         .unwrap();
         let from_file = Config::load(Some(&file), &Overrides::default()).unwrap();
@@ -898,6 +1081,7 @@ mod tests {
             store: Some(StoreKind::Memory),
             admin_listen: None,
             metrics_listen: None,
+            no_auth: false,
         };
         let merged = Config::load(Some(&file), &overrides).unwrap();
         assert_eq!(merged.server.listen.port(), 7001);
@@ -916,5 +1100,32 @@ mod tests {
             err.to_string().contains("/nonexistent/cachegw.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn auth_rejects_principals_without_tokens_and_grants_that_are_not_names() {
+        let err = Config::from_toml("[auth.tenants.shop]\nnamespaces = { shop = [\"read\"] }\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("auth.tenants.shop"), "{err}");
+        assert!(err.to_string().contains("no tokens"), "{err}");
+
+        let digest = "ab".repeat(32);
+        let tenant = |grants: &str| {
+            format!("[auth.tenants.shop]\ntoken_sha256 = [\"{digest}\"]\nnamespaces = {{ {grants} }}\n")
+        };
+        Config::from_toml(&tenant("shop = [\"read\"], \"shop-*\" = [\"write\"]")).unwrap();
+        for bad in [
+            "\"sh*op\" = [\"read\"]",
+            "\"a:b\" = [\"read\"]",
+            "shop = []",
+        ] {
+            let err = Config::from_toml(&tenant(bad)).unwrap_err();
+            assert!(err.to_string().contains("auth.tenants.shop.namespaces"), "{bad}: {err}");
+        }
+        let err = Config::from_toml(&tenant("shop = [\"delete\"]")).unwrap_err();
+        assert!(err.to_string().contains("delete"), "{err}");
+
+        let err = Config::from_toml("[auth.admins.ops]\ntoken_sha256 = [\"not-hex\"]\n").unwrap_err();
+        assert!(err.to_string().contains("auth.admins.ops.token_sha256"), "{err}");
     }
 }

@@ -17,6 +17,8 @@
 //! - [`policy`]: caching decisions (storage key, TTL) per request.
 //! - [`store`]: the storage trait and its Redis and in-process implementations:
 //!   key layout, namespace generations, tag indexes.
+//! - [`auth`]: who is calling (API tokens, tenants, admins) and what they
+//!   may do per namespace; per-tenant rate limits.
 //! - [`config`]: the configuration struct, merged from file, environment and
 //!   flags in one place.
 //! - [`stats`]: the last minute's requests per namespace, for the Stats RPC.
@@ -35,6 +37,7 @@
 
 pub mod admin_cli;
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod bench_invalidation;
 pub mod bench_stampede;

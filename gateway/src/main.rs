@@ -84,6 +84,9 @@ enum PolicyCommand {
         /// With --remote: the loaded version to evaluate.
         #[arg(long)]
         version: Option<String>,
+        /// With --remote: a file holding the admin token [default: $CACHEGW_TOKEN].
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Upload a module to a running gateway (validated before it is accepted).
     Push {
@@ -162,9 +165,18 @@ struct RemoteArgs {
     /// The gateway's admin API address.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50052")]
     remote: String,
+    /// A file holding the admin token [default: $CACHEGW_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl RemoteArgs {
+    fn target(&self) -> anyhow::Result<gateway::admin_cli::Remote> {
+        gateway::admin_cli::Remote::new(&self.remote, self.token_file.as_deref())
+    }
 }
 
 #[derive(clap::Args)]
@@ -216,6 +228,10 @@ struct ServeArgs {
     /// Prometheus endpoint listen address [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Turn authentication off (auth.enabled = false): anyone who can reach
+    /// the listeners may do anything. For local development only.
+    #[arg(long)]
+    no_auth: bool,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -245,7 +261,7 @@ fn main() -> ExitCode {
             Command::BenchStampede(args) => bench_stampede::run(args).await.map(|_| ()),
             Command::Policy(command) => policy_command(command).await,
             Command::Stats { remote } => {
-                gateway::admin_cli::stats(&remote.remote, remote.json).await
+                gateway::admin_cli::stats(&remote.target()?, remote.json).await
             }
         }
     });
@@ -266,6 +282,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store: args.store,
         admin_listen: args.admin_listen,
         metrics_listen: args.metrics_listen,
+        no_auth: args.no_auth,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
@@ -364,9 +381,9 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                 Some(namespace) => Some((namespace, config, fallback(&mode)?)),
                 None => None,
             };
-            remote::push(&args.remote, &file, &name, bind, args.json).await
+            remote::push(&args.target()?, &file, &name, bind, args.json).await
         }
-        PolicyCommand::List { remote: args } => remote::list(&args.remote, args.json).await,
+        PolicyCommand::List { remote: args } => remote::list(&args.target()?, args.json).await,
         PolicyCommand::Bind {
             namespace,
             version,
@@ -382,7 +399,7 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                 _ => remote::BindAs::Active,
             };
             remote::bind(
-                &args.remote,
+                &args.target()?,
                 &namespace,
                 &version,
                 config.as_deref(),
@@ -395,10 +412,11 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Rollback {
             namespace,
             remote: args,
-        } => remote::rollback(&args.remote, &namespace, args.json).await,
+        } => remote::rollback(&args.target()?, &namespace, args.json).await,
         PolicyCommand::Eval {
             remote: Some(address),
             version: Some(version),
+            token_file,
             probe,
             common,
             ..
@@ -410,7 +428,8 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                 attributes: tool::parse_attrs(&probe.attrs)?,
                 value_size: probe.value_size,
             };
-            let ok = remote::eval(&address, &version, probe, common.config.as_deref()).await?;
+            let target = remote::Remote::new(&address, token_file.as_deref())?;
+            let ok = remote::eval(&target, &version, probe, common.config.as_deref()).await?;
             if ok { Ok(()) } else { Err(Failed.into()) }
         }
         local => policy_tool(local),
@@ -432,7 +451,13 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
         }
         _ => unreachable!("remote commands are handled by policy_command"),
     };
-    let config = Config::load(common.gateway_config.as_deref(), &Overrides::default())?;
+    // Only the [policy] limits matter here; the tool serves nobody, so a
+    // file without tokens is fine.
+    let tool_only = Overrides {
+        no_auth: true,
+        ..Overrides::default()
+    };
+    let config = Config::load(common.gateway_config.as_deref(), &tool_only)?;
     let policy_config = tool::parse_config(common.config.as_deref())?;
     let loaded = tool::Loaded::new(
         file,

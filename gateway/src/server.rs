@@ -5,7 +5,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -14,6 +17,7 @@ use crate::{
         AdminApi, CacheApi,
         proto::{self, v1::policy_admin_server},
     },
+    auth::{AuthSetupError, Authenticator},
     cache::{Cache, CacheMetrics, Namespaces},
     config::{Config, StoreKind},
     policy::{DecisionLimits, PolicyMetrics, PolicyRegistry},
@@ -41,6 +45,9 @@ pub enum GatewayError {
     /// A namespace's policy could not be set up.
     #[error(transparent)]
     Policy(#[from] crate::policy::BindingError),
+    /// The API tokens could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
     /// Reflection descriptors could not be loaded.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -94,12 +101,14 @@ pub struct Gateway {
     policies: Arc<PolicyRegistry>,
     cache_metrics: CacheMetrics,
     metrics: MetricsHandle,
+    auth: Arc<Authenticator>,
 }
 
 impl Gateway {
     /// Builds the store, cache and metrics from `config`. Does not connect:
     /// Redis may be down; requests are answered degraded until it is up.
     pub fn new(config: Config) -> Result<Self, GatewayError> {
+        let auth = Arc::new(Authenticator::from_config(&config.auth)?);
         let mut registry = Registry::default();
         let cache_metrics = CacheMetrics::register(&mut registry);
         let store: Arc<dyn Store> = match config.store {
@@ -141,6 +150,7 @@ impl Gateway {
             policies,
             cache_metrics,
             metrics: MetricsHandle(Arc::new(registry)),
+            auth,
         })
     }
 
@@ -217,6 +227,7 @@ impl Gateway {
                 (self.config.store == StoreKind::Redis).then(|| self.config.redis.clone()),
             ))
             .max_decoding_message_size(self.config.policy.max_module_bytes + 64 * 1024);
+            let service = InterceptedService::new(service, self.auth.admin_interceptor());
             let mut stop = stop_admin_rx.clone();
             let shown = admin_addr.map_or_else(|| "?".to_owned(), |addr| addr.to_string());
             info!(addr = %shown, "policy admin API serving");
@@ -257,8 +268,10 @@ impl Gateway {
         ))
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(max_request);
+        let cache_service = InterceptedService::new(cache_service, self.auth.data_interceptor());
 
         log_start(&self.config, local_addr, self.cache.store_name());
+        log_auth(&self.auth);
 
         let grace = self.config.server.shutdown_grace;
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -307,6 +320,21 @@ async fn grace_elapsed(draining: tokio::sync::oneshot::Receiver<()>, grace: Dura
         tokio::time::sleep(grace).await;
     } else {
         std::future::pending::<()>().await;
+    }
+}
+
+fn log_auth(auth: &Authenticator) {
+    if auth.enabled() {
+        info!(
+            principals = auth.principals(),
+            "authentication on: every call needs a bearer token"
+        );
+    } else {
+        warn!(
+            "AUTHENTICATION IS OFF (auth.enabled = false): anyone who can reach the listeners can \
+             read, write and invalidate every namespace and use the admin API. For local \
+             development only; see docs/SECURITY.md"
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! `cachegw.v1.PolicyAdmin`: uploading, listing, binding, rolling back and
 //! dry-running policies, and the gateway's recent statistics (Stats). Every
-//! change is validated before it takes effect and logged (who/what/when) as
-//! an audit trail.
+//! change is validated before it takes effect and logged (which admin, from
+//! where, what, when) as an audit trail. Only admin tokens reach it (the
+//! listener's interceptor, `auth::Authenticator::admin_interceptor`).
 
 use std::{sync::Arc, time::Instant};
 
@@ -66,6 +67,11 @@ impl AdminApi {
             .map_err(Status::from)?;
         Ok(())
     }
+}
+
+/// Who made an admin call, for the audit log (`-` with authentication off).
+fn admin_name<T>(request: &Request<T>) -> Arc<str> {
+    crate::auth::caller(request).map_or_else(|_| Arc::from("?"), |caller| caller.name().clone())
 }
 
 impl From<RegistryError> for Status {
@@ -165,6 +171,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         request: Request<PutPolicyRequest>,
     ) -> Result<Response<PutPolicyResponse>, Status> {
         let peer = request.remote_addr();
+        let admin = admin_name(&request);
         let request = request.into_inner();
         let name = if request.name.is_empty() {
             "policy"
@@ -181,9 +188,9 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
                 .await
                 .map_err(|err| Status::internal(format!("validation task failed: {err}")))?;
         let module = accepted.inspect_err(|err| {
-            info!(audit = "put_policy", ?peer, name, outcome = "rejected", reason = %err);
+            info!(audit = "put_policy", ?peer, %admin, name, outcome = "rejected", reason = %err);
         })?;
-        info!(audit = "put_policy", ?peer, policy = %module.label(), outcome = "accepted");
+        info!(audit = "put_policy", ?peer, %admin, policy = %module.label(), outcome = "accepted");
         Ok(Response::new(PutPolicyResponse {
             version: module.version().to_owned(),
             label: module.label().to_string(),
@@ -258,6 +265,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         request: Request<BindPolicyRequest>,
     ) -> Result<Response<BindPolicyResponse>, Status> {
         let peer = request.remote_addr();
+        let admin = admin_name(&request);
         let request = request.into_inner();
         self.check_namespace(&request.namespace)?;
         let config = config_bytes(&request.config_json)?;
@@ -290,7 +298,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
             })
             .await
             .map_err(|err| Status::internal(format!("bind task failed: {err}")))??;
-            info!(audit = "bind_policy", ?peer, namespace = %request.namespace, version = %request.version, ?kind, percent = request.percent, outcome = "candidate updated");
+            info!(audit = "bind_policy", ?peer, %admin, namespace = %request.namespace, version = %request.version, ?kind, percent = request.percent, outcome = "candidate updated");
             return Ok(Response::new(BindPolicyResponse::default()));
         }
         let previous = tokio::task::spawn_blocking(move || {
@@ -299,11 +307,11 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         .await
         .map_err(|err| Status::internal(format!("bind task failed: {err}")))?
         .inspect_err(|err| {
-            info!(audit = "bind_policy", ?peer, namespace = %request.namespace, version = %request.version, outcome = "rejected", reason = %err);
+            info!(audit = "bind_policy", ?peer, %admin, namespace = %request.namespace, version = %request.version, outcome = "rejected", reason = %err);
         })?;
         info!(
             audit = "bind_policy",
-            ?peer,
+            ?peer, %admin,
             namespace = %request.namespace,
             version = %request.version,
             previous = previous.as_deref().unwrap_or(""),
@@ -320,10 +328,11 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         request: Request<RollbackRequest>,
     ) -> Result<Response<RollbackResponse>, Status> {
         let peer = request.remote_addr();
+        let admin = admin_name(&request);
         let namespace = request.into_inner().namespace;
         self.check_namespace(&namespace)?;
         let version = self.registry.rollback(&namespace)?;
-        info!(audit = "rollback", ?peer, namespace, to = %version, outcome = "rolled back");
+        info!(audit = "rollback", ?peer, %admin, namespace, to = %version, outcome = "rolled back");
         Ok(Response::new(RollbackResponse { version }))
     }
 

@@ -1,5 +1,6 @@
-//! `cachegw.v1.Cache`: each handler converts the request, runs it through the
-//! cache within the client's deadline and converts the answer back.
+//! `cachegw.v1.Cache`: each handler checks that the caller may do this in the
+//! request's namespace, converts the request, runs it through the cache within
+//! the client's deadline and converts the answer back.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -15,9 +16,13 @@ use super::{
         cache_server,
     },
 };
-use crate::cache::{
-    Cache, CacheMetrics, DeleteResult, GetResult, JobSnapshot, JobState, LeaseState, LeaseWrite,
-    Outcome, RequestError, SetResult,
+use crate::{
+    auth::{self, Caller},
+    cache::{
+        Cache, CacheMetrics, DeleteResult, GetResult, JobSnapshot, JobState, LeaseState,
+        LeaseWrite, Outcome, RequestError, SetResult,
+    },
+    config::Right,
 };
 
 /// The data API over a [`Cache`].
@@ -42,6 +47,7 @@ impl CacheApi {
     async fn unary<In, Command, Answer, Out, Run, Running>(
         &self,
         op: &'static str,
+        right: Right,
         request: Request<In>,
         run: Run,
     ) -> Result<Response<Out>, Status>
@@ -60,6 +66,9 @@ impl CacheApi {
         );
         async {
             let _in_flight = self.metrics.in_flight();
+            self.authorize(op, &request, |caller, request| {
+                caller.authorize(request.namespace(), right)
+            })?;
             let deadline = client_deadline(&request);
             let command = request.into_inner().try_into().map_err(|err| {
                 self.metrics.rejected(op);
@@ -76,6 +85,29 @@ impl CacheApi {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl CacheApi {
+    /// Checks `allowed` for the request's caller; a refusal is counted as a
+    /// rejected request and recorded in the span.
+    fn authorize<T>(
+        &self,
+        op: &'static str,
+        request: &Request<T>,
+        allowed: impl FnOnce(&Caller, &T) -> Result<(), auth::AuthError>,
+    ) -> Result<(), Status> {
+        let refused = match auth::caller(request) {
+            Ok(caller) => match allowed(&caller, request.get_ref()) {
+                Ok(()) => return Ok(()),
+                Err(err) => Status::from(err),
+            },
+            Err(status) => status,
+        };
+        self.metrics.rejected(op);
+        tracing::Span::current().record("outcome", "refused");
+        tracing::debug!(cause = %refused.message(), "request refused");
+        Err(refused)
     }
 }
 
@@ -182,14 +214,14 @@ impl Traced for ReleaseLeaseResponse {
 #[tonic::async_trait]
 impl cache_server::Cache for CacheApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        self.unary("get", request, |command, deadline| {
+        self.unary("get", Right::Read, request, |command, deadline| {
             self.cache.get(command, deadline)
         })
         .await
     }
 
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        self.unary("set", request, |command, deadline| {
+        self.unary("set", Right::Write, request, |command, deadline| {
             self.cache.set(command, deadline)
         })
         .await
@@ -199,7 +231,7 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        self.unary("delete", request, |command, deadline| {
+        self.unary("delete", Right::Write, request, |command, deadline| {
             self.cache.delete(command, deadline)
         })
         .await
@@ -208,6 +240,12 @@ impl cache_server::Cache for CacheApi {
     #[tracing::instrument(name = "request", skip_all, fields(op = "mget", items = request.get_ref().items.len()))]
     async fn m_get(&self, request: Request<MGetRequest>) -> Result<Response<MGetResponse>, Status> {
         let _in_flight = self.metrics.in_flight();
+        self.authorize("mget", &request, |caller, batch| {
+            batch
+                .items
+                .iter()
+                .try_for_each(|item| caller.authorize(&item.namespace, Right::Read))
+        })?;
         let deadline = client_deadline(&request);
         let commands = request
             .into_inner()
@@ -224,6 +262,12 @@ impl cache_server::Cache for CacheApi {
     #[tracing::instrument(name = "request", skip_all, fields(op = "mset", items = request.get_ref().items.len()))]
     async fn m_set(&self, request: Request<MSetRequest>) -> Result<Response<MSetResponse>, Status> {
         let _in_flight = self.metrics.in_flight();
+        self.authorize("mset", &request, |caller, batch| {
+            batch
+                .items
+                .iter()
+                .try_for_each(|item| caller.authorize(&item.namespace, Right::Write))
+        })?;
         let deadline = client_deadline(&request);
         let commands = request
             .into_inner()
@@ -241,7 +285,7 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<InvalidateRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
-        self.unary("invalidate", request, |command, deadline| {
+        self.unary("invalidate", Right::Invalidate, request, |command, deadline| {
             self.cache.invalidate(command, deadline)
         })
         .await
@@ -252,6 +296,16 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<GetInvalidationRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
+        // A job is the invalidating tenant's: following it takes the right
+        // to invalidate its namespace (an unknown id is NOT_FOUND below).
+        let namespace = self.cache.invalidation_namespace(&request.get_ref().job_id);
+        if let Some(namespace) = namespace {
+            self.authorize("get_invalidation", &request, |caller, _| {
+                caller.authorize(&namespace, Right::Invalidate)
+            })?;
+        } else {
+            self.authorize("get_invalidation", &request, |_, _| Ok(()))?;
+        }
         let deadline = client_deadline(&request);
         let request = request.into_inner();
         let wait = Duration::from_millis(request.wait_ms);
@@ -266,7 +320,7 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<ReleaseLeaseRequest>,
     ) -> Result<Response<ReleaseLeaseResponse>, Status> {
-        self.unary("release_lease", request, |command, deadline| async move {
+        self.unary("release_lease", Right::Write, request, |command, deadline| async move {
             let released = self.cache.release_lease(command, deadline).await?;
             Ok(ReleaseLeaseResponse { released })
         })

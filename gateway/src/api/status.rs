@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 
 use super::proto::v1::ItemError;
-use crate::cache::RequestError;
+use crate::{auth::AuthError, cache::RequestError};
 
 fn code(err: &RequestError) -> Code {
     match err {
@@ -24,6 +24,23 @@ impl From<RequestError> for ItemError {
         ItemError {
             code: code(&err) as i32,
             message: err.to_string(),
+        }
+    }
+}
+
+/// Missing or unknown credentials: `UNAUTHENTICATED`; known but not allowed:
+/// `PERMISSION_DENIED`; over the tenant's rate: `RESOURCE_EXHAUSTED`.
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        let message = err.to_string();
+        match err {
+            AuthError::Missing | AuthError::Malformed | AuthError::Unknown => {
+                Status::unauthenticated(message)
+            }
+            AuthError::Denied { .. } | AuthError::NotAdmin(_) | AuthError::AdminOnData(_) => {
+                Status::permission_denied(message)
+            }
+            AuthError::RateLimited { .. } => Status::resource_exhausted(message),
         }
     }
 }

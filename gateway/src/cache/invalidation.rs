@@ -103,6 +103,9 @@ pub struct JobSnapshot {
 /// One invalidation job.
 struct Job {
     id: String,
+    /// The namespace invalidated: following the job takes the right to
+    /// invalidate it.
+    namespace: String,
     started: Instant,
     policy: String,
     progress: Progress,
@@ -181,7 +184,12 @@ impl InvalidationJobs {
     }
 
     /// Starts `work` as a job, unless too many are running.
-    fn start<W, F>(&self, policy: String, work: W) -> Result<Arc<Job>, RequestError>
+    fn start<W, F>(
+        &self,
+        namespace: &str,
+        policy: String,
+        work: W,
+    ) -> Result<Arc<Job>, RequestError>
     where
         W: FnOnce(Arc<Job>) -> F,
         F: Future<Output = Result<(), String>> + Send + 'static,
@@ -202,6 +210,7 @@ impl InvalidationJobs {
                 self.prefix,
                 self.next.fetch_add(1, Ordering::Relaxed)
             ),
+            namespace: namespace.to_owned(),
             started: Instant::now(),
             policy,
             progress: Progress::default(),
@@ -287,7 +296,7 @@ impl Cache {
         let job_metric = Arc::clone(&metric);
         let job = self
             .jobs
-            .start(work.policy.clone(), move |job| async move {
+            .start(&command.namespace, work.policy.clone(), move |job| async move {
                 let _running = metrics.job_started();
                 let result = run_job(&*store, &namespace, &work, soft, &job).await;
                 metrics.invalidated(job.progress.affected());
@@ -318,6 +327,11 @@ impl Cache {
             started.elapsed(),
         );
         Ok(snapshot)
+    }
+
+    /// The namespace job `id` invalidates, if this gateway knows the job.
+    pub fn invalidation_namespace(&self, id: &str) -> Option<String> {
+        self.jobs.find(id).map(|job| job.namespace.clone())
     }
 
     /// Reports on a job, waiting up to `wait` (bounded by the deadline) for it

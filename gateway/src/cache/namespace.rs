@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn declared_namespaces_win_and_the_template_admits_the_rest() {
         let config = Config::from_toml(
-            "[namespaces.orders]\ndefault_ttl = \"90s\"\n[default_namespace]\ndefault_ttl = \"10s\"\n",
+            "[auth]\nenabled = false\n[namespaces.orders]\ndefault_ttl = \"90s\"\n[default_namespace]\ndefault_ttl = \"10s\"\n",
         )
         .unwrap();
         let namespaces = Namespaces::from_config(&config);
@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn without_the_template_undeclared_namespaces_are_not_found() {
         let config =
-            Config::from_toml("[namespaces.orders]\n[default_namespace]\nenabled = false\n")
+            Config::from_toml("[auth]\nenabled = false\n[namespaces.orders]\n[default_namespace]\nenabled = false\n")
                 .unwrap();
         let namespaces = Namespaces::from_config(&config);
         assert!(namespaces.resolve("orders").is_ok());
