@@ -261,7 +261,11 @@ async fn missing_unknown_and_misplaced_tokens_are_told_apart() {
     assert_code(raw.set(basic).await, Code::Unauthenticated, "Basic auth");
 
     let admin_on_data = world.client(Some(ADMIN_TOKEN)).await.set(request()).await;
-    assert_code(admin_on_data, Code::PermissionDenied, "an admin token on data");
+    assert_code(
+        admin_on_data,
+        Code::PermissionDenied,
+        "an admin token on data",
+    );
 
     // The admin API: admin tokens only.
     for (token, code) in [
@@ -281,7 +285,13 @@ async fn missing_unknown_and_misplaced_tokens_are_told_apart() {
     admin.stats(StatsRequest {}).await.unwrap();
 
     // Nothing of all that was written.
-    assert!(world.raw_keys("team-a").await.iter().all(|key| !key.starts_with("cg:")));
+    assert!(
+        world
+            .raw_keys("team-a")
+            .await
+            .iter()
+            .all(|key| !key.starts_with("cg:"))
+    );
     // A tenant with the rights does get through.
     let mut a = world.client(Some(A_TOKEN)).await;
     assert!(a.set(request()).await.unwrap().into_inner().stored);
@@ -307,7 +317,11 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_name() {
         let what = |op: &str| format!("{op} on {namespace:?} with A's token");
         let code = Code::PermissionDenied;
         assert_code(a.get(get(namespace, "k0")).await, code, &what("Get"));
-        assert_code(a.set(set(namespace, "k0", "a's", "")).await, code, &what("Set"));
+        assert_code(
+            a.set(set(namespace, "k0", "a's", "")).await,
+            code,
+            &what("Set"),
+        );
         let delete = DeleteRequest {
             namespace: (*namespace).into(),
             key: "k0".into(),
@@ -341,7 +355,10 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_name() {
         };
         assert_code(a.m_get(mget).await, code, &what("MGet"));
         let mset = MSetRequest {
-            items: vec![set("team-a", "new", "a's", ""), set(namespace, "k0", "a's", "")],
+            items: vec![
+                set("team-a", "new", "a's", ""),
+                set(namespace, "k0", "a's", ""),
+            ],
         };
         assert_code(a.m_set(mset).await, code, &what("MSet"));
     }
@@ -349,23 +366,45 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_name() {
         let what = |op: &str| format!("{op} on {namespace:?} with A's token");
         let code = Code::InvalidArgument;
         assert_code(a.get(get(namespace, "k0")).await, code, &what("Get"));
-        assert_code(a.set(set(namespace, "k0", "a's", "")).await, code, &what("Set"));
+        assert_code(
+            a.set(set(namespace, "k0", "a's", "")).await,
+            code,
+            &what("Set"),
+        );
         let result = a
             .invalidate(invalidate(namespace, Target::Pattern("*".into())))
             .await;
         assert_code(result, code, &what("Invalidate"));
     }
     let new = a.get(get("team-a", "new")).await.unwrap().into_inner();
-    assert_eq!(new.outcome, Outcome::Miss as i32, "the refused MSet wrote nothing");
+    assert_eq!(
+        new.outcome,
+        Outcome::Miss as i32,
+        "the refused MSet wrote nothing"
+    );
 
     // In its own namespace, A's patterns, keys and tags that name B's
     // namespace, its separators or glob characters stay in team-a.
-    for pattern in ["*", "[a-z]*", "\\*", "team-b:*", "*team-b*", "cg:team-b:*", "../team-b/*", "team-b\u{200b}*"] {
+    for pattern in [
+        "*",
+        "[a-z]*",
+        "\\*",
+        "team-b:*",
+        "*team-b*",
+        "cg:team-b:*",
+        "../team-b/*",
+        "team-b\u{200b}*",
+    ] {
         a.invalidate(invalidate("team-a", Target::Pattern(pattern.into())))
             .await
             .unwrap_or_else(|status| panic!("pattern {pattern:?}: {status:?}"));
     }
-    for key in ["team-b:k0", "cg:team-b:0:k1", "../team-b/k2", "t\u{0435}am-b:k3"] {
+    for key in [
+        "team-b:k0",
+        "cg:team-b:0:k1",
+        "../team-b/k2",
+        "t\u{0435}am-b:k3",
+    ] {
         a.set(set("team-a", key, "a's", "shared")).await.unwrap();
         a.invalidate(invalidate(
             "team-a",
@@ -425,7 +464,11 @@ async fn rights_are_per_namespace_and_per_kind_of_operation() {
         key: "k0".into(),
         attributes: Default::default(),
     };
-    assert_code(auditor.delete(delete).await, Code::PermissionDenied, "a reader's Delete");
+    assert_code(
+        auditor.delete(delete).await,
+        Code::PermissionDenied,
+        "a reader's Delete",
+    );
     let purge = auditor
         .invalidate(invalidate(B, Target::WholeNamespace(true)))
         .await;
@@ -445,7 +488,11 @@ async fn rights_are_per_namespace_and_per_kind_of_operation() {
         wait_ms: 0,
     };
     let status = assert_code(
-        world.client(Some(A_TOKEN)).await.get_invalidation(follow.clone()).await,
+        world
+            .client(Some(A_TOKEN))
+            .await
+            .get_invalidation(follow.clone())
+            .await,
         Code::PermissionDenied,
         "A following B's job",
     );
@@ -459,12 +506,7 @@ async fn rights_are_per_namespace_and_per_kind_of_operation() {
 async fn a_tenant_over_its_rate_is_refused_with_nothing_written() {
     const RATE: u32 = 5;
     let world = Secured::start(|config| {
-        config
-            .auth
-            .tenants
-            .get_mut("team-a")
-            .unwrap()
-            .rate_limit = RATE;
+        config.auth.tenants.get_mut("team-a").unwrap().rate_limit = RATE;
         // The auditor may read team-a, to look without spending A's budget.
         config
             .auth
@@ -500,7 +542,11 @@ async fn a_tenant_over_its_rate_is_refused_with_nothing_written() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(got.outcome, Outcome::Miss as i32, "refused Set r{i} wrote nothing");
+        assert_eq!(
+            got.outcome,
+            Outcome::Miss as i32,
+            "refused Set r{i} wrote nothing"
+        );
     }
     // Other tenants are not affected by A's limit.
     let mut b = world.client(Some(B_TOKEN)).await;

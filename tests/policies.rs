@@ -391,7 +391,9 @@ async fn decisions_cannot_reach_another_namespace(backend: Backend) {
             "the victim's tag index is untouched: {keys:?}"
         );
         assert!(
-            !keys.iter().any(|key| key.contains(":victim:") && key.starts_with("cgt:attacker")),
+            !keys
+                .iter()
+                .any(|key| key.contains(":victim:") && key.starts_with("cgt:attacker")),
             "{keys:?}"
         );
     }

@@ -59,7 +59,10 @@ impl Remote {
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
             request
                 .metadata_mut()

@@ -265,7 +265,10 @@ fn load_digests(
     for file in &sources.token_files {
         let origin = format!("`{}`", file.display());
         let text = read_token_file(file).map_err(|err| {
-            invalid("token_files", format!("names {origin}, which cannot be read: {err}"))
+            invalid(
+                "token_files",
+                format!("names {origin}, which cannot be read: {err}"),
+            )
         })?;
         let before = digests.len();
         for line in text.lines().map(str::trim) {
@@ -346,10 +349,7 @@ impl Authenticator {
             let path = format!("auth.tenants.{name}");
             let digests = load_digests(&path, &tenant.tokens, env)?;
             let limit = NonZeroU32::new(tenant.rate_limit).map(|rate| {
-                let burst = tenant
-                    .burst
-                    .and_then(NonZeroU32::new)
-                    .unwrap_or(rate);
+                let burst = tenant.burst.and_then(NonZeroU32::new).unwrap_or(rate);
                 (
                     tenant.rate_limit,
                     RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
@@ -516,7 +516,10 @@ mod tests {
             ("sh\u{043e}p", Right::Read),
         ] {
             assert!(
-                matches!(shop.authorize(namespace, right), Err(AuthError::Denied { .. })),
+                matches!(
+                    shop.authorize(namespace, right),
+                    Err(AuthError::Denied { .. })
+                ),
                 "{namespace} {right}"
             );
         }
@@ -608,7 +611,11 @@ mod tests {
         }
         let refused = intercept(request()).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(refused.message().contains("rate_limit"), "{}", refused.message());
+        assert!(
+            refused.message().contains("rate_limit"),
+            "{}",
+            refused.message()
+        );
     }
 
     #[test]

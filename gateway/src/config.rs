@@ -408,7 +408,9 @@ impl AuthConfig {
             }
             for (namespace, rights) in &tenant.namespaces {
                 let exact = namespace.strip_suffix('*').unwrap_or(namespace);
-                if exact.contains('*') || (!exact.is_empty() && crate::cache::validate_namespace_name(exact).is_err()) {
+                if exact.contains('*')
+                    || (!exact.is_empty() && crate::cache::validate_namespace_name(exact).is_err())
+                {
                     return invalid(
                         format!("{path}.namespaces.{namespace}"),
                         "must be a namespace name, or a prefix followed by one `*`".to_owned(),
@@ -1111,7 +1113,9 @@ mod tests {
 
         let digest = "ab".repeat(32);
         let tenant = |grants: &str| {
-            format!("[auth.tenants.shop]\ntoken_sha256 = [\"{digest}\"]\nnamespaces = {{ {grants} }}\n")
+            format!(
+                "[auth.tenants.shop]\ntoken_sha256 = [\"{digest}\"]\nnamespaces = {{ {grants} }}\n"
+            )
         };
         Config::from_toml(&tenant("shop = [\"read\"], \"shop-*\" = [\"write\"]")).unwrap();
         for bad in [
@@ -1120,12 +1124,19 @@ mod tests {
             "shop = []",
         ] {
             let err = Config::from_toml(&tenant(bad)).unwrap_err();
-            assert!(err.to_string().contains("auth.tenants.shop.namespaces"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("auth.tenants.shop.namespaces"),
+                "{bad}: {err}"
+            );
         }
         let err = Config::from_toml(&tenant("shop = [\"delete\"]")).unwrap_err();
         assert!(err.to_string().contains("delete"), "{err}");
 
-        let err = Config::from_toml("[auth.admins.ops]\ntoken_sha256 = [\"not-hex\"]\n").unwrap_err();
-        assert!(err.to_string().contains("auth.admins.ops.token_sha256"), "{err}");
+        let err =
+            Config::from_toml("[auth.admins.ops]\ntoken_sha256 = [\"not-hex\"]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("auth.admins.ops.token_sha256"),
+            "{err}"
+        );
     }
 }

@@ -56,6 +56,18 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Make and hash API tokens for `[auth]` (docs/SECURITY.md).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (256 bits, hex) on the first line and its
+    /// SHA-256 digest, for `token_sha256`, on the second.
+    New,
+    /// Read a token from standard input and print its SHA-256 digest.
+    Hash,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +272,7 @@ fn main() -> ExitCode {
             Command::BenchInvalidation(args) => bench_invalidation::run(args).await.map(|_| ()),
             Command::BenchStampede(args) => bench_stampede::run(args).await.map(|_| ()),
             Command::Policy(command) => policy_command(command).await,
+            Command::Token(command) => token_command(command),
             Command::Stats { remote } => {
                 gateway::admin_cli::stats(&remote.target()?, remote.json).await
             }
@@ -499,6 +512,32 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         _ => unreachable!("remote commands are handled by policy_command"),
+    }
+    Ok(())
+}
+
+fn token_command(command: TokenCommand) -> anyhow::Result<()> {
+    use gateway::auth::{MIN_TOKEN_BYTES, token_digest_hex};
+    match command {
+        TokenCommand::New => {
+            let bytes: [u8; 32] = rand::random();
+            let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+            println!("{token}");
+            println!("{}", token_digest_hex(&token));
+        }
+        TokenCommand::Hash => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .context("cannot read the token from standard input")?;
+            let token = token.trim();
+            anyhow::ensure!(
+                token.len() >= MIN_TOKEN_BYTES,
+                "the token is {} bytes; tokens must have at least {MIN_TOKEN_BYTES}",
+                token.len()
+            );
+            println!("{}", token_digest_hex(token));
+        }
     }
     Ok(())
 }

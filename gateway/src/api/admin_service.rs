@@ -78,6 +78,7 @@ impl From<RegistryError> for Status {
     fn from(err: RegistryError) -> Self {
         match err {
             RegistryError::Rejected(_) => Status::invalid_argument(err.to_string()),
+            RegistryError::TooLarge(_) => Status::resource_exhausted(err.to_string()),
             RegistryError::UnknownVersion(_) => Status::not_found(err.to_string()),
             RegistryError::NoPrevious(_) | RegistryError::NoActive(_) => {
                 Status::failed_precondition(err.to_string())

@@ -285,9 +285,12 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<InvalidateRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
-        self.unary("invalidate", Right::Invalidate, request, |command, deadline| {
-            self.cache.invalidate(command, deadline)
-        })
+        self.unary(
+            "invalidate",
+            Right::Invalidate,
+            request,
+            |command, deadline| self.cache.invalidate(command, deadline),
+        )
         .await
     }
 
@@ -320,10 +323,15 @@ impl cache_server::Cache for CacheApi {
         &self,
         request: Request<ReleaseLeaseRequest>,
     ) -> Result<Response<ReleaseLeaseResponse>, Status> {
-        self.unary("release_lease", Right::Write, request, |command, deadline| async move {
-            let released = self.cache.release_lease(command, deadline).await?;
-            Ok(ReleaseLeaseResponse { released })
-        })
+        self.unary(
+            "release_lease",
+            Right::Write,
+            request,
+            |command, deadline| async move {
+                let released = self.cache.release_lease(command, deadline).await?;
+                Ok(ReleaseLeaseResponse { released })
+            },
+        )
         .await
     }
 }

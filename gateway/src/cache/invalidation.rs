@@ -294,9 +294,10 @@ impl Cache {
         let store = Arc::clone(&self.store);
         let metrics = self.metrics.clone();
         let job_metric = Arc::clone(&metric);
-        let job = self
-            .jobs
-            .start(&command.namespace, work.policy.clone(), move |job| async move {
+        let job = self.jobs.start(
+            &command.namespace,
+            work.policy.clone(),
+            move |job| async move {
                 let _running = metrics.job_started();
                 let result = run_job(&*store, &namespace, &work, soft, &job).await;
                 metrics.invalidated(job.progress.affected());
@@ -313,7 +314,8 @@ impl Cache {
                     }
                 }
                 result
-            })?;
+            },
+        )?;
         let wait = self.bounded_wait(command.wait, deadline);
         let snapshot = self.jobs.wait(&job, wait).await;
         self.metrics.request(

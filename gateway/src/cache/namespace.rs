@@ -154,9 +154,10 @@ mod tests {
 
     #[test]
     fn without_the_template_undeclared_namespaces_are_not_found() {
-        let config =
-            Config::from_toml("[auth]\nenabled = false\n[namespaces.orders]\n[default_namespace]\nenabled = false\n")
-                .unwrap();
+        let config = Config::from_toml(
+            "[auth]\nenabled = false\n[namespaces.orders]\n[default_namespace]\nenabled = false\n",
+        )
+        .unwrap();
         let namespaces = Namespaces::from_config(&config);
         assert!(namespaces.resolve("orders").is_ok());
         assert_eq!(

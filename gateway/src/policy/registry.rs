@@ -55,6 +55,9 @@ pub enum RegistryError {
     /// The module failed validation; nothing changed.
     #[error("policy rejected: {0}")]
     Rejected(String),
+    /// The module is over `policy.max_module_bytes`; nothing changed.
+    #[error("policy rejected: {0}")]
+    TooLarge(String),
     /// No such version.
     #[error("no policy version `{0}` (upload it with PutPolicy first)")]
     UnknownVersion(String),
@@ -499,9 +502,10 @@ impl PolicyRegistry {
             .engine()
             .map_err(|err| RegistryError::Rejected(err.to_string()))?;
         let started = Instant::now();
-        let module = engine
-            .load(name, bytes)
-            .map_err(|err| RegistryError::Rejected(err.to_string()))?;
+        let module = engine.load(name, bytes).map_err(|err| match err {
+            engine::LoadError::TooLarge { .. } => RegistryError::TooLarge(err.to_string()),
+            err => RegistryError::Rejected(err.to_string()),
+        })?;
         if let Err(fault) = module.abi() {
             return Err(RegistryError::Rejected(format!(
                 "{} {fault}",
