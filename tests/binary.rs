@@ -190,10 +190,16 @@ fn file_then_environment_then_flags() {
     let env = [
         ("CACHEGW_REDIS__URL", "redis://env:2"),
         ("CACHEGW_SERVER__STORE_TIMEOUT", "250ms"),
+        ("CACHEGW_STORE", "memory"),
+        // Not config: the log filter and the CLI's token.
+        ("CACHEGW_LOG", "debug"),
+        ("CACHEGW_TOKEN", "not-a-config-value"),
     ];
     let from_env = print_config(Some(&file), &env, &[]);
     assert!(
-        from_env.contains("redis://env:2") && from_env.contains("250ms"),
+        from_env.contains("redis://env:2")
+            && from_env.contains("250ms")
+            && from_env.contains("store = \"memory\""),
         "{from_env}"
     );
 

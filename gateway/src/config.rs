@@ -757,14 +757,17 @@ impl Config {
         }
         figment = figment.merge(
             Env::prefixed("CACHEGW_")
-                // Config variables always name a field (`CACHEGW_LOG__FORMAT`); other
-                // CACHEGW_* variables (the `CACHEGW_LOG` filter, the scripts' own) are not config.
+                // Config variables name a field of a section (`CACHEGW_LOG__FORMAT`) or
+                // the top-level `CACHEGW_STORE`; other CACHEGW_* variables (the
+                // `CACHEGW_LOG` filter, `CACHEGW_TOKEN`, the scripts' own) are not config.
                 .filter(|key| {
-                    key.as_str().split_once("__").is_some_and(|(section, _)| {
-                        CONFIG_SECTIONS
+                    let key = key.as_str();
+                    match key.split_once("__") {
+                        Some((section, _)) => CONFIG_SECTIONS
                             .iter()
-                            .any(|known| section.eq_ignore_ascii_case(known))
-                    })
+                            .any(|known| section.eq_ignore_ascii_case(known)),
+                        None => key.eq_ignore_ascii_case("store"),
+                    }
                 })
                 .split("__"),
         );
