@@ -9,8 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::Context;
 use serde_json::json;
 use tonic::{
-    metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
+    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
 
@@ -20,6 +19,7 @@ use crate::{
         ListPoliciesRequest, NamespaceStats, OpStats, PutPolicyRequest, RedisMemory,
         RollbackRequest, StatsRequest, StatsResponse, policy_admin_client::PolicyAdminClient,
     },
+    auth::BearerToken,
     config::FallbackMode,
     policy::tool::{DecisionView, Probe, parse_config},
 };
@@ -54,25 +54,7 @@ impl Remote {
     }
 }
 
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-type AdminClient = PolicyAdminClient<InterceptedService<Channel, Bearer>>;
+type AdminClient = PolicyAdminClient<InterceptedService<Channel, BearerToken>>;
 
 async fn connect(remote: &Remote) -> anyhow::Result<AdminClient> {
     let address = &remote.address;
@@ -81,21 +63,14 @@ async fn connect(remote: &Remote) -> anyhow::Result<AdminClient> {
     } else {
         format!("http://{address}")
     };
-    let bearer = remote
-        .token
-        .as_deref()
-        .map(|token| {
-            format!("Bearer {token}")
-                .parse::<MetadataValue<Ascii>>()
-                .context("the token has characters that cannot be sent as metadata")
-        })
-        .transpose()?;
+    let bearer = BearerToken::new(remote.token.as_deref())
+        .context("the token has characters that cannot be sent as metadata")?;
     let channel = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("bad --remote address `{address}`"))?
         .connect()
         .await
         .with_context(|| format!("cannot reach the admin API at {uri}"))?;
-    Ok(PolicyAdminClient::with_interceptor(channel, Bearer(bearer))
+    Ok(PolicyAdminClient::with_interceptor(channel, bearer)
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20))
 }

@@ -19,7 +19,11 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path, sync::Arc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status, metadata::MetadataMap};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataMap, MetadataValue, errors::InvalidMetadataValue},
+    service::Interceptor,
+};
 
 use crate::config::{AuthConfig, Right, TokenSources};
 
@@ -446,6 +450,32 @@ impl Authenticator {
             request.extensions_mut().insert(caller);
             Ok(request)
         }
+    }
+}
+
+/// The client side: adds `authorization: Bearer <token>` to every call (the
+/// CLI and the load tools use it).
+#[derive(Clone, Debug)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// Sends `token`; `None` sends nothing (a gateway with authentication off).
+    pub fn new(token: Option<&str>) -> Result<Self, InvalidMetadataValue> {
+        token
+            .map(|token| format!("Bearer {token}").parse())
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 }
 

@@ -15,7 +15,10 @@ use bytes::Bytes;
 use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -23,6 +26,7 @@ use tonic_health::pb::{
 use crate::api::proto::v1::{
     GetRequest, MSetRequest, Outcome, SetRequest, cache_client::CacheClient,
 };
+use crate::auth::BearerToken;
 
 /// What `cachegw bench` drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -101,6 +105,9 @@ pub struct BenchArgs {
     /// degraded path, e.g. with the circuit breaker open).
     #[arg(long)]
     pub no_populate: bool,
+    /// A file holding the tenant token to send [default: $CACHEGW_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -138,7 +145,7 @@ pub struct RoundResult {
 
 #[derive(Clone)]
 enum Driver {
-    Gateway(CacheClient<Channel>),
+    Gateway(CacheClient<InterceptedService<Channel, BearerToken>>),
     Redis(MultiplexedConnection),
     Health(HealthClient<Channel>),
 }
@@ -258,6 +265,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
             value: Bytes::from(vec![b'v'; args.value_size]),
         })
     };
+    let token = crate::admin_cli::Remote::new(&args.gateway, args.token_file.as_deref())?.token;
+    let bearer = BearerToken::new(token.as_deref())
+        .map_err(|_| anyhow::anyhow!("the token has characters that cannot be sent as metadata"))?;
     let mut targets = args.target.clone();
     targets.dedup();
     // One "lane" per target and (for the gateway) per namespace; lanes
@@ -272,7 +282,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
                         .into_iter()
                         .map(|channel| {
                             Driver::Gateway(
-                                CacheClient::new(channel)
+                                CacheClient::with_interceptor(channel, bearer.clone())
                                     .max_decoding_message_size(64 * 1024 * 1024),
                             )
                         })
