@@ -18,6 +18,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "server",
     "admin",
     "metrics",
+    "tls",
     "store",
     "redis",
     "memory",
@@ -44,6 +45,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// TLS on the gRPC listeners (data and admin); off without a certificate.
+    pub tls: TlsConfig,
     /// Which store backs the cache: `redis` (default) or `memory` (in-process).
     pub store: StoreKind,
     /// The Redis store (used when `store = "redis"`).
@@ -171,12 +174,97 @@ impl Default for MetricsConfig {
     }
 }
 
+/// TLS on the gRPC listeners: the data API (with health and reflection) and
+/// the admin API. Plaintext when `cert_file` is not set. Files are read at
+/// start; a renewed certificate needs a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM), leaf first. Setting it turns TLS
+    /// on; a relative path is relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key of `cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to. Setting
+    /// it turns on client-certificate verification (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// With `client_ca_file`: `required` (the default) refuses a client
+    /// without a valid certificate during the handshake; `optional` also
+    /// accepts clients presenting none (one presented must still be valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+    /// How long a client may take to complete the TLS handshake before its
+    /// connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            client_auth: None,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether the gRPC listeners speak TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    /// Whether clients must present a certificate; `None` when client
+    /// certificates are not verified at all.
+    pub fn client_auth(&self) -> Option<ClientAuth> {
+        self.client_ca_file
+            .as_ref()
+            .map(|_| self.client_auth.unwrap_or(ClientAuth::Required))
+    }
+}
+
+/// Whether a TLS client must present a certificate.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A client without a valid certificate is refused.
+    Required,
+    /// A client may present no certificate; one it presents must be valid.
+    Optional,
+}
+
+impl std::fmt::Display for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientAuth::Required => "required",
+            ClientAuth::Optional => "optional",
+        })
+    }
+}
+
 /// The Redis store's pool and connection settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`).
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`; `rediss://` for TLS).
     pub url: String,
+    /// With a `rediss://` URL: CA certificates (PEM) to trust for the Redis
+    /// server's certificate, instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// With a `rediss://` URL: the client certificate chain (PEM) presented to
+    /// a Redis that requires one (`tls-auth-clients yes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `tls_client_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_key_file: Option<std::path::PathBuf>,
     /// Most connections the pool opens. Concurrent requests pipeline on these
     /// shared connections, so a handful serves thousands of requests: fewer
     /// connections pipeline deeper (more throughput, docs/BENCHMARKS.md); more
@@ -207,6 +295,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
             max_connections: 4,
             wait_timeout: Duration::from_millis(500),
             create_timeout: Duration::from_millis(500),
@@ -813,6 +904,12 @@ impl Config {
         for path in [
             &mut self.policy.watch_dir,
             &mut self.policy.compile_cache_dir,
+            &mut self.tls.cert_file,
+            &mut self.tls.key_file,
+            &mut self.tls.client_ca_file,
+            &mut self.redis.tls_ca_file,
+            &mut self.redis.tls_client_cert_file,
+            &mut self.redis.tls_client_key_file,
         ]
         .into_iter()
         .flatten()
@@ -864,6 +961,7 @@ impl Config {
                 return invalid(field, "must be greater than 0");
             }
         }
+        self.validate_tls()?;
         if self.memory.max_bytes < 1024 {
             return invalid("memory.max_bytes", "must be at least 1024");
         }
@@ -957,6 +1055,73 @@ impl Config {
             namespace.validate(&format!("namespaces.{name}"), self.server.max_request_bytes)?;
         }
         self.auth.validate()
+    }
+}
+
+impl Config {
+    /// The `[tls]` section and the `redis.tls_*` keys: which files go together,
+    /// and that each is readable and holds what it should (see [`crate::tls`]).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        let tls = &self.tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => return invalid("tls.key_file", "is needed with tls.cert_file"),
+            (None, Some(_)) => return invalid("tls.cert_file", "is needed with tls.key_file"),
+            _ => {}
+        }
+        if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+            return invalid(
+                "tls.client_ca_file",
+                "needs tls.cert_file and tls.key_file: client certificates are verified over TLS",
+            );
+        }
+        if tls.client_auth.is_some() && tls.client_ca_file.is_none() {
+            return invalid(
+                "tls.client_auth",
+                "needs tls.client_ca_file, the CA client certificates are verified against",
+            );
+        }
+        if tls.handshake_timeout.is_zero() {
+            return invalid("tls.handshake_timeout", "must be greater than 0");
+        }
+        let redis = &self.redis;
+        match (&redis.tls_client_cert_file, &redis.tls_client_key_file) {
+            (Some(_), None) => {
+                return invalid(
+                    "redis.tls_client_key_file",
+                    "is needed with redis.tls_client_cert_file",
+                );
+            }
+            (None, Some(_)) => {
+                return invalid(
+                    "redis.tls_client_cert_file",
+                    "is needed with redis.tls_client_key_file",
+                );
+            }
+            _ => {}
+        }
+        if !redis.url.starts_with("rediss://") {
+            for (field, value) in [
+                ("redis.tls_ca_file", &redis.tls_ca_file),
+                ("redis.tls_client_cert_file", &redis.tls_client_cert_file),
+            ] {
+                if value.is_some() {
+                    return invalid(
+                        field,
+                        "is set but redis.url is not a `rediss://` (TLS) URL: the connection would be plaintext",
+                    );
+                }
+            }
+        }
+        crate::tls::check(self).map_err(|err| ConfigError::Invalid {
+            field: err.field.to_owned(),
+            reason: err.reason_with_path(),
+        })
     }
 }
 
@@ -1092,6 +1257,43 @@ mod tests {
         assert_eq!(merged.server.listen.port(), 7001);
         assert_eq!(merged.redis.url, "redis://127.0.0.1:6390");
         assert_eq!(merged.store, StoreKind::Memory);
+    }
+
+    #[test]
+    fn tls_client_auth_is_required_once_a_client_ca_is_given() {
+        let mut tls = TlsConfig::default();
+        assert!(!tls.enabled());
+        assert_eq!(tls.client_auth(), None);
+        tls.cert_file = Some("server.pem".into());
+        tls.client_ca_file = Some("clients.pem".into());
+        assert!(tls.enabled());
+        assert_eq!(tls.client_auth(), Some(ClientAuth::Required));
+        tls.client_auth = Some(ClientAuth::Optional);
+        assert_eq!(tls.client_auth(), Some(ClientAuth::Optional));
+
+        let err = Config::from_toml("[tls]\nclient_auth = \"sometimes\"\n").unwrap_err();
+        assert!(err.to_string().contains("client_auth"), "{err}");
+    }
+
+    #[test]
+    fn tls_paths_are_relative_to_the_config_file() {
+        let mut config = Config::default();
+        config.tls.cert_file = Some("tls/server.pem".into());
+        config.tls.key_file = Some("/etc/cachegw/server.key".into());
+        config.redis.tls_ca_file = Some("redis-ca.pem".into());
+        config.resolve_paths(Path::new("/srv/cachegw"));
+        assert_eq!(
+            config.tls.cert_file.as_deref(),
+            Some(Path::new("/srv/cachegw/tls/server.pem"))
+        );
+        assert_eq!(
+            config.tls.key_file.as_deref(),
+            Some(Path::new("/etc/cachegw/server.key"))
+        );
+        assert_eq!(
+            config.redis.tls_ca_file.as_deref(),
+            Some(Path::new("/srv/cachegw/redis-ca.pem"))
+        );
     }
 
     #[test]

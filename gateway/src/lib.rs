@@ -23,6 +23,7 @@
 //!   flags in one place.
 //! - [`stats`]: the last minute's requests per namespace, for the Stats RPC.
 //! - [`telemetry`]: logs (text or JSON) and optional OpenTelemetry export.
+//! - [`tls`]: TLS for the gRPC listeners and for `rediss://`, from PEM files.
 //! - [`server`]: assembling the above into a running gateway with health,
 //!   reflection and graceful shutdown.
 //! - [`bench`]: the load tool behind `cachegw bench`.
@@ -48,6 +49,7 @@ pub mod server;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Gateway, GatewayError, MetricsHandle};

@@ -1,5 +1,6 @@
 //! Assembling and running the gateway: the store, the cache, the gRPC
-//! services (data API, health, reflection) and graceful shutdown.
+//! services (data API, health, reflection), TLS on their listeners and
+//! graceful shutdown.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -7,7 +8,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{Server, server::TcpIncoming},
+    transport::{Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -51,6 +52,25 @@ pub enum GatewayError {
     /// Reflection descriptors could not be loaded.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A `[tls]` file could not be read.
+    #[error("cannot set up TLS on the gRPC listeners: {0}")]
+    Tls(#[from] crate::tls::PemError),
+    /// rustls refused the `[tls]` certificates.
+    #[error("cannot set up TLS on the gRPC listeners: {}", error_chain(.0))]
+    TlsRejected(tonic::transport::Error),
+}
+
+/// An error and its sources, for errors whose own message says little
+/// (tonic's "transport error").
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A read-only view of the gateway's metrics, usable after `serve` has taken
@@ -102,6 +122,8 @@ pub struct Gateway {
     cache_metrics: CacheMetrics,
     metrics: MetricsHandle,
     auth: Arc<Authenticator>,
+    /// TLS for both gRPC listeners; `None` serves plaintext.
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Gateway {
@@ -109,6 +131,13 @@ impl Gateway {
     /// Redis may be down; requests are answered degraded until it is up.
     pub fn new(config: Config) -> Result<Self, GatewayError> {
         let auth = Arc::new(Authenticator::from_config(&config.auth)?);
+        let tls = crate::tls::server_config(&config.tls)?;
+        if let Some(tls) = &tls {
+            // Fails here, before anything is served, if rustls refuses the files.
+            Server::builder()
+                .tls_config(tls.clone())
+                .map_err(GatewayError::TlsRejected)?;
+        }
         let mut registry = Registry::default();
         let cache_metrics = CacheMetrics::register(&mut registry);
         let store: Arc<dyn Store> = match config.store {
@@ -151,6 +180,7 @@ impl Gateway {
             cache_metrics,
             metrics: MetricsHandle(Arc::new(registry)),
             auth,
+            tls,
         })
     }
 
@@ -167,6 +197,20 @@ impl Gateway {
     /// The policy registry (versions and bindings).
     pub fn policies(&self) -> &Arc<PolicyRegistry> {
         &self.policies
+    }
+
+    /// A gRPC server builder, speaking TLS when `[tls]` says so. With a
+    /// caller-supplied listener (`serve_with_incoming`) tonic still applies it:
+    /// each accepted connection is handshaken in a task of its own, and one
+    /// that fails the handshake (plaintext, no or a bad client certificate,
+    /// `tls.handshake_timeout`) is dropped without disturbing the others.
+    fn grpc_server(&self) -> Result<Server, GatewayError> {
+        match &self.tls {
+            Some(tls) => Server::builder()
+                .tls_config(tls.clone())
+                .map_err(GatewayError::TlsRejected),
+            None => Ok(Server::builder()),
+        }
     }
 
     fn decision_limits(&self) -> DecisionLimits {
@@ -217,6 +261,7 @@ impl Gateway {
             .await;
         }
         let (stop_admin_tx, stop_admin_rx) = tokio::sync::watch::channel(false);
+        let mut admin_server = self.grpc_server()?;
         let admin = admin_listener.map(|admin_listener| {
             let admin_addr = admin_listener.local_addr().ok();
             let service = policy_admin_server::PolicyAdminServer::new(AdminApi::new(
@@ -230,9 +275,9 @@ impl Gateway {
             let service = InterceptedService::new(service, self.auth.admin_interceptor());
             let mut stop = stop_admin_rx.clone();
             let shown = admin_addr.map_or_else(|| "?".to_owned(), |addr| addr.to_string());
-            info!(addr = %shown, "policy admin API serving");
+            info!(addr = %shown, tls = self.tls.is_some(), "policy admin API serving");
             tokio::spawn(
-                Server::builder()
+                admin_server
                     .add_service(service)
                     .serve_with_incoming_shutdown(
                         TcpIncoming::from(admin_listener).with_nodelay(Some(true)),
@@ -291,7 +336,8 @@ impl Gateway {
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let server = Server::builder()
+        let server = self
+            .grpc_server()?
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -355,10 +401,39 @@ fn log_start(config: &Config, addr: Option<SocketAddr>, store: &str) {
             "cachegw serving (in-process store: entries are lost on restart and not shared between gateways)"
         ),
     }
+    log_tls(config);
     if config.default_namespace.enabled {
         info!(
             declared = config.namespaces.len(),
             "undeclared namespaces are accepted with the default_namespace settings"
+        );
+    }
+}
+
+fn log_tls(config: &Config) {
+    let tls = &config.tls;
+    match (&tls.cert_file, tls.client_auth()) {
+        (None, _) => info!("gRPC listeners (data and admin) speak plaintext: no tls.cert_file"),
+        (Some(cert), None) => info!(
+            cert = %cert.display(),
+            "TLS on the gRPC listeners (data and admin); client certificates are not verified"
+        ),
+        (Some(cert), Some(client_auth)) => info!(
+            cert = %cert.display(),
+            client_ca = %tls.client_ca_file.as_deref().unwrap_or(std::path::Path::new("?")).display(),
+            %client_auth,
+            "mutual TLS on the gRPC listeners (data and admin)"
+        ),
+    }
+    if config.store == StoreKind::Redis && config.redis.url.starts_with("rediss://") {
+        let roots = config.redis.tls_ca_file.as_deref().map_or_else(
+            || "the system's roots".to_owned(),
+            |ca| ca.display().to_string(),
+        );
+        info!(
+            trusting = %roots,
+            client_cert = config.redis.tls_client_cert_file.is_some(),
+            "TLS to Redis (rediss://)"
         );
     }
 }

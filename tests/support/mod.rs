@@ -46,7 +46,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn redis_server_binary() -> PathBuf {
+/// The `redis-server` to start: the one on PATH, else the usual places.
+pub fn redis_server_binary() -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let candidate = PathBuf::from(dir).join("redis-server");
         if candidate.is_file() {
@@ -297,6 +298,21 @@ impl TestGateway {
         CacheClient::new(self.channel().await)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
+    }
+
+    /// A data API client over TLS (`tls` says which CA to trust and which
+    /// client certificate, if any, to present), or why it cannot connect.
+    pub async fn tls_client(
+        &self,
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> Result<CacheClient<Channel>, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(CacheClient::new(channel))
     }
 
     /// Triggers graceful shutdown (without waiting for it).

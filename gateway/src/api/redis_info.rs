@@ -45,7 +45,7 @@ pub enum FactsError {
 /// own (closed afterwards), within the configured connect and response
 /// timeouts.
 pub async fn read(config: &RedisConfig) -> Result<RedisFacts, FactsError> {
-    let client = redis::Client::open(config.url.as_str())?;
+    let client = crate::tls::redis_client(config)?;
     let timeouts = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.response_timeout));

@@ -117,7 +117,7 @@ pub async fn start(
     redis_config: &crate::config::RedisConfig,
     catch_up: Duration,
 ) -> Result<(), redis::RedisError> {
-    let client = redis::Client::open(redis_config.url.as_str())?;
+    let client = crate::tls::redis_client(redis_config)?;
     // Redis round trips are bounded by the store's timeouts; compiling the
     // modules caught up with (local CPU) by `catch_up`.
     let timeouts = redis::AsyncConnectionConfig::new()

@@ -118,8 +118,12 @@ impl RedisStore {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
-        let manager = Manager::new_with_config(config.url.as_str(), connection_config)
+        // The connection info carries the `rediss://` certificates, if any.
+        let client = crate::tls::redis_client(config)
             .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?;
+        let manager =
+            Manager::new_with_config(client.get_connection_info().clone(), connection_config)
+                .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?;
         let pool = Pool::builder(manager)
             .max_size(config.max_connections)
             .wait_timeout(Some(config.wait_timeout))
