@@ -691,3 +691,57 @@ async fn rediss_with_a_client_certificate_when_redis_requires_one() {
     answers_degraded(&anonymous).await;
     anonymous.stop().await;
 }
+
+/// An operator's `cachegw stats --remote` against an admin listener with
+/// mutual TLS and tokens: the CA, the client certificate and the admin token
+/// all given, it prints the stats; without the token the gateway refuses
+/// (UNAUTHENTICATED) and the command exits 1 saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_a_tls_admin_api_with_its_token() {
+    const ADMIN_TOKEN: &str = "tls-cli-admin-token-0123456789";
+    let pki = Pki::new();
+    let gateway = tls_gateway(|config| {
+        pki.serve_mutual_tls(config, None);
+        config.auth.enabled = true;
+        config.auth.admins.insert(
+            "ops".into(),
+            gateway::config::TokenSources {
+                token_sha256: vec![gateway::auth::token_digest_hex(ADMIN_TOKEN)],
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    std::fs::write(pki.path("admin.token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+    let address = format!("localhost:{}", gateway.admin_addr.port());
+    let cli = |with_token: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachegw"));
+        command
+            .args(["stats", "--remote", &address, "--json", "--tls-ca"])
+            .arg(pki.path("ca.pem"))
+            .arg("--tls-cert")
+            .arg(pki.path("client.pem"))
+            .arg("--tls-key")
+            .arg(pki.path("client.key"))
+            .env_remove("CACHEGW_TOKEN");
+        if with_token {
+            command.arg("--token-file").arg(pki.path("admin.token"));
+        }
+        command
+    };
+    let (mut with, mut without) = (cli(true), cli(false));
+    let output =
+        tokio::task::spawn_blocking(move || (with.output().unwrap(), without.output().unwrap()));
+    let (with, without) = output.await.unwrap();
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&with.stdout).unwrap();
+    assert_eq!(stats["store"], "memory", "{stats}");
+    assert_eq!(without.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    gateway.stop().await;
+}

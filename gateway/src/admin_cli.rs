@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde_json::json;
 use tonic::{
     service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use crate::{
@@ -32,11 +32,52 @@ pub struct Remote {
     /// Sent as `authorization: Bearer <token>`; `None` for a gateway with
     /// authentication off.
     pub token: Option<String>,
+    /// TLS to the admin API: the CA to trust, and a client certificate and
+    /// key for mutual TLS. `None`: plaintext (unless the address says https).
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// Where the CLI's TLS material lives (`--tls-ca`, `--tls-cert`, `--tls-key`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// PEM CA certificate(s) to trust for the gateway's certificate.
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a listener that requires one.
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM key of the client certificate.
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// The client TLS config these files make; `None` when none is given.
+    pub fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let read = |flag: &str, file: &Path| {
+            std::fs::read(file).with_context(|| format!("cannot read {flag} `{}`", file.display()))
+        };
+        if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    read("--tls-cert", cert)?,
+                    read("--tls-key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+        Ok(Some(tls))
+    }
 }
 
 impl Remote {
     /// `address` with the token from `token_file`, else from `$CACHEGW_TOKEN`.
-    pub fn new(address: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn new(address: &str, token_file: Option<&Path>, tls: &TlsFiles) -> anyhow::Result<Self> {
         let token = match token_file {
             Some(file) => Some(
                 std::fs::read_to_string(file)
@@ -50,6 +91,7 @@ impl Remote {
         Ok(Self {
             address: address.to_owned(),
             token,
+            tls: tls.client_config()?,
         })
     }
 }
@@ -60,13 +102,22 @@ async fn connect(remote: &Remote) -> anyhow::Result<AdminClient> {
     let address = &remote.address;
     let uri = if address.contains("://") {
         address.to_owned()
+    } else if remote.tls.is_some() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
     let bearer = BearerToken::new(remote.token.as_deref())
         .context("the token has characters that cannot be sent as metadata")?;
-    let channel = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("bad --remote address `{address}`"))?
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("bad --remote address `{address}`"))?;
+    if let Some(tls) = &remote.tls {
+        crate::tls::install_crypto_provider();
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .context("cannot use the --tls-* files")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the admin API at {uri}"))?;

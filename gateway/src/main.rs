@@ -99,6 +99,8 @@ enum PolicyCommand {
         /// With --remote: a file holding the admin token [default: $CACHEGW_TOKEN].
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Upload a module to a running gateway (validated before it is accepted).
     Push {
@@ -180,6 +182,8 @@ struct RemoteArgs {
     /// A file holding the admin token [default: $CACHEGW_TOKEN].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -187,7 +191,31 @@ struct RemoteArgs {
 
 impl RemoteArgs {
     fn target(&self) -> anyhow::Result<gateway::admin_cli::Remote> {
-        gateway::admin_cli::Remote::new(&self.remote, self.token_file.as_deref())
+        gateway::admin_cli::Remote::new(&self.remote, self.token_file.as_deref(), &self.tls.files())
+    }
+}
+
+/// TLS to a gateway's admin API.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Connect with TLS, trusting this PEM CA for the gateway's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a listener that requires mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> gateway::admin_cli::TlsFiles {
+        gateway::admin_cli::TlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
     }
 }
 
@@ -430,6 +458,7 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             remote: Some(address),
             version: Some(version),
             token_file,
+            tls,
             probe,
             common,
             ..
@@ -441,7 +470,7 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                 attributes: tool::parse_attrs(&probe.attrs)?,
                 value_size: probe.value_size,
             };
-            let target = remote::Remote::new(&address, token_file.as_deref())?;
+            let target = remote::Remote::new(&address, token_file.as_deref(), &tls.files())?;
             let ok = remote::eval(&target, &version, probe, common.config.as_deref()).await?;
             if ok { Ok(()) } else { Err(Failed.into()) }
         }
