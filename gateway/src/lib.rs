@@ -33,6 +33,7 @@
 //!   a hot key with and without leases.
 //! - [`admin_cli`]: `cachegw policy push|list|bind|rollback --remote`, over the
 //!   `PolicyAdmin` API.
+//! - [`data_cli`]: `cachegw get|set|del|invalidate --remote`, over the data API.
 
 #![forbid(unsafe_code)]
 
@@ -44,6 +45,7 @@ pub mod bench_invalidation;
 pub mod bench_stampede;
 pub mod cache;
 pub mod config;
+pub mod data_cli;
 pub mod policy;
 pub mod server;
 pub mod stats;

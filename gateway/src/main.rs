@@ -56,6 +56,81 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Read a value: the value on stdout, what the gateway said on stderr.
+    /// Exit 0: found; 3: MISS; 4: degraded (the store is unavailable); 1:
+    /// the gateway refused (its status is shown) or is unreachable.
+    Get {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+        /// Serve a value past its fresh TTL, inside its stale window.
+        #[arg(long)]
+        allow_stale: bool,
+        /// Write the value's bytes exactly, even when they are not UTF-8.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Write a value, from the argument, --file, or standard input (`-`).
+    /// Exit 0: stored; 4: not stored (degraded, or the policy bypasses the
+    /// cache); 1: refused (e.g. over the value limit) or unreachable.
+    Set {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+        /// The value; `-` reads standard input.
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "value")]
+        file: Option<PathBuf>,
+        /// Media type stored with the entry (e.g. application/json).
+        #[arg(long, value_name = "TYPE")]
+        content_type: Option<String>,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Delete a key. Exit 0: deleted; 3: nothing to delete; 4: degraded; 1:
+    /// refused or unreachable.
+    Del {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Invalidate entries of a namespace by keys, a glob pattern, tags, or all
+    /// of it. Exit 0: done (or still running after --wait: the job id is
+    /// printed); 1: refused, failed or unreachable.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(false)))]
+    Invalidate {
+        /// The namespace.
+        namespace: String,
+        /// Keys (mapped by the namespace's policy like Deletes); repeatable.
+        #[arg(long = "key", value_name = "KEY", group = "what")]
+        keys: Vec<String>,
+        /// A glob (`*`, `?`, `[a-z]`, `\x`) over the namespace's keys.
+        #[arg(long, value_name = "GLOB", group = "what")]
+        pattern: Option<String>,
+        /// Tags (surrogate keys); repeatable.
+        #[arg(long = "tag", value_name = "TAG", group = "what")]
+        tags: Vec<String>,
+        /// Everything in the namespace (O(1)).
+        #[arg(long, group = "what")]
+        all: bool,
+        /// Mark entries stale instead of removing them.
+        #[arg(long)]
+        soft: bool,
+        /// How long to wait for the job before printing where it is.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        #[command(flatten)]
+        data: DataArgs,
+    },
     /// Make and hash API tokens for `[auth]` (docs/SECURITY.md).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -195,6 +270,43 @@ impl RemoteArgs {
     }
 }
 
+/// Where the data API is, and how to call it.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// The gateway's data API address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    remote: String,
+    /// A file holding the tenant token [default: $CACHEGW_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// A request attribute for the namespace's policy; repeatable.
+    #[arg(long = "attr", value_name = "NAME=VALUE")]
+    attrs: Vec<String>,
+    /// The call's deadline.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl DataArgs {
+    fn common(&self) -> anyhow::Result<gateway::data_cli::Common> {
+        Ok(gateway::data_cli::Common {
+            remote: gateway::admin_cli::Remote::new(
+                &self.remote,
+                self.token_file.as_deref(),
+                &self.tls.files(),
+            )?,
+            attributes: gateway::data_cli::parse_attributes(&self.attrs)?,
+            timeout: self.timeout,
+            json: self.json,
+        })
+    }
+}
+
 /// TLS to a gateway's admin API.
 #[derive(clap::Args)]
 struct TlsArgs {
@@ -293,8 +405,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(data) = data_command(&cli.command) {
+        return match runtime.block_on(data) {
+            Ok(exit) => ExitCode::from(exit as u8),
+            Err(err) => {
+                eprintln!("cachegw: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Get { .. }
+            | Command::Set { .. }
+            | Command::Del { .. }
+            | Command::Invalidate { .. } => {
+                unreachable!("data commands are run above")
+            }
             Command::Serve(args) => serve(args).await,
             Command::Bench(args) => bench::run(args).await.map(|_| ()),
             Command::BenchInvalidation(args) => bench_invalidation::run(args).await.map(|_| ()),
@@ -543,6 +670,77 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
         _ => unreachable!("remote commands are handled by policy_command"),
     }
     Ok(())
+}
+
+/// The data commands, whose exit codes say what happened.
+fn data_command(
+    command: &Command,
+) -> Option<impl std::future::Future<Output = anyhow::Result<gateway::data_cli::Exit>> + '_> {
+    use gateway::data_cli::{self, What};
+    let data = match command {
+        Command::Get { data, .. }
+        | Command::Set { data, .. }
+        | Command::Del { data, .. }
+        | Command::Invalidate { data, .. } => data,
+        _ => return None,
+    };
+    Some(async move {
+        let common = data.common()?;
+        match command {
+            Command::Get {
+                namespace,
+                key,
+                allow_stale,
+                raw,
+                ..
+            } => data_cli::get(&common, namespace, key, *allow_stale, *raw).await,
+            Command::Set {
+                namespace,
+                key,
+                value,
+                file,
+                content_type,
+                ..
+            } => {
+                let bytes = match (value.as_deref(), file) {
+                    (_, Some(file)) => std::fs::read(file)
+                        .with_context(|| format!("cannot read --file `{}`", file.display()))?,
+                    (Some("-"), None) => {
+                        let mut bytes = Vec::new();
+                        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                            .context("cannot read the value from standard input")?;
+                        bytes
+                    }
+                    (Some(value), None) => value.as_bytes().to_vec(),
+                    (None, None) => {
+                        anyhow::bail!("give a VALUE, `-` for standard input, or --file")
+                    }
+                };
+                data_cli::set(&common, namespace, key, bytes, content_type.clone()).await
+            }
+            Command::Del { namespace, key, .. } => data_cli::delete(&common, namespace, key).await,
+            Command::Invalidate {
+                namespace,
+                keys,
+                pattern,
+                tags,
+                all,
+                soft,
+                wait,
+                ..
+            } => {
+                let what = match (keys.is_empty(), pattern, tags.is_empty(), all) {
+                    (false, _, _, _) => What::Keys(keys.clone()),
+                    (_, Some(pattern), _, _) => What::Pattern(pattern.clone()),
+                    (_, _, false, _) => What::Tags(tags.clone()),
+                    (_, _, _, true) => What::All,
+                    _ => anyhow::bail!("say what to invalidate: --key, --pattern, --tag or --all"),
+                };
+                data_cli::invalidate(&common, namespace, what, *soft, *wait).await
+            }
+            _ => unreachable!("only data commands get here"),
+        }
+    })
 }
 
 fn token_command(command: TokenCommand) -> anyhow::Result<()> {
