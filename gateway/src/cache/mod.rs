@@ -8,7 +8,7 @@
 //! (a MISS, or "not stored"), never an error: callers fall back to their
 //! origin, exactly as they would on a miss.
 
-pub(crate) mod envelope;
+pub mod envelope;
 mod error;
 mod invalidation;
 mod lease;

@@ -397,15 +397,7 @@ impl PolicyModule {
     pub fn decide(&self, input: &pb::PolicyInput) -> Result<pb::PolicyDecision, Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
         let output = self.call(exports, &exports.decide, &input.encode_to_vec())?;
-        let output = pb::PolicyOutput::decode(output.as_slice())
-            .map_err(|err| Fault::Output(format!("not a PolicyOutput: {err}")))?;
-        match output.result {
-            Some(pb::policy_output::Result::Decision(decision)) => Ok(decision),
-            Some(pb::policy_output::Result::Error(reason)) => Err(Fault::Declined(reason)),
-            None => Err(Fault::Output(
-                "PolicyOutput carries neither decision nor error".into(),
-            )),
-        }
+        decode_output(&output)
     }
 
     /// Runs the optional init export on a binding's config. `Ok(None)` when the
@@ -472,6 +464,22 @@ impl PolicyModule {
             record(started.elapsed(), fault);
         }
         Ok(())
+    }
+}
+
+/// Reads the bytes `cachegw_decide` returned: a `PolicyOutput` carrying a
+/// decision (still to be validated, see `Decision::from_wire`) or the
+/// policy's refusal. Public for the fuzz targets: these bytes come from the
+/// policy, untrusted.
+pub fn decode_output(output: &[u8]) -> Result<pb::PolicyDecision, Fault> {
+    let output = pb::PolicyOutput::decode(output)
+        .map_err(|err| Fault::Output(format!("not a PolicyOutput: {err}")))?;
+    match output.result {
+        Some(pb::policy_output::Result::Decision(decision)) => Ok(decision),
+        Some(pb::policy_output::Result::Error(reason)) => Err(Fault::Declined(reason)),
+        None => Err(Fault::Output(
+            "PolicyOutput carries neither decision nor error".into(),
+        )),
     }
 }
 
@@ -659,5 +667,37 @@ pub fn config_bytes(config: Option<&serde_json::Value>) -> Bytes {
     match config {
         None | Some(serde_json::Value::Null) => Bytes::new(),
         Some(value) => Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_a_decision_a_refusal_or_a_fault() {
+        let decision = pb::PolicyDecision {
+            storage_key: "k".into(),
+            ..Default::default()
+        };
+        let output = |result| pb::PolicyOutput { result }.encode_to_vec();
+        assert_eq!(
+            decode_output(&output(Some(pb::policy_output::Result::Decision(
+                decision.clone()
+            )))),
+            Ok(decision)
+        );
+        assert_eq!(
+            decode_output(&output(Some(pb::policy_output::Result::Error("no".into())))),
+            Err(Fault::Declined("no".into()))
+        );
+        assert!(matches!(
+            decode_output(&output(None)),
+            Err(Fault::Output(_))
+        ));
+        assert!(matches!(
+            decode_output(&[0xFF, 0xFF]),
+            Err(Fault::Output(_))
+        ));
     }
 }

@@ -498,10 +498,34 @@ impl PolicyRegistry {
         if let Ok(module) = self.version(&engine::content_version(bytes)) {
             return Ok(module);
         }
+        let started = Instant::now();
+        let module = self.validate(name, bytes)?;
+        let module = self.insert_version(module, source);
+        // Share what was uploaded here; what came from the fleet is there already.
+        if source != "redis" && source != "config" {
+            self.publish(super::sync::Change::Module {
+                version: module.version().to_owned(),
+                name: module.name().to_owned(),
+                bytes: Bytes::copy_from_slice(bytes),
+            });
+        }
+        info!(policy = %module.label(), source, validate_ms = started.elapsed().as_millis() as u64, "policy version accepted");
+        Ok(module)
+    }
+
+    /// What [`Self::put`] checks, without accepting the module: it compiles,
+    /// imports nothing but `cachegw.log`, implements the ABI and passes the
+    /// dry run. The fuzz targets call this (`put` would keep every module
+    /// that passes).
+    pub fn validate(&self, name: &str, bytes: &[u8]) -> Result<PolicyModule, RegistryError> {
+        if bytes.is_empty() {
+            return Err(RegistryError::Rejected(
+                "the module is empty (0 bytes)".into(),
+            ));
+        }
         let engine = self
             .engine()
             .map_err(|err| RegistryError::Rejected(err.to_string()))?;
-        let started = Instant::now();
         let module = engine.load(name, bytes).map_err(|err| match err {
             engine::LoadError::TooLarge { .. } => RegistryError::TooLarge(err.to_string()),
             err => RegistryError::Rejected(err.to_string()),
@@ -514,16 +538,6 @@ impl PolicyRegistry {
         }
         self.dry_run(&module, &Bytes::new())
             .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
-        let module = self.insert_version(module, source);
-        // Share what was uploaded here; what came from the fleet is there already.
-        if source != "redis" && source != "config" {
-            self.publish(super::sync::Change::Module {
-                version: module.version().to_owned(),
-                name: module.name().to_owned(),
-                bytes: Bytes::copy_from_slice(bytes),
-            });
-        }
-        info!(policy = %module.label(), source, validate_ms = started.elapsed().as_millis() as u64, "policy version accepted");
         Ok(module)
     }
 

@@ -1,0 +1,131 @@
+//! The value envelope: bytes read back from the store (Redis is shared
+//! infrastructure; anything may sit under a key) must decode or be refused,
+//! never panic, in `Envelope::decode` and in the header-only readers the read
+//! path and the purge use (`times`, `mark_stale`, `carries_tag`). What decodes
+//! re-encodes to the same bytes, and an envelope built from the input
+//! round-trips through encode and decode.
+
+#![no_main]
+
+use arbitrary::{Arbitrary, Unstructured};
+use bytes::Bytes;
+use gateway::cache::{
+    Envelope, MAX_CONTENT_TYPE_BYTES, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES,
+    envelope::{self, FRESH_UNTIL_OFFSET},
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    stored_bytes(data);
+    if let Ok(built) = built_envelope(&mut Unstructured::new(data)) {
+        round_trip(&built);
+    }
+});
+
+/// Arbitrary bytes as the store hands them back.
+fn stored_bytes(data: &[u8]) {
+    let decoded = Envelope::decode(Bytes::copy_from_slice(data));
+    let times = envelope::times(data);
+    let now_ms = data.get(4..12).map_or(0, |word| {
+        u64::from_le_bytes(word.try_into().expect("8 bytes")).wrapping_add(7)
+    });
+    let marked = envelope::mark_stale(data, now_ms);
+    let probe = data.get(31..).map(String::from_utf8_lossy);
+    let carries = probe.as_deref().map(|tag| envelope::carries_tag(data, tag));
+    let Ok(decoded) = decoded else {
+        return;
+    };
+    // Decoding checked the header that the readers check.
+    let times = times.expect("a decodable envelope has times");
+    assert_eq!(times.created_at_ms, decoded.created_at_ms);
+    assert_eq!(times.fresh_until_ms, decoded.fresh_until_ms);
+    let reencoded = decoded.encode();
+    if data[2] == 2 {
+        assert_eq!(&reencoded[..], data, "version 2 re-encodes byte for byte");
+    }
+    assert_eq!(Envelope::decode(reencoded).as_ref(), Ok(&decoded));
+    for tag in &decoded.tags {
+        assert_eq!(envelope::carries_tag(data, tag), data[2] == 2, "{tag:?}");
+    }
+    if let (Some(probe), Some(carries)) = (probe, carries) {
+        assert_eq!(
+            carries,
+            data[2] == 2 && decoded.tags.iter().any(|t| *t == probe)
+        );
+    }
+    check_marked(&decoded, data, now_ms, marked);
+}
+
+/// `mark_stale` moves "fresh until" back, and nothing else.
+fn check_marked(decoded: &Envelope, data: &[u8], now_ms: u64, marked: Option<Bytes>) {
+    if decoded.fresh_until_ms <= now_ms {
+        assert_eq!(marked, None, "already stale");
+        return;
+    }
+    let marked = marked.expect("a fresh entry can be marked stale");
+    assert_eq!(marked.len(), data.len());
+    assert_eq!(marked[..FRESH_UNTIL_OFFSET], data[..FRESH_UNTIL_OFFSET]);
+    assert_eq!(
+        marked[FRESH_UNTIL_OFFSET + 8..],
+        data[FRESH_UNTIL_OFFSET + 8..]
+    );
+    let stale = Envelope::decode(marked).expect("a marked envelope still decodes");
+    assert_eq!(stale.fresh_until_ms, now_ms.max(decoded.created_at_ms));
+    assert_eq!(
+        Envelope {
+            fresh_until_ms: decoded.fresh_until_ms,
+            ..stale
+        },
+        *decoded
+    );
+}
+
+/// An envelope within the bounds the cache layer enforces before building one.
+fn built_envelope(u: &mut Unstructured<'_>) -> arbitrary::Result<Envelope> {
+    let created_at_ms = u64::arbitrary(u)?;
+    let fresh_until_ms = created_at_ms.saturating_add(u64::arbitrary(u)?);
+    let stale_until_ms = fresh_until_ms.saturating_add(u64::arbitrary(u)?);
+    let mut tags = Vec::new();
+    let mut section = 0;
+    while bool::arbitrary(u)? {
+        let tag = truncated(String::arbitrary(u)?, MAX_TAG_BYTES);
+        if tag.is_empty() || section + 1 + tag.len() > MAX_TAG_SECTION_BYTES {
+            break;
+        }
+        section += 1 + tag.len();
+        tags.push(tag);
+    }
+    Ok(Envelope {
+        created_at_ms,
+        fresh_until_ms,
+        stale_until_ms,
+        tags,
+        fill_ms: u32::arbitrary(u)?,
+        content_type: truncated(String::arbitrary(u)?, MAX_CONTENT_TYPE_BYTES),
+        compressed: bool::arbitrary(u)?,
+        value: Bytes::copy_from_slice(u.bytes(u.len())?),
+    })
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
+}
+
+fn round_trip(built: &Envelope) {
+    let bytes = built.encode();
+    assert_eq!(Envelope::decode(bytes.clone()).as_ref(), Ok(built));
+    let times = envelope::times(&bytes).expect("an encoded envelope has times");
+    assert_eq!(times.created_at_ms, built.created_at_ms);
+    assert_eq!(times.fresh_until_ms, built.fresh_until_ms);
+    for tag in &built.tags {
+        assert!(envelope::carries_tag(&bytes, tag), "{tag:?}");
+    }
+    let now_ms = built.created_at_ms.saturating_add(1);
+    check_marked(built, &bytes, now_ms, envelope::mark_stale(&bytes, now_ms));
+}

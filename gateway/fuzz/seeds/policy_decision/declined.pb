@@ -1,0 +1,1 @@
+no route matched

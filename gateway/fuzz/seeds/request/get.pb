@@ -1,0 +1,4 @@
+
+users
+profile:42
+fieldemail 

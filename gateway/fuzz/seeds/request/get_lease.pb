@@ -1,0 +1,2 @@
+
+apileaderboard:weekly*úˆ'

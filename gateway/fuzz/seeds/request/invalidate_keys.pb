@@ -1,0 +1,5 @@
+
+users
+
+profile:42
+settings:42@d

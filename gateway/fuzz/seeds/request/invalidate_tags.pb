@@ -1,0 +1,4 @@
+
+catalog"
+
+category:7

@@ -1,0 +1,9 @@
+
+
+
+usersa
+
+
+usersb
+
+bad:nsc
