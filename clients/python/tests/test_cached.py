@@ -240,3 +240,22 @@ def test_the_client_says_when_the_gateway_is_back(caplog):
             assert any("answers again" in r.getMessage() for r in caplog.records)
     finally:
         own.stop()
+
+
+def test_callers_that_time_out_waiting_call_the_function_themselves(client: CacheClient, unique: str):
+    calls = Counter()
+
+    @cached("pytest", client=client, lease_wait=0.05)
+    def slow(tag: str) -> str:
+        calls.add()
+        time.sleep(0.5)  # far longer than the waiters' 50 ms
+        return "done"
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        results = list(pool.map(lambda _: slow(unique), range(5)))
+    assert results == ["done"] * 5
+    # The holder, and every waiter whose 50 ms wait timed out (all of them, unless a thread was
+    # so late that the fill had landed: then it had a HIT).
+    assert 2 <= calls.value <= 5
+    before = calls.value
+    assert slow(unique) == "done" and calls.value == before  # the holder's fill was written
