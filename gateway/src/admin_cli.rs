@@ -98,29 +98,46 @@ impl Remote {
 
 type AdminClient = PolicyAdminClient<InterceptedService<Channel, BearerToken>>;
 
-async fn connect(remote: &Remote) -> anyhow::Result<AdminClient> {
-    let address = &remote.address;
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else if remote.tls.is_some() {
-        format!("https://{address}")
-    } else {
-        format!("http://{address}")
-    };
-    let bearer = BearerToken::new(remote.token.as_deref())
-        .context("the token has characters that cannot be sent as metadata")?;
-    let mut endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("bad --remote address `{address}`"))?;
-    if let Some(tls) = &remote.tls {
-        crate::tls::install_crypto_provider();
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .context("cannot use the --tls-* files")?;
+impl Remote {
+    /// A channel to the address (https with TLS), and the token to send on
+    /// it. `what` names the API in errors ("the admin API", "the gateway");
+    /// `timeout` bounds connecting and every call (`None`: tonic's defaults).
+    pub async fn connect(
+        &self,
+        what: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> anyhow::Result<(Channel, BearerToken)> {
+        let address = &self.address;
+        let uri = if address.contains("://") {
+            address.to_owned()
+        } else if self.tls.is_some() {
+            format!("https://{address}")
+        } else {
+            format!("http://{address}")
+        };
+        let bearer = BearerToken::new(self.token.as_deref())
+            .context("the token has characters that cannot be sent as metadata")?;
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .with_context(|| format!("bad --remote address `{address}`"))?;
+        if let Some(timeout) = timeout {
+            endpoint = endpoint.connect_timeout(timeout).timeout(timeout);
+        }
+        if let Some(tls) = &self.tls {
+            crate::tls::install_crypto_provider();
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .context("cannot use the --tls-* files")?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach {what} at {uri}"))?;
+        Ok((channel, bearer))
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the admin API at {uri}"))?;
+}
+
+async fn connect(remote: &Remote) -> anyhow::Result<AdminClient> {
+    let (channel, bearer) = remote.connect("the admin API", None).await?;
     Ok(PolicyAdminClient::with_interceptor(channel, bearer)
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20))

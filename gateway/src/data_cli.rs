@@ -10,11 +10,7 @@ use std::{collections::HashMap, io::Write, time::Duration};
 
 use anyhow::Context;
 use serde_json::json;
-use tonic::{
-    Code,
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{
     admin_cli::Remote,
@@ -71,30 +67,7 @@ fn code_name(code: Code) -> String {
 type DataClient = CacheClient<InterceptedService<Channel, BearerToken>>;
 
 async fn connect(remote: &Remote, timeout: Duration) -> anyhow::Result<DataClient> {
-    let address = &remote.address;
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else if remote.tls.is_some() {
-        format!("https://{address}")
-    } else {
-        format!("http://{address}")
-    };
-    let mut endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("bad --remote address `{address}`"))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    if let Some(tls) = &remote.tls {
-        crate::tls::install_crypto_provider();
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .context("cannot use the --tls-* files")?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the gateway at {uri}"))?;
-    let bearer = BearerToken::new(remote.token.as_deref())
-        .context("the token has characters that cannot be sent as metadata")?;
+    let (channel, bearer) = remote.connect("the gateway", Some(timeout)).await?;
     Ok(CacheClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
