@@ -436,7 +436,18 @@ async fn undeclared_namespaces_need_the_template(backend: Backend) {
 async fn many_concurrent_clients_see_no_errors(backend: Backend) {
     const CLIENTS: usize = 500;
     const OPS_PER_CLIENT: usize = 20;
-    let world = World::start_with(backend, |config| config.redis.max_connections = 20).await;
+    let world = World::start_with(backend, |config| {
+        config.redis.max_connections = 20;
+        // This is about correctness under concurrency, not speed: on a loaded
+        // 2-core machine 500 clients can queue for longer than the fixtures'
+        // short timeouts, and a degraded answer would hide what is checked.
+        let patient = Duration::from_secs(5);
+        config.server.store_timeout = patient;
+        config.redis.wait_timeout = patient;
+        config.redis.create_timeout = patient;
+        config.redis.response_timeout = patient;
+    })
+    .await;
     let channels: Vec<_> = futures_channels(&world, 10).await;
     let mut tasks = Vec::new();
     for client_id in 0..CLIENTS {
