@@ -78,16 +78,7 @@ impl TlsFiles {
 impl Remote {
     /// `address` with the token from `token_file`, else from `$CACHEGW_TOKEN`.
     pub fn new(address: &str, token_file: Option<&Path>, tls: &TlsFiles) -> anyhow::Result<Self> {
-        let token = match token_file {
-            Some(file) => Some(
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read --token-file `{}`", file.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => std::env::var("CACHEGW_TOKEN").ok(),
-        }
-        .filter(|token| !token.is_empty());
+        let token = crate::auth::client_token(token_file)?;
         Ok(Self {
             address: address.to_owned(),
             token,

@@ -453,6 +453,10 @@ impl Authenticator {
     }
 }
 
+/// A channel whose every call carries a [`BearerToken`] (the load tools').
+pub type AuthedChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>;
+
 /// The client side: adds `authorization: Bearer <token>` to every call (the
 /// CLI and the load tools use it).
 #[derive(Clone, Debug)]
@@ -466,6 +470,33 @@ impl BearerToken {
             .transpose()
             .map(Self)
     }
+}
+
+impl BearerToken {
+    /// The token of [`client_token`].
+    pub fn from_file_or_env(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let token = client_token(file)?;
+        Self::new(token.as_deref()).map_err(|_| {
+            anyhow::anyhow!("the token has characters that cannot be sent as metadata")
+        })
+    }
+}
+
+/// The token a command-line client sends: the contents of `file`
+/// (`--token-file`), else `$CACHEGW_TOKEN`, else none.
+pub fn client_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let token = match file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|err| {
+                    anyhow::anyhow!("cannot read --token-file `{}`: {err}", file.display())
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("CACHEGW_TOKEN").ok(),
+    };
+    Ok(token.filter(|token| !token.is_empty()))
 }
 
 impl Interceptor for BearerToken {

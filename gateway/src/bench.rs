@@ -265,14 +265,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
             value: Bytes::from(vec![b'v'; args.value_size]),
         })
     };
-    let token = crate::admin_cli::Remote::new(
-        &args.gateway,
-        args.token_file.as_deref(),
-        &crate::admin_cli::TlsFiles::default(),
-    )?
-    .token;
-    let bearer = BearerToken::new(token.as_deref())
-        .map_err(|_| anyhow::anyhow!("the token has characters that cannot be sent as metadata"))?;
+    let bearer = BearerToken::from_file_or_env(args.token_file.as_deref())?;
     let mut targets = args.target.clone();
     targets.dedup();
     // One "lane" per target and (for the gateway) per namespace; lanes

@@ -30,7 +30,9 @@ use bytes::Bytes;
 use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::auth::{AuthedChannel, BearerToken};
 
 use crate::api::proto::v1::{
     GetRequest, InvalidateRequest, JobState, MSetRequest, Outcome, SetRequest, TagList,
@@ -40,6 +42,9 @@ use crate::api::proto::v1::{
 /// Options of `cachegw bench-invalidation`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InvalidationBenchArgs {
+    /// A file holding the tenant token to send [default: $CACHEGW_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// The gateway's gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub gateway: String,
@@ -122,15 +127,17 @@ pub async fn run(args: InvalidationBenchArgs) -> anyhow::Result<Vec<PhaseResult>
     if args.concurrency == 0 || args.channels == 0 {
         bail!("--concurrency and --channels must be at least 1");
     }
+    let bearer = BearerToken::from_file_or_env(args.token_file.as_deref())?;
     let mut channels = Vec::new();
     for _ in 0..args.channels {
-        channels.push(
+        channels.push(AuthedChannel::new(
             Endpoint::from_shared(args.gateway.clone())
                 .with_context(|| format!("bad --gateway address `{}`", args.gateway))?
                 .connect()
                 .await
                 .with_context(|| format!("cannot reach the gateway at {}", args.gateway))?,
-        );
+            bearer.clone(),
+        ));
     }
     let redis = redis::Client::open(args.redis.as_str())
         .with_context(|| format!("bad --redis URL `{}`", args.redis))?
@@ -230,7 +237,7 @@ pub async fn run(args: InvalidationBenchArgs) -> anyhow::Result<Vec<PhaseResult>
 /// Writes `count` entries `{prefix}:{i}` tagged `{prefix}`, in batches over
 /// every channel.
 async fn write(
-    channels: &[Channel],
+    channels: &[AuthedChannel],
     namespace: &str,
     prefix: &'static str,
     count: usize,
@@ -296,7 +303,7 @@ async fn write(
 /// The read load: GETs of random `cold:` entries, through the gateway and
 /// straight at Redis.
 struct Load {
-    channels: Vec<Channel>,
+    channels: Vec<AuthedChannel>,
     redis: MultiplexedConnection,
     namespace: String,
     cold: usize,

@@ -23,7 +23,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::auth::{AuthedChannel, BearerToken};
 
 use crate::{
     api::proto::v1::{
@@ -45,6 +47,9 @@ pub enum Mode {
 /// Options of `cachegw bench-stampede`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StampedeBenchArgs {
+    /// A file holding the tenant token to send [default: $CACHEGW_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Gateways' gRPC addresses, comma-separated: clients are spread over them.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:50051")]
     pub gateway: Vec<String>,
@@ -113,16 +118,18 @@ pub async fn run(args: StampedeBenchArgs) -> anyhow::Result<Vec<StampedeResult>>
     if args.ttl.is_zero() || args.duration.is_zero() {
         bail!("--ttl and --duration must be longer than 0s");
     }
+    let bearer = BearerToken::from_file_or_env(args.token_file.as_deref())?;
     let mut channels = Vec::new();
     for gateway in &args.gateway {
         for _ in 0..args.channels {
-            channels.push(
+            channels.push(AuthedChannel::new(
                 Endpoint::from_shared(gateway.clone())
                     .with_context(|| format!("bad --gateway address `{gateway}`"))?
                     .connect()
                     .await
                     .with_context(|| format!("cannot reach the gateway at {gateway}"))?,
-            );
+                bearer.clone(),
+            ));
         }
     }
     let mut results = Vec::new();
@@ -149,7 +156,7 @@ struct Counts {
 
 async fn run_mode(
     args: &StampedeBenchArgs,
-    channels: &[Channel],
+    channels: &[AuthedChannel],
     mode: Mode,
     key: &str,
 ) -> anyhow::Result<StampedeResult> {
@@ -193,7 +200,7 @@ async fn run_mode(
 
 /// One read-through client.
 struct Client {
-    cache: CacheClient<Channel>,
+    cache: CacheClient<AuthedChannel>,
     namespace: String,
     key: String,
     origin_latency: Duration,
