@@ -83,6 +83,31 @@ fn spawn_gateway(args: &[&str]) -> Spawned {
     }
 }
 
+/// Starts `cachegw serve ARGS` with `CACHEGW_LOG=filter` and streams its
+/// stderr, line by line.
+fn spawn_with_log(args: &[&str], filter: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(CACHEGW)
+        .arg("serve")
+        .args(args)
+        .current_dir(std::env::temp_dir())
+        .env_remove("CACHEGW_CONFIG")
+        .env("CACHEGW_LOG", filter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cachegw");
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, line_rx)
+}
+
 /// A running `cachegw serve` and the addresses it logged.
 struct Spawned {
     child: Child,
@@ -631,33 +656,27 @@ async fn json_logs_carry_the_request_span() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cachegw.toml");
     std::fs::write(&file, "store = \"memory\"\n[log]\nformat = \"json\"\n").unwrap();
-    let mut child = Command::new(CACHEGW)
-        .arg("serve")
-        .arg("--config")
-        .arg(&file)
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0", "--no-auth"])
-        .env_remove("CACHEGW_CONFIG")
-        .env("CACHEGW_LOG", "info,gateway::api=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cachegw");
-    let stderr = child.stderr.take().unwrap();
-    let (line_tx, line_rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let parsed = serde_json::from_str(&line)
-                .unwrap_or_else(|err| panic!("a log line that is not JSON ({err}): {line}"));
-            if line_tx.send(parsed).is_err() {
-                break;
-            }
-        }
-    });
+    let config = file.to_str().unwrap();
+    let (mut child, lines) = spawn_with_log(
+        &[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--no-auth",
+        ],
+        "info,gateway::api=debug",
+    );
     let next_line = |what: &str, matches: &dyn Fn(&serde_json::Value) -> bool| loop {
-        let line = line_rx
+        let line = lines
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|err| panic!("no log line with {what}: {err}"));
+        let line: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|err| panic!("a log line that is not JSON ({err}): {line}"));
         if matches(&line) {
             return line;
         }
@@ -720,28 +739,22 @@ async fn serve_without_tokens_refuses_to_start_unless_auth_is_turned_off() {
         "{stderr}"
     );
 
-    let mut child = Command::new(CACHEGW)
-        .args(["serve", "--store", "memory", "--no-auth"])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .current_dir(std::env::temp_dir())
-        .env_remove("CACHEGW_CONFIG")
-        .env("CACHEGW_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, lines) = spawn_with_log(
+        &[
+            "--store",
+            "memory",
+            "--no-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        "info",
+    );
     let warning = loop {
-        let line = line_rx
+        let line = lines
             .recv_timeout(Duration::from_secs(20))
             .expect("a start-up warning that authentication is off");
         if line.contains("AUTHENTICATION IS OFF") {

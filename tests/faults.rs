@@ -863,15 +863,7 @@ async fn gateway_connections_killed_repeatedly() {
     let mut recoveries = Vec::new();
     let mut last_kill = fault_start;
     for round in 0..KILLS {
-        let reply: u64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(&mut admin)
-            .await
-            .expect("CLIENT KILL");
+        let reply = support::kill_client_connections(&mut admin).await;
         last_kill = Instant::now();
         killed.push(reply);
         if round + 1 < KILLS {

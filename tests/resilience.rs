@@ -462,15 +462,7 @@ async fn killed_connections_are_retried_not_reported() {
         );
     }
     let mut admin = world.redis.as_ref().unwrap().connection().await;
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let killed = support::kill_client_connections(&mut admin).await;
     assert!(killed > 0);
     for i in 0..20 {
         let got = client

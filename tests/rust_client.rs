@@ -23,7 +23,7 @@ use cachegw_client::{
 };
 use gateway::{
     auth::token_digest_hex,
-    config::{Config, FallbackMode, Right, StoreKind, TenantConfig, TokenSources},
+    config::{Config, FallbackMode, Right, TenantConfig, TokenSources},
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -31,7 +31,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use support::{Backend, RedisServer, TestGateway, bind, test_config, wait_until};
+use support::{Backend, TestGateway, bind, store_and_gateway, wait_until};
 use tokio::sync::oneshot;
 
 const NS: &str = "origin";
@@ -51,24 +51,6 @@ fn freshness(config: &mut Config, ttl: &str, stale: &str) {
         Some(json!({"ttl": ttl, "stale": stale})),
         FallbackMode::FailClosed,
     );
-}
-
-/// A store (a test redis-server for `Backend::Redis`) and a gateway over it.
-async fn gateway(
-    backend: Backend,
-    configure: impl FnOnce(&mut Config),
-) -> (Option<RedisServer>, TestGateway) {
-    let redis = match backend {
-        Backend::Redis => Some(RedisServer::start().await),
-        Backend::Memory => None,
-    };
-    let store = match backend {
-        Backend::Redis => StoreKind::Redis,
-        Backend::Memory => StoreKind::Memory,
-    };
-    let mut config = test_config(store, redis.as_ref().map(RedisServer::url));
-    configure(&mut config);
-    (redis, TestGateway::start(config).await)
 }
 
 async fn client(gateway: &TestGateway) -> Client {
@@ -105,7 +87,8 @@ fn report(title: &str) -> Report {
 
 async fn two_hundred_cold_callers_run_the_fill_once(backend: Backend) {
     const CALLERS: usize = 200;
-    let (_redis, gateway) = gateway(backend, |config| freshness(config, "1m", "0s")).await;
+    let (_redis, gateway) =
+        store_and_gateway(backend, |config| freshness(config, "1m", "0s")).await;
     // One client: every task shares its one connection.
     let cache = client(&gateway).await;
     let fills = Arc::new(AtomicU64::new(0));
@@ -157,7 +140,8 @@ async fn two_hundred_cold_callers_run_the_fill_once(backend: Backend) {
 }
 
 async fn a_fill_racing_an_invalidation_or_delete_is_not_written_back(backend: Backend) {
-    let (_redis, gateway) = gateway(backend, |config| freshness(config, "1m", "0s")).await;
+    let (_redis, gateway) =
+        store_and_gateway(backend, |config| freshness(config, "1m", "0s")).await;
     let cache = client(&gateway).await;
     for (key, race) in [
         ("raced:invalidate", "invalidate"),
@@ -217,7 +201,8 @@ async fn a_fill_racing_an_invalidation_or_delete_is_not_written_back(backend: Ba
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_values_round_trip_and_foreign_types_are_decode_errors() {
-    let (_redis, gateway) = gateway(Backend::Redis, |config| freshness(config, "1m", "0s")).await;
+    let (_redis, gateway) =
+        store_and_gateway(Backend::Redis, |config| freshness(config, "1m", "0s")).await;
     let cache = client(&gateway).await;
     assert_eq!(
         cache.get::<Report>(NS, "report:q3").await.unwrap(),
@@ -266,7 +251,7 @@ async fn typed_values_round_trip_and_foreign_types_are_decode_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_values_are_served_while_one_caller_refreshes() {
     let (_redis, gateway) =
-        gateway(Backend::Redis, |config| freshness(config, "300ms", "1m")).await;
+        store_and_gateway(Backend::Redis, |config| freshness(config, "300ms", "1m")).await;
     let cache = client(&gateway).await;
     cache.set(NS, "feed", &report("v1")).await.unwrap();
     let stale_lookup = GetOptions {
@@ -418,7 +403,8 @@ async fn an_unreachable_gateway_is_unavailable_after_bounded_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_degraded_gateway_answers_degraded_and_get_or_fill_still_fills() {
-    let (redis, gateway) = gateway(Backend::Redis, |config| freshness(config, "1m", "0s")).await;
+    let (redis, gateway) =
+        store_and_gateway(Backend::Redis, |config| freshness(config, "1m", "0s")).await;
     let cache = client(&gateway).await;
     cache.set(NS, "k", &report("cached")).await.unwrap();
     let mut redis = redis.unwrap();
@@ -450,7 +436,7 @@ const TOKEN: &str = "rust-client-token-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_is_sent_and_without_it_calls_are_unauthenticated() {
-    let (_redis, gateway) = gateway(Backend::Redis, |config| {
+    let (_redis, gateway) = store_and_gateway(Backend::Redis, |config| {
         freshness(config, "1m", "0s");
         config.auth.enabled = true;
         config.auth.tenants.insert(
@@ -549,7 +535,7 @@ async fn the_client_speaks_tls_to_a_tls_gateway() {
     std::fs::write(pki.path().join("server.pem"), cert.pem()).unwrap();
     std::fs::write(pki.path().join("server.key"), key.serialize_pem()).unwrap();
 
-    let (_redis, gateway) = gateway(Backend::Memory, |config| {
+    let (_redis, gateway) = store_and_gateway(Backend::Memory, |config| {
         freshness(config, "1m", "0s");
         config.tls.cert_file = Some(pki.path().join("server.pem"));
         config.tls.key_file = Some(pki.path().join("server.key"));

@@ -433,6 +433,39 @@ pub enum Backend {
     Memory,
 }
 
+/// A store (a test redis-server for `Backend::Redis`) and a gateway over it,
+/// its config adjusted by `configure`.
+pub async fn store_and_gateway(
+    backend: Backend,
+    configure: impl FnOnce(&mut Config),
+) -> (Option<RedisServer>, TestGateway) {
+    let redis = match backend {
+        Backend::Redis => Some(RedisServer::start().await),
+        Backend::Memory => None,
+    };
+    let store = match backend {
+        Backend::Redis => StoreKind::Redis,
+        Backend::Memory => StoreKind::Memory,
+    };
+    let mut config = test_config(store, redis.as_ref().map(RedisServer::url));
+    configure(&mut config);
+    (redis, TestGateway::start(config).await)
+}
+
+/// `CLIENT KILL TYPE normal SKIPME yes`: drops every client connection but
+/// `admin`'s (the gateway's); returns how many were killed.
+pub async fn kill_client_connections(admin: &mut MultiplexedConnection) -> u64 {
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(admin)
+        .await
+        .expect("CLIENT KILL")
+}
+
 /// A scenario's world: the store (a test redis-server, or none for the memory
 /// store), a gateway over it, and a client.
 pub struct World {
@@ -448,17 +481,7 @@ impl World {
 
     /// Starts with a config adjusted by `configure`.
     pub async fn start_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> Self {
-        let redis = match backend {
-            Backend::Redis => Some(RedisServer::start().await),
-            Backend::Memory => None,
-        };
-        let store = match backend {
-            Backend::Redis => StoreKind::Redis,
-            Backend::Memory => StoreKind::Memory,
-        };
-        let mut config = test_config(store, redis.as_ref().map(RedisServer::url));
-        configure(&mut config);
-        let gateway = TestGateway::start(config).await;
+        let (redis, gateway) = store_and_gateway(backend, configure).await;
         let client = gateway.client().await;
         World {
             redis,
