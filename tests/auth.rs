@@ -392,6 +392,8 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_name() {
         "team-b:*",
         "*team-b*",
         "cg:team-b:*",
+        "cg:{team-b:0:*",
+        "}*",
         "../team-b/*",
         "team-b\u{200b}*",
     ] {
@@ -402,6 +404,8 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_name() {
     for key in [
         "team-b:k0",
         "cg:team-b:0:k1",
+        "cg:{team-b:0:k1}",
+        "}",
         "../team-b/k2",
         "t\u{0435}am-b:k3",
     ] {

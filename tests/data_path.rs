@@ -114,7 +114,7 @@ async fn entries_live_for_the_namespace_ttl(backend: Backend) {
     if let Some(redis) = &world.redis {
         let mut connection = redis.connection().await;
         let pttl: i64 = redis::cmd("PTTL")
-            .arg("cg:short:0:k")
+            .arg("cg:{short:0:k}")
             .query_async(&mut connection)
             .await
             .unwrap();
@@ -123,7 +123,7 @@ async fn entries_live_for_the_namespace_ttl(backend: Backend) {
             "PTTL {pttl}"
         );
         let pttl: i64 = redis::cmd("PTTL")
-            .arg("cg:anything:0:k")
+            .arg("cg:{anything:0:k}")
             .query_async(&mut connection)
             .await
             .unwrap();
@@ -162,6 +162,10 @@ async fn awkward_keys_round_trip_and_never_collide(backend: Backend) {
         "é",
         "e\u{301}",
         "cg:users:x",
+        "cg:{users:0:x}",
+        "}",
+        "{",
+        "a}b{c",
         "\u{0}",
     ];
     for (i, key) in keys.iter().enumerate() {
@@ -545,7 +549,7 @@ async fn undecodable_entries_are_counted_misses() {
         ("future", b"cg\x09\x00"),
     ] {
         redis::cmd("SET")
-            .arg(format!("cg:{NS}:0:{key}"))
+            .arg(format!("cg:{{{NS}:0:{key}}}"))
             .arg(junk)
             .exec_async(&mut connection)
             .await

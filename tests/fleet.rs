@@ -12,7 +12,7 @@ use gateway::{
     },
     config::StoreKind,
 };
-use support::{RedisServer, TestGateway, policy_module, test_config, wait_until};
+use support::{RedisCluster, RedisServer, TestGateway, policy_module, test_config, wait_until};
 
 async fn decided_by(gateway: &TestGateway, key: &str) -> String {
     let mut client = gateway.client().await;
@@ -28,7 +28,18 @@ async fn decided_by(gateway: &TestGateway, key: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_to_one_gateway_is_active_on_all_and_on_late_joiners() {
     let redis = RedisServer::start().await;
-    let config = test_config(StoreKind::Redis, Some(redis.url()));
+    push_converges(test_config(StoreKind::Redis, Some(redis.url()))).await;
+}
+
+/// The same through a Redis Cluster: the records live on two slots, and the
+/// change message crosses the cluster bus to a subscriber on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_converges_through_a_redis_cluster_too() {
+    let cluster = RedisCluster::start(3, 0).await;
+    push_converges(cluster.config()).await;
+}
+
+async fn push_converges(config: gateway::Config) {
     let first = TestGateway::start(config.clone()).await;
     let second = TestGateway::start(config.clone()).await;
     assert_eq!(decided_by(&second, "k").await, "default");

@@ -375,7 +375,7 @@ async fn a_namespace_flush_hides_everything_at_once_and_only_there(backend: Back
         // aging out by their own TTL: that is the documented trade-off.
         let mut connection = redis.connection().await;
         let ttl: i64 = redis::cmd("PTTL")
-            .arg(format!("cg:{NS}:0:k5"))
+            .arg(format!("cg:{{{NS}:0:k5}}"))
             .query_async(&mut connection)
             .await
             .unwrap();
@@ -394,7 +394,7 @@ async fn neighbour_count(world: &mut World, keys: &[&str]) -> usize {
             let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("cg:{NEIGHBOUR}:*"))
+                .arg(format!("cg:{{{NEIGHBOUR}:*"))
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut connection)
@@ -429,6 +429,8 @@ async fn client_patterns_never_leave_their_namespace(backend: Backend) {
         ":",
         "cg:catalog:0:x",
         "cg:catalog.b:0:x",
+        "cg:{catalog.b:0:x}",
+        "}",
         "0:x",
         "ключ",
     ];
@@ -448,6 +450,9 @@ async fn client_patterns_never_leave_their_namespace(backend: Backend) {
         "catalog.b:*",
         "*catalog.b*",
         "cg:catalog.b:*",
+        "cg:{catalog.b:*",
+        "}*",
+        "*}*",
         "0:*",
         "../catalog.b/*",
         "\\",
@@ -923,7 +928,7 @@ async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
         let mut connection = connection.clone();
         async move {
             redis::cmd("ZCARD")
-                .arg(format!("cgt:{NS}:0:{tag}"))
+                .arg(format!("cgt:{{{NS}:0:{tag}}}"))
                 .query_async::<u64>(&mut connection)
                 .await
                 .unwrap()
@@ -938,7 +943,7 @@ async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
             let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("cg:{NS}:0:e:*"))
+                .arg(format!("cg:{{{NS}:0:e:*"))
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut connection)
@@ -981,7 +986,7 @@ async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
             async move {
                 set_tagged(&mut client, &format!("keepalive:{keepalives}"), "shared").await;
                 redis::cmd("EXISTS")
-                    .arg(format!("cgt:{NS}:0:short-lived"))
+                    .arg(format!("cgt:{{{NS}:0:short-lived}}"))
                     .query_async::<u64>(&mut connection)
                     .await
                     .unwrap()
@@ -1021,7 +1026,7 @@ async fn redis_store_follows_a_generation_reset() {
         .query_async(&mut connection)
         .await
         .unwrap();
-    assert_eq!(entries, [format!("cg:{NS}:0:k")]);
+    assert_eq!(entries, [format!("cg:{{{NS}:0:k}}")]);
     assert_eq!(
         invalidate(&mut world.client, NS, tags(&["t"]), false)
             .await

@@ -70,7 +70,7 @@ async fn remaining_ttl_ms(world: &mut World, namespace: &str, key: &str) -> i64 
     if let Some(redis) = &world.redis {
         let mut connection = redis.connection().await;
         redis::cmd("PTTL")
-            .arg(format!("cg:{namespace}:0:{key}"))
+            .arg(format!("cg:{{{namespace}:0:{key}}}"))
             .query_async(&mut connection)
             .await
             .unwrap()
@@ -340,7 +340,7 @@ async fn decisions_cannot_reach_another_namespace(backend: Backend) {
         // Something of the attacker's own for its `*` pattern to find.
         let mut connection = redis.connection().await;
         redis::cmd("SET")
-            .arg("cg:attacker:0:seed")
+            .arg("cg:{attacker:0:seed}")
             .arg("x")
             .exec_async(&mut connection)
             .await
@@ -383,17 +383,17 @@ async fn decisions_cannot_reach_another_namespace(backend: Backend) {
         let entries: Vec<&String> = keys.iter().filter(|key| key.starts_with("cg:")).collect();
         assert_eq!(
             entries,
-            ["cg:victim:0:other", "cg:victim:0:secret"],
+            ["cg:{victim:0:other}", "cg:{victim:0:secret}"],
             "only the victim's entries are left, untouched: {keys:?}"
         );
         assert!(
-            keys.contains(&"cgt:victim:0:shared".to_owned()),
+            keys.contains(&"cgt:{victim:0:shared}".to_owned()),
             "the victim's tag index is untouched: {keys:?}"
         );
         assert!(
             !keys
                 .iter()
-                .any(|key| key.contains(":victim:") && key.starts_with("cgt:attacker")),
+                .any(|key| key.contains(":victim:") && key.starts_with("cgt:{attacker")),
             "{keys:?}"
         );
     }
@@ -454,7 +454,7 @@ async fn hostile(module: &str, fault_kind: &str, spare: Option<&str>) {
     if let Some(redis) = &world.redis {
         let mut connection = redis.connection().await;
         let exists: u32 = redis::cmd("EXISTS")
-            .arg("cg:open:0:k")
+            .arg("cg:{open:0:k}")
             .query_async(&mut connection)
             .await
             .unwrap();

@@ -207,7 +207,7 @@ async fn a_gateway_started_without_redis_serves_degraded_then_connects() {
     .await;
     let mut connection = redis.connection().await;
     let exists: u32 = redis::cmd("EXISTS")
-        .arg("cg:orders:0:k")
+        .arg("cg:{orders:0:k}")
         .query_async(&mut connection)
         .await
         .unwrap();

@@ -343,11 +343,15 @@ impl Load {
             }));
             let halt = Arc::clone(&stop);
             let mut connection = self.redis.clone();
-            let prefix = format!("cg:{}:0:cold:", self.namespace);
+            let namespace = self.namespace.clone();
             redis_tasks.push(tokio::spawn(async move {
                 let mut figures = Figures::new();
                 while !halt.load(Ordering::Relaxed) {
-                    let key = format!("{prefix}{}", rand::random_range(0..cold));
+                    let key = crate::store::layout::entry_key(
+                        &namespace,
+                        0,
+                        format!("cold:{}", rand::random_range(0..cold)).as_bytes(),
+                    );
                     let started = Instant::now();
                     let answer: redis::RedisResult<Option<Bytes>> = redis::cmd("GET")
                         .arg(key)

@@ -248,12 +248,44 @@ impl std::fmt::Display for ClientAuth {
     }
 }
 
+/// How the gateway talks to Redis.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis primary (or a proxy in front of several).
+    #[default]
+    Standalone,
+    /// A Redis Cluster.
+    Cluster,
+}
+
+impl RedisConfig {
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.mode == RedisMode::Cluster
+    }
+
+    /// The seed nodes: `url`, then `cluster_seeds`.
+    pub fn seeds(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.cluster_seeds.iter().map(String::as_str))
+    }
+}
+
 /// The Redis store's pool and connection settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// Redis URL (`redis://[user:pass@]host:port[/db]`; `rediss://` for TLS).
+    /// In cluster mode, one seed node of the cluster.
     pub url: String,
+    /// `standalone` (one Redis primary) or `cluster` (Redis Cluster: `url`
+    /// and `cluster_seeds` are seed nodes, the rest of the cluster and its
+    /// slot map are discovered and followed through MOVED/ASK and failovers).
+    pub mode: RedisMode,
+    /// More seed nodes in cluster mode, tried after `url` (same scheme and
+    /// credentials). Empty: `url` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_seeds: Vec<String>,
     /// With a `rediss://` URL: CA certificates (PEM) to trust for the Redis
     /// server's certificate, instead of the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +327,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
+            mode: RedisMode::Standalone,
+            cluster_seeds: Vec::new(),
             tls_ca_file: None,
             tls_client_cert_file: None,
             tls_client_key_file: None,
@@ -821,6 +855,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--redis`
     pub redis_url: Option<String>,
+    /// `--redis-cluster`
+    pub redis_cluster: bool,
     /// `--store`
     pub store: Option<StoreKind>,
     /// `--admin-listen`
@@ -870,6 +906,9 @@ impl Config {
         }
         if let Some(url) = &overrides.redis_url {
             figment = figment.merge(Serialized::default("redis.url", url));
+        }
+        if overrides.redis_cluster {
+            figment = figment.merge(Serialized::default("redis.mode", RedisMode::Cluster));
         }
         if let Some(metrics) = overrides.metrics_listen {
             figment = figment.merge(Serialized::default("metrics.listen", metrics));
@@ -949,6 +988,23 @@ impl Config {
         }
         if let Err(err) = redis::Client::open(self.redis.url.as_str()) {
             return invalid("redis.url", &format!("is not a Redis URL: {err}"));
+        }
+        if let Some((seed, err)) = self
+            .redis
+            .cluster_seeds
+            .iter()
+            .find_map(|seed| redis::Client::open(seed.as_str()).err().map(|err| (seed, err)))
+        {
+            return invalid(
+                "redis.cluster_seeds",
+                &format!("holds `{seed}`, which is not a Redis URL: {err}"),
+            );
+        }
+        if !self.redis.cluster_seeds.is_empty() && !self.redis.is_cluster() {
+            return invalid(
+                "redis.cluster_seeds",
+                "is set but redis.mode is not `cluster`: a standalone Redis has one URL",
+            );
         }
         for (field, value) in [
             ("redis.wait_timeout", self.redis.wait_timeout),
@@ -1248,6 +1304,7 @@ mod tests {
         let overrides = Overrides {
             listen: Some("127.0.0.1:7001".parse().unwrap()),
             redis_url: Some("redis://127.0.0.1:6390".to_owned()),
+            redis_cluster: false,
             store: Some(StoreKind::Memory),
             admin_listen: None,
             metrics_listen: None,

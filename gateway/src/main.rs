@@ -371,6 +371,10 @@ struct ServeArgs {
     /// Redis URL [default: redis://127.0.0.1:6379].
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// Treat `--redis` (redis.url) as a seed node of a Redis Cluster
+    /// (redis.mode = "cluster").
+    #[arg(long)]
+    redis_cluster: bool,
     /// Store backend: `redis`, or `memory` (in-process) [default: redis].
     #[arg(long, value_name = "STORE")]
     store: Option<StoreKind>,
@@ -447,6 +451,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         listen: args.listen,
         redis_url: args.redis,
+        redis_cluster: args.redis_cluster,
         store: args.store,
         admin_listen: args.admin_listen,
         metrics_listen: args.metrics_listen,

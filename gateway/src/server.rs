@@ -148,7 +148,9 @@ impl Gateway {
                         source,
                     },
                 )?;
-                registry.register_collector(Box::new(redis.pool_collector()));
+                if let Some(collector) = redis.pool_collector() {
+                    registry.register_collector(Box::new(collector));
+                }
                 let guard_metrics = GuardMetrics::register(&mut registry);
                 Arc::new(GuardedStore::new(
                     Arc::new(redis),

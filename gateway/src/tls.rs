@@ -172,10 +172,27 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<ServerTlsConfig>, PemErro
 /// `redis.tls_client_cert_file` when set. Every connection the gateway makes
 /// to Redis comes from a client built here.
 pub fn redis_client(config: &RedisConfig) -> redis::RedisResult<redis::Client> {
+    redis_client_for(config, &config.url)
+}
+
+/// [`redis_client`] for another node (a cluster seed) of the same deployment:
+/// same certificates, another URL.
+pub fn redis_client_for(config: &RedisConfig, url: &str) -> redis::RedisResult<redis::Client> {
+    match redis_certificates(config)? {
+        Some(certificates) if url.starts_with("rediss://") => {
+            redis::Client::build_with_tls(url, certificates)
+        }
+        _ => redis::Client::open(url),
+    }
+}
+
+/// The CA and client certificates configured for `rediss://` connections,
+/// if any (none: the system's roots, no client certificate).
+pub fn redis_certificates(config: &RedisConfig) -> redis::RedisResult<Option<TlsCertificates>> {
     install_crypto_provider();
     let wants_files = config.tls_ca_file.is_some() || config.tls_client_cert_file.is_some();
     if !config.url.starts_with("rediss://") || !wants_files {
-        return redis::Client::open(config.url.as_str());
+        return Ok(None);
     }
     let read = |field, path: &Path| {
         read(field, path).map_err(|err| {
@@ -198,11 +215,8 @@ pub fn redis_client(config: &RedisConfig) -> redis::RedisResult<redis::Client> {
         }),
         _ => None,
     };
-    redis::Client::build_with_tls(
-        config.url.as_str(),
-        TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }

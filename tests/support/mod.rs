@@ -242,6 +242,8 @@ pub struct TestGateway {
     pub metrics: MetricsHandle,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), gateway::GatewayError>>>,
+    /// The Redis Cluster this gateway stores in, when a scenario started one.
+    pub cluster: Option<RedisCluster>,
 }
 
 impl TestGateway {
@@ -267,6 +269,7 @@ impl TestGateway {
             metrics,
             shutdown: Some(shutdown),
             task: Some(task),
+            cluster: None,
         }
     }
 
@@ -403,7 +406,9 @@ pub fn bind(
 
 /// Generates, for each scenario function `async fn NAME(backend: Backend)` of
 /// the calling test file, one `#[tokio::test]` per store:
-/// `redis_store::NAME` and `memory_store::NAME`.
+/// `redis_store::NAME`, `memory_store::NAME` and `cluster_store::NAME` (a
+/// three-primary Redis Cluster). Checks that read Redis directly
+/// (`world.redis`) run on the standalone variant; key counts run on both.
 #[macro_export]
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {
@@ -423,6 +428,14 @@ macro_rules! on_both_stores {
                 }
             )*
         }
+        mod cluster_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::support::Backend::Cluster).await;
+                }
+            )*
+        }
     };
 }
 
@@ -431,6 +444,8 @@ macro_rules! on_both_stores {
 pub enum Backend {
     Redis,
     Memory,
+    /// A Redis Cluster of three primaries (no replicas).
+    Cluster,
 }
 
 /// A store (a test redis-server for `Backend::Redis`) and a gateway over it,
@@ -439,12 +454,20 @@ pub async fn store_and_gateway(
     backend: Backend,
     configure: impl FnOnce(&mut Config),
 ) -> (Option<RedisServer>, TestGateway) {
+    if backend == Backend::Cluster {
+        let cluster = RedisCluster::start(3, 0).await;
+        let mut config = cluster.config();
+        configure(&mut config);
+        let mut gateway = TestGateway::start(config).await;
+        gateway.cluster = Some(cluster);
+        return (None, gateway);
+    }
     let redis = match backend {
         Backend::Redis => Some(RedisServer::start().await),
-        Backend::Memory => None,
+        Backend::Memory | Backend::Cluster => None,
     };
     let store = match backend {
-        Backend::Redis => StoreKind::Redis,
+        Backend::Redis | Backend::Cluster => StoreKind::Redis,
         Backend::Memory => StoreKind::Memory,
     };
     let mut config = test_config(store, redis.as_ref().map(RedisServer::url));
@@ -525,9 +548,12 @@ impl World {
             .into_inner()
     }
 
-    /// Entries in the test Redis (None for the memory store): keys under
-    /// `cg:`, leaving out tag indexes and namespace state.
+    /// Entries in the test Redis or cluster (None for the memory store): keys
+    /// under `cg:`, leaving out tag indexes and namespace state.
     pub async fn redis_key_count(&self) -> Option<u64> {
+        if let Some(cluster) = &self.gateway.cluster {
+            return Some(cluster.key_count("cg:*").await);
+        }
         let redis = self.redis.as_ref()?;
         let mut connection = redis.connection().await;
         let mut cursor = 0u64;
@@ -549,4 +575,193 @@ impl World {
             cursor = next;
         }
     }
+}
+
+/// The `redis-cli` next to the `redis-server` in use.
+pub fn redis_cli_binary() -> PathBuf {
+    let server = redis_server_binary();
+    let candidate = server.with_file_name("redis-cli");
+    if candidate.is_file() {
+        return candidate;
+    }
+    PathBuf::from("redis-cli")
+}
+
+/// A local Redis Cluster: `redis-server --cluster-enabled yes` processes on
+/// free ports, joined by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    /// Every node; the first `primaries` were created as primaries.
+    pub nodes: Vec<RedisServer>,
+    primaries: usize,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` primaries with `replicas` replicas each and waits
+    /// until every node reports `cluster_state:ok` with every slot assigned.
+    pub async fn start(primaries: usize, replicas: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            nodes.push(
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+                .await,
+            );
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let output = Command::new(redis_cli_binary())
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = RedisCluster { nodes, primaries };
+        cluster.wait_until_ok(Duration::from_secs(20)).await;
+        if replicas > 0 {
+            cluster.wait_for_replicas(Duration::from_secs(20)).await;
+        }
+        cluster
+    }
+
+    /// Waits until every running node agrees the cluster is ok.
+    pub async fn wait_until_ok(&self, within: Duration) {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(RedisServer::url)
+            .collect();
+        wait_until("the cluster to be ok on every node", within, || {
+            let urls = urls.clone();
+            async move {
+                for url in &urls {
+                    let Some(info) = command_text(url, &["CLUSTER", "INFO"]).await else {
+                        return false;
+                    };
+                    if !info.contains("cluster_state:ok")
+                        || !info.contains("cluster_slots_assigned:16384")
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await;
+    }
+
+    async fn wait_for_replicas(&self, within: Duration) {
+        let urls: Vec<String> = self.nodes.iter().map(RedisServer::url).collect();
+        wait_until("every replica to be in sync", within, || {
+            let urls = urls.clone();
+            async move {
+                for url in &urls {
+                    let Some(info) = command_text(url, &["INFO", "replication"]).await else {
+                        return false;
+                    };
+                    if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await;
+    }
+
+    /// Seed URLs of the nodes created as primaries.
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.nodes[..self.primaries]
+            .iter()
+            .map(RedisServer::url)
+            .collect()
+    }
+
+    /// A test config for a gateway on this cluster.
+    pub fn config(&self) -> Config {
+        let seeds = self.seed_urls();
+        let mut config = test_config(StoreKind::Redis, Some(seeds[0].clone()));
+        config.redis.mode = gateway::config::RedisMode::Cluster;
+        config.redis.cluster_seeds = seeds[1..].to_vec();
+        config
+    }
+
+    /// The nodes that are primaries now (replicas may have been promoted).
+    pub async fn current_primaries(&self) -> Vec<&RedisServer> {
+        let mut primaries = Vec::new();
+        for node in &self.nodes {
+            if node.child.is_none() {
+                continue;
+            }
+            if let Some(info) = command_text(&node.url(), &["INFO", "replication"]).await
+                && info.contains("role:master")
+            {
+                primaries.push(node);
+            }
+        }
+        primaries
+    }
+
+    /// Keys matching `pattern` on every primary (SCAN, never KEYS).
+    pub async fn key_count(&self, pattern: &str) -> u64 {
+        let mut count = 0;
+        for node in self.current_primaries().await {
+            let mut connection = node.connection().await;
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("SCAN a cluster node");
+                count += keys.len() as u64;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        count
+    }
+}
+
+/// A command's reply as text, or None when the node does not answer.
+async fn command_text(url: &str, args: &[&str]) -> Option<String> {
+    let client = redis::Client::open(url).ok()?;
+    let mut connection = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        cmd.query_async::<String>(&mut connection),
+    )
+    .await
+    .ok()?
+    .ok()
 }

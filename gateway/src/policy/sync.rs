@@ -16,7 +16,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use deadpool_redis::redis::{self, AsyncCommands, aio::MultiplexedConnection};
+use deadpool_redis::redis::{self, AsyncCommands};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -32,19 +32,31 @@ const EVENTS: &str = "cachegw:policy:events";
 /// The name the sync connection shows in `CLIENT LIST`.
 pub const CLIENT_NAME: &str = "cachegw-policy-sync";
 
-async fn named(
-    client: &redis::Client,
-    timeouts: &redis::AsyncConnectionConfig,
-) -> redis::RedisResult<MultiplexedConnection> {
-    let mut connection = client
-        .get_multiplexed_async_connection_with_config(timeouts)
-        .await?;
-    redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(CLIENT_NAME)
-        .exec_async(&mut connection)
-        .await?;
-    Ok(connection)
+/// The connection for the records: to the Redis, or to the whole cluster.
+type Connection = crate::store::batch::Handle;
+
+async fn named(config: &crate::config::RedisConfig) -> redis::RedisResult<Connection> {
+    crate::store::connect(config, CLIENT_NAME).await
+}
+
+/// A pub/sub connection: to the Redis, or to the first cluster seed that
+/// answers (a cluster delivers a PUBLISH to subscribers on every node).
+async fn subscriber(
+    config: &crate::config::RedisConfig,
+) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut last = None;
+    for seed in config.seeds() {
+        match crate::tls::redis_client_for(config, seed) {
+            Ok(client) => match client.get_async_pubsub().await {
+                Ok(pubsub) => return Ok(pubsub),
+                Err(err) => last = Some(err),
+            },
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
+    }))
 }
 
 /// How often a gateway re-reads the fleet's bindings even without a message.
@@ -117,14 +129,13 @@ pub async fn start(
     redis_config: &crate::config::RedisConfig,
     catch_up: Duration,
 ) -> Result<(), redis::RedisError> {
-    let client = crate::tls::redis_client(redis_config)?;
+    // Fails here on a URL that cannot work, before anything is spawned.
+    crate::tls::redis_client(redis_config)?;
+    let redis_config = redis_config.clone();
     // Redis round trips are bounded by the store's timeouts; compiling the
     // modules caught up with (local CPU) by `catch_up`.
-    let timeouts = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(redis_config.connect_timeout))
-        .set_response_timeout(Some(redis_config.response_timeout));
     let first = async {
-        let mut connection = named(&client, &timeouts).await?;
+        let mut connection = named(&redis_config).await?;
         pull(&registry, &mut connection).await
     };
     match tokio::time::timeout(catch_up, first).await {
@@ -137,12 +148,12 @@ pub async fn start(
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
         loop {
-            let Ok(mut connection) = named(&client, &timeouts).await else {
+            let Ok(mut connection) = named(&redis_config).await else {
                 debug!("policy sync: Redis unreachable, retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
-            let mut events = match client.get_async_pubsub().await {
+            let mut events = match subscriber(&redis_config).await {
                 Ok(mut pubsub) => match pubsub.subscribe(EVENTS).await {
                     Ok(()) => pubsub.into_on_message(),
                     Err(err) => {
@@ -194,7 +205,7 @@ pub async fn start(
 /// Writes a local change to Redis and tells the fleet.
 async fn push(
     registry: &PolicyRegistry,
-    connection: &mut MultiplexedConnection,
+    connection: &mut Connection,
     change: Change,
 ) -> redis::RedisResult<()> {
     match change {
@@ -203,11 +214,10 @@ async fn push(
             name,
             bytes,
         } => {
-            let _: () = redis::pipe()
-                .hset(MODULES, &version, bytes.as_ref())
-                .hset(NAMES, &version, &name)
-                .query_async(connection)
-                .await?;
+            // Two keys (two slots on a cluster): the module first, so a name
+            // never points at a module that is not there.
+            let _: () = connection.hset(MODULES, &version, bytes.as_ref()).await?;
+            let _: () = connection.hset(NAMES, &version, &name).await?;
         }
         Change::Binding(namespace) => {
             let Some(binding) = registry.active(&namespace) else {
@@ -248,18 +258,17 @@ async fn blocking<T: Send + 'static>(
 /// if need be. False (logged) when it cannot be.
 async fn ensure_loaded(
     registry: &Arc<PolicyRegistry>,
-    connection: &mut MultiplexedConnection,
+    connection: &mut Connection,
     namespace: &str,
     version: &str,
 ) -> redis::RedisResult<bool> {
     if registry.version(version).is_ok() {
         return Ok(true);
     }
-    let (bytes, name): (Option<Vec<u8>>, Option<String>) = redis::pipe()
-        .hget(MODULES, version)
-        .hget(NAMES, version)
-        .query_async(connection)
-        .await?;
+    let (bytes, name): (Option<Vec<u8>>, Option<String>) = (
+        connection.hget(MODULES, version).await?,
+        connection.hget(NAMES, version).await?,
+    );
     let Some(bytes) = bytes else {
         warn!(namespace, version, "policy sync: module missing from Redis");
         return Ok(false);
@@ -278,7 +287,7 @@ async fn ensure_loaded(
 /// Applies every fleet binding that differs from the local one.
 async fn pull(
     registry: &Arc<PolicyRegistry>,
-    connection: &mut MultiplexedConnection,
+    connection: &mut Connection,
 ) -> redis::RedisResult<()> {
     let records: Vec<(String, String)> = connection.hgetall(BINDINGS).await?;
     for (namespace, record) in records {

@@ -10,6 +10,9 @@ pub struct NamespaceState {
     /// Entries created at or before this time (ms since the Unix epoch) are
     /// stale; set by a soft namespace flush.
     pub stale_before_ms: u64,
+    /// The namespace's tag sequence as last read (Redis only): a lease
+    /// records it, and a tag purge after it voids the lease's write.
+    pub tag_sequence: u64,
 }
 
 /// Namespace states, for namespaces that were ever flushed (every other

@@ -1,19 +1,28 @@
 //! Where things live in a store, shared by both implementations.
 //!
-//! | key                            | holds                                                |
-//! |--------------------------------|------------------------------------------------------|
-//! | `cg:{namespace}:{gen}:{key}`   | an entry (an envelope), with the entry's expiry      |
-//! | `cl:{namespace}:{gen}:{key}`   | the entry's lease: `{token}:{tag sequence}`, expiring |
-//! | `cgv:{namespace}:{gen}:{tag}`  | the tag sequence of the tag's last purge (voids leases) |
-//! | `cgt:{namespace}:{gen}:{tag}`  | the tag index: entry keys scored by their expiry      |
-//! | `cgp:{namespace}:{gen}:{id}`   | a tag index taken over by a running tag purge         |
-//! | `cgm:{namespace}`              | namespace state: `gen` (generation), `stale` (ms), `tagseq` |
+//! | key                              | holds                                                 |
+//! |----------------------------------|-------------------------------------------------------|
+//! | `cg:{<ns>:<gen>:<key>}`          | an entry (an envelope), with the entry's expiry       |
+//! | `cl:{<ns>:<gen>:<key>}`          | the entry's lease: `<token>:<tag sequence>`, expiring  |
+//! | `cgt:{<ns>:<gen>:<tag>}`         | the tag index: entry keys scored by their expiry       |
+//! | `cgv:{<ns>:<gen>:<tag>}`         | the tag sequence of the tag's last purge (voids leases) |
+//! | `cgp:{<ns>:<gen>:<tag>}:<id>`    | a tag index taken over by a running tag purge          |
+//! | `cgm:<ns>`                       | namespace state: `gen` (generation), `stale` (ms), `tagseq` |
 //!
-//! Namespace names are `[A-Za-z0-9_.-]` (no `:`) and generations are decimal,
-//! so `cg:{namespace}:{gen}:` is an unambiguous, glob-free prefix: distinct
-//! (namespace, generation, key) triples never collide, whatever bytes the key
-//! holds, and a pattern appended to the prefix cannot match outside it.
-//! Policy sync (`cachegw:policy:*`) uses yet another prefix.
+//! The braces are literal: they are Redis Cluster *hash tags*. A cluster puts
+//! a key in the slot of the text between its first `{` and the next `}`, so an
+//! entry and its lease always share a slot (the lease and fenced-write scripts
+//! touch both), and so do a tag's index, marks and purge snapshots, while the
+//! entries of one namespace spread over every slot. Both keys of a pair start
+//! with the same number of bytes before `{` and hold the same bytes after it,
+//! so they hash alike even when a key or tag itself contains `}`.
+//!
+//! Namespace names are `[A-Za-z0-9_.-]` (no `:`, `{` or `}`) and generations are
+//! decimal, so `cg:{<ns>:<gen>:` is an unambiguous, glob-free prefix and the
+//! closing `}` a fixed suffix: distinct (namespace, generation, key) triples
+//! never collide, whatever bytes the key holds, and a pattern placed between
+//! the prefix and the suffix cannot match outside them (Redis globs give `{`
+//! and `}` no meaning). Policy sync (`cachegw:policy:*`) uses yet another prefix.
 
 use std::fmt::Write as _;
 
@@ -21,18 +30,30 @@ use std::fmt::Write as _;
 pub const GENERATION_FIELD: &str = "gen";
 /// Entries created at or before this time (ms) are stale (a soft flush).
 pub const STALE_BEFORE_FIELD: &str = "stale";
+/// The namespace's tag sequence: moves on at every tag purge.
+pub const TAG_SEQUENCE_FIELD: &str = "tagseq";
 
-/// `c[gl]:{namespace}:{generation}:`: matches the entries *and* the leases of
-/// a generation, so that one pattern scan finds both.
+/// What closes every entry and lease key (the end of the hash tag).
+pub const KEY_SUFFIX: &[u8] = b"}";
+
+/// `c[gl]:{<ns>:<gen>:`: matches the entries *and* the leases of a
+/// generation, so that one pattern scan finds both. Put a pattern and
+/// [`KEY_SUFFIX`] after it.
 pub fn entry_or_lease_matcher(namespace: &str, generation: u64) -> Vec<u8> {
-    format!("c[gl]:{namespace}:{generation}:").into_bytes()
+    format!("c[gl]:{{{namespace}:{generation}:").into_bytes()
 }
 
 /// The key of the lease on an entry.
 pub fn lease_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
-    let mut out = format!("cl:{namespace}:{generation}:").into_bytes();
+    let mut out = lease_prefix(namespace, generation);
     out.extend_from_slice(key);
+    out.extend_from_slice(KEY_SUFFIX);
     out
+}
+
+/// `cl:{<ns>:<gen>:`, the prefix of every lease of a generation.
+pub fn lease_prefix(namespace: &str, generation: u64) -> Vec<u8> {
+    format!("cl:{{{namespace}:{generation}:").into_bytes()
 }
 
 /// Whether a key found by [`entry_or_lease_matcher`] is a lease.
@@ -40,17 +61,26 @@ pub fn is_lease_key(key: &[u8]) -> bool {
     key.starts_with(b"cl:")
 }
 
+/// The entry key inside an entry or lease key of the generation whose
+/// [`entry_prefix`] (or [`lease_prefix`], the same length) is `prefix_len`
+/// bytes long.
+pub fn inner_key(physical: &[u8], prefix_len: usize) -> Option<&[u8]> {
+    physical
+        .get(prefix_len..)
+        .and_then(|rest| rest.strip_suffix(KEY_SUFFIX))
+}
+
 /// Where a tag's last purge records its tag sequence number: a leased write
 /// carrying the tag is refused if its lease is older than that purge.
 pub fn tag_void_key(namespace: &str, generation: u64, tag: &str) -> Vec<u8> {
-    format!("cgv:{namespace}:{generation}:{tag}").into_bytes()
+    tagged(&format!("cgv:{{{namespace}:{generation}:"), tag, "")
 }
 
-/// `cg:{namespace}:{generation}:`, the prefix of every entry of a generation.
+/// `cg:{<ns>:<gen>:`, the prefix of every entry of a generation.
 pub fn entry_prefix(namespace: &str, generation: u64) -> Vec<u8> {
     let mut prefix = String::with_capacity(namespace.len() + 24);
     // Writing to a String cannot fail.
-    let _ = write!(prefix, "cg:{namespace}:{generation}:");
+    let _ = write!(prefix, "cg:{{{namespace}:{generation}:");
     prefix.into_bytes()
 }
 
@@ -58,17 +88,31 @@ pub fn entry_prefix(namespace: &str, generation: u64) -> Vec<u8> {
 pub fn entry_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
     let mut out = entry_prefix(namespace, generation);
     out.extend_from_slice(key);
+    out.extend_from_slice(KEY_SUFFIX);
     out
 }
 
 /// The sorted set indexing the entries of a generation that carry `tag`.
 pub fn tag_index_key(namespace: &str, generation: u64, tag: &str) -> Vec<u8> {
-    format!("cgt:{namespace}:{generation}:{tag}").into_bytes()
+    tagged(&format!("cgt:{{{namespace}:{generation}:"), tag, "")
 }
 
-/// Where a tag purge moves the index it works through.
-pub fn tag_purge_key(namespace: &str, generation: u64, id: u64) -> Vec<u8> {
-    format!("cgp:{namespace}:{generation}:{id:016x}").into_bytes()
+/// Where a tag purge moves the index it works through (the index's slot).
+pub fn tag_purge_key(namespace: &str, generation: u64, tag: &str, id: u64) -> Vec<u8> {
+    tagged(
+        &format!("cgp:{{{namespace}:{generation}:"),
+        tag,
+        &format!(":{id:016x}"),
+    )
+}
+
+fn tagged(prefix: &str, tag: &str, after: &str) -> Vec<u8> {
+    let mut out = String::with_capacity(prefix.len() + tag.len() + 1 + after.len());
+    out.push_str(prefix);
+    out.push_str(tag);
+    out.push('}');
+    out.push_str(after);
+    out.into_bytes()
 }
 
 /// The hash holding a namespace's generation and soft-flush time.
@@ -97,6 +141,67 @@ mod tests {
                 }
             }
         }
-        assert_eq!(entry_key("users", 3, b"k:*"), b"cg:users:3:k:*");
+        assert_eq!(entry_key("users", 3, b"k:*"), b"cg:{users:3:k:*}");
+        assert_eq!(lease_key("users", 3, b"k:*"), b"cl:{users:3:k:*}");
+        let prefix = entry_prefix("users", 3);
+        assert_eq!(
+            inner_key(&entry_key("users", 3, b"a}b"), prefix.len()),
+            Some(&b"a}b"[..])
+        );
+    }
+
+    /// The slot a Redis Cluster puts `key` in: CRC16 (XMODEM) of its hash
+    /// tag, or of the whole key without one. Only to check the layout.
+    fn slot(key: &[u8]) -> u16 {
+        let hashed = key
+            .iter()
+            .position(|&b| b == b'{')
+            .and_then(|open| {
+                let rest = &key[open + 1..];
+                rest.iter()
+                    .position(|&b| b == b'}')
+                    .filter(|&close| close > 0)
+                    .map(|close| &rest[..close])
+            })
+            .unwrap_or(key);
+        let mut crc: u16 = 0;
+        for &byte in hashed {
+            crc ^= u16::from(byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            }
+        }
+        crc % 16384
+    }
+
+    #[test]
+    fn the_slot_function_matches_redis() {
+        // From the Redis Cluster specification.
+        assert_eq!(slot(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+    }
+
+    #[test]
+    fn an_entry_shares_its_slot_with_its_lease_and_a_tag_with_its_marks() {
+        for key in [&b"plain"[..], b"with}brace", b"{tag}", b"}", b"", b"a{b}c"] {
+            assert_eq!(
+                slot(&entry_key("ns", 7, key)),
+                slot(&lease_key("ns", 7, key)),
+                "{key:?}"
+            );
+        }
+        for tag in ["t", "with}brace", "}", "user:1"] {
+            let index = slot(&tag_index_key("ns", 7, tag));
+            assert_eq!(index, slot(&tag_void_key("ns", 7, tag)), "{tag}");
+            assert_eq!(index, slot(&tag_purge_key("ns", 7, tag, 42)), "{tag}");
+        }
+    }
+
+    #[test]
+    fn a_namespace_spreads_over_the_slots() {
+        let slots: std::collections::HashSet<u16> = (0..10_000)
+            .map(|i| slot(&entry_key("one-namespace", 0, format!("key-{i}").as_bytes())))
+            .collect();
+        assert!(slots.len() > 4_000, "10 000 keys in only {} slots", slots.len());
     }
 }

@@ -210,9 +210,9 @@ impl MemoryStore {
         // does not hold a worker thread away from the requests it serves.
         let mut selected: Vec<Bytes> = Vec::new();
         for (walked, (key, value)) in self.entries.iter().enumerate() {
-            if key
-                .strip_prefix(prefix.as_slice())
-                .is_some_and(|rest| select(rest, &value.bytes))
+            if key.starts_with(&prefix)
+                && layout::inner_key(&key, prefix.len())
+                    .is_some_and(|rest| select(rest, &value.bytes))
             {
                 selected.push(Bytes::clone(&key));
             }
@@ -222,7 +222,7 @@ impl MemoryStore {
         }
         let mut affected = 0;
         for physical in selected {
-            let rest = physical.slice(prefix.len()..);
+            let rest = physical.slice(prefix.len()..physical.len() - layout::KEY_SUFFIX.len());
             let hit = self
                 .purge_one(physical, mode, |bytes| select(&rest, bytes))
                 .await;
@@ -303,10 +303,11 @@ impl Store for MemoryStore {
         {
             // Fills in progress of matching keys are voided too.
             let generation = self.generations.get(namespace).generation;
-            let prefix = layout::lease_key(namespace, generation, b"");
+            let prefix = layout::lease_prefix(namespace, generation);
             self.leases.lock().await.held.retain(|key, _| {
-                !key.strip_prefix(prefix.as_slice())
-                    .is_some_and(|rest| glob::matches(pattern, rest))
+                !(key.starts_with(&prefix)
+                    && layout::inner_key(key, prefix.len())
+                        .is_some_and(|rest| glob::matches(pattern, rest)))
             });
         }
         Ok(self

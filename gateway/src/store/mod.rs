@@ -9,6 +9,7 @@
 //! envelope only through its fixed header (tags and "fresh until"), for tag
 //! purges and soft purges; the cache layer encodes and decodes it.
 
+pub(crate) mod batch;
 mod generations;
 pub mod glob;
 mod guard;
@@ -30,6 +31,7 @@ use bytes::Bytes;
 pub use self::guard::{GuardMetrics, GuardedStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
+pub(crate) use self::redis::connect;
 
 /// Now, in ms since the Unix epoch (the clock of envelopes and indexes).
 pub(crate) fn unix_millis() -> u64 {

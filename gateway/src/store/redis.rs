@@ -1,19 +1,33 @@
-//! The Redis store.
+//! The Redis store, on a standalone Redis or a Redis Cluster.
 //!
-//! Connections come from a deadpool-redis pool (bounded size, wait/create/
-//! recycle timeouts, a PING health check on recycle). Each pooled connection is
-//! a redis-rs `MultiplexedConnection`, so instead of checking a connection out
-//! per request (one request per socket, plus deadpool's recycle PING on every
-//! checkout), the store keeps up to `max_connections` connections checked out
-//! in *lanes* and spreads requests over them round-robin: concurrent requests
-//! pipeline on shared sockets. DESIGN.md measured this at about twice the
-//! throughput of checkout-per-request; docs/BENCHMARKS.md has our numbers.
+//! **Standalone.** Connections come from a deadpool-redis pool (bounded size,
+//! wait/create/recycle timeouts, a PING health check on recycle). Each pooled
+//! connection is a redis-rs `MultiplexedConnection`, so instead of checking a
+//! connection out per request (one request per socket, plus deadpool's recycle
+//! PING on every checkout), the store keeps up to `max_connections`
+//! connections checked out in *lanes* and spreads requests over them
+//! round-robin: concurrent requests pipeline on shared sockets. DESIGN.md
+//! measured this at about twice the throughput of checkout-per-request;
+//! docs/BENCHMARKS.md has our numbers.
 //!
 //! A lane goes back to the pool (and so through its health check) when a
 //! command on it fails at the connection level, and every
 //! `health_check_interval` in any case. Redis being down therefore costs one
 //! failed connect per request at most, bounded by the pool's timeouts, and the
 //! store reconnects by itself when Redis returns.
+//!
+//! **Cluster.** The lanes hold redis-rs cluster connections instead, built
+//! from the seed nodes, without a pool: a cluster connection is already a set
+//! of multiplexed connections (one per node) that routes every command by its
+//! slot, follows MOVED and ASK, refreshes its slot map after a failover and
+//! reconnects to nodes by itself. A deadpool pool over it would add a checkout
+//! per request and a recycle PING that checks one node of many. A lane is
+//! rebuilt only when its connection as a whole fails.
+//!
+//! Every operation is written once, as a [`Batch`] of single-slot groups:
+//! one pipeline on a standalone Redis, concurrent per-slot pipelines on a
+//! cluster. The layout ([`layout`]) hash-tags each entry with its lease and
+//! each tag with its marks, so nothing needs two slots at once.
 
 use std::{
     sync::{
@@ -28,13 +42,19 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_redis::{
     Connection, Manager, Pool, PoolError, Runtime,
-    redis::{self, AsyncConnectionConfig, RedisError, aio::MultiplexedConnection},
+    redis::{
+        self, AsyncConnectionConfig, RedisError, Value,
+        cluster::{ClusterClient, ClusterClientBuilder},
+        cluster_async::ClusterConnection,
+        cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+    },
 };
 use tracing::{debug, warn};
 
 use super::{
     Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
     WriteEntry,
+    batch::{Batch, Handle, Lua},
     generations::{Generations, NamespaceState},
     layout, unix_millis,
 };
@@ -84,10 +104,9 @@ impl prometheus_client::collector::Collector for PoolCollector {
     }
 }
 
-/// Cache entries in Redis, through a pool of multiplexed connections.
+/// Cache entries in Redis, through lanes of multiplexed connections.
 pub struct RedisStore {
-    pool: Pool,
-    lanes: Box<[LaneSlot]>,
+    backend: Backend,
     next_lane: AtomicUsize,
     health_check_interval: Option<Duration>,
     epoch: Instant,
@@ -96,13 +115,36 @@ pub struct RedisStore {
     lease_void_ttl: Duration,
 }
 
+/// Where connections come from.
+enum Backend {
+    /// A standalone Redis: pooled connections held in lanes.
+    Standalone {
+        pool: Pool,
+        lanes: Box<[LaneSlot<Lane>]>,
+    },
+    /// A Redis Cluster: cluster connections held in lanes.
+    Cluster {
+        client: ClusterClient,
+        lanes: Box<[LaneSlot<ClusterConnection>]>,
+    },
+}
+
 /// Where a lane lives: the lane itself (swapped without locks on the hot
 /// path), a lock taken only to fill it, and when filling it last failed.
-#[derive(Default)]
-struct LaneSlot {
-    current: ArcSwapOption<Lane>,
+struct LaneSlot<L> {
+    current: ArcSwapOption<L>,
     filling: tokio::sync::Mutex<()>,
     last_failure: AtomicU64,
+}
+
+impl<L> Default for LaneSlot<L> {
+    fn default() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            filling: tokio::sync::Mutex::new(()),
+            last_failure: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A pooled connection held out of the pool and shared by concurrent requests.
@@ -112,32 +154,43 @@ struct Lane {
 }
 
 impl RedisStore {
-    /// Builds the pool. Connects lazily: Redis need not be up yet. Leases
-    /// last at most `max_lease_ttl`.
+    /// Builds the pool (standalone) or the cluster client. Connects lazily:
+    /// Redis need not be up yet. Leases last at most `max_lease_ttl`.
     pub fn new(config: &RedisConfig, max_lease_ttl: Duration) -> Result<Self, StoreError> {
-        let connection_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout));
-        // The connection info carries the `rediss://` certificates, if any.
-        let client = crate::tls::redis_client(config)
-            .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?;
-        let manager =
-            Manager::new_with_config(client.get_connection_info().clone(), connection_config)
+        let lanes = config.max_connections.max(1);
+        let backend = if config.is_cluster() {
+            Backend::Cluster {
+                client: cluster_client(config)
+                    .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?,
+                lanes: (0..lanes).map(|_| LaneSlot::default()).collect(),
+            }
+        } else {
+            let connection_config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.response_timeout));
+            // The connection info carries the `rediss://` certificates, if any.
+            let client = crate::tls::redis_client(config)
                 .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?;
-        let pool = Pool::builder(manager)
-            .max_size(config.max_connections)
-            .wait_timeout(Some(config.wait_timeout))
-            .create_timeout(Some(config.create_timeout))
-            .recycle_timeout(Some(config.recycle_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|err| StoreError::Unavailable(format!("cannot build redis pool: {err}")))?;
-        let lanes = (0..config.max_connections)
-            .map(|_| LaneSlot::default())
-            .collect();
+            let manager =
+                Manager::new_with_config(client.get_connection_info().clone(), connection_config)
+                    .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?;
+            let pool = Pool::builder(manager)
+                .max_size(config.max_connections)
+                .wait_timeout(Some(config.wait_timeout))
+                .create_timeout(Some(config.create_timeout))
+                .recycle_timeout(Some(config.recycle_timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|err| {
+                    StoreError::Unavailable(format!("cannot build redis pool: {err}"))
+                })?;
+            Backend::Standalone {
+                pool,
+                lanes: (0..lanes).map(|_| LaneSlot::default()).collect(),
+            }
+        };
         Ok(Self {
-            pool,
-            lanes,
+            backend,
             next_lane: AtomicUsize::new(0),
             health_check_interval: (!config.health_check_interval.is_zero())
                 .then_some(config.health_check_interval),
@@ -147,29 +200,88 @@ impl RedisStore {
         })
     }
 
-    /// Connections currently open in the pool (checked out in lanes or idle).
+    /// Connections currently open: in the pool (checked out in lanes or
+    /// idle), or the cluster connections held in lanes.
     pub fn open_connections(&self) -> usize {
-        self.pool.status().size
+        match &self.backend {
+            Backend::Standalone { pool, .. } => pool.status().size,
+            Backend::Cluster { lanes, .. } => lanes
+                .iter()
+                .filter(|slot| slot.current.load().is_some())
+                .count(),
+        }
     }
 
-    /// A metrics collector reporting the pool's figures at each scrape.
-    pub fn pool_collector(&self) -> PoolCollector {
-        PoolCollector(self.pool.clone())
+    /// A metrics collector reporting the pool's figures at each scrape (a
+    /// standalone Redis; a cluster has no pool).
+    pub fn pool_collector(&self) -> Option<PoolCollector> {
+        match &self.backend {
+            Backend::Standalone { pool, .. } => Some(PoolCollector(pool.clone())),
+            Backend::Cluster { .. } => None,
+        }
     }
 
-    /// A connection handle for one command, and the lane it came from.
-    async fn connection(&self) -> Result<(MultiplexedConnection, Arc<Lane>, usize), StoreError> {
-        let index = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        let slot = &self.lanes[index];
-        if let Some(lane) = self.usable(slot) {
-            return Ok(((*lane.connection).clone(), lane, index));
+    /// A connection handle for one command or batch, and the lane it came from.
+    async fn connection(&self) -> Result<(Handle, usize), StoreError> {
+        let index = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        match &self.backend {
+            Backend::Standalone { pool, lanes } => {
+                let index = index % lanes.len();
+                let interval = self.health_check_interval;
+                let lane = self
+                    .lane(
+                        &lanes[index],
+                        |lane: &Lane| {
+                            // Due for its health check: hand it back, the pool PINGs it.
+                            interval.is_none_or(|every| lane.checked_out_at.elapsed() < every)
+                        },
+                        async || {
+                            let connection = pool.get().await.map_err(pool_error)?;
+                            Ok(Lane {
+                                connection,
+                                checked_out_at: Instant::now(),
+                            })
+                        },
+                    )
+                    .await?;
+                Ok((Handle::Standalone((*lane.connection).clone()), index))
+            }
+            Backend::Cluster { client, lanes } => {
+                let index = index % lanes.len();
+                let lane = self
+                    .lane(
+                        &lanes[index],
+                        |_: &ClusterConnection| true,
+                        async || {
+                            client
+                                .get_async_connection()
+                                .await
+                                .map_err(|err| StoreError::Unavailable(format!("cannot connect to the cluster: {err}")))
+                        },
+                    )
+                    .await?;
+                Ok((Handle::Cluster((*lane).clone()), index))
+            }
+        }
+    }
+
+    /// The lane in `slot`, filled by one caller while the others wait.
+    async fn lane<L>(
+        &self,
+        slot: &LaneSlot<L>,
+        usable: impl Fn(&L) -> bool,
+        fill: impl AsyncFnOnce() -> Result<L, StoreError>,
+    ) -> Result<Arc<L>, StoreError> {
+        let current = |slot: &LaneSlot<L>| slot.current.load_full().filter(|lane| usable(lane));
+        if let Some(lane) = current(slot) {
+            return Ok(lane);
         }
         // One request fills an empty lane; the others on that lane wait for it
         // instead of all stampeding the pool (and its wait timeout).
         let waiting_since = self.clock();
         let _filling = slot.filling.lock().await;
-        if let Some(lane) = self.usable(slot) {
-            return Ok(((*lane.connection).clone(), lane, index));
+        if let Some(lane) = current(slot) {
+            return Ok(lane);
         }
         if slot.last_failure.load(Ordering::Acquire) > waiting_since {
             // The fill we queued behind just failed: fail fast too rather than
@@ -178,33 +290,20 @@ impl RedisStore {
                 "redis connection failed moments ago".to_owned(),
             ));
         }
-        if let Some(stale) = slot.current.load_full() {
-            // Due for its health check: hand it back, the pool PINGs it.
-            self.retire(index, &stale);
-        }
-        let connection = match self.pool.get().await {
-            Ok(connection) => connection,
+        // A lane due for its health check goes back (dropped) here.
+        slot.current.store(None);
+        match fill().await {
+            Ok(lane) => {
+                let lane = Arc::new(lane);
+                slot.current.store(Some(Arc::clone(&lane)));
+                Ok(lane)
+            }
             Err(err) => {
                 slot.last_failure
                     .store(self.clock().max(1), Ordering::Release);
-                return Err(pool_error(err));
+                Err(err)
             }
-        };
-        let lane = Arc::new(Lane {
-            connection,
-            checked_out_at: Instant::now(),
-        });
-        slot.current.store(Some(Arc::clone(&lane)));
-        Ok(((*lane.connection).clone(), lane, index))
-    }
-
-    /// The lane in `slot`, unless it is empty or due for a health check.
-    fn usable(&self, slot: &LaneSlot) -> Option<Arc<Lane>> {
-        let lane = slot.current.load_full()?;
-        let due = self
-            .health_check_interval
-            .is_some_and(|interval| lane.checked_out_at.elapsed() >= interval);
-        (!due).then_some(lane)
+        }
     }
 
     /// Nanoseconds since the store was built (a cheap, comparable timestamp).
@@ -212,19 +311,24 @@ impl RedisStore {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Takes `lane` out of its slot (if it is still there) so it returns to the
-    /// pool once the commands in flight on it finish.
-    fn retire(&self, index: usize, lane: &Arc<Lane>) {
-        let current = Some(Arc::clone(lane));
-        self.lanes[index]
-            .current
-            .compare_and_swap(&current, None::<Arc<Lane>>);
+    /// Takes the lane at `index` out of its slot so it returns to the pool
+    /// (or closes) once the commands in flight on it finish.
+    fn retire(&self, index: usize) {
+        match &self.backend {
+            Backend::Standalone { lanes, .. } => lanes[index].current.store(None),
+            Backend::Cluster { lanes, .. } => lanes[index].current.store(None),
+        }
     }
 
     /// Takes every lane out of its slot; commands in flight on them finish.
     fn retire_all(&self) {
-        for slot in &self.lanes {
-            slot.current.store(None);
+        match &self.backend {
+            Backend::Standalone { lanes, .. } => {
+                lanes.iter().for_each(|slot| slot.current.store(None));
+            }
+            Backend::Cluster { lanes, .. } => {
+                lanes.iter().for_each(|slot| slot.current.store(None));
+            }
         }
     }
 
@@ -232,13 +336,14 @@ impl RedisStore {
     /// connection itself failed.
     async fn run<T, F>(&self, command: F) -> Result<T, StoreError>
     where
-        F: AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, RedisError>,
+        F: AsyncFnOnce(&mut Handle) -> Result<T, RedisError>,
     {
-        let (mut handle, lane, index) = self.connection().await?;
+        let (mut handle, index) = self.connection().await?;
         match command(&mut handle).await {
             Ok(value) => Ok(value),
             Err(err) => {
-                if err.is_connection_dropped() || err.is_io_error() {
+                let cluster = matches!(handle, Handle::Cluster(_));
+                if !cluster && (err.is_connection_dropped() || err.is_io_error()) {
                     // The server closed this connection: it restarted, failed
                     // over or killed its clients, and then every lane opened
                     // before is just as dead. Retire them all, so that a retry
@@ -247,13 +352,151 @@ impl RedisStore {
                     debug!(cause = %err, lane = index, "redis closed a connection: retiring every lane");
                     self.retire_all();
                 } else if is_connection_error(&err) {
+                    // A cluster connection reconnects to a node by itself; it is
+                    // rebuilt only when it failed as a whole.
                     debug!(cause = %err, lane = index, "retiring redis connection");
-                    self.retire(index, &lane);
+                    self.retire(index);
                 }
                 Err(command_error(err))
             }
         }
     }
+
+    /// Runs `batch` on a lane: one pipeline, or one per slot group.
+    async fn exec(&self, batch: Batch) -> Result<Vec<Value>, StoreError> {
+        self.run(async move |handle| batch.run(handle).await).await
+    }
+
+    /// Where a scan must look: the Redis itself (`None`), or every primary of
+    /// the cluster, by address.
+    async fn scan_targets(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        if matches!(self.backend, Backend::Standalone { .. }) {
+            return Ok(vec![None]);
+        }
+        let nodes: String = self
+            .run(async |handle| {
+                let Handle::Cluster(connection) = handle else {
+                    unreachable!("a cluster backend hands out cluster connections")
+                };
+                let reply = connection
+                    .route_command(
+                        redis::cmd("CLUSTER").arg("NODES").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                    )
+                    .await?;
+                redis::from_redis_value(reply).map_err(RedisError::from)
+            })
+            .await?;
+        let primaries = cluster_primaries(&nodes);
+        if primaries.is_empty() {
+            return Err(StoreError::Command(
+                "the cluster lists no primary serving slots".to_owned(),
+            ));
+        }
+        Ok(primaries.into_iter().map(Some).collect())
+    }
+
+    /// One SCAN step on `target` (see [`Self::scan_targets`]).
+    async fn scan_step(
+        &self,
+        target: Option<&(String, u16)>,
+        cursor: u64,
+        matcher: &[u8],
+    ) -> Result<(u64, Vec<Bytes>), StoreError> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(matcher)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        self.run(async |handle| match (handle, target) {
+            (Handle::Cluster(connection), Some((host, port))) => {
+                let reply = connection
+                    .route_command(
+                        scan,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        }),
+                    )
+                    .await?;
+                redis::from_redis_value(reply).map_err(RedisError::from)
+            }
+            (handle, _) => scan.query_async(handle).await,
+        })
+        .await
+    }
+}
+
+/// A connection of its own (not a lane) to the Redis `config` names, for
+/// the policy sync and other background work: a multiplexed connection, or a
+/// cluster connection.
+pub(crate) async fn connect(
+    config: &RedisConfig,
+    client_name: &str,
+) -> Result<Handle, RedisError> {
+    if config.is_cluster() {
+        let connection = cluster_client(config)?.get_async_connection().await?;
+        return Ok(Handle::Cluster(connection));
+    }
+    let timeouts = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.response_timeout));
+    let mut connection = crate::tls::redis_client(config)?
+        .get_multiplexed_async_connection_with_config(&timeouts)
+        .await?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(client_name)
+        .exec_async(&mut connection)
+        .await?;
+    Ok(Handle::Standalone(connection))
+}
+
+/// The cluster client: every seed node, the store's timeouts, the TLS
+/// certificates of `rediss://` seeds. redis-rs retries a command a few times
+/// across MOVED/ASK and reconnects; the cache layer's deadline bounds it all.
+fn cluster_client(config: &RedisConfig) -> Result<ClusterClient, RedisError> {
+    let seeds = config
+        .seeds()
+        .map(|url| crate::tls::redis_client_for(config, url).map(|client| client.get_connection_info().clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut builder = ClusterClientBuilder::new(seeds)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.response_timeout)
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(10)
+        .max_retry_wait(200);
+    if let Some(certificates) = crate::tls::redis_certificates(config)? {
+        builder = builder.certs(certificates);
+    }
+    builder.build()
+}
+
+/// How often redis-rs retries a cluster command (MOVED, ASK, a node that is
+/// failing over) before it reports the error.
+const CLUSTER_RETRIES: u32 = 4;
+
+/// The primaries serving slots, from a `CLUSTER NODES` reply: lines of
+/// `<id> <ip:port@cport[,hostname]> <flags> <primary> <ping> <pong> <epoch>
+/// <link> <slot>...`.
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let serving = flags.split(',').any(|flag| flag == "master")
+                && !flags.split(',').any(|flag| flag == "fail" || flag == "noaddr")
+                && fields.len() > 8;
+            if !serving {
+                return None;
+            }
+            let address = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Removes or marks stale one entry, only if it is a cachegw envelope and, when
@@ -298,79 +541,77 @@ redis.call('SETRANGE', KEYS[1], 12, ARGV[3])
 return 1
 ";
 
-/// Starts a tag purge: voids the leases of fills that will carry the tag
-/// (the namespace's tag sequence moves on, and the tag records it for as long
-/// as a lease can live), then, for a hard purge, renames the tag index
-/// (KEYS[1]) to the purge's private key (KEYS[2]) if it exists; 1 if it did.
-///
-/// KEYS[3]: the namespace state, KEYS[4]: the tag's void mark. ARGV[1]: the
-/// mark's lifetime (ms), ARGV[2]: `take` (hard) or `keep` (soft).
+/// Starts a tag purge, after the namespace's tag sequence moved on to
+/// ARGV[1]: the tag's void mark (KEYS[3]) records it (never going back) for as
+/// long as a lease can live, ARGV[2] ms, which voids the leased writes of
+/// fills granted before; then, for a hard purge (ARGV[3] `take`), renames the
+/// tag index (KEYS[1]) to the purge's private key (KEYS[2]) if it exists; 1 if
+/// it did. All three keys share the tag's slot.
 const TAG_PURGE_SCRIPT: &str = r"
-local seq = redis.call('HINCRBY', KEYS[3], 'tagseq', 1)
-redis.call('SET', KEYS[4], seq, 'PX', ARGV[1])
-if ARGV[2] ~= 'take' then return 1 end
+local seq = tonumber(ARGV[1])
+if seq > tonumber(redis.call('GET', KEYS[3]) or '0') then
+  redis.call('SET', KEYS[3], seq, 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
+if ARGV[3] ~= 'take' then return 1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 ";
 
 /// Grants a lease unless one is held or no fill is needed any more: the
-/// entry (KEYS[3]) is fresh (mode `unfilled`: fresh until after ARGV[3] and
+/// entry (KEYS[2]) is fresh (mode `unfilled`: fresh until after ARGV[3] and
 /// created after ARGV[4]), or is no longer the version created at ARGV[4]
-/// (mode `refresh`). The lease records the namespace's tag sequence at grant
-/// time, for the leased write's check. Returns {state, generation, entry}
-/// with state 1 granted, 0 held, 2 filled (and the entry that fills it).
+/// (mode `refresh`). The lease records the namespace's tag sequence as the
+/// caller last read it (ARGV[6], read before this call, so never newer than
+/// the grant), for the leased write's check. Returns {state, entry} with
+/// state 1 granted, 0 held, 2 filled (and the entry that fills it).
 ///
-/// KEYS[1]: the namespace state, KEYS[2]: the lease, KEYS[3]: the entry.
-/// ARGV: token, lifetime (ms), now (ms), the time above, mode.
+/// KEYS[1]: the lease, KEYS[2]: the entry (one slot). ARGV: token, lifetime
+/// (ms), now (ms), the time above, mode, tag sequence.
 const ACQUIRE_SCRIPT: &str = r"
-local state = redis.call('HMGET', KEYS[1], 'gen', 'tagseq')
-local gen = tonumber(state[1] or '0')
-local entry = redis.call('GET', KEYS[3])
+local entry = redis.call('GET', KEYS[2])
 if entry and string.len(entry) >= 20 and string.sub(entry, 1, 2) == 'cg' then
   local created, fresh = 0, 0
   for i = 12, 5, -1 do created = created * 256 + string.byte(entry, i) end
   for i = 20, 13, -1 do fresh = fresh * 256 + string.byte(entry, i) end
   local mark = tonumber(ARGV[4])
   if ARGV[5] == 'unfilled' then
-    if fresh > tonumber(ARGV[3]) and created > mark then return {2, gen, entry} end
+    if fresh > tonumber(ARGV[3]) and created > mark then return {2, entry} end
   elseif created ~= mark then
-    return {2, gen, entry}
+    return {2, entry}
   end
 elseif ARGV[5] == 'refresh' then
-  return {0, gen, false}
+  return {0, false}
 end
-local granted = redis.call('SET', KEYS[2], ARGV[1] .. ':' .. (state[2] or '0'), 'NX', 'PX', ARGV[2])
-return {granted and 1 or 0, gen, false}
+local granted = redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[6], 'NX', 'PX', ARGV[2])
+return {granted and 1 or 0, false}
 ";
 
-/// Writes an entry only if its lease is still the caller's and none of its
-/// tags was purged since the lease was granted; consumes the lease either
-/// way once checked. Returns {written, generation}.
+/// The first step of a leased write: writes the entry (KEYS[2]) only if its
+/// lease (KEYS[1]) is still the caller's (ARGV[1]), consuming the lease.
+/// Returns the tag sequence the lease recorded, or -1 (not written). ARGV:
+/// token, value, ttl (ms).
 ///
-/// KEYS[1]: the namespace state, KEYS[2]: the lease, KEYS[3]: the entry,
-/// then n tag indexes, then the n tags' void marks. ARGV: token, value, ttl
-/// (ms), expiry (ms since the epoch), now (ms), the entry's key, n.
-const LEASED_SET_SCRIPT: &str = r"
-local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+/// The tag checks come after, from the tags' own slots: see
+/// [`RedisStore::set_leased`].
+const LEASED_WRITE_SCRIPT: &str = r"
 local token = ARGV[1]
-local lease = redis.call('GET', KEYS[2])
-if not lease or string.sub(lease, 1, #token + 1) ~= token .. ':' then return {0, gen} end
-local seq = tonumber(string.sub(lease, #token + 2)) or 0
-local n = tonumber(ARGV[7])
-redis.call('DEL', KEYS[2])
-for i = 1, n do
-  if tonumber(redis.call('GET', KEYS[3 + n + i]) or '0') > seq then return {0, gen} end
+local lease = redis.call('GET', KEYS[1])
+if not lease or string.sub(lease, 1, #token + 1) ~= token .. ':' then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return tonumber(string.sub(lease, #token + 2)) or 0
+";
+
+/// Takes back a leased write that a tag purge voided: removes the entry
+/// (KEYS[1]) only if it is still the version written (its header, ARGV[1]).
+const UNDO_SCRIPT: &str = r"
+if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) == ARGV[1] then
+  return redis.call('UNLINK', KEYS[1])
 end
-redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
-for i = 1, n do
-  local index = KEYS[3 + i]
-  redis.call('ZADD', index, ARGV[4], ARGV[6])
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. ARGV[5])
-  redis.call('PEXPIRE', index, ARGV[3], 'NX')
-  redis.call('PEXPIRE', index, ARGV[3], 'GT')
-end
-return {1, gen}
+return 0
 ";
 
 /// Compare-and-delete: releases the lease (KEYS[1]) only if it is the
@@ -398,93 +639,82 @@ return tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
 const GENERATION_ATTEMPTS: usize = 3;
 
 impl RedisStore {
-    /// Adds `HMGET {state} gen stale` to `pipeline`.
-    fn read_state(pipeline: &mut redis::Pipeline, namespace: &str) {
-        pipeline
-            .cmd("HMGET")
+    /// Adds `HMGET {state} gen stale tagseq`, a group of its own, to `batch`.
+    fn read_state(batch: &mut Batch, namespace: &str) {
+        let mut hmget = redis::cmd("HMGET");
+        hmget
             .arg(layout::namespace_state_key(namespace))
             .arg(layout::GENERATION_FIELD)
-            .arg(layout::STALE_BEFORE_FIELD);
+            .arg(layout::STALE_BEFORE_FIELD)
+            .arg(layout::TAG_SEQUENCE_FIELD);
+        batch.group().add(hmget);
     }
 
     /// Records the reply of [`Self::read_state`].
-    fn learn(&self, namespace: &str, reply: &[Option<u64>]) -> NamespaceState {
+    fn learn(&self, namespace: &str, reply: Option<Value>) -> Result<NamespaceState, StoreError> {
+        let reply: Vec<Option<u64>> = parse(reply)?;
+        let field = |at: usize| reply.get(at).copied().flatten().unwrap_or(0);
         let state = NamespaceState {
-            generation: reply.first().copied().flatten().unwrap_or(0),
-            stale_before_ms: reply.get(1).copied().flatten().unwrap_or(0),
+            generation: field(0),
+            stale_before_ms: field(1),
+            tag_sequence: field(2),
         };
         self.generations.learn(namespace, state);
-        state
+        Ok(state)
     }
 
     /// The current state of `namespace`, read from Redis.
     async fn current_state(&self, namespace: &str) -> Result<NamespaceState, StoreError> {
-        let mut pipeline = redis::pipe();
-        Self::read_state(&mut pipeline, namespace);
-        let (reply,): (Vec<Option<u64>>,) = self
-            .run(async |conn| pipeline.query_async(conn).await)
-            .await?;
-        Ok(self.learn(namespace, &reply))
+        let mut batch = Batch::new();
+        Self::read_state(&mut batch, namespace);
+        let mut replies = self.exec(batch).await?.into_iter();
+        self.learn(namespace, replies.next())
     }
 
-    /// Adds the commands writing `entry` in `generation` to `pipeline`: a
-    /// plain SET, or for a tagged entry a MULTI/EXEC block that writes it and
-    /// indexes it under each tag (scored by its expiry), drops index members
-    /// that have expired, and keeps each index alive as long as its
-    /// longest-lived entry. A transaction suffices (no script): nothing in it
-    /// depends on what Redis holds, and a purge checks each entry's own tags
-    /// before touching it.
+    /// Adds the commands writing `entry` in `generation` to `batch`: the SET
+    /// (in the entry's slot) now, and for a tagged entry, in `indexing` (a
+    /// later phase), one group per tag that indexes it (scored by its expiry),
+    /// drops index members that have expired, and keeps the index alive as
+    /// long as its longest-lived entry.
+    ///
+    /// The entry is written before it is indexed, and the two are not one
+    /// transaction (on a cluster they live in different slots). That is safe
+    /// because a tag purge owner-checks each member's own tags (in the
+    /// envelope) before touching it, and because of the order: a purge that
+    /// takes the index between the two steps misses this write, which was not
+    /// acknowledged yet (so it is ordered after the purge), and the write then
+    /// lands in the fresh index, where the next purge finds it. Every
+    /// acknowledged tagged write is indexed; the index may list a few more.
     fn write_commands(
-        pipeline: &mut redis::Pipeline,
+        batch: &mut Batch,
+        indexing: &mut Vec<redis::Cmd>,
         entry: &WriteEntry,
         generation: u64,
         now_ms: u64,
     ) {
         let namespace = entry.key.namespace();
         let ttl = expiry_millis(entry.expire_after);
-        let tagged = !entry.tags.is_empty();
-        if tagged {
-            pipeline.cmd("MULTI").ignore();
-        }
-        pipeline
-            .cmd("SET")
-            .arg(layout::entry_key(namespace, generation, entry.key.key()))
+        let mut set = redis::cmd("SET");
+        set.arg(layout::entry_key(namespace, generation, entry.key.key()))
             .arg(entry.value.as_ref())
             .arg("PX")
-            .arg(ttl)
-            .ignore();
-        if tagged {
-            let expires_at = now_ms.saturating_add(ttl);
-            for tag in &entry.tags {
-                let index = layout::tag_index_key(namespace, generation, tag);
-                pipeline
-                    .cmd("ZADD")
-                    .arg(&index)
-                    .arg(expires_at)
-                    .arg(entry.key.key())
-                    .ignore()
-                    .cmd("ZREMRANGEBYSCORE")
-                    .arg(&index)
-                    .arg("-inf")
-                    .arg(format!("({now_ms}"))
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&index)
-                    .arg(ttl)
-                    .arg("NX")
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&index)
-                    .arg(ttl)
-                    .arg("GT")
-                    .ignore();
-            }
-            pipeline.cmd("EXEC").ignore();
+            .arg(ttl);
+        batch.group().add_ignored(set);
+        let expires_at = now_ms.saturating_add(ttl);
+        for tag in &entry.tags {
+            indexing.extend(index_commands(
+                &layout::tag_index_key(namespace, generation, tag),
+                entry.key.key(),
+                expires_at,
+                ttl,
+                now_ms,
+            ));
         }
     }
 
-    /// Writes `entries` in one round trip, each in its namespace's current
-    /// generation; entries whose generation moved meanwhile are rewritten.
+    /// Writes `entries` (one round trip on a standalone Redis), each in its
+    /// namespace's current generation; entries whose generation moved
+    /// meanwhile are rewritten.
     async fn write(&self, mut entries: Vec<WriteEntry>) -> Result<(), StoreError> {
         for _ in 0..GENERATION_ATTEMPTS {
             let namespaces = distinct_namespaces(entries.iter().map(|entry| &entry.key));
@@ -492,27 +722,38 @@ impl RedisStore {
                 .iter()
                 .map(|namespace| self.generations.get(namespace))
                 .collect();
-            let mut pipeline = redis::pipe();
+            let mut batch = Batch::new();
             for namespace in &namespaces {
-                Self::read_state(&mut pipeline, namespace);
+                Self::read_state(&mut batch, namespace);
             }
             let now_ms = unix_millis();
+            let mut indexing = Vec::new();
             for entry in &entries {
                 let at = position(&namespaces, entry.key.namespace());
-                Self::write_commands(&mut pipeline, entry, guesses[at].generation, now_ms);
+                Self::write_commands(
+                    &mut batch,
+                    &mut indexing,
+                    entry,
+                    guesses[at].generation,
+                    now_ms,
+                );
             }
-            let replies: Vec<Vec<Option<u64>>> = self
-                .run(async |conn| pipeline.query_async(conn).await)
-                .await?;
-            let moved: Vec<&str> = namespaces
-                .iter()
-                .zip(&guesses)
-                .zip(&replies)
-                .filter(|((namespace, guess), reply)| {
-                    self.learn(namespace, reply).generation != guess.generation
-                })
-                .map(|((namespace, _), _)| namespace.as_ref())
-                .collect();
+            if !indexing.is_empty() {
+                batch.then();
+                for group in indexing.chunks(INDEX_COMMANDS) {
+                    batch.group();
+                    for cmd in group {
+                        batch.add_ignored(cmd.clone());
+                    }
+                }
+            }
+            let mut replies = self.exec(batch).await?.into_iter();
+            let mut moved: Vec<&str> = Vec::new();
+            for (namespace, guess) in namespaces.iter().zip(&guesses) {
+                if self.learn(namespace, replies.next())?.generation != guess.generation {
+                    moved.push(namespace);
+                }
+            }
             if moved.is_empty() {
                 return Ok(());
             }
@@ -525,8 +766,9 @@ impl RedisStore {
         ))
     }
 
-    /// Reads `keys` in one round trip from their namespaces' current
-    /// generations; keys whose generation moved meanwhile are read again.
+    /// Reads `keys` (one round trip on a standalone Redis, one per slot
+    /// concurrently on a cluster) from their namespaces' current generations;
+    /// keys whose generation moved meanwhile are read again.
     async fn read(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
         let mut results: Vec<Option<Fetched>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
@@ -536,25 +778,21 @@ impl RedisStore {
                 .iter()
                 .map(|namespace| self.generations.get(namespace))
                 .collect();
-            let mut pipeline = redis::pipe();
+            let mut batch = Batch::new();
             for namespace in &namespaces {
-                Self::read_state(&mut pipeline, namespace);
+                Self::read_state(&mut batch, namespace);
             }
             for &i in &pending {
                 let key = &keys[i];
                 let generation = guesses[position(&namespaces, key.namespace())].generation;
-                pipeline
-                    .cmd("GET")
-                    .arg(layout::entry_key(key.namespace(), generation, key.key()));
+                let mut get = redis::cmd("GET");
+                get.arg(layout::entry_key(key.namespace(), generation, key.key()));
+                batch.group().add(get);
             }
-            let replies: Vec<redis::Value> = self
-                .run(async |conn| pipeline.query_async(conn).await)
-                .await?;
-            let mut replies = replies.into_iter();
+            let mut replies = self.exec(batch).await?.into_iter();
             let mut states = Vec::with_capacity(namespaces.len());
             for (namespace, guess) in namespaces.iter().zip(&guesses) {
-                let reply: Vec<Option<u64>> = parse(replies.next())?;
-                let state = self.learn(namespace, &reply);
+                let state = self.learn(namespace, replies.next())?;
                 states.push((state, state.generation == guess.generation));
             }
             let mut still_pending = Vec::new();
@@ -580,9 +818,9 @@ impl RedisStore {
         Ok(results.into_iter().map(Option::unwrap_or_default).collect())
     }
 
-    /// Voids the leases of fills that will carry `tag`, and with a
-    /// `snapshot` key takes the tag's index over into it; whether there was
-    /// an index to take.
+    /// Voids the leases of fills that will carry `tag` (the namespace's tag
+    /// sequence moves on, then the tag records it), and with a `snapshot` key
+    /// takes the tag's index over into it; whether there was an index to take.
     async fn begin_tag_purge(
         &self,
         namespace: &str,
@@ -590,23 +828,29 @@ impl RedisStore {
         tag: &str,
         snapshot: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let script = tag_purge_script();
-        let mut invocation = script.key(layout::tag_index_key(namespace, generation, tag));
-        invocation
-            .key(snapshot.unwrap_or_default())
-            .key(layout::namespace_state_key(namespace))
-            .key(layout::tag_void_key(namespace, generation, tag))
-            .arg(expiry_millis(self.lease_void_ttl))
-            .arg(if snapshot.is_some() { "take" } else { "keep" });
-        let mut pipeline = redis::pipe();
-        pipeline
-            .load_script(script)
-            .ignore()
-            .invoke_script(&invocation);
-        let (taken,): (bool,) = self
-            .run(async |conn| pipeline.query_async(conn).await)
+        let sequence: u64 = self
+            .run(async |handle| {
+                redis::cmd("HINCRBY")
+                    .arg(layout::namespace_state_key(namespace))
+                    .arg(layout::TAG_SEQUENCE_FIELD)
+                    .arg(1)
+                    .query_async(handle)
+                    .await
+            })
             .await?;
-        Ok(taken)
+        let index = layout::tag_index_key(namespace, generation, tag);
+        let void = layout::tag_void_key(namespace, generation, tag);
+        // Without a snapshot the script never touches KEYS[2]; the index's own
+        // name keeps the call in one slot.
+        let snapshot = snapshot.unwrap_or(&index).to_vec();
+        let mut batch = Batch::new();
+        batch
+            .eval(tag_purge_script(), &[&index, &snapshot, &void])
+            .arg(sequence)
+            .arg(expiry_millis(self.lease_void_ttl))
+            .arg(if snapshot != index { "take" } else { "keep" });
+        let mut replies = self.exec(batch).await?.into_iter();
+        parse(replies.next())
     }
 
     /// Applies `mode` to the entries of `namespace` (generation `generation`)
@@ -622,30 +866,67 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let script = purge_script();
         let (flag, now_ms) = match mode {
             PurgeMode::Delete => ("d", 0),
             PurgeMode::MarkStale { now_ms } => ("s", now_ms),
         };
-        let mut pipeline = redis::pipe();
-        // Loaded in the same pipeline: a restarted Redis has lost its script cache.
-        pipeline.load_script(script).ignore();
+        let mut batch = Batch::new();
         for key in keys {
-            let mut invocation = script.key(layout::entry_key(namespace, generation, key));
-            invocation
-                .key(layout::lease_key(namespace, generation, key))
+            let entry = layout::entry_key(namespace, generation, key);
+            let lease = layout::lease_key(namespace, generation, key);
+            batch
+                .group()
+                .eval(purge_script(), &[&entry, &lease])
                 .arg(flag)
                 .arg(now_ms)
                 .arg(now_ms.to_le_bytes().as_slice())
                 .arg(tag);
-            pipeline.invoke_script(&invocation);
         }
-        let affected: Vec<u64> = self
-            .run(async |conn| pipeline.query_async(conn).await)
-            .await?;
-        Ok(affected.iter().sum())
+        let affected = self.exec(batch).await?;
+        affected
+            .into_iter()
+            .map(|reply| parse::<u64>(Some(reply)))
+            .sum()
+    }
+
+    /// Unlinks `keys` (each in its own slot); how many existed.
+    async fn unlink(&self, keys: &[Bytes]) -> Result<u64, StoreError> {
+        let mut batch = Batch::new();
+        for key in keys {
+            let mut unlink = redis::cmd("UNLINK");
+            unlink.arg(key.as_ref());
+            batch.group().add(unlink);
+        }
+        let removed = self.exec(batch).await?;
+        removed
+            .into_iter()
+            .map(|reply| parse::<u64>(Some(reply)))
+            .sum()
     }
 }
+
+/// The commands indexing `member` under the tag index `index`; see
+/// [`RedisStore::write_commands`].
+fn index_commands(
+    index: &[u8],
+    member: &[u8],
+    expires_at: u64,
+    ttl: u64,
+    now_ms: u64,
+) -> [redis::Cmd; INDEX_COMMANDS] {
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg(index).arg(expires_at).arg(member);
+    let mut trim = redis::cmd("ZREMRANGEBYSCORE");
+    trim.arg(index).arg("-inf").arg(format!("({now_ms}"));
+    let mut keep = redis::cmd("PEXPIRE");
+    keep.arg(index).arg(ttl).arg("NX");
+    let mut extend = redis::cmd("PEXPIRE");
+    extend.arg(index).arg(ttl).arg("GT");
+    [zadd, trim, keep, extend]
+}
+
+/// Commands per tag in [`index_commands`].
+const INDEX_COMMANDS: usize = 4;
 
 #[async_trait]
 impl Store for RedisStore {
@@ -654,15 +935,14 @@ impl Store for RedisStore {
         let namespace = key.namespace();
         let mut guess = self.generations.get(namespace);
         for _ in 0..GENERATION_ATTEMPTS {
-            let mut pipeline = redis::pipe();
-            Self::read_state(&mut pipeline, namespace);
-            pipeline
-                .cmd("GET")
-                .arg(layout::entry_key(namespace, guess.generation, key.key()));
-            let (reply, value): (Vec<Option<u64>>, Option<Bytes>) = self
-                .run(async |conn| pipeline.query_async(conn).await)
-                .await?;
-            let state = self.learn(namespace, &reply);
+            let mut batch = Batch::new();
+            Self::read_state(&mut batch, namespace);
+            let mut get = redis::cmd("GET");
+            get.arg(layout::entry_key(namespace, guess.generation, key.key()));
+            batch.group().add(get);
+            let mut replies = self.exec(batch).await?.into_iter();
+            let state = self.learn(namespace, replies.next())?;
+            let value: Option<Bytes> = parse(replies.next())?;
             if state.generation == guess.generation {
                 return Ok(Fetched {
                     value,
@@ -697,20 +977,18 @@ impl Store for RedisStore {
         let namespace = key.namespace();
         let mut guess = self.generations.get(namespace);
         for _ in 0..GENERATION_ATTEMPTS {
-            let mut pipeline = redis::pipe();
-            Self::read_state(&mut pipeline, namespace);
+            let mut batch = Batch::new();
+            Self::read_state(&mut batch, namespace);
             // UNLINK frees large values off Redis's main thread. The key's
-            // lease goes too: a fill in progress must not write back.
-            pipeline
-                .cmd("UNLINK")
-                .arg(layout::entry_key(namespace, guess.generation, key.key()))
-                .cmd("UNLINK")
-                .arg(layout::lease_key(namespace, guess.generation, key.key()))
-                .ignore();
-            let (reply, removed): (Vec<Option<u64>>, u64) = self
-                .run(async |conn| pipeline.query_async(conn).await)
-                .await?;
-            let state = self.learn(namespace, &reply);
+            // lease goes too (same slot): a fill in progress must not write back.
+            let mut entry = redis::cmd("UNLINK");
+            entry.arg(layout::entry_key(namespace, guess.generation, key.key()));
+            let mut lease = redis::cmd("UNLINK");
+            lease.arg(layout::lease_key(namespace, guess.generation, key.key()));
+            batch.group().add(entry).add_ignored(lease);
+            let mut replies = self.exec(batch).await?.into_iter();
+            let state = self.learn(namespace, replies.next())?;
+            let removed: u64 = parse(replies.next())?;
             if state.generation == guess.generation {
                 return Ok(removed > 0);
             }
@@ -743,65 +1021,52 @@ impl Store for RedisStore {
         mode: PurgeMode,
         progress: &Progress,
     ) -> Result<u64, StoreError> {
-        // SCAN with a bounded COUNT and one UNLINK (or one pipeline of purge
-        // scripts) per batch: never KEYS, never one huge command. The prefix
-        // (`cg:{namespace}:{generation}:`) holds no glob metacharacters, so
-        // the pattern cannot reach outside it.
+        // SCAN with a bounded COUNT on every primary, and one pipeline of
+        // UNLINKs (or purge scripts) per batch: never KEYS, never one huge
+        // command. The prefix (`cg:{<ns>:<gen>:`) holds no glob
+        // metacharacters, so the pattern cannot reach outside it.
         let generation = self.current_state(namespace).await?.generation;
         // One scan finds the entries and the leases (fills in progress) the
         // pattern matches: the leases are voided with the entries.
         let prefix_len = layout::entry_prefix(namespace, generation).len();
         let mut matcher = layout::entry_or_lease_matcher(namespace, generation);
         matcher.extend_from_slice(pattern.as_bytes());
-        let mut cursor: u64 = 0;
+        matcher.extend_from_slice(layout::KEY_SUFFIX);
         let mut affected = 0;
-        loop {
-            let (next, found): (u64, Vec<Bytes>) = self
-                .run(async |conn| {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&matcher)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT)
-                        .query_async(conn)
-                        .await
-                })
-                .await?;
-            let (leases, entries): (Vec<Bytes>, Vec<Bytes>) =
-                found.into_iter().partition(|key| layout::is_lease_key(key));
-            if !leases.is_empty() {
-                let mut unlink = redis::cmd("UNLINK");
-                for key in &leases {
-                    unlink.arg(key.as_ref());
+        for target in self.scan_targets().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, found) = self.scan_step(target.as_ref(), cursor, &matcher).await?;
+                let (leases, entries): (Vec<Bytes>, Vec<Bytes>) =
+                    found.into_iter().partition(|key| layout::is_lease_key(key));
+                if !leases.is_empty() {
+                    self.unlink(&leases).await?;
                 }
-                self.run(async |conn| unlink.exec_async(conn).await).await?;
-            }
-            if !entries.is_empty() {
-                let removed = match mode {
-                    PurgeMode::Delete => {
-                        let mut unlink = redis::cmd("UNLINK");
-                        for key in &entries {
-                            unlink.arg(key.as_ref());
+                if !entries.is_empty() {
+                    let removed = match mode {
+                        PurgeMode::Delete => self.unlink(&entries).await?,
+                        PurgeMode::MarkStale { .. } => {
+                            let inner: Vec<Bytes> = entries
+                                .iter()
+                                .filter_map(|key| {
+                                    let inner = layout::inner_key(key, prefix_len)?;
+                                    Some(Bytes::copy_from_slice(inner))
+                                })
+                                .collect();
+                            self.purge_batch(namespace, generation, &inner, mode, "")
+                                .await?
                         }
-                        self.run(async |conn| unlink.query_async::<u64>(conn).await)
-                            .await?
-                    }
-                    PurgeMode::MarkStale { .. } => {
-                        let inner: Vec<Bytes> =
-                            entries.iter().map(|key| key.slice(prefix_len..)).collect();
-                        self.purge_batch(namespace, generation, &inner, mode, "")
-                            .await?
-                    }
-                };
-                progress.add(entries.len() as u64, removed);
-                affected += removed;
+                    };
+                    progress.add(entries.len() as u64, removed);
+                    affected += removed;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(affected);
-            }
-            cursor = next;
         }
+        Ok(affected)
     }
 
     async fn purge_tag(
@@ -817,10 +1082,10 @@ impl Store for RedisStore {
         let mut affected = 0;
         match mode {
             PurgeMode::Delete => {
-                // Take the index over atomically: every entry tagged before
+                // Take the index over atomically: every entry indexed before
                 // this point is in the snapshot, and writes from now on index
                 // into a fresh set that this purge leaves alone.
-                let snapshot = layout::tag_purge_key(namespace, generation, rand::random());
+                let snapshot = layout::tag_purge_key(namespace, generation, tag, rand::random());
                 if !self
                     .begin_tag_purge(namespace, generation, tag, Some(&snapshot))
                     .await?
@@ -829,11 +1094,11 @@ impl Store for RedisStore {
                 }
                 loop {
                     let popped: Vec<(Bytes, f64)> = self
-                        .run(async |conn| {
+                        .run(async |handle| {
                             redis::cmd("ZPOPMIN")
                                 .arg(&snapshot)
                                 .arg(TAG_BATCH)
-                                .query_async(conn)
+                                .query_async(handle)
                                 .await
                         })
                         .await?;
@@ -861,13 +1126,13 @@ impl Store for RedisStore {
                 let mut cursor: u64 = 0;
                 loop {
                     let (next, flat): (u64, Vec<Bytes>) = self
-                        .run(async |conn| {
+                        .run(async |handle| {
                             redis::cmd("ZSCAN")
                                 .arg(&index)
                                 .arg(cursor)
                                 .arg("COUNT")
                                 .arg(TAG_BATCH)
-                                .query_async(conn)
+                                .query_async(handle)
                                 .await
                         })
                         .await?;
@@ -890,29 +1155,21 @@ impl Store for RedisStore {
         let state_key = layout::namespace_state_key(namespace);
         let generation: u64 = match mode {
             PurgeMode::Delete => {
-                self.run(async |conn| {
+                self.run(async |handle| {
                     redis::cmd("HINCRBY")
                         .arg(&state_key)
                         .arg(layout::GENERATION_FIELD)
                         .arg(1)
-                        .query_async(conn)
+                        .query_async(handle)
                         .await
                 })
                 .await?
             }
             PurgeMode::MarkStale { now_ms } => {
-                let script = soft_flush_script();
-                let mut invocation = script.key(&state_key);
-                invocation.arg(now_ms);
-                let mut pipeline = redis::pipe();
-                pipeline
-                    .load_script(script)
-                    .ignore()
-                    .invoke_script(&invocation);
-                let (generation,): (u64,) = self
-                    .run(async |conn| pipeline.query_async(conn).await)
-                    .await?;
-                generation
+                let mut batch = Batch::new();
+                batch.eval(soft_flush_script(), &[&state_key]).arg(now_ms);
+                let mut replies = self.exec(batch).await?.into_iter();
+                parse(replies.next())?
             }
         };
         self.current_state(namespace).await?;
@@ -928,109 +1185,112 @@ impl Store for RedisStore {
     ) -> Result<LeaseGrant, StoreError> {
         let namespace = key.namespace();
         let mut guess = self.generations.get(namespace);
-        let script = acquire_script();
         let (mode, mark) = match wanted {
             LeaseCondition::Unfilled { stale_before_ms } => ("unfilled", stale_before_ms),
             LeaseCondition::Refreshing { created_at_ms } => ("refresh", created_at_ms),
         };
         for _ in 0..GENERATION_ATTEMPTS {
-            let mut invocation = script.key(layout::namespace_state_key(namespace));
-            invocation
-                .key(layout::lease_key(namespace, guess.generation, key.key()))
-                .key(layout::entry_key(namespace, guess.generation, key.key()))
+            let lease = layout::lease_key(namespace, guess.generation, key.key());
+            let entry = layout::entry_key(namespace, guess.generation, key.key());
+            let mut batch = Batch::new();
+            Self::read_state(&mut batch, namespace);
+            // The tag sequence recorded is the one last read (by the caller's
+            // own read, moments ago): older than the grant, so a tag purge
+            // that starts after the grant always voids the fill.
+            batch
+                .group()
+                .eval(acquire_script(), &[&lease, &entry])
                 .arg(token)
                 .arg(expiry_millis(ttl))
                 .arg(unix_millis())
                 .arg(mark)
-                .arg(mode);
-            let mut pipeline = redis::pipe();
-            pipeline
-                .load_script(script)
-                .ignore()
-                .invoke_script(&invocation);
-            let ((state, generation, entry),): ((u8, u64, Option<Bytes>),) = self
-                .run(async |conn| pipeline.query_async(conn).await)
-                .await?;
-            if generation == guess.generation {
-                return Ok(match (state, entry) {
+                .arg(mode)
+                .arg(guess.tag_sequence);
+            let mut replies = self.exec(batch).await?.into_iter();
+            let state = self.learn(namespace, replies.next())?;
+            let (granted, filled): (u8, Option<Bytes>) = parse(replies.next())?;
+            if state.generation == guess.generation {
+                return Ok(match (granted, filled) {
                     (1, _) => LeaseGrant::Granted,
                     (2, Some(entry)) => LeaseGrant::Filled(entry),
                     _ => LeaseGrant::Held,
                 });
             }
             // Granted (if at all) in a flushed generation, where nobody looks.
-            guess = NamespaceState {
-                generation,
-                ..guess
-            };
-            self.generations.learn(namespace, guess);
+            guess = state;
         }
         Ok(LeaseGrant::Held)
     }
 
+    /// A leased write in three ordered steps, each in one slot: (1) in the
+    /// entry's slot, check and consume the lease and write the entry; (2) in
+    /// each tag's slot, index the entry, then (3) read the tag's void mark. A
+    /// mark newer than the lease means a tag purge started after the fill
+    /// was granted: the write is taken back (only if it is still the version
+    /// written) and reported as not written.
+    ///
+    /// Why no purge can miss it: the purge moves the mark before it takes the
+    /// index. If the mark moved before step 3 read it, the write takes itself
+    /// back; if after, the purge took the index after step 2 indexed the
+    /// entry, and removes it itself.
     async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError> {
         let namespace = entry.key.namespace();
-        let guess = self.generations.get(namespace);
-        let generation = guess.generation;
-        let script = leased_set_script();
+        let generation = self.generations.get(namespace).generation;
         let ttl = expiry_millis(entry.expire_after);
         let now_ms = unix_millis();
-        let mut invocation = script.key(layout::namespace_state_key(namespace));
-        invocation
-            .key(layout::lease_key(namespace, generation, entry.key.key()))
-            .key(layout::entry_key(namespace, generation, entry.key.key()));
-        for tag in &entry.tags {
-            invocation.key(layout::tag_index_key(namespace, generation, tag));
-        }
-        for tag in &entry.tags {
-            invocation.key(layout::tag_void_key(namespace, generation, tag));
-        }
-        invocation
+        let entry_key = layout::entry_key(namespace, generation, entry.key.key());
+        let lease_key = layout::lease_key(namespace, generation, entry.key.key());
+        let mut batch = Batch::new();
+        Self::read_state(&mut batch, namespace);
+        batch
+            .group()
+            .eval(leased_write_script(), &[&lease_key, &entry_key])
             .arg(token)
             .arg(entry.value.as_ref())
-            .arg(ttl)
-            .arg(now_ms.saturating_add(ttl))
-            .arg(now_ms)
-            .arg(entry.key.key())
-            .arg(entry.tags.len());
-        let mut pipeline = redis::pipe();
-        pipeline
-            .load_script(script)
-            .ignore()
-            .invoke_script(&invocation);
-        let ((written, current),): ((bool, u64),) = self
-            .run(async |conn| pipeline.query_async(conn).await)
-            .await?;
-        if current != generation {
-            // The namespace was flushed since: that voids every lease of the
-            // old generation (what was written there is unreachable).
-            self.generations.learn(
-                namespace,
-                NamespaceState {
-                    generation: current,
-                    ..guess
-                },
-            );
+            .arg(ttl);
+        batch.then();
+        for tag in &entry.tags {
+            batch.group();
+            let index = layout::tag_index_key(namespace, generation, tag);
+            for cmd in index_commands(&index, entry.key.key(), now_ms.saturating_add(ttl), ttl, now_ms)
+            {
+                batch.add_ignored(cmd);
+            }
+            let mut void = redis::cmd("GET");
+            void.arg(layout::tag_void_key(namespace, generation, tag));
+            batch.add(void);
+        }
+        let mut replies = self.exec(batch).await?.into_iter();
+        let state = self.learn(namespace, replies.next())?;
+        let sequence: i64 = parse(replies.next())?;
+        let mut voided = false;
+        for _ in &entry.tags {
+            let mark: Option<u64> = parse(replies.next())?;
+            voided |= u64::try_from(sequence).is_ok_and(|sequence| mark.unwrap_or(0) > sequence);
+        }
+        if sequence < 0 {
             return Ok(false);
         }
-        Ok(written)
+        if voided {
+            let header = &entry.value[..entry.value.len().min(ENVELOPE_VERSION_BYTES)];
+            let mut batch = Batch::new();
+            batch.eval(undo_script(), &[&entry_key]).arg(header);
+            self.exec(batch).await?;
+            return Ok(false);
+        }
+        // Written in a generation flushed since (the flush voids every lease
+        // of the old generation): unreachable, so not written.
+        Ok(state.generation == generation)
     }
 
     async fn release_lease(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
         let namespace = key.namespace();
         let generation = self.generations.get(namespace).generation;
-        let script = release_script();
-        let mut invocation = script.key(layout::lease_key(namespace, generation, key.key()));
-        invocation.arg(token);
-        let mut pipeline = redis::pipe();
-        pipeline
-            .load_script(script)
-            .ignore()
-            .invoke_script(&invocation);
-        let (released,): (bool,) = self
-            .run(async |conn| pipeline.query_async(conn).await)
-            .await?;
-        Ok(released)
+        let lease = layout::lease_key(namespace, generation, key.key());
+        let mut batch = Batch::new();
+        batch.eval(release_script(), &[&lease]).arg(token);
+        let mut replies = self.exec(batch).await?.into_iter();
+        parse(replies.next())
     }
 
     fn name(&self) -> &'static str {
@@ -1038,34 +1298,43 @@ impl Store for RedisStore {
     }
 }
 
-fn purge_script() -> &'static redis::Script {
-    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(PURGE_SCRIPT))
+/// The envelope bytes that identify a version: magic, version, creation and
+/// fresh-until times (see `cache/envelope.rs`).
+const ENVELOPE_VERSION_BYTES: usize = 20;
+
+fn purge_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(PURGE_SCRIPT))
 }
 
-fn tag_purge_script() -> &'static redis::Script {
-    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(TAG_PURGE_SCRIPT))
+fn tag_purge_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(TAG_PURGE_SCRIPT))
 }
 
-fn acquire_script() -> &'static redis::Script {
-    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(ACQUIRE_SCRIPT))
+fn acquire_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(ACQUIRE_SCRIPT))
 }
 
-fn leased_set_script() -> &'static redis::Script {
-    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(LEASED_SET_SCRIPT))
+fn leased_write_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(LEASED_WRITE_SCRIPT))
 }
 
-fn release_script() -> &'static redis::Script {
-    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(RELEASE_SCRIPT))
+fn undo_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(UNDO_SCRIPT))
 }
 
-fn soft_flush_script() -> &'static redis::Script {
-    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(SOFT_FLUSH_SCRIPT))
+fn release_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(RELEASE_SCRIPT))
+}
+
+fn soft_flush_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(SOFT_FLUSH_SCRIPT))
 }
 
 /// The namespaces of `keys`, each once, in order of first appearance.
