@@ -160,7 +160,11 @@ impl Secured {
             keys.extend(
                 batch
                     .into_iter()
-                    .filter(|key| key.split(':').nth(1) == Some(namespace)),
+                    // `cg:{ns:gen:key}`, `cgt:{ns:gen:tag}`, `cgm:ns`, ...
+                    .filter(|key| {
+                        key.split(':').nth(1).map(|ns| ns.trim_start_matches('{'))
+                            == Some(namespace)
+                    }),
             );
             if next == 0 {
                 break;

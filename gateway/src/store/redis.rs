@@ -147,6 +147,20 @@ impl<L> Default for LaneSlot<L> {
     }
 }
 
+/// The lane a request took its connection from.
+enum Taken {
+    Standalone(usize, Arc<Lane>),
+    Cluster(usize, Arc<ClusterConnection>),
+}
+
+impl Taken {
+    fn index(&self) -> usize {
+        match self {
+            Taken::Standalone(index, _) | Taken::Cluster(index, _) => *index,
+        }
+    }
+}
+
 /// A pooled connection held out of the pool and shared by concurrent requests.
 struct Lane {
     connection: Connection,
@@ -222,7 +236,7 @@ impl RedisStore {
     }
 
     /// A connection handle for one command or batch, and the lane it came from.
-    async fn connection(&self) -> Result<(Handle, usize), StoreError> {
+    async fn connection(&self) -> Result<(Handle, Taken), StoreError> {
         let index = self.next_lane.fetch_add(1, Ordering::Relaxed);
         match &self.backend {
             Backend::Standalone { pool, lanes } => {
@@ -244,7 +258,8 @@ impl RedisStore {
                         },
                     )
                     .await?;
-                Ok((Handle::Standalone((*lane.connection).clone()), index))
+                let handle = Handle::Standalone((*lane.connection).clone());
+                Ok((handle, Taken::Standalone(index, lane)))
             }
             Backend::Cluster { client, lanes } => {
                 let index = index % lanes.len();
@@ -260,7 +275,7 @@ impl RedisStore {
                         },
                     )
                     .await?;
-                Ok((Handle::Cluster((*lane).clone()), index))
+                Ok((Handle::Cluster((*lane).clone()), Taken::Cluster(index, lane)))
             }
         }
     }
@@ -311,12 +326,22 @@ impl RedisStore {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Takes the lane at `index` out of its slot so it returns to the pool
-    /// (or closes) once the commands in flight on it finish.
-    fn retire(&self, index: usize) {
-        match &self.backend {
-            Backend::Standalone { lanes, .. } => lanes[index].current.store(None),
-            Backend::Cluster { lanes, .. } => lanes[index].current.store(None),
+    /// Takes `taken` out of its slot (if it is still there: a concurrent
+    /// request may have replaced it already) so it returns to the pool (or
+    /// closes) once the commands in flight on it finish.
+    fn retire(&self, taken: &Taken) {
+        fn swap_out<L>(slot: &LaneSlot<L>, lane: &Arc<L>) {
+            let current = Some(Arc::clone(lane));
+            slot.current.compare_and_swap(&current, None::<Arc<L>>);
+        }
+        match (&self.backend, taken) {
+            (Backend::Standalone { lanes, .. }, Taken::Standalone(index, lane)) => {
+                swap_out(&lanes[*index], lane);
+            }
+            (Backend::Cluster { lanes, .. }, Taken::Cluster(index, lane)) => {
+                swap_out(&lanes[*index], lane);
+            }
+            _ => {}
         }
     }
 
@@ -338,7 +363,7 @@ impl RedisStore {
     where
         F: AsyncFnOnce(&mut Handle) -> Result<T, RedisError>,
     {
-        let (mut handle, index) = self.connection().await?;
+        let (mut handle, taken) = self.connection().await?;
         match command(&mut handle).await {
             Ok(value) => Ok(value),
             Err(err) => {
@@ -349,13 +374,13 @@ impl RedisStore {
                     // before is just as dead. Retire them all, so that a retry
                     // (and every later call) gets a fresh connection instead
                     // of finding the next dead lane.
-                    debug!(cause = %err, lane = index, "redis closed a connection: retiring every lane");
+                    debug!(cause = %err, lane = taken.index(), "redis closed a connection: retiring every lane");
                     self.retire_all();
                 } else if is_connection_error(&err) {
                     // A cluster connection reconnects to a node by itself; it is
                     // rebuilt only when it failed as a whole.
-                    debug!(cause = %err, lane = index, "retiring redis connection");
-                    self.retire(index);
+                    debug!(cause = %err, lane = taken.index(), "retiring redis connection");
+                    self.retire(&taken);
                 }
                 Err(command_error(err))
             }
