@@ -9,6 +9,7 @@
 //! envelope only through its fixed header (tags and "fresh until"), for tag
 //! purges and soft purges; the cache layer encodes and decodes it.
 
+mod expiring;
 mod generations;
 pub mod glob;
 mod guard;
@@ -27,6 +28,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub(crate) use self::expiring::{Expiring, ExpiringEntries, Weighed};
 pub use self::guard::{GuardMetrics, GuardedStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
