@@ -154,7 +154,10 @@ impl MemoryStore {
     ) -> u64 {
         let state = self.generations.get(namespace);
         let prefix = layout::entry_prefix(namespace, state.generation);
-        let selected = self.entries.keys_with_prefix(&prefix, &select).await;
+        let selected = self
+            .entries
+            .keys_with_prefix(&prefix, |rest, bytes: &Bytes| select(rest, bytes))
+            .await;
         let mut affected = 0;
         for physical in selected {
             let rest = physical.slice(prefix.len()..);

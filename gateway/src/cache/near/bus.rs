@@ -162,10 +162,10 @@ pub fn start(
         loop {
             let cause = subscribed(&near, &bus, heartbeat).await;
             if near.suspend() {
-                warn!(cause, "near cache dropped: its invalidation subscription was lost; reads go to the store until it is back");
+                warn!(cause = %cause, "near cache dropped: its invalidation subscription was lost; reads go to the store until it is back");
                 backoff = Duration::from_millis(50);
             } else {
-                debug!(cause, "near cache: still not subscribed");
+                debug!(cause = %cause, "near cache: still not subscribed");
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -198,7 +198,7 @@ async fn subscribed(near: &NearCache, bus: &Bus, heartbeat: Duration) -> String 
                 Some(PushInfo { kind: PushKind::Disconnection, .. }) => {
                     return "the connection was lost".to_owned();
                 }
-                Some(PushInfo { kind: PushKind::Message, data }) => {
+                Some(PushInfo { kind: PushKind::Message, data, .. }) => {
                     let message = data.get(1).ok_or("no payload").and_then(payload).and_then(decode);
                     match message {
                         Ok((origin, _)) if origin == bus.origin => {}

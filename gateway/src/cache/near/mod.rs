@@ -28,7 +28,7 @@
 //! elsewhere: the near-cache is cleared and bypassed (every read goes to the
 //! store) until it is subscribed again, then cleared once more.
 
-pub(crate) mod bus;
+pub mod bus;
 
 use std::{
     collections::HashMap,
