@@ -276,12 +276,12 @@ async fn the_near_cache_serves_without_the_store_and_only_what_is_eligible() {
     node.set(HOT, "k", "v", "").await;
     node.set(PLAIN, "k", "v", "").await;
     node.prime("k", "v").await;
-    assert_eq!(node.get(PLAIN, "k").await.value, b"v");
+    assert_eq!(node.get(PLAIN, "k").await.value, &b"v"[..]);
     // Behind the gateways' back (no announcement): Redis forgets everything.
     flush_all(&mut redis.connection().await).await;
     let hits = node.near_hits();
     let hot = node.get(HOT, "k").await;
-    assert_eq!((hot.outcome(), hot.value.as_slice()), (Outcome::Hit, &b"v"[..]));
+    assert_eq!((hot.outcome(), &hot.value[..]), (Outcome::Hit, &b"v"[..]));
     assert_eq!(node.near_hits(), hits + 1, "served by the near-cache");
     let plain = node.get(PLAIN, "k").await;
     assert_eq!(plain.outcome(), Outcome::Miss, "not eligible: read from Redis");
@@ -296,7 +296,7 @@ async fn a_lost_subscription_drops_the_near_cache_until_it_is_back() {
     node.set(HOT, "k", "v", "").await;
     node.prime("k", "v").await;
     flush_all(&mut admin).await;
-    assert_eq!(node.get(HOT, "k").await.value, b"v", "still in the near-cache");
+    assert_eq!(node.get(HOT, "k").await.value, &b"v"[..], "still in the near-cache");
 
     let killed_at = Instant::now();
     let killed = kill_named(&mut admin, "cachegw-l1").await;

@@ -268,7 +268,9 @@ impl NearCache {
             CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
                 self.metrics.fills.inc();
             }
-            _ => self.metrics.fills_raced.inc(),
+            _ => {
+                self.metrics.fills_raced.inc();
+            }
         }
         self.metrics.bytes.set(gauge_value(self.entries.approximate_bytes()));
     }
