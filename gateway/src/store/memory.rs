@@ -1,5 +1,6 @@
 //! The in-process store: a moka cache bounded by the bytes of its keys and
-//! values, with each entry's own expiry. It lets the gateway run where there
+//! values, with each entry's own expiry ([`ExpiringEntries`], the type the
+//! near-cache uses too). It lets the gateway run where there
 //! is no Redis (development, single-node deployments); entries live only as
 //! long as the process.
 //!
