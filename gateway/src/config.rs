@@ -22,6 +22,7 @@ const CONFIG_SECTIONS: &[&str] = &[
     "store",
     "redis",
     "memory",
+    "near_cache",
     "limits",
     "invalidation",
     "breaker",
@@ -53,6 +54,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// The in-process store (used when `store = "memory"`).
     pub memory: MemoryConfig,
+    /// The optional in-process near-cache (L1) in front of Redis.
+    pub near_cache: NearCacheConfig,
     /// Limits applied to every request, whatever the namespace.
     pub limits: LimitsConfig,
     /// The Invalidate RPC's jobs.
@@ -355,6 +358,46 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The near-cache (L1): hot entries a policy marks eligible, kept in this
+/// process for a short while and dropped on every gateway when they change
+/// (invalidation messages over Redis pub/sub; see `docs/OPERATIONS.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NearCacheConfig {
+    /// Run the near-cache. Off by default: it trades a bounded window of
+    /// staleness after a write on another gateway (one pub/sub delivery) for
+    /// reads without a Redis round trip. Only with `store = "redis"`; every
+    /// gateway sharing the Redis must turn it on, since only gateways that run
+    /// it publish their writes.
+    pub enabled: bool,
+    /// Capacity in bytes (keys + stored entries); least-recently-used go first.
+    pub max_bytes: u64,
+    /// Longest time an entry stays in the near-cache, whatever the policy
+    /// asks for: the bound on staleness should invalidation messages be lost
+    /// without the subscription noticing.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// The pub/sub channel gateways announce changes on (one per fleet).
+    pub channel: String,
+    /// How often the subscription is checked with a PING; one that does not
+    /// answer within `redis.response_timeout` counts as lost, and the
+    /// near-cache is dropped.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for NearCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_bytes: 64 * 1024 * 1024,
+            max_ttl: Duration::from_secs(5),
+            channel: "cachegw:l1".to_owned(),
+            heartbeat: Duration::from_secs(1),
         }
     }
 }
@@ -1021,6 +1064,20 @@ impl Config {
         if self.memory.max_bytes < 1024 {
             return invalid("memory.max_bytes", "must be at least 1024");
         }
+        if self.near_cache.max_bytes < 1024 {
+            return invalid("near_cache.max_bytes", "must be at least 1024");
+        }
+        if self.near_cache.max_ttl < Duration::from_millis(1)
+            || self.near_cache.max_ttl > Duration::from_secs(3600)
+        {
+            return invalid("near_cache.max_ttl", "must be between 1ms and 1h");
+        }
+        if self.near_cache.channel.is_empty() {
+            return invalid("near_cache.channel", "must not be empty");
+        }
+        if self.near_cache.heartbeat < Duration::from_millis(10) {
+            return invalid("near_cache.heartbeat", "must be at least 10ms");
+        }
         if self.limits.max_key_bytes == 0 {
             return invalid("limits.max_key_bytes", "must be at least 1");
         }
@@ -1400,5 +1457,34 @@ mod tests {
             err.to_string().contains("auth.admins.ops.token_sha256"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn near_cache_is_off_by_default_and_checked_when_configured() {
+        assert!(!Config::default().near_cache.enabled);
+        let config = Config::from_toml(
+            r#"
+            [near_cache]
+            enabled = true
+            max_bytes = 4096
+            max_ttl = "2s"
+            channel = "fleet-a:l1"
+            [auth]
+            enabled = false
+            "#,
+        )
+        .unwrap();
+        assert!(config.near_cache.enabled);
+        assert_eq!(config.near_cache.max_ttl, Duration::from_secs(2));
+        assert_eq!(config.near_cache.channel, "fleet-a:l1");
+        config.validate().unwrap();
+        let mut bad = config.clone();
+        bad.near_cache.max_ttl = Duration::ZERO;
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("near_cache.max_ttl"), "{err}");
+        let mut bad = config;
+        bad.near_cache.channel.clear();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("near_cache.channel"), "{err}");
     }
 }

@@ -19,7 +19,7 @@ use crate::{
         proto::{self, v1::policy_admin_server},
     },
     auth::{AuthSetupError, Authenticator},
-    cache::{Cache, CacheMetrics, Namespaces},
+    cache::{Cache, CacheMetrics, Namespaces, NearCache, near_bus},
     config::{Config, StoreKind},
     policy::{DecisionLimits, PolicyMetrics, PolicyRegistry},
     store::{GuardMetrics, GuardedStore, MemoryStore, RedisStore, Store, StoreError},
@@ -73,6 +73,20 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// The near-cache `[near_cache]` asks for. Only in front of Redis: the
+/// memory store is already in this process, and there is no fleet to keep
+/// coherent.
+fn near_cache(config: &Config, registry: &mut Registry) -> Option<Arc<NearCache>> {
+    if !config.near_cache.enabled {
+        return None;
+    }
+    if config.store != StoreKind::Redis {
+        warn!(store = %config.store, "near_cache.enabled is ignored: the near-cache only fronts the Redis store");
+        return None;
+    }
+    Some(Arc::new(NearCache::new(&config.near_cache, registry)))
+}
+
 /// A read-only view of the gateway's metrics, usable after `serve` has taken
 /// the gateway.
 #[derive(Clone)]
@@ -124,6 +138,9 @@ pub struct Gateway {
     auth: Arc<Authenticator>,
     /// TLS for both gRPC listeners; `None` serves plaintext.
     tls: Option<ServerTlsConfig>,
+    /// The near-cache, when `[near_cache]` turns it on (its bus starts with
+    /// `serve`).
+    near: Option<Arc<NearCache>>,
 }
 
 impl Gateway {
@@ -163,6 +180,7 @@ impl Gateway {
                 config.limits.max_lease_ttl,
             )),
         };
+        let near = near_cache(&config, &mut registry);
         let namespaces = Namespaces::from_config(&config);
         let policies = Arc::new(PolicyRegistry::from_config(&config)?);
         let policy_metrics = PolicyMetrics::register(&mut registry);
@@ -174,7 +192,8 @@ impl Gateway {
             store,
             cache_metrics.clone(),
             policy_metrics,
-        ));
+        )
+        .with_near_cache(near.clone()));
         Ok(Gateway {
             config,
             cache,
@@ -183,6 +202,7 @@ impl Gateway {
             metrics: MetricsHandle(Arc::new(registry)),
             auth,
             tls,
+            near,
         })
     }
 
@@ -253,6 +273,17 @@ impl Gateway {
             .await
         {
             warn!(cause = %err, "policy sync through Redis is off");
+        }
+        if let Some(near) = &self.near {
+            match near_bus::client(&self.config.redis) {
+                Ok(client) => near_bus::start(
+                    Arc::clone(near),
+                    client,
+                    &self.config.near_cache,
+                    &self.config.redis,
+                ),
+                Err(err) => warn!(cause = %err, "near cache stays bypassed: no Redis client for its invalidation bus"),
+            }
         }
         if let Some(dir) = &self.config.policy.watch_dir {
             crate::policy::watch::start(

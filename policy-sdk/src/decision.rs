@@ -72,6 +72,7 @@ pub struct Decision {
     invalidate_patterns: Vec<String>,
     invalidate_tags: Vec<String>,
     early_refresh_beta: f64,
+    near_cache: Duration,
 }
 
 impl Decision {
@@ -91,6 +92,7 @@ impl Decision {
             invalidate_patterns: Vec::new(),
             invalidate_tags: Vec::new(),
             early_refresh_beta: 0.0,
+            near_cache: Duration::ZERO,
         }
     }
 
@@ -208,6 +210,17 @@ impl Decision {
         self
     }
 
+    /// Lets a gateway that runs a near-cache (its in-process L1, `[near_cache]` in its config) keep
+    /// the entry for up to `ttl` after reading it from the store, and serve it from memory without
+    /// a Redis round trip. Worth it for hot, rarely written keys (reference data, feature flags);
+    /// the gateway caps it at `near_cache.max_ttl` and at the entry's remaining fresh time, and
+    /// drops it on every gateway when the entry is written or invalidated. Zero (the default)
+    /// keeps the entry out of the near-cache. Applies to Gets; truncated to whole milliseconds.
+    pub fn near_cache(mut self, ttl: Duration) -> Self {
+        self.near_cache = ttl;
+        self
+    }
+
     /// The storage key; empty for [`Decision::bypass`] (the SDK then sends the client's key).
     pub fn storage_key(&self) -> &str {
         &self.storage_key
@@ -261,6 +274,11 @@ impl Decision {
     /// The early-refresh beta (0: namespace default).
     pub fn refresh_beta(&self) -> f64 {
         self.early_refresh_beta
+    }
+
+    /// How long a gateway's near-cache may keep the entry (zero: not eligible).
+    pub fn near_cache_ttl(&self) -> Duration {
+        self.near_cache
     }
 
     /// The wire message for this decision, answering `req`, after the checks the host would
@@ -318,6 +336,7 @@ impl Decision {
                 tags: self.invalidate_tags.clone(),
             }),
             early_refresh_beta: self.early_refresh_beta,
+            near_cache_ttl_ms: floor_millis(self.near_cache),
         })
     }
 }
@@ -394,6 +413,7 @@ mod tests {
                 compression: proto::CompressionHint::Auto as i32,
                 invalidate: None,
                 early_refresh_beta: 0.0,
+                near_cache_ttl_ms: 0,
             }
         );
     }
@@ -445,6 +465,16 @@ mod tests {
         assert!(wire.bypass);
         assert_eq!(wire.storage_key, "client-key");
         assert_eq!(wire.invalidate.unwrap().patterns, ["x:*"]);
+    }
+
+    #[test]
+    fn near_cache_is_opt_in_and_sent_in_milliseconds() {
+        assert_eq!(Decision::cache("k").near_cache_ttl(), Duration::ZERO);
+        let decision = Decision::cache("k").near_cache(Duration::from_micros(2_500_900));
+        assert_eq!(decision.near_cache_ttl(), Duration::from_micros(2_500_900));
+        assert_eq!(decision.to_wire(&req()).unwrap().near_cache_ttl_ms, 2_500);
+        let wire = Decision::cache("k").to_wire(&req()).unwrap();
+        assert_eq!(wire.near_cache_ttl_ms, 0, "not eligible unless asked for");
     }
 
     #[test]

@@ -695,6 +695,12 @@ impl RedisCluster {
     pub fn config(&self) -> Config {
         let seeds = self.seed_urls();
         let mut config = test_config(StoreKind::Redis, Some(seeds[0].clone()));
+        // Three redis-servers, the gateway and the test share two cores: the
+        // fixtures' 300 ms would turn a busy moment into degraded answers. The
+        // cluster variants test behaviour, not speed (docs/BENCHMARKS.md has
+        // the speed).
+        config.redis.response_timeout = Duration::from_secs(2);
+        config.server.store_timeout = Duration::from_secs(2);
         config.redis.mode = gateway::config::RedisMode::Cluster;
         config.redis.cluster_seeds = seeds[1..].to_vec();
         config

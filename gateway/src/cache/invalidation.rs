@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use super::{
-    Attributes, Cache, InvalidationReport, MAX_TAG_BYTES, RequestError, reserve_answer_time,
+    Attributes, Cache, Change, InvalidationReport, MAX_TAG_BYTES, RequestError, reserve_answer_time,
     scoped_key, unix_millis,
 };
 use crate::{
@@ -294,12 +294,24 @@ impl Cache {
         let store = Arc::clone(&self.store);
         let metrics = self.metrics.clone();
         let job_metric = Arc::clone(&metric);
+        let near = self.near.clone();
         let job = self.jobs.start(
             &command.namespace,
             work.policy.clone(),
             move |job| async move {
                 let _running = metrics.job_started();
+                let change = Change::of_invalidation(&namespace, &work.invalidation, work.flush);
+                // Announced when the job starts, so near-caches stop serving
+                // what it is about to purge, and again when it ends, for
+                // entries read back from the store while it ran. The second
+                // comes before the job reports done.
+                if let (Some(near), Some(change)) = (&near, &change) {
+                    near.changed(change.clone()).await;
+                }
                 let result = run_job(&*store, &namespace, &work, soft, &job).await;
+                if let (Some(near), Some(change)) = (&near, change) {
+                    near.changed(change).await;
+                }
                 metrics.invalidated(job.progress.affected());
                 metrics.job_finished(&job_metric, target, result.is_err());
                 match &result {
@@ -470,6 +482,9 @@ impl Cache {
                 self.invalidation_timeout
             )],
         };
+        // Announced even when some purges failed: what did run changed entries.
+        self.announce(Change::of_invalidation(namespace, invalidation, false))
+            .await;
         let removed = progress.affected();
         self.metrics.invalidated(removed);
         if !errors.is_empty() {

@@ -14,6 +14,7 @@ mod invalidation;
 mod lease;
 mod metrics;
 mod namespace;
+mod near;
 
 use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
@@ -29,6 +30,8 @@ use self::lease::{Fills, Freshness};
 pub use self::lease::{LeaseAsk, LeaseState, LeaseWrite, ReleaseCommand};
 pub use self::metrics::CacheMetrics;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
+pub use self::near::{Change, NearCache, bus as near_bus};
+use self::near::Ticket;
 use crate::{
     config::Config,
     policy::{
@@ -184,6 +187,16 @@ pub struct Cache {
     max_lease_ttl: Duration,
     max_lease_wait: Duration,
     metrics: CacheMetrics,
+    /// The near-cache (L1), when `[near_cache]` turns it on.
+    near: Option<Arc<NearCache>>,
+}
+
+/// A read that may use the near-cache: how long it may keep its entry, and
+/// its ticket to fill it.
+struct NearRead<'a> {
+    near: &'a NearCache,
+    ttl: Duration,
+    ticket: Ticket,
 }
 
 impl Cache {
@@ -215,6 +228,63 @@ impl Cache {
             max_lease_ttl: config.limits.max_lease_ttl,
             max_lease_wait: config.limits.max_lease_wait,
             metrics,
+            near: None,
+        }
+    }
+
+    /// Puts `near` in front of the store for reads whose decision allows it.
+    pub fn with_near_cache(mut self, near: Option<Arc<NearCache>>) -> Self {
+        self.near = near;
+        self
+    }
+
+    /// The near-cache read `plan` may make, if any: the decision asks for it
+    /// and the near-cache is subscribed. The ticket is taken here, before
+    /// the store is read.
+    fn near_read(&self, plan: &Plan) -> Option<NearRead<'_>> {
+        let near = self.near.as_deref()?;
+        if plan.decision.bypass {
+            return None;
+        }
+        let ttl = near.ttl_for(plan.decision.near_cache_ttl)?;
+        Some(NearRead {
+            near,
+            ttl,
+            ticket: near.ticket()?,
+        })
+    }
+
+    /// A fresh hit from the near-cache for `plan`, decoded exactly as a store
+    /// hit would be; `None` sends the read to the store.
+    async fn near_hit(&self, read: &NearRead<'_>, plan: &Plan) -> Option<(GetResult, Freshness)> {
+        let fetched = read.near.lookup(&plan.key).await?;
+        let found = self.read_entry(fetched, plan);
+        // Only fresh entries are served from here: a stale one goes back to
+        // the store, where the lease protocol sees the entry as it is.
+        if found.0.outcome == Outcome::Hit {
+            read.near.served();
+            Some(found)
+        } else {
+            read.near.unserved();
+            None
+        }
+    }
+
+    /// Keeps a store read's fresh hit in the near-cache, for the near TTL but
+    /// never past the entry's own freshness.
+    async fn near_fill(read: &NearRead<'_>, key: &StorageKey, stored: &Fetched, found: &GetResult) {
+        if found.outcome == Outcome::Hit && !found.degraded {
+            let ttl = read.ttl.min(found.ttl_remaining);
+            read.near.fill(key, stored, ttl, read.ticket).await;
+        }
+    }
+
+    /// Drops what `change` covers from the near-caches of this gateway and,
+    /// through the bus, of every other one. Called after the store
+    /// acknowledged and before the client is answered.
+    async fn announce(&self, change: Option<Change>) {
+        if let (Some(near), Some(change)) = (&self.near, change) {
+            near.changed(change).await;
         }
     }
 
@@ -249,12 +319,25 @@ impl Cache {
             .map(|ask| self.check_lease_ask(ask))
             .transpose()
             .inspect_err(|_| self.metrics.rejected("get"))?;
+        let near = self.near_read(&plan);
+        let near_hit = match &near {
+            Some(read) => self.near_hit(read, &plan).await,
+            None => None,
+        };
         let (found, freshness) = if plan.decision.bypass {
             let miss = GetResult::miss(false, &plan.decision.decided_by);
             (miss, Freshness::default())
+        } else if let Some(hit) = near_hit {
+            hit
         } else {
             match self.bounded(deadline, self.store.get(&plan.key)).await {
-                Ok(stored) => self.read_entry(stored, &plan),
+                Ok(stored) => {
+                    let found = self.read_entry(stored.clone(), &plan);
+                    if let Some(read) = &near {
+                        Self::near_fill(read, &plan.key, &stored, &found.0).await;
+                    }
+                    found
+                }
                 Err(err) => {
                     let miss = GetResult::miss(true, &plan.decision.decided_by);
                     let miss = self.degraded("get", &plan.metric, &err, miss);
@@ -332,6 +415,9 @@ impl Cache {
         if let Err(StoreError::OutOfMemory(reason)) = &written {
             return Err(self.store_full(&plan.read, reason));
         }
+        if matches!(written, Ok(true)) {
+            self.announce(Some(Change::key(&plan.read.key))).await;
+        }
         Ok(self.finish_write(plan, written, lease).await)
     }
 
@@ -359,6 +445,11 @@ impl Cache {
             Ok(deleted) => (deleted, false),
             Err(err) => self.degraded("delete", &plan.metric, &err, (false, true)),
         };
+        if !degraded && !plan.decision.bypass {
+            // Announced even when nothing was there: another gateway may
+            // still hold what this one did not find.
+            self.announce(Some(Change::key(&plan.key))).await;
+        }
         let invalidation = if degraded {
             InvalidationReport::default()
         } else {
@@ -400,18 +491,35 @@ impl Cache {
                 })
             })
             .collect();
+        // Near hits first; only the rest go to the store, in one round trip.
+        let mut near_reads = Vec::with_capacity(plans.len());
+        let mut near_hits = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            let read = plan.as_ref().ok().and_then(|plan| self.near_read(plan));
+            let hit = match (&read, plan) {
+                (Some(read), Ok(plan)) => self.near_hit(read, plan).await.map(|(found, _)| found),
+                _ => None,
+            };
+            near_reads.push(read);
+            near_hits.push(hit);
+        }
         let keys: Vec<StorageKey> = plans
             .iter()
-            .filter_map(|plan| plan.as_ref().ok())
+            .zip(&near_hits)
+            .filter(|(_, hit)| hit.is_none())
+            .filter_map(|(plan, _)| plan.as_ref().ok())
             .filter(|plan| !plan.decision.bypass)
             .map(|plan| plan.key.clone())
             .collect();
-        let mut stored = self
-            .bounded(deadline, self.store.get_many(&keys))
-            .await
-            .map(Vec::into_iter);
+        let mut stored = if keys.is_empty() {
+            Ok(Vec::new().into_iter())
+        } else {
+            self.bounded(deadline, self.store.get_many(&keys))
+                .await
+                .map(Vec::into_iter)
+        };
         let mut results = Vec::with_capacity(plans.len());
-        for plan in plans {
+        for ((plan, near), near_hit) in plans.into_iter().zip(&near_reads).zip(near_hits) {
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(err) => {
@@ -422,10 +530,16 @@ impl Cache {
             };
             let result = if plan.decision.bypass {
                 GetResult::miss(false, &plan.decision.decided_by)
+            } else if let Some(found) = near_hit {
+                lease::without_stale(found, plan.allow_stale)
             } else {
                 match &mut stored {
                     Ok(values) => {
-                        let (found, _) = self.read_entry(values.next().unwrap_or_default(), &plan);
+                        let fetched = values.next().unwrap_or_default();
+                        let (found, _) = self.read_entry(fetched.clone(), &plan);
+                        if let Some(read) = near {
+                            Self::near_fill(read, &plan.key, &fetched, &found).await;
+                        }
                         lease::without_stale(found, plan.allow_stale)
                     }
                     Err(err) => self.degraded(
@@ -464,7 +578,13 @@ impl Cache {
             .iter()
             .filter_map(|plan| plan.as_ref().ok()?.entry.clone())
             .collect();
+        let changes = changes_of_writes(&entries);
         let written = self.bounded(deadline, self.store.set_many(entries)).await;
+        if written.is_ok() {
+            for change in changes {
+                self.announce(Some(change)).await;
+            }
+        }
         let mut results = Vec::with_capacity(plans.len());
         for plan in plans {
             let plan = match plan {
@@ -848,6 +968,25 @@ struct WritePlan {
     entry: Option<WriteEntry>,
     /// The fresh TTL written, jitter included.
     fresh_ttl: Duration,
+}
+
+/// What a batch of acknowledged writes changed, one announcement per
+/// namespace.
+fn changes_of_writes(entries: &[WriteEntry]) -> Vec<Change> {
+    let mut by_namespace: std::collections::BTreeMap<&str, Vec<Bytes>> = Default::default();
+    for entry in entries {
+        by_namespace
+            .entry(entry.key.namespace())
+            .or_default()
+            .push(Bytes::copy_from_slice(entry.key.key()));
+    }
+    by_namespace
+        .into_iter()
+        .map(|(namespace, keys)| Change::Keys {
+            namespace: Arc::from(namespace),
+            keys,
+        })
+        .collect()
 }
 
 /// A random duration in `0..=max`.

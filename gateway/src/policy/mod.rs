@@ -100,6 +100,11 @@ pub struct Decision {
     pub invalidate: Invalidation,
     /// XFetch early-refresh beta (0: the namespace default).
     pub early_refresh_beta: f64,
+    /// How long this gateway's near-cache may keep the entry after a read
+    /// (zero: not eligible). Not yet clamped: the near-cache applies its own
+    /// `near_cache.max_ttl`, so a policy can be written once for fleets that
+    /// configure it differently.
+    pub near_cache_ttl: Duration,
     /// Who decided: `default`, `name@version`, or `fail-open:name@version` /
     /// `fail-closed:name@version` when the fallback did.
     pub decided_by: Arc<str>,
@@ -122,6 +127,7 @@ impl DefaultPolicy {
             compression: Compression::Auto,
             invalidate: Invalidation::default(),
             early_refresh_beta: 0.0,
+            near_cache_ttl: Duration::ZERO,
             decided_by: Arc::clone(&DEFAULT_LABEL),
         }
     }
@@ -399,6 +405,7 @@ impl Decision {
         for (field, ms) in [
             ("stale_window_ms", wire.stale_window_ms),
             ("ttl_jitter_ms", wire.ttl_jitter_ms),
+            ("near_cache_ttl_ms", wire.near_cache_ttl_ms),
         ] {
             if ms > max_ms {
                 return invalid(format!("{field} {ms} exceeds policy.max_ttl ({max_ms} ms)"));
@@ -467,6 +474,7 @@ impl Decision {
                 tags: invalidate.tags,
             },
             early_refresh_beta: wire.early_refresh_beta,
+            near_cache_ttl: Duration::from_millis(wire.near_cache_ttl_ms),
             decided_by: Arc::clone(decided_by),
         })
     }
@@ -480,10 +488,11 @@ fn compare(
 ) -> Option<registry::ShadowDifference> {
     let brief = |d: &Decision| {
         format!(
-            "key={:?} ttl={:?} stale={:?} tags={:?} bypass={} invalidate={:?}/{:?}/{:?}",
+            "key={:?} ttl={:?} stale={:?} near={:?} tags={:?} bypass={} invalidate={:?}/{:?}/{:?}",
             d.key,
             d.fresh_ttl,
             d.stale_window,
+            d.near_cache_ttl,
             d.tags,
             d.bypass,
             d.invalidate.keys,
@@ -517,6 +526,9 @@ fn compare(
     }
     if active.bypass != candidate.bypass {
         fields.push("bypass");
+    }
+    if active.near_cache_ttl != candidate.near_cache_ttl {
+        fields.push("near_cache_ttl");
     }
     if active.invalidate != candidate.invalidate {
         fields.push("invalidate");

@@ -97,6 +97,8 @@ pub struct DecisionView {
     pub invalidate_tags: Vec<String>,
     /// XFetch beta.
     pub early_refresh_beta: f64,
+    /// Near-cache (L1) TTL in ms (0: not eligible).
+    pub near_cache_ttl_ms: u64,
 }
 
 impl From<&pb::PolicyDecision> for DecisionView {
@@ -121,6 +123,7 @@ impl From<&pb::PolicyDecision> for DecisionView {
             invalidate_patterns: invalidate.patterns,
             invalidate_tags: invalidate.tags,
             early_refresh_beta: wire.early_refresh_beta,
+            near_cache_ttl_ms: wire.near_cache_ttl_ms,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The in-process store: a moka cache bounded by the bytes of its keys and
-//! values, with each entry's own expiry. It lets the gateway run where there
+//! values, with each entry's own expiry ([`ExpiringEntries`], the type the
+//! near-cache uses too). It lets the gateway run where there
 //! is no Redis (development, single-node deployments); entries live only as
 //! long as the process.
 //!
@@ -13,36 +14,29 @@
 
 use std::{
     collections::HashMap,
-    future::ready,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use moka::{
-    Expiry,
-    future::Cache,
-    ops::compute::{CompResult, Op},
-};
+use moka::ops::compute::{CompResult, Op};
 
 use super::{
     Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
     WriteEntry,
+    expiring::{Expiring, ExpiringEntries},
     generations::{Generations, NamespaceState},
     glob, layout, unix_millis,
 };
 use crate::cache::envelope;
 
-/// Entries a purge's walk looks at between yields to the runtime.
-const WALK_STEP: usize = 4096;
-
-/// Per-entry bookkeeping moka does not keep for us.
-const ENTRY_OVERHEAD_BYTES: usize = 64;
+/// An entry's envelope bytes and when the store drops it.
+type StoredValue = Expiring<Bytes>;
 
 /// Cache entries in this process's memory.
 pub struct MemoryStore {
-    entries: Cache<Bytes, StoredValue>,
+    entries: ExpiringEntries<Bytes>,
     generations: Generations,
     /// Every lease operation, and every void, under one lock: a leased
     /// write's check-and-write is atomic against them.
@@ -93,51 +87,12 @@ impl Leases {
     }
 }
 
-#[derive(Clone)]
-struct StoredValue {
-    bytes: Bytes,
-    expires_at: Instant,
-}
-
-/// Each entry expires when it was written to; rewriting it in place (a soft
-/// purge) keeps that time.
-struct WrittenExpiry;
-
-impl Expiry<Bytes, StoredValue> for WrittenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &Bytes,
-        value: &StoredValue,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(created_at))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &Bytes,
-        value: &StoredValue,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(updated_at))
-    }
-}
-
 impl MemoryStore {
     /// A store that holds at most `max_bytes` of keys and values, whose
     /// leases last at most `max_lease_ttl`.
     pub fn new(max_bytes: u64, max_lease_ttl: Duration) -> Self {
-        let entries = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|key: &Bytes, value: &StoredValue| {
-                let weight = key.len() + value.bytes.len() + ENTRY_OVERHEAD_BYTES;
-                u32::try_from(weight).unwrap_or(u32::MAX)
-            })
-            .expire_after(WrittenExpiry)
-            .build();
         Self {
-            entries,
+            entries: ExpiringEntries::new(max_bytes),
             generations: Generations::default(),
             leases: tokio::sync::Mutex::new(Leases::default()),
             lease_void_ttl: max_lease_ttl,
@@ -146,8 +101,7 @@ impl MemoryStore {
 
     /// Bytes currently accounted for (after pending maintenance has run).
     pub async fn weighted_size(&self) -> u64 {
-        self.entries.run_pending_tasks().await;
-        self.entries.weighted_size()
+        self.entries.weighted_size().await
     }
 
     fn lease_key(&self, key: &StorageKey) -> Bytes {
@@ -171,24 +125,20 @@ impl MemoryStore {
     ) -> bool {
         let result = self
             .entries
-            .entry(physical)
-            .and_compute_with(|current| {
-                let op = match current {
-                    Some(entry) if still_selected(&entry.value().bytes) => match mode {
-                        PurgeMode::Delete => Op::Remove,
-                        PurgeMode::MarkStale { now_ms } => {
-                            match envelope::mark_stale(&entry.value().bytes, now_ms) {
-                                Some(bytes) => Op::Put(StoredValue {
-                                    bytes,
-                                    expires_at: entry.value().expires_at,
-                                }),
-                                None => Op::Nop,
-                            }
+            .compute(physical, |current| match current {
+                Some(entry) if still_selected(&entry.value) => match mode {
+                    PurgeMode::Delete => Op::Remove,
+                    PurgeMode::MarkStale { now_ms } => {
+                        match envelope::mark_stale(&entry.value, now_ms) {
+                            Some(bytes) => Op::Put(StoredValue {
+                                value: bytes,
+                                expires_at: entry.expires_at,
+                            }),
+                            None => Op::Nop,
                         }
-                    },
-                    _ => Op::Nop,
-                };
-                ready(op)
+                    }
+                },
+                _ => Op::Nop,
             })
             .await;
         matches!(result, CompResult::Removed(_) | CompResult::ReplacedWith(_))
@@ -205,21 +155,14 @@ impl MemoryStore {
     ) -> u64 {
         let state = self.generations.get(namespace);
         let prefix = layout::entry_prefix(namespace, state.generation);
-        // A full walk: the in-process store has no index to narrow it. It
-        // yields to the runtime every few thousand entries, so a large store
-        // does not hold a worker thread away from the requests it serves.
-        let mut selected: Vec<Bytes> = Vec::new();
-        for (walked, (key, value)) in self.entries.iter().enumerate() {
-            if key.starts_with(&prefix)
-                && layout::inner_key(&key, prefix.len())
-                    .is_some_and(|rest| select(rest, &value.bytes))
-            {
-                selected.push(Bytes::clone(&key));
-            }
-            if walked % WALK_STEP == WALK_STEP - 1 {
-                tokio::task::yield_now().await;
-            }
-        }
+        // Physical keys end with the layout's suffix after the entry key.
+        let selected = self
+            .entries
+            .keys_with_prefix(&prefix, |rest, bytes: &Bytes| {
+                rest.strip_suffix(layout::KEY_SUFFIX)
+                    .is_some_and(|key| select(key, bytes))
+            })
+            .await;
         let mut affected = 0;
         for physical in selected {
             let rest = physical.slice(prefix.len()..physical.len() - layout::KEY_SUFFIX.len());
@@ -238,7 +181,7 @@ impl Store for MemoryStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
         let (physical, state) = self.physical(key);
         Ok(Fetched {
-            value: self.entries.get(&physical).await.map(|value| value.bytes),
+            value: self.entries.get(&physical).await.map(|stored| stored.value),
             stale_before_ms: state.stale_before_ms,
         })
     }
@@ -254,13 +197,10 @@ impl Store for MemoryStore {
     async fn set(&self, entry: WriteEntry) -> Result<(), StoreError> {
         let (physical, _) = self.physical(&entry.key);
         let value = StoredValue {
-            bytes: entry.value,
+            value: entry.value,
             expires_at: Instant::now() + entry.expire_after,
         };
-        self.entries
-            .entry(physical)
-            .and_compute_with(|_| ready(Op::Put(value)))
-            .await;
+        self.entries.compute(physical, |_| Op::Put(value)).await;
         Ok(())
     }
 
@@ -364,7 +304,7 @@ impl Store for MemoryStore {
         // Under the lease lock, no leased write can land between this check
         // and the grant.
         let (physical, _) = self.physical(key);
-        let current = self.entries.get(&physical).await.map(|value| value.bytes);
+        let current = self.entries.get(&physical).await.map(|stored| stored.value);
         let times = current.as_deref().and_then(envelope::times);
         match (wanted, times) {
             (LeaseCondition::Unfilled { stale_before_ms }, Some(times))

@@ -10,6 +10,7 @@
 //! purges and soft purges; the cache layer encodes and decodes it.
 
 pub(crate) mod batch;
+mod expiring;
 mod generations;
 pub mod glob;
 mod guard;
@@ -28,6 +29,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub(crate) use self::expiring::{Expiring, ExpiringEntries, Weighed};
 pub use self::guard::{GuardMetrics, GuardedStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;

@@ -8,8 +8,11 @@
 //!   write succeeded (write-through invalidation).
 //! - Every entry is fresh for `ttl` (default: the namespace's) and then servable as stale for
 //!   `stale` (default 0).
+//! - With `near`, Gets let a gateway's near-cache (L1) keep the entry for that long: hot pages
+//!   are then served from the gateway's memory, and a purge still reaches every gateway (the
+//!   gateway caps it at its `near_cache.max_ttl`). Without it, every Get reads Redis.
 //!
-//! Config (JSON; every field optional): `{"ttl": "5m", "stale": "1m"}`.
+//! Config (JSON; every field optional): `{"ttl": "5m", "stale": "1m", "near": "2s"}`.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +36,9 @@ pub struct SurrogateKeys {
     /// Stale window after the fresh TTL.
     #[serde(default, deserialize_with = "duration::deserialize")]
     stale: Duration,
+    /// How long a gateway's near-cache may keep an entry after a Get (zero: not at all).
+    #[serde(default, deserialize_with = "duration::deserialize")]
+    near: Duration,
 }
 
 /// The space-separated words of attribute `name`.
@@ -56,6 +62,9 @@ impl Policy for SurrogateKeys {
         }
         if req.op() == Operation::Set {
             decision = decision.with_tags(words(req, SURROGATE_KEY_ATTR));
+        }
+        if req.op() == Operation::Get {
+            decision = decision.near_cache(self.near);
         }
         if req.op() != Operation::Get {
             for tag in words(req, PURGE_ATTR) {
@@ -84,6 +93,18 @@ mod tests {
         assert_eq!(decision.tags(), ["product:42", "category:7"]);
         assert_eq!(decision.invalidated_tags(), ["search:shoes"]);
         assert_eq!(decision.fresh_ttl(), None, "namespace default");
+    }
+
+    #[test]
+    fn gets_are_near_cached_only_when_configured() {
+        let get = || testing::request(Operation::Get, "catalog", "page:/p/42");
+        let decision = get().decide::<SurrogateKeys>().unwrap();
+        assert_eq!(decision.near_cache_ttl(), Duration::ZERO);
+        let decision = get()
+            .config_json(r#"{"near": "2s"}"#)
+            .decide::<SurrogateKeys>()
+            .unwrap();
+        assert_eq!(decision.near_cache_ttl(), Duration::from_secs(2));
     }
 
     #[test]
