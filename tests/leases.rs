@@ -189,11 +189,12 @@ async fn coalesce(gateways: &[&TestGateway], callers: usize) {
                 let got = call_get(&mut client, leased("cold", 20_000)).await;
                 if state(&got) == LeaseState::Granted {
                     // A real stampede: fill only once every other caller is
-                    // in flight, waiting.
+                    // waiting on this fill (in flight is not enough: a caller
+                    // still on its way to the lease would find the fill done).
                     wait_until("every other caller waits", Duration::from_secs(30), || {
                         let waiting: i64 = metrics
                             .iter()
-                            .map(|m| support::gauge(&m.encode(), "cachegw_requests_in_flight"))
+                            .map(|m| support::gauge(&m.encode(), "cachegw_lease_waiters"))
                             .sum();
                         async move { waiting >= callers as i64 - 1 }
                     })
@@ -247,8 +248,7 @@ async fn redis_store_one_lease_among_a_thousand_callers_on_two_gateways() {
     freshness(&mut config, "1m", "0s");
     // About coalescing, not speed: a debug build answering 1000 callers at once
     // on two shared cores can leave a reply unread for longer than the fixtures'
-    // 300 ms (it failed 1 run in 3 on the base commit), and timeouts would open
-    // the breaker and answer degraded. Patient timeouts keep the test on its point.
+    // 300 ms, and timeouts would open the breaker and answer degraded.
     config.redis.response_timeout = Duration::from_secs(5);
     config.server.store_timeout = Duration::from_secs(5);
     let one = TestGateway::start(config.clone()).await;

@@ -106,7 +106,7 @@ async fn two_hundred_cold_callers_run_the_fill_once(backend: Backend) {
                         // other caller is in flight, waiting on the lease ...
                         wait_until("every other caller waits", Duration::from_secs(30), || {
                             let waiting =
-                                support::gauge(&metrics.encode(), "cachegw_requests_in_flight");
+                                support::gauge(&metrics.encode(), "cachegw_lease_waiters");
                             async move { waiting >= CALLERS as i64 - 1 }
                         })
                         .await;

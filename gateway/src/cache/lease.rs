@@ -383,6 +383,7 @@ impl Cache {
 
     /// Waits up to `wait` for another caller's fill of `plan.key`.
     async fn wait_for_fill(&self, plan: &Plan, wait: Duration) -> Option<GetResult> {
+        let _waiting = self.metrics.lease_waiting();
         let mut receiver = self
             .fills
             .subscribe(&self.store, &plan.key, self.max_lease_wait);

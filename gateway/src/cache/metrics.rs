@@ -76,6 +76,7 @@ pub struct CacheMetrics {
     jobs: Family<JobLabels, Counter>,
     jobs_running: Gauge,
     leases: Family<LeaseLabels, Counter>,
+    lease_waiters: Gauge,
 }
 
 /// Counts a request as in flight until dropped.
@@ -105,6 +106,7 @@ impl CacheMetrics {
             jobs: Family::default(),
             jobs_running: Gauge::default(),
             leases: Family::default(),
+            lease_waiters: Gauge::default(),
         };
         registry.register(
             "cachegw_request_seconds",
@@ -150,6 +152,11 @@ impl CacheMetrics {
             "cachegw_leases",
             "Lease protocol outcomes by namespace: granted, early_refresh, wait, stale_served, coalesced, timed_out, not_needed (Gets); accepted, voided (Sets); released, release_stale",
             metrics.leases.clone(),
+        );
+        registry.register(
+            "cachegw_lease_waiters",
+            "Gets waiting right now for another caller's fill of their key (lease held elsewhere)",
+            metrics.lease_waiters.clone(),
         );
         registry.register(
             "cachegw_requests_in_flight",
@@ -198,6 +205,13 @@ impl CacheMetrics {
 
     pub(super) fn invalidated(&self, entries: u64) {
         self.invalidated.inc_by(entries);
+    }
+
+    /// Counts a Get as waiting on another caller's fill until the returned
+    /// guard is dropped.
+    pub(super) fn lease_waiting(&self) -> InFlight {
+        self.lease_waiters.inc();
+        InFlight(self.lease_waiters.clone())
     }
 
     /// Counts a job as running until the returned guard is dropped.
