@@ -16,8 +16,8 @@ use std::{
 };
 
 use gateway::api::proto::v1::{
-    GetInvalidationRequest, GetRequest, InvalidateRequest, JobState, MSetRequest, SetRequest,
-    Outcome, cache_client::CacheClient, invalidate_request::Target,
+    GetInvalidationRequest, GetRequest, InvalidateRequest, JobState, MSetRequest, Outcome,
+    SetRequest, cache_client::CacheClient, invalidate_request::Target,
 };
 use support::{RedisCluster, TestGateway, redis_cli_binary, wait_until};
 use tonic::transport::Channel;
@@ -165,15 +165,16 @@ struct Tally {
 impl Tally {
     fn error(&self, what: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        self.first_error
-            .lock()
-            .unwrap()
-            .get_or_insert(what);
+        self.first_error.lock().unwrap().get_or_insert(what);
     }
 }
 
 /// Sets and gets random keys (over every slot) until `stop`.
-fn load(gateway: &TestGateway, tally: Arc<Tally>, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+fn load(
+    gateway: &TestGateway,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..8)
         .map(|worker| {
             let endpoint = gateway.endpoint();
@@ -193,7 +194,9 @@ fn load(gateway: &TestGateway, tally: Arc<Tally>, stop: Arc<AtomicBool>) -> Vec<
                         Ok(answer) if answer.get_ref().stored => {
                             tally.ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(answer) => tally.error(format!("set not stored: {:?}", answer.get_ref())),
+                        Ok(answer) => {
+                            tally.error(format!("set not stored: {:?}", answer.get_ref()))
+                        }
                         Err(status) => tally.error(format!("set: {status:?}")),
                     }
                     let got = client
@@ -237,7 +240,8 @@ async fn all_served(client: &mut CacheClient<Channel>, keys: &[String]) -> bool 
         else {
             return false;
         };
-        if got.get_ref().outcome != Outcome::Hit as i32 || got.get_ref().value.as_ref() != b"after" {
+        if got.get_ref().outcome != Outcome::Hit as i32 || got.get_ref().value.as_ref() != b"after"
+        {
             return false;
         }
     }
@@ -251,7 +255,10 @@ async fn a_primary_killed_under_load_fails_over_and_only_degrades_meanwhile() {
     let mut client = gateway.client().await;
     // Keys over every slot, so some live on the primary that dies.
     let probes: Vec<String> = (0..300).map(|i| format!("probe:{i}")).collect();
-    assert!(all_served(&mut client, &probes).await, "served before the fault");
+    assert!(
+        all_served(&mut client, &probes).await,
+        "served before the fault"
+    );
 
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -285,10 +292,14 @@ async fn a_primary_killed_under_load_fails_over_and_only_degrades_meanwhile() {
     .await;
     let recovered = killed_at.elapsed();
     let ok_at_recovery = tally.ok.load(Ordering::Relaxed);
-    wait_until("the load to go on after recovery", Duration::from_secs(10), || {
-        let tally = Arc::clone(&tally);
-        async move { tally.ok.load(Ordering::Relaxed) > ok_at_recovery + 500 }
-    })
+    wait_until(
+        "the load to go on after recovery",
+        Duration::from_secs(10),
+        || {
+            let tally = Arc::clone(&tally);
+            async move { tally.ok.load(Ordering::Relaxed) > ok_at_recovery + 500 }
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
@@ -309,7 +320,10 @@ async fn a_primary_killed_under_load_fails_over_and_only_degrades_meanwhile() {
         "only degraded answers during a failover; first: {:?}",
         tally.first_error.lock().unwrap()
     );
-    assert!(degraded > 0, "the kill was not noticed: is the load reaching the victim?");
+    assert!(
+        degraded > 0,
+        "the kill was not noticed: is the load reaching the victim?"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +384,13 @@ async fn moving_slots_while_serving_loses_nothing() {
     let output = tokio::process::Command::new(redis_cli_binary())
         .args(["--cluster", "reshard", &entry])
         .args(["--cluster-from", &ids[0], "--cluster-to", &ids[1]])
-        .args(["--cluster-slots", "1800", "--cluster-yes", "--cluster-pipeline", "50"])
+        .args([
+            "--cluster-slots",
+            "1800",
+            "--cluster-yes",
+            "--cluster-pipeline",
+            "50",
+        ])
         .output()
         .await
         .expect("run redis-cli --cluster reshard");

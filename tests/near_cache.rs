@@ -73,15 +73,23 @@ impl Node {
 
     async fn wait_coherent(&self) {
         let metrics = self.gateway.metrics.clone();
-        wait_until("the near-cache to subscribe", Duration::from_secs(10), || {
-            let text = metrics.encode();
-            async move { gauge(&text, "cachegw_near_cache_coherent") == 1 }
-        })
+        wait_until(
+            "the near-cache to subscribe",
+            Duration::from_secs(10),
+            || {
+                let text = metrics.encode();
+                async move { gauge(&text, "cachegw_near_cache_coherent") == 1 }
+            },
+        )
         .await;
     }
 
     fn near_hits(&self) -> u64 {
-        labelled(&self.gateway.metrics.encode(), "cachegw_near_cache_lookups_total", "hit")
+        labelled(
+            &self.gateway.metrics.encode(),
+            "cachegw_near_cache_lookups_total",
+            "hit",
+        )
     }
 
     async fn get(&mut self, namespace: &str, key: &str) -> GetResponse {
@@ -120,7 +128,10 @@ impl Node {
             if found.value == value.as_bytes() && self.near_hits() > before {
                 return;
             }
-            assert!(Instant::now() < deadline, "{key} never came from the near-cache");
+            assert!(
+                Instant::now() < deadline,
+                "{key} never came from the near-cache"
+            );
         }
     }
 }
@@ -284,7 +295,11 @@ async fn the_near_cache_serves_without_the_store_and_only_what_is_eligible() {
     assert_eq!((hot.outcome(), &hot.value[..]), (Outcome::Hit, &b"v"[..]));
     assert_eq!(node.near_hits(), hits + 1, "served by the near-cache");
     let plain = node.get(PLAIN, "k").await;
-    assert_eq!(plain.outcome(), Outcome::Miss, "not eligible: read from Redis");
+    assert_eq!(
+        plain.outcome(),
+        Outcome::Miss,
+        "not eligible: read from Redis"
+    );
     assert_eq!(node.near_hits(), hits + 1);
 }
 
@@ -296,16 +311,24 @@ async fn a_lost_subscription_drops_the_near_cache_until_it_is_back() {
     node.set(HOT, "k", "v", "").await;
     node.prime("k", "v").await;
     flush_all(&mut admin).await;
-    assert_eq!(node.get(HOT, "k").await.value, &b"v"[..], "still in the near-cache");
+    assert_eq!(
+        node.get(HOT, "k").await.value,
+        &b"v"[..],
+        "still in the near-cache"
+    );
 
     let killed_at = Instant::now();
     let killed = kill_named(&mut admin, "cachegw-l1").await;
     assert_eq!(killed, 1, "one subscriber connection, named");
     let metrics = node.gateway.metrics.clone();
-    wait_until("the near-cache to be dropped", Duration::from_secs(5), || {
-        let text = metrics.encode();
-        async move { support::counter_sum(&text, "cachegw_near_cache_dropped") == 1 }
-    })
+    wait_until(
+        "the near-cache to be dropped",
+        Duration::from_secs(5),
+        || {
+            let text = metrics.encode();
+            async move { support::counter_sum(&text, "cachegw_near_cache_dropped") == 1 }
+        },
+    )
     .await;
     // Dropped: what Redis forgot is forgotten here too.
     assert_eq!(node.get(HOT, "k").await.outcome(), Outcome::Miss);
@@ -337,7 +360,12 @@ async fn kill_named(admin: &mut MultiplexedConnection, name: &str) -> usize {
     let ids: Vec<String> = list
         .lines()
         .filter(|line| line.contains(&needle))
-        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next().map(str::to_owned))
+        .filter_map(|line| {
+            line.strip_prefix("id=")?
+                .split(' ')
+                .next()
+                .map(str::to_owned)
+        })
         .collect();
     for id in &ids {
         redis::cmd("CLIENT")

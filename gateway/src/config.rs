@@ -1032,12 +1032,11 @@ impl Config {
         if let Err(err) = redis::Client::open(self.redis.url.as_str()) {
             return invalid("redis.url", &format!("is not a Redis URL: {err}"));
         }
-        if let Some((seed, err)) = self
-            .redis
-            .cluster_seeds
-            .iter()
-            .find_map(|seed| redis::Client::open(seed.as_str()).err().map(|err| (seed, err)))
-        {
+        if let Some((seed, err)) = self.redis.cluster_seeds.iter().find_map(|seed| {
+            redis::Client::open(seed.as_str())
+                .err()
+                .map(|err| (seed, err))
+        }) {
             return invalid(
                 "redis.cluster_seeds",
                 &format!("holds `{seed}`, which is not a Redis URL: {err}"),

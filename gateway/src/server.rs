@@ -185,15 +185,17 @@ impl Gateway {
         let policies = Arc::new(PolicyRegistry::from_config(&config)?);
         let policy_metrics = PolicyMetrics::register(&mut registry);
         policies.count_into(policy_metrics.clone());
-        let cache = Arc::new(Cache::new(
-            &config,
-            namespaces,
-            Arc::clone(&policies),
-            store,
-            cache_metrics.clone(),
-            policy_metrics,
-        )
-        .with_near_cache(near.clone()));
+        let cache = Arc::new(
+            Cache::new(
+                &config,
+                namespaces,
+                Arc::clone(&policies),
+                store,
+                cache_metrics.clone(),
+                policy_metrics,
+            )
+            .with_near_cache(near.clone()),
+        );
         Ok(Gateway {
             config,
             cache,
@@ -282,7 +284,9 @@ impl Gateway {
                     &self.config.near_cache,
                     &self.config.redis,
                 ),
-                Err(err) => warn!(cause = %err, "near cache stays bypassed: no Redis client for its invalidation bus"),
+                Err(err) => {
+                    warn!(cause = %err, "near cache stays bypassed: no Redis client for its invalidation bus")
+                }
             }
         }
         if let Some(dir) = &self.config.policy.watch_dir {

@@ -20,8 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use super::{
-    Attributes, Cache, Change, InvalidationReport, MAX_TAG_BYTES, RequestError, reserve_answer_time,
-    scoped_key, unix_millis,
+    Attributes, Cache, Change, InvalidationReport, MAX_TAG_BYTES, RequestError,
+    reserve_answer_time, scoped_key, unix_millis,
 };
 use crate::{
     config::InvalidationConfig,

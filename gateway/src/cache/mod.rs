@@ -30,8 +30,8 @@ use self::lease::{Fills, Freshness};
 pub use self::lease::{LeaseAsk, LeaseState, LeaseWrite, ReleaseCommand};
 pub use self::metrics::CacheMetrics;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
-pub use self::near::{Change, NearCache, bus as near_bus};
 use self::near::Ticket;
+pub use self::near::{Change, NearCache, bus as near_bus};
 use crate::{
     config::Config,
     policy::{

@@ -41,9 +41,7 @@ async fn named(config: &crate::config::RedisConfig) -> redis::RedisResult<Connec
 
 /// A pub/sub connection: to the Redis, or to the first cluster seed that
 /// answers (a cluster delivers a PUBLISH to subscribers on every node).
-async fn subscriber(
-    config: &crate::config::RedisConfig,
-) -> redis::RedisResult<redis::aio::PubSub> {
+async fn subscriber(config: &crate::config::RedisConfig) -> redis::RedisResult<redis::aio::PubSub> {
     let mut last = None;
     for seed in config.seeds() {
         match crate::tls::redis_client_for(config, seed) {

@@ -46,7 +46,9 @@ impl ConnectionLike for Handle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Handle::Standalone(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Handle::Standalone(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
             Handle::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -86,7 +88,11 @@ impl Batch {
 
     /// Starts a new group: the commands added next share one slot.
     pub fn group(&mut self) -> &mut Self {
-        if self.entries.last().is_some_and(|last| last.group == self.group) {
+        if self
+            .entries
+            .last()
+            .is_some_and(|last| last.group == self.group)
+        {
             self.group += 1;
         }
         self
@@ -96,7 +102,11 @@ impl Batch {
     /// answered (on a cluster; a standalone pipeline is in order anyway).
     pub fn then(&mut self) -> &mut Self {
         self.group();
-        if self.entries.last().is_some_and(|last| last.phase == self.phase) {
+        if self
+            .entries
+            .last()
+            .is_some_and(|last| last.phase == self.phase)
+        {
             self.phase += 1;
         }
         self
@@ -121,7 +131,11 @@ impl Batch {
         for key in keys {
             cmd.arg(*key);
         }
-        if !self.scripts.iter().any(|known| known.get_hash() == script.get_hash()) {
+        if !self
+            .scripts
+            .iter()
+            .any(|known| known.get_hash() == script.get_hash())
+        {
             self.scripts.push(script);
         }
         self.push(cmd, false);
@@ -169,7 +183,10 @@ impl Batch {
     /// Runs the batch on a cluster: phase by phase, the groups of a phase
     /// concurrently. Returns the replies of the commands not ignored, in the
     /// order they were added.
-    pub async fn run_on_cluster(self, connection: &ClusterConnection) -> Result<Vec<Value>, RedisError> {
+    pub async fn run_on_cluster(
+        self,
+        connection: &ClusterConnection,
+    ) -> Result<Vec<Value>, RedisError> {
         let scripts = Arc::new(self.scripts);
         let mut replies = Vec::with_capacity(self.entries.len());
         let mut entries = self.entries.into_iter().peekable();
@@ -178,12 +195,10 @@ impl Batch {
             let mut groups: Vec<Pipeline> = Vec::new();
             let mut current_group = usize::MAX;
             let mut pending = Some(first);
-            loop {
-                let Some(entry) = pending.take().or_else(|| {
-                    entries.next_if(|next| next.phase == phase)
-                }) else {
-                    break;
-                };
+            while let Some(entry) = pending
+                .take()
+                .or_else(|| entries.next_if(|next| next.phase == phase))
+            {
                 if entry.group != current_group {
                     current_group = entry.group;
                     groups.push(redis::pipe());

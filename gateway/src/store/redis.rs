@@ -124,7 +124,7 @@ enum Backend {
     },
     /// A Redis Cluster: cluster connections held in lanes.
     Cluster {
-        client: ClusterClient,
+        client: Box<ClusterClient>,
         lanes: Box<[LaneSlot<ClusterConnection>]>,
     },
 }
@@ -174,8 +174,10 @@ impl RedisStore {
         let lanes = config.max_connections.max(1);
         let backend = if config.is_cluster() {
             Backend::Cluster {
-                client: cluster_client(config)
-                    .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?,
+                client: Box::new(
+                    cluster_client(config)
+                        .map_err(|err| StoreError::Unavailable(format!("bad redis url: {err}")))?,
+                ),
                 lanes: (0..lanes).map(|_| LaneSlot::default()).collect(),
             }
         } else {
@@ -268,14 +270,18 @@ impl RedisStore {
                         &lanes[index],
                         |_: &ClusterConnection| true,
                         async || {
-                            client
-                                .get_async_connection()
-                                .await
-                                .map_err(|err| StoreError::Unavailable(format!("cannot connect to the cluster: {err}")))
+                            client.get_async_connection().await.map_err(|err| {
+                                StoreError::Unavailable(format!(
+                                    "cannot connect to the cluster: {err}"
+                                ))
+                            })
                         },
                     )
                     .await?;
-                Ok((Handle::Cluster((*lane).clone()), Taken::Cluster(index, lane)))
+                Ok((
+                    Handle::Cluster((*lane).clone()),
+                    Taken::Cluster(index, lane),
+                ))
             }
         }
     }
@@ -456,10 +462,7 @@ impl RedisStore {
 /// A connection of its own (not a lane) to the Redis `config` names, for
 /// the policy sync and other background work: a multiplexed connection, or a
 /// cluster connection.
-pub(crate) async fn connect(
-    config: &RedisConfig,
-    client_name: &str,
-) -> Result<Handle, RedisError> {
+pub(crate) async fn connect(config: &RedisConfig, client_name: &str) -> Result<Handle, RedisError> {
     if config.is_cluster() {
         let connection = cluster_client(config)?.get_async_connection().await?;
         return Ok(Handle::Cluster(connection));
@@ -484,7 +487,10 @@ pub(crate) async fn connect(
 fn cluster_client(config: &RedisConfig) -> Result<ClusterClient, RedisError> {
     let seeds = config
         .seeds()
-        .map(|url| crate::tls::redis_client_for(config, url).map(|client| client.get_connection_info().clone()))
+        .map(|url| {
+            crate::tls::redis_client_for(config, url)
+                .map(|client| client.get_connection_info().clone())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut builder = ClusterClientBuilder::new(seeds)
         .connection_timeout(config.connect_timeout)
@@ -512,7 +518,9 @@ fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let flags = fields.get(2)?;
             let serving = flags.split(',').any(|flag| flag == "master")
-                && !flags.split(',').any(|flag| flag == "fail" || flag == "noaddr")
+                && !flags
+                    .split(',')
+                    .any(|flag| flag == "fail" || flag == "noaddr")
                 && fields.len() > 8;
             if !serving {
                 return None;
@@ -1277,8 +1285,13 @@ impl Store for RedisStore {
         for tag in &entry.tags {
             batch.group();
             let index = layout::tag_index_key(namespace, generation, tag);
-            for cmd in index_commands(&index, entry.key.key(), now_ms.saturating_add(ttl), ttl, now_ms)
-            {
+            for cmd in index_commands(
+                &index,
+                entry.key.key(),
+                now_ms.saturating_add(ttl),
+                ttl,
+                now_ms,
+            ) {
                 batch.add_ignored(cmd);
             }
             let mut void = redis::cmd("GET");

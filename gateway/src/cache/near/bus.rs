@@ -18,9 +18,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use redis::{
-    AsyncConnectionConfig, PushInfo, PushKind, Value, aio::MultiplexedConnection,
-};
+use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value, aio::MultiplexedConnection};
 use tokio::sync::{Mutex, mpsc};
 use tracing::{debug, info, warn};
 
@@ -316,7 +314,11 @@ mod tests {
         let changes = [
             Change::Keys {
                 namespace: Arc::from("orders"),
-                keys: vec![Bytes::from_static(b"a"), Bytes::new(), Bytes::from(vec![0xFF; 300])],
+                keys: vec![
+                    Bytes::from_static(b"a"),
+                    Bytes::new(),
+                    Bytes::from(vec![0xFF; 300]),
+                ],
             },
             Change::Namespace(Arc::from("orders")),
         ];

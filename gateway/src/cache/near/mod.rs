@@ -236,7 +236,13 @@ impl NearCache {
 
     /// Keeps what a read found under `key` for `ttl`, unless a drop was
     /// applied since the read took `ticket`.
-    pub(crate) async fn fill(&self, key: &StorageKey, found: &Fetched, ttl: Duration, ticket: Ticket) {
+    pub(crate) async fn fill(
+        &self,
+        key: &StorageKey,
+        found: &Fetched,
+        ttl: Duration,
+        ticket: Ticket,
+    ) {
         let Some(value) = found.value.clone() else {
             return;
         };
@@ -272,7 +278,9 @@ impl NearCache {
                 self.metrics.fills_raced.inc();
             }
         }
-        self.metrics.bytes.set(gauge_value(self.entries.approximate_bytes()));
+        self.metrics
+            .bytes
+            .set(gauge_value(self.entries.approximate_bytes()));
     }
 
     /// Applies `change` here, then announces it to the other gateways (when
@@ -314,7 +322,9 @@ impl NearCache {
                 }
             }
         }
-        self.metrics.bytes.set(gauge_value(self.entries.approximate_bytes()));
+        self.metrics
+            .bytes
+            .set(gauge_value(self.entries.approximate_bytes()));
     }
 
     /// Applies a change another gateway announced.
@@ -499,7 +509,10 @@ mod tests {
     }
 
     fn key(namespace: &str, text: &str) -> StorageKey {
-        StorageKey::new(Arc::from(namespace), Bytes::copy_from_slice(text.as_bytes()))
+        StorageKey::new(
+            Arc::from(namespace),
+            Bytes::copy_from_slice(text.as_bytes()),
+        )
     }
 
     fn found(text: &'static str) -> Fetched {
@@ -511,7 +524,8 @@ mod tests {
 
     async fn filled(near: &NearCache, key: &StorageKey, text: &'static str) {
         let ticket = near.ticket().unwrap();
-        near.fill(key, &found(text), Duration::from_secs(60), ticket).await;
+        near.fill(key, &found(text), Duration::from_secs(60), ticket)
+            .await;
     }
 
     #[tokio::test]
@@ -521,7 +535,11 @@ mod tests {
         assert_eq!(near.lookup(&k).await, None);
         filled(&near, &k, "v1").await;
         assert_eq!(near.lookup(&k).await, Some(found("v1")));
-        assert_eq!(near.lookup(&key("b", "k")).await, None, "namespaces are apart");
+        assert_eq!(
+            near.lookup(&key("b", "k")).await,
+            None,
+            "namespaces are apart"
+        );
         near.apply(&Change::key(&k)).await;
         assert_eq!(near.lookup(&k).await, None);
     }
@@ -535,7 +553,8 @@ mod tests {
         let ticket = near.ticket().unwrap();
         near.apply(&Change::key(&k)).await;
         // ...so the value it read (the old one) must not land.
-        near.fill(&k, &found("old"), Duration::from_secs(60), ticket).await;
+        near.fill(&k, &found("old"), Duration::from_secs(60), ticket)
+            .await;
         assert_eq!(near.lookup(&k).await, None);
         // A read that starts after the drop fills normally.
         filled(&near, &k, "new").await;
@@ -553,8 +572,13 @@ mod tests {
         near.apply(&Change::Namespace(Arc::from("a"))).await;
         assert_eq!(near.lookup(&a1).await, None);
         assert_eq!(near.lookup(&a2).await, None);
-        assert_eq!(near.lookup(&b1).await, Some(found("v")), "`ab` is another namespace");
-        near.fill(&a1, &found("old"), Duration::from_secs(60), stale).await;
+        assert_eq!(
+            near.lookup(&b1).await,
+            Some(found("v")),
+            "`ab` is another namespace"
+        );
+        near.fill(&a1, &found("old"), Duration::from_secs(60), stale)
+            .await;
         assert_eq!(near.lookup(&a1).await, None, "a read from before the drop");
         filled(&near, &a1, "new").await;
         assert_eq!(near.lookup(&a1).await, Some(found("new")));
@@ -571,7 +595,8 @@ mod tests {
         assert_eq!(near.ticket(), None, "no fills while bypassed");
         assert_eq!(near.lookup(&k).await, None);
         near.resume();
-        near.fill(&k, &found("old"), Duration::from_secs(60), in_flight).await;
+        near.fill(&k, &found("old"), Duration::from_secs(60), in_flight)
+            .await;
         assert_eq!(near.lookup(&k).await, None, "a read from before the loss");
         filled(&near, &k, "v2").await;
         assert_eq!(near.lookup(&k).await, Some(found("v2")));
@@ -582,7 +607,8 @@ mod tests {
         let near = near();
         let k = key("a", "k");
         let ticket = near.ticket().unwrap();
-        near.fill(&k, &found("v"), Duration::from_millis(20), ticket).await;
+        near.fill(&k, &found("v"), Duration::from_millis(20), ticket)
+            .await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while near.lookup(&k).await.is_some() {
             assert!(Instant::now() < deadline, "entry outlived its near TTL");
@@ -594,8 +620,14 @@ mod tests {
     fn ttls_are_opt_in_and_capped() {
         let near = near();
         assert_eq!(near.ttl_for(Duration::ZERO), None);
-        assert_eq!(near.ttl_for(Duration::from_millis(300)), Some(Duration::from_millis(300)));
-        assert_eq!(near.ttl_for(Duration::from_secs(3600)), Some(near.max_ttl()));
+        assert_eq!(
+            near.ttl_for(Duration::from_millis(300)),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(
+            near.ttl_for(Duration::from_secs(3600)),
+            Some(near.max_ttl())
+        );
     }
 
     #[test]
@@ -623,6 +655,9 @@ mod tests {
             Change::of_invalidation("a", &Invalidation::default(), true),
             Some(Change::Namespace(Arc::from("a")))
         );
-        assert_eq!(Change::of_invalidation("a", &Invalidation::default(), false), None);
+        assert_eq!(
+            Change::of_invalidation("a", &Invalidation::default(), false),
+            None
+        );
     }
 }
