@@ -158,11 +158,21 @@ async fn a_pattern_invalidation_removes_100_000_keys_spread_over_every_primary()
 struct Tally {
     ok: AtomicU64,
     degraded: AtomicU64,
+    /// When the last degraded answer came (ms since `epoch`).
+    last_degraded_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
     errors: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Tally {
+    fn degraded(&self) {
+        self.degraded.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.epoch.get_or_init(Instant::now);
+        let at = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_degraded_ms.fetch_max(at, Ordering::Relaxed);
+    }
+
     fn error(&self, what: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.first_error.lock().unwrap().get_or_insert(what);
@@ -188,9 +198,7 @@ fn load(
                     let key = format!("load:{worker}:{}", i % 500);
                     let set = client.set(set_request(key.clone(), "v")).await;
                     match set {
-                        Ok(answer) if answer.get_ref().degraded => {
-                            tally.degraded.fetch_add(1, Ordering::Relaxed);
-                        }
+                        Ok(answer) if answer.get_ref().degraded => tally.degraded(),
                         Ok(answer) if answer.get_ref().stored => {
                             tally.ok.fetch_add(1, Ordering::Relaxed);
                         }
@@ -207,9 +215,7 @@ fn load(
                         })
                         .await;
                     match got {
-                        Ok(answer) if answer.get_ref().degraded => {
-                            tally.degraded.fetch_add(1, Ordering::Relaxed);
-                        }
+                        Ok(answer) if answer.get_ref().degraded => tally.degraded(),
                         Ok(_) => {
                             tally.ok.fetch_add(1, Ordering::Relaxed);
                         }
@@ -272,12 +278,20 @@ async fn a_primary_killed_under_load_fails_over_and_only_degrades_meanwhile() {
     // SIGKILL the first primary: its replica must take over its slots.
     let victim = cluster.current_primaries().await[0].url();
     let killed_at = Instant::now();
+    tally.epoch.set(killed_at).expect("nothing degraded before the kill");
     let index = cluster
         .nodes
         .iter()
         .position(|node| node.url() == victim)
         .unwrap();
     cluster.nodes[index].kill();
+    // Its replica is promoted once the others agree it failed (1 s node timeout
+    // plus an election): then three live primaries again, and the cluster ok.
+    wait_until("a replica to be promoted", Duration::from_secs(30), || {
+        let cluster = &cluster;
+        async move { cluster.current_primaries().await.len() == 3 }
+    })
+    .await;
     cluster.wait_until_ok(Duration::from_secs(30)).await;
     let promoted = killed_at.elapsed();
     wait_until(
@@ -310,8 +324,10 @@ async fn a_primary_killed_under_load_fails_over_and_only_degrades_meanwhile() {
         tally.degraded.load(Ordering::Relaxed),
         tally.errors.load(Ordering::Relaxed),
     );
+    let last_degraded = Duration::from_millis(tally.last_degraded_ms.load(Ordering::Relaxed));
     println!(
-        "failover: replica promoted after {promoted:?}, every key served after {recovered:?}; \
+        "failover: replica promoted after {promoted:?}, last degraded answer of the load at \
+         {last_degraded:?}, every probe key served after {recovered:?}; \
          {ok} answers ok, {degraded} degraded, {errors} other errors"
     );
     assert_eq!(
