@@ -55,34 +55,6 @@ async fn write_many(client: &mut CacheClient<Channel>, prefix: &str, count: usiz
     }
 }
 
-/// Keys matching `pattern`, per current primary (by port).
-async fn keys_per_primary(cluster: &RedisCluster, pattern: &str) -> Vec<u64> {
-    let mut counts = Vec::new();
-    for primary in cluster.current_primaries().await {
-        let mut connection = primary.connection().await;
-        let mut cursor = 0u64;
-        let mut count = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            count += keys.len() as u64;
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        counts.push(count);
-    }
-    counts
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pattern_invalidation_removes_100_000_keys_spread_over_every_primary() {
     let cluster = RedisCluster::start(3, 0).await;
@@ -97,7 +69,7 @@ async fn a_pattern_invalidation_removes_100_000_keys_spread_over_every_primary()
     write_many(&mut client, "keep:", 2_000).await;
     println!("wrote 102 000 entries in {:?}", started.elapsed());
     let matching = format!("cg:{{{NS}:0:p:*");
-    let spread = keys_per_primary(&cluster, &matching).await;
+    let spread = cluster.key_counts(&matching).await;
     assert_eq!(spread.len(), 3, "three primaries: {spread:?}");
     assert_eq!(spread.iter().sum::<u64>(), 100_000, "{spread:?}");
     for count in &spread {
@@ -278,7 +250,10 @@ async fn a_primary_killed_under_load_fails_over_and_only_degrades_meanwhile() {
     // SIGKILL the first primary: its replica must take over its slots.
     let victim = cluster.current_primaries().await[0].url();
     let killed_at = Instant::now();
-    tally.epoch.set(killed_at).expect("nothing degraded before the kill");
+    tally
+        .epoch
+        .set(killed_at)
+        .expect("nothing degraded before the kill");
     let index = cluster
         .nodes
         .iter()

@@ -724,10 +724,16 @@ impl RedisCluster {
 
     /// Keys matching `pattern` on every primary (SCAN, never KEYS).
     pub async fn key_count(&self, pattern: &str) -> u64 {
-        let mut count = 0;
+        self.key_counts(pattern).await.iter().sum()
+    }
+
+    /// Keys matching `pattern`, per current primary.
+    pub async fn key_counts(&self, pattern: &str) -> Vec<u64> {
+        let mut counts = Vec::new();
         for node in self.current_primaries().await {
             let mut connection = node.connection().await;
             let mut cursor = 0u64;
+            let mut count = 0;
             loop {
                 let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                     .arg(cursor)
@@ -744,8 +750,9 @@ impl RedisCluster {
                 }
                 cursor = next;
             }
+            counts.push(count);
         }
-        count
+        counts
     }
 }
 
