@@ -947,8 +947,13 @@ fn index_commands(
     ttl: u64,
     now_ms: u64,
 ) -> [redis::Cmd; INDEX_COMMANDS] {
+    // GT: a score only moves up. Two attempts at one write (a retry after a
+    // timeout) may run their SETs and ZADDs interleaved; the member must then
+    // keep the later expiry, never fall back to the earlier one while the
+    // entry lives on (a higher score than needed is harmless: purges
+    // owner-check every entry).
     let mut zadd = redis::cmd("ZADD");
-    zadd.arg(index).arg(expires_at).arg(member);
+    zadd.arg(index).arg("GT").arg(expires_at).arg(member);
     let mut trim = redis::cmd("ZREMRANGEBYSCORE");
     trim.arg(index).arg("-inf").arg(format!("({now_ms}"));
     let mut keep = redis::cmd("PEXPIRE");
