@@ -126,6 +126,15 @@ impl Batch {
     /// share one slot; returns the command so arguments can follow. Its reply
     /// is returned.
     pub fn eval(&mut self, script: &'static Lua, keys: &[&[u8]]) -> &mut Cmd {
+        self.push_eval(script, keys, false)
+    }
+
+    /// [`Batch::eval`], with the reply dropped.
+    pub fn eval_ignored(&mut self, script: &'static Lua, keys: &[&[u8]]) -> &mut Cmd {
+        self.push_eval(script, keys, true)
+    }
+
+    fn push_eval(&mut self, script: &'static Lua, keys: &[&[u8]], ignored: bool) -> &mut Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.get_hash()).arg(keys.len());
         for key in keys {
@@ -138,7 +147,7 @@ impl Batch {
         {
             self.scripts.push(script);
         }
-        self.push(cmd, false);
+        self.push(cmd, ignored);
         &mut self.entries.last_mut().expect("just pushed").cmd
     }
 

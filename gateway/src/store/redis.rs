@@ -638,6 +638,33 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return tonumber(string.sub(lease, #token + 2)) or 0
 ";
 
+/// Indexes entries under one tag (KEYS[1], a sorted set of entry keys scored
+/// by expiry). ARGV: pairs of TTL (ms) and entry key.
+///
+/// Scores come from Redis's own clock, read here, after the entries' SETs
+/// ran (an earlier phase of the same batch), so a member's score is never
+/// below its entry's expiry: trimming the members whose score has passed
+/// drops only entries that have expired. (Scoring by the gateway's clock
+/// would not hold: a write queued behind others reaches Redis later than the
+/// gateway read its clock, and its entry outlives its member.) A score only
+/// moves up (GT): two attempts at one write keep the later expiry. The index
+/// lives as long as its longest-lived entry.
+const INDEX_SCRIPT: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local longest = 0
+for i = 1, #ARGV, 2 do
+  local ttl = tonumber(ARGV[i])
+  redis.call('ZADD', KEYS[1], 'GT', string.format('%d', now + ttl), ARGV[i + 1])
+  if ttl > longest then longest = ttl end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%d', now))
+if redis.call('PTTL', KEYS[1]) < longest then
+  redis.call('PEXPIRE', KEYS[1], longest)
+end
+return 0
+";
+
 /// Takes back a leased write that a tag purge voided: removes the entry
 /// (KEYS[1]) only if it is still the version written (its header, ARGV[1]).
 const UNDO_SCRIPT: &str = r"
@@ -704,11 +731,9 @@ impl RedisStore {
         self.learn(namespace, replies.next())
     }
 
-    /// Adds the commands writing `entry` in `generation` to `batch`: the SET
-    /// (in the entry's slot) now, and for a tagged entry, in `indexing` (a
-    /// later phase), one group per tag that indexes it (scored by its expiry),
-    /// drops index members that have expired, and keeps the index alive as
-    /// long as its longest-lived entry.
+    /// Adds the SET writing `entry` in `generation` to `batch` (in the
+    /// entry's slot), and for a tagged entry records it in `indexing`, the
+    /// tags to index in a later phase (see [`TagIndexing`]).
     ///
     /// The entry is written before it is indexed, and the two are not one
     /// transaction (on a cluster they live in different slots). That is safe
@@ -718,12 +743,11 @@ impl RedisStore {
     /// acknowledged yet (so it is ordered after the purge), and the write then
     /// lands in the fresh index, where the next purge finds it. Every
     /// acknowledged tagged write is indexed; the index may list a few more.
-    fn write_commands(
+    fn write_commands<'a>(
         batch: &mut Batch,
-        indexing: &mut Vec<redis::Cmd>,
-        entry: &WriteEntry,
+        indexing: &mut TagIndexing<'a>,
+        entry: &'a WriteEntry,
         generation: u64,
-        now_ms: u64,
     ) {
         let namespace = entry.key.namespace();
         let ttl = expiry_millis(entry.expire_after);
@@ -733,16 +757,7 @@ impl RedisStore {
             .arg("PX")
             .arg(ttl);
         batch.group().add_ignored(set);
-        let expires_at = now_ms.saturating_add(ttl);
-        for tag in &entry.tags {
-            indexing.extend(index_commands(
-                &layout::tag_index_key(namespace, generation, tag),
-                entry.key.key(),
-                expires_at,
-                ttl,
-                now_ms,
-            ));
-        }
+        indexing.add(entry, generation, ttl);
     }
 
     /// Writes `entries` (one round trip on a standalone Redis), each in its
@@ -759,27 +774,12 @@ impl RedisStore {
             for namespace in &namespaces {
                 Self::read_state(&mut batch, namespace);
             }
-            let now_ms = unix_millis();
-            let mut indexing = Vec::new();
+            let mut indexing = TagIndexing::default();
             for entry in &entries {
                 let at = position(&namespaces, entry.key.namespace());
-                Self::write_commands(
-                    &mut batch,
-                    &mut indexing,
-                    entry,
-                    guesses[at].generation,
-                    now_ms,
-                );
+                Self::write_commands(&mut batch, &mut indexing, entry, guesses[at].generation);
             }
-            if !indexing.is_empty() {
-                batch.then();
-                for group in indexing.chunks(INDEX_COMMANDS) {
-                    batch.group();
-                    for cmd in group {
-                        batch.add_ignored(cmd.clone());
-                    }
-                }
-            }
+            indexing.into_phase(&mut batch);
             let mut replies = self.exec(batch).await?.into_iter();
             let mut moved: Vec<&str> = Vec::new();
             for (namespace, guess) in namespaces.iter().zip(&guesses) {
@@ -938,33 +938,54 @@ impl RedisStore {
     }
 }
 
-/// The commands indexing `member` under the tag index `index`; see
-/// [`RedisStore::write_commands`].
-fn index_commands(
-    index: &[u8],
-    member: &[u8],
-    expires_at: u64,
-    ttl: u64,
-    now_ms: u64,
-) -> [redis::Cmd; INDEX_COMMANDS] {
-    // GT: a score only moves up. Two attempts at one write (a retry after a
-    // timeout) may run their SETs and ZADDs interleaved; the member must then
-    // keep the later expiry, never fall back to the earlier one while the
-    // entry lives on (a higher score than needed is harmless: purges
-    // owner-check every entry).
-    let mut zadd = redis::cmd("ZADD");
-    zadd.arg(index).arg("GT").arg(expires_at).arg(member);
-    let mut trim = redis::cmd("ZREMRANGEBYSCORE");
-    trim.arg(index).arg("-inf").arg(format!("({now_ms}"));
-    let mut keep = redis::cmd("PEXPIRE");
-    keep.arg(index).arg(ttl).arg("NX");
-    let mut extend = redis::cmd("PEXPIRE");
-    extend.arg(index).arg(ttl).arg("GT");
-    [zadd, trim, keep, extend]
+/// The tag indexing of a batch of writes: per tag index, the entries to add
+/// (TTL and key), so each index gets one script call however many of the
+/// batch's entries carry its tag.
+#[derive(Default)]
+struct TagIndexing<'a> {
+    /// Per tag index key, in order of first use: its members.
+    indexes: Vec<(Vec<u8>, Vec<Member<'a>>)>,
 }
 
-/// Commands per tag in [`index_commands`].
-const INDEX_COMMANDS: usize = 4;
+/// An entry to index: its TTL (ms) and key.
+type Member<'a> = (u64, &'a [u8]);
+
+impl<'a> TagIndexing<'a> {
+    /// Records `entry` (written in `generation`, for `ttl` ms) under each of
+    /// its tags.
+    fn add(&mut self, entry: &'a WriteEntry, generation: u64, ttl: u64) {
+        let namespace = entry.key.namespace();
+        for tag in &entry.tags {
+            let index = layout::tag_index_key(namespace, generation, tag);
+            let member = (ttl, entry.key.key());
+            match self.indexes.iter_mut().find(|(known, _)| *known == index) {
+                Some((_, members)) => members.push(member),
+                None => self.indexes.push((index, vec![member])),
+            }
+        }
+    }
+
+    /// Adds the indexing to `batch` as a new phase (after the SETs), one
+    /// group per tag index; nothing when no entry was tagged. Replies are
+    /// dropped.
+    fn into_phase(self, batch: &mut Batch) {
+        if self.indexes.is_empty() {
+            return;
+        }
+        batch.then();
+        for (index, members) in self.indexes {
+            Self::add_index(batch, &index, &members);
+        }
+    }
+
+    /// One tag index's call, in its own group of `batch`.
+    fn add_index(batch: &mut Batch, index: &[u8], members: &[Member<'_>]) {
+        let call = batch.group().eval_ignored(index_script(), &[index]);
+        for &(ttl, member) in members {
+            call.arg(ttl).arg(member);
+        }
+    }
+}
 
 #[async_trait]
 impl Store for RedisStore {
@@ -1275,7 +1296,6 @@ impl Store for RedisStore {
         let namespace = entry.key.namespace();
         let generation = self.generations.get(namespace).generation;
         let ttl = expiry_millis(entry.expire_after);
-        let now_ms = unix_millis();
         let entry_key = layout::entry_key(namespace, generation, entry.key.key());
         let lease_key = layout::lease_key(namespace, generation, entry.key.key());
         let mut batch = Batch::new();
@@ -1288,17 +1308,9 @@ impl Store for RedisStore {
             .arg(ttl);
         batch.then();
         for tag in &entry.tags {
-            batch.group();
             let index = layout::tag_index_key(namespace, generation, tag);
-            for cmd in index_commands(
-                &index,
-                entry.key.key(),
-                now_ms.saturating_add(ttl),
-                ttl,
-                now_ms,
-            ) {
-                batch.add_ignored(cmd);
-            }
+            // The index and its void mark share the tag's slot: one group.
+            TagIndexing::add_index(&mut batch, &index, &[(ttl, entry.key.key())]);
             let mut void = redis::cmd("GET");
             void.arg(layout::tag_void_key(namespace, generation, tag));
             batch.add(void);
@@ -1363,6 +1375,11 @@ fn acquire_script() -> &'static Lua {
 fn leased_write_script() -> &'static Lua {
     static SCRIPT: OnceLock<Lua> = OnceLock::new();
     SCRIPT.get_or_init(|| Lua::new(LEASED_WRITE_SCRIPT))
+}
+
+fn index_script() -> &'static Lua {
+    static SCRIPT: OnceLock<Lua> = OnceLock::new();
+    SCRIPT.get_or_init(|| Lua::new(INDEX_SCRIPT))
 }
 
 fn undo_script() -> &'static Lua {
