@@ -973,34 +973,36 @@ async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
 
     // Nothing writes `short-lived` again: its index expires with its last
     // entry. `shared` keeps being written meanwhile, and sheds the members of
-    // entries that expired as it goes.
+    // entries that expired as it goes: once they all have, it holds at most
+    // the keepalive entries (a few milliseconds after `short-lived` goes:
+    // each tag's index is scored by its own call, on Redis's clock).
     let client = world.gateway.client().await;
     let mut keepalives = 0u64;
     wait_until(
-        "the expired tag's index is gone",
+        "the expired tag's index to go and `shared` to shed every expired member",
         Duration::from_secs(60),
         || {
             keepalives += 1;
             let mut client = client.clone();
             let mut connection = connection.clone();
+            let index_size = &index_size;
             async move {
                 set_tagged(&mut client, &format!("keepalive:{keepalives}"), "shared").await;
-                redis::cmd("EXISTS")
+                let short_lived_gone = redis::cmd("EXISTS")
                     .arg(format!("cgt:{{{NS}:0:short-lived}}"))
                     .query_async::<u64>(&mut connection)
                     .await
                     .unwrap()
-                    == 0
+                    == 0;
+                short_lived_gone && index_size("shared").await <= keepalives
             }
         },
     )
     .await;
+    // Nothing has written since: the index is as the last check found it.
     let shared = index_size("shared").await;
     println!("`shared` holds {shared} members after {keepalives} keepalive writes");
-    assert!(
-        (1..=keepalives).contains(&shared),
-        "only keepalive entries may be left in `shared`: {shared} of {keepalives}"
-    );
+    assert!(shared >= 1, "the live keepalive entry is indexed");
 }
 
 /// A Redis that lost its data (restart without persistence, FLUSHALL) also
