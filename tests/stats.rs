@@ -8,7 +8,7 @@ use gateway::{
     api::proto::v1::{NamespaceStats, StatsRequest, StatsResponse},
     config::{NamespaceConfig, StoreKind},
 };
-use support::{RedisServer, TestGateway, World, test_config};
+use support::{RedisCluster, RedisServer, TestGateway, World, test_config};
 
 const CACHEGW: &str = env!("CARGO_BIN_EXE_cachegw");
 
@@ -246,4 +246,73 @@ async fn run_cachegw(args: &[&str]) -> std::process::Output {
         .output()
         .await
         .expect("run cachegw")
+}
+
+/// On a Redis Cluster the facts are every primary's, totalled, and a warning
+/// names the primaries it concerns (not just the seed's facts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_facts_total_every_primary_and_warnings_name_them() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let primaries: Vec<&RedisServer> = cluster.nodes.iter().take(3).collect();
+    // Only the first primary is set up as a cache should be.
+    let mut bounded = primaries[0].connection().await;
+    for (setting, value) in [("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(value)
+            .exec_async(&mut bounded)
+            .await
+            .unwrap();
+    }
+    let mut config = cluster.config();
+    config
+        .namespaces
+        .insert(NAMESPACE.to_owned(), NamespaceConfig::default());
+    let gateway = TestGateway::start(config).await;
+    let client = gateway.client().await;
+    let mut world = World {
+        redis: None,
+        gateway,
+        client,
+    };
+    for key in 0..60 {
+        assert!(world.set(NAMESPACE, &format!("k{key}"), b"v").await.stored);
+    }
+    let stats = stats(&world.gateway).await;
+    assert_eq!(stats.redis_error, "");
+    let facts = stats.redis.as_ref().expect("Redis facts");
+    assert_eq!(facts.nodes, 3);
+
+    // Nothing writes meanwhile: every primary's own count adds up to it.
+    let mut keys_on_primaries = 0;
+    for primary in &primaries {
+        let mut connection = primary.connection().await;
+        let size: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert!(
+            size > 0,
+            "60 keys and the namespace state spread over every primary"
+        );
+        keys_on_primaries += size;
+    }
+    assert_eq!(facts.keys, keys_on_primaries, "{facts:?}");
+    assert!(facts.keys >= 60 && facts.keys_with_ttl >= 60, "{facts:?}");
+    assert_eq!(facts.maxmemory, 0, "two primaries have no limit: {facts:?}");
+    assert_eq!(facts.maxmemory_policy, "allkeys-lru,noeviction");
+
+    let address = |server: &RedisServer| server.url().trim_start_matches("redis://").to_owned();
+    let unbounded = stats
+        .warnings
+        .iter()
+        .find(|warning| warning.contains("maxmemory is not set"))
+        .unwrap_or_else(|| panic!("{:?}", stats.warnings));
+    assert!(
+        !unbounded.contains(&address(primaries[0]))
+            && unbounded.contains(&address(primaries[1]))
+            && unbounded.contains(&address(primaries[2])),
+        "the warning names the two unbounded primaries, not the bounded one: {unbounded}"
+    );
 }

@@ -408,7 +408,7 @@ fn stats_json(stats: &StatsResponse) -> serde_json::Value {
         json!({"used_memory": redis.used_memory, "used_memory_human": redis.used_memory_human,
                "maxmemory": redis.maxmemory, "maxmemory_policy": redis.maxmemory_policy,
                "evicted_keys": redis.evicted_keys, "keys": redis.keys,
-               "keys_with_ttl": redis.keys_with_ttl})
+               "keys_with_ttl": redis.keys_with_ttl, "nodes": redis.nodes})
     });
     let redis_error = (!stats.redis_error.is_empty()).then_some(&stats.redis_error);
     json!({"store": stats.store, "window_seconds": stats.window_seconds,
@@ -514,8 +514,14 @@ fn redis_text(redis: &RedisMemory) -> String {
             redis.maxmemory
         )
     };
+    // A cluster's figures are its primaries' totals.
+    let heading = if redis.nodes > 1 {
+        format!("REDIS MEMORY (the total of {} primaries)", redis.nodes)
+    } else {
+        "REDIS MEMORY".to_owned()
+    };
     format!(
-        "\nREDIS MEMORY\n  used memory:       {} ({} bytes)\n  maxmemory:         {maxmemory}\n  \
+        "\n{heading}\n  used memory:       {} ({} bytes)\n  maxmemory:         {maxmemory}\n  \
          maxmemory-policy:  {}\n  evicted keys:      {} (since Redis started)\n  \
          keys:              {} ({} with a TTL)\n",
         redis.used_memory_human,

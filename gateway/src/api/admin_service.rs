@@ -150,6 +150,7 @@ impl From<RedisFacts> for RedisMemory {
             evicted_keys: facts.evicted_keys,
             keys: facts.keys,
             keys_with_ttl: facts.keys_with_ttl,
+            nodes: facts.nodes,
         }
     }
 }
@@ -429,9 +430,9 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         };
         if let Some(config) = &self.redis {
             match redis_info::read(config).await {
-                Ok(facts) => {
-                    response.warnings = facts.warnings();
-                    response.redis = Some(facts.into());
+                Ok(read) => {
+                    response.warnings = read.warnings;
+                    response.redis = Some(read.facts.into());
                 }
                 Err(err) => response.redis_error = err.to_string(),
             }

@@ -1,10 +1,14 @@
 //! Redis's memory facts for the Stats RPC: read with `INFO memory`, `INFO
 //! stats` and `INFO keyspace` over a short-lived connection, parsed, and
-//! checked for settings that hurt a cache.
+//! checked for settings that hurt a cache. On a Redis Cluster they are read
+//! from every primary and totalled, and each warning names its primaries.
 
 use std::{collections::HashMap, time::Duration};
 
-use deadpool_redis::redis::{self, AsyncConnectionConfig};
+use deadpool_redis::redis::{
+    self, AsyncConnectionConfig, Value,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
+};
 
 use crate::config::RedisConfig;
 
@@ -25,6 +29,17 @@ pub struct RedisFacts {
     pub keys: u64,
     /// Of those, the keys with a TTL.
     pub keys_with_ttl: u64,
+    /// The Redis servers these facts total: 1, or a cluster's primaries.
+    pub nodes: u32,
+}
+
+/// What [`read`] found: the facts and what is wrong with them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Read {
+    /// The facts (a cluster's totals).
+    pub facts: RedisFacts,
+    /// See [`RedisFacts::warnings`]; on a cluster each names its primaries.
+    pub warnings: Vec<String>,
 }
 
 /// Why the facts could not be read.
@@ -41,35 +56,109 @@ pub enum FactsError {
     Malformed(String),
 }
 
-/// Reads the facts from the Redis at `config.url`, on a connection of its
-/// own (closed afterwards), within the configured connect and response
-/// timeouts.
-pub async fn read(config: &RedisConfig) -> Result<RedisFacts, FactsError> {
+/// Reads the facts from the Redis at `config.url` (from every primary, for a
+/// cluster), on connections of their own (closed afterwards), within the
+/// configured connect and response timeouts.
+pub async fn read(config: &RedisConfig) -> Result<Read, FactsError> {
+    // The per-step timeouts bound each step; this bounds the whole (a
+    // connect plus one pipelined round trip; on a cluster, the slot map
+    // too), whatever the client does.
+    let limit = config.connect_timeout + config.response_timeout;
+    let limit = if config.is_cluster() {
+        limit * 2
+    } else {
+        limit
+    };
+    let facts = if config.is_cluster() {
+        tokio::time::timeout(limit, read_cluster(config)).await
+    } else {
+        tokio::time::timeout(limit, read_standalone(config)).await
+    };
+    facts.map_err(|_| FactsError::Timeout(limit))?
+}
+
+async fn read_standalone(config: &RedisConfig) -> Result<Read, FactsError> {
     let client = crate::tls::redis_client(config)?;
     let timeouts = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.response_timeout));
-    // The per-step timeouts bound each step; this bounds the whole (a
-    // connect plus one pipelined round trip), whatever the client does.
-    let limit = config.connect_timeout + config.response_timeout;
-    let query = async {
-        let mut connection = client
-            .get_multiplexed_async_connection_with_config(&timeouts)
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(&timeouts)
+        .await?;
+    let (memory, stats, keyspace) = redis::pipe()
+        .cmd("INFO")
+        .arg("memory")
+        .cmd("INFO")
+        .arg("stats")
+        .cmd("INFO")
+        .arg("keyspace")
+        .query_async::<(String, String, String)>(&mut connection)
+        .await?;
+    let facts = RedisFacts::from_info(&memory, &stats, &keyspace)?;
+    Ok(Read {
+        warnings: facts.warnings(),
+        facts,
+    })
+}
+
+/// Every primary's facts (each section sent to all primaries at once by the
+/// cluster connection), totalled.
+async fn read_cluster(config: &RedisConfig) -> Result<Read, FactsError> {
+    let mut connection = crate::store::cluster_client(config)?
+        .get_async_connection()
+        .await?;
+    let mut sections: Vec<HashMap<String, String>> = Vec::with_capacity(3);
+    for section in ["memory", "stats", "keyspace"] {
+        let reply = connection
+            .route_command(
+                redis::cmd("INFO").arg(section).clone(),
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+            )
             .await?;
-        redis::pipe()
-            .cmd("INFO")
-            .arg("memory")
-            .cmd("INFO")
-            .arg("stats")
-            .cmd("INFO")
-            .arg("keyspace")
-            .query_async::<(String, String, String)>(&mut connection)
-            .await
+        sections.push(per_node(reply)?);
+    }
+    let [memory, stats, keyspace] = <[_; 3]>::try_from(sections).expect("three sections");
+    let mut nodes = Vec::with_capacity(memory.len());
+    for (node, memory) in &memory {
+        let section = |replies: &HashMap<String, String>, name: &str| {
+            replies.get(node).cloned().ok_or_else(|| {
+                FactsError::Malformed(format!("primary {node} did not answer INFO {name}"))
+            })
+        };
+        let facts = RedisFacts::from_info(
+            memory,
+            &section(&stats, "stats")?,
+            &section(&keyspace, "keyspace")?,
+        )?;
+        nodes.push((node.clone(), facts));
+    }
+    Ok(RedisFacts::total(nodes))
+}
+
+/// A reply sent to several cluster nodes: each node's address and text. A
+/// node that refused the command makes the whole read fail, naming it.
+fn per_node(reply: Value) -> Result<HashMap<String, String>, FactsError> {
+    let Value::Map(pairs) = reply else {
+        return Err(FactsError::Malformed(format!(
+            "expected one INFO reply per primary, got {reply:?}"
+        )));
     };
-    let (memory, stats, keyspace) = tokio::time::timeout(limit, query)
-        .await
-        .map_err(|_| FactsError::Timeout(limit))??;
-    RedisFacts::from_info(&memory, &stats, &keyspace)
+    pairs
+        .into_iter()
+        .map(|(node, reply)| {
+            let node: String = redis::from_redis_value(node)
+                .map_err(|err| FactsError::Malformed(format!("a node address: {err}")))?;
+            let text = match reply {
+                Value::ServerError(err) => {
+                    return Err(FactsError::Malformed(format!("primary {node}: {err:?}")));
+                }
+                reply => redis::from_redis_value::<String>(reply).map_err(|err| {
+                    FactsError::Malformed(format!("primary {node}'s INFO reply: {err}"))
+                })?,
+            };
+            Ok((node, text))
+        })
+        .collect()
 }
 
 impl RedisFacts {
@@ -87,7 +176,57 @@ impl RedisFacts {
             evicted_keys: number(&stats, "evicted_keys")?,
             keys,
             keys_with_ttl,
+            nodes: 1,
         })
+    }
+
+    /// A cluster's facts from its primaries' (address, facts): the sums,
+    /// `maxmemory` 0 if any primary has no limit, the distinct policies; and
+    /// each primary's warnings, the same text once with every primary it
+    /// concerns.
+    pub fn total(mut nodes: Vec<(String, RedisFacts)>) -> Read {
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        let sum = |field: fn(&RedisFacts) -> u64| nodes.iter().map(|(_, f)| field(f)).sum::<u64>();
+        let used_memory = sum(|f| f.used_memory);
+        let unbounded = nodes.iter().any(|(_, f)| f.maxmemory == 0);
+        let mut policies: Vec<&str> = nodes
+            .iter()
+            .map(|(_, f)| f.maxmemory_policy.as_str())
+            .collect();
+        policies.sort_unstable();
+        policies.dedup();
+        let facts = RedisFacts {
+            used_memory,
+            used_memory_human: human(used_memory),
+            maxmemory: if unbounded { 0 } else { sum(|f| f.maxmemory) },
+            maxmemory_policy: policies.join(","),
+            evicted_keys: sum(|f| f.evicted_keys),
+            keys: sum(|f| f.keys),
+            keys_with_ttl: sum(|f| f.keys_with_ttl),
+            nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
+        };
+        let mut concerned: Vec<(String, Vec<&str>)> = Vec::new();
+        for (node, node_facts) in &nodes {
+            for warning in node_facts.warnings() {
+                match concerned.iter_mut().find(|(known, _)| *known == warning) {
+                    Some((_, primaries)) => primaries.push(node),
+                    None => concerned.push((warning, vec![node.as_str()])),
+                }
+            }
+        }
+        let warnings = concerned
+            .into_iter()
+            .map(|(warning, primaries)| {
+                if primaries.len() == nodes.len() && nodes.len() > 1 {
+                    format!("on every primary ({}): {warning}", primaries.join(", "))
+                } else if primaries.len() > 1 {
+                    format!("on primaries {}: {warning}", primaries.join(", "))
+                } else {
+                    format!("on primary {}: {warning}", primaries[0])
+                }
+            })
+            .collect();
+        Read { facts, warnings }
     }
 
     /// What is wrong with these settings for a cache, one sentence each
@@ -156,6 +295,21 @@ fn keyspace_totals(keyspace: &HashMap<&str, &str>) -> Result<(u64, u64), FactsEr
     Ok(totals)
 }
 
+/// `bytes` the way Redis prints memory (`used_memory_human`: `1.05M`).
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2}{}", UNITS[unit])
+}
+
 fn text<'a>(fields: &HashMap<&str, &'a str>, name: &str) -> Result<&'a str, FactsError> {
     fields
         .get(name)
@@ -216,8 +370,79 @@ mod tests {
                 evicted_keys: 17,
                 keys: 15,
                 keys_with_ttl: 9,
+                nodes: 1,
             }
         );
+    }
+
+    #[test]
+    fn a_cluster_totals_its_primaries_and_says_which_a_warning_concerns() {
+        let node = |used: u64, maxmemory: u64, policy: &str, keys: u64| RedisFacts {
+            used_memory: used,
+            maxmemory,
+            maxmemory_policy: policy.to_owned(),
+            evicted_keys: 1,
+            keys,
+            keys_with_ttl: keys,
+            ..Default::default()
+        };
+        let read = RedisFacts::total(vec![
+            ("10.0.0.2:6379".into(), node(1 << 20, 0, "allkeys-lru", 5)),
+            (
+                "10.0.0.1:6379".into(),
+                node(2 << 20, 64 << 20, "noeviction", 7),
+            ),
+            ("10.0.0.3:6379".into(), node(3 << 20, 0, "allkeys-lru", 9)),
+        ]);
+        let facts = &read.facts;
+        assert_eq!(facts.nodes, 3);
+        assert_eq!(facts.used_memory, 6 << 20);
+        assert_eq!(facts.used_memory_human, "6.00M");
+        assert_eq!(facts.maxmemory, 0, "one primary without a limit: no limit");
+        assert_eq!(facts.maxmemory_policy, "allkeys-lru,noeviction");
+        assert_eq!(
+            (facts.keys, facts.keys_with_ttl, facts.evicted_keys),
+            (21, 21, 3)
+        );
+        assert_eq!(read.warnings.len(), 2, "{:?}", read.warnings);
+        assert!(
+            read.warnings[0]
+                .starts_with("on primary 10.0.0.1:6379: maxmemory-policy is noeviction"),
+            "{:?}",
+            read.warnings
+        );
+        assert!(
+            read.warnings[1]
+                .starts_with("on primaries 10.0.0.2:6379, 10.0.0.3:6379: maxmemory is not set"),
+            "{:?}",
+            read.warnings
+        );
+
+        let bounded = RedisFacts::total(vec![
+            ("a:1".into(), node(1, 1 << 30, "allkeys-lru", 1)),
+            ("b:1".into(), node(1, 1 << 30, "allkeys-lru", 1)),
+        ]);
+        assert_eq!(bounded.facts.maxmemory, 2 << 30, "limits add up");
+        assert_eq!(bounded.facts.maxmemory_policy, "allkeys-lru");
+        assert!(bounded.warnings.is_empty(), "{:?}", bounded.warnings);
+        let unbounded = RedisFacts::total(vec![
+            ("a:1".into(), node(1, 0, "allkeys-lru", 1)),
+            ("b:1".into(), node(1, 0, "allkeys-lru", 1)),
+        ]);
+        assert_eq!(
+            unbounded.warnings.len(),
+            1,
+            "one warning for all: {:?}",
+            unbounded.warnings
+        );
+        assert!(unbounded.warnings[0].starts_with("on every primary (a:1, b:1): maxmemory"));
+    }
+
+    #[test]
+    fn memory_reads_as_redis_prints_it() {
+        assert_eq!(human(512), "512B");
+        assert_eq!(human(1_104_064), "1.05M");
+        assert_eq!(human(3 << 30), "3.00G");
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub(crate) use self::expiring::{Expiring, ExpiringEntries, Weighed};
 pub use self::guard::{GuardMetrics, GuardedStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
-pub(crate) use self::redis::connect;
+pub(crate) use self::redis::{cluster_client, connect};
 
 /// Now, in ms since the Unix epoch (the clock of envelopes and indexes).
 pub(crate) fn unix_millis() -> u64 {

@@ -484,7 +484,7 @@ pub(crate) async fn connect(config: &RedisConfig, client_name: &str) -> Result<H
 /// The cluster client: every seed node, the store's timeouts, the TLS
 /// certificates of `rediss://` seeds. redis-rs retries a command a few times
 /// across MOVED/ASK and reconnects; the cache layer's deadline bounds it all.
-fn cluster_client(config: &RedisConfig) -> Result<ClusterClient, RedisError> {
+pub(crate) fn cluster_client(config: &RedisConfig) -> Result<ClusterClient, RedisError> {
     let seeds = config
         .seeds()
         .map(|url| {
