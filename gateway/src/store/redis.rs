@@ -30,6 +30,7 @@
 //! each tag with its marks, so nothing needs two slots at once.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -945,6 +946,8 @@ impl RedisStore {
 struct TagIndexing<'a> {
     /// Per tag index key, in order of first use: its members.
     indexes: Vec<(Vec<u8>, Vec<Member<'a>>)>,
+    /// Where each index key is in `indexes` (a batch may carry many tags).
+    positions: HashMap<Vec<u8>, usize>,
 }
 
 /// An entry to index: its TTL (ms) and key.
@@ -958,9 +961,12 @@ impl<'a> TagIndexing<'a> {
         for tag in &entry.tags {
             let index = layout::tag_index_key(namespace, generation, tag);
             let member = (ttl, entry.key.key());
-            match self.indexes.iter_mut().find(|(known, _)| *known == index) {
-                Some((_, members)) => members.push(member),
-                None => self.indexes.push((index, vec![member])),
+            match self.positions.get(&index) {
+                Some(&at) => self.indexes[at].1.push(member),
+                None => {
+                    self.positions.insert(index.clone(), self.indexes.len());
+                    self.indexes.push((index, vec![member]));
+                }
             }
         }
     }
