@@ -387,25 +387,8 @@ async fn a_namespace_flush_hides_everything_at_once_and_only_there(backend: Back
 /// Redis, else through Gets.
 async fn neighbour_count(world: &mut World, keys: &[&str]) -> usize {
     if let Some(redis) = &world.redis {
-        let mut connection = redis.connection().await;
-        let mut cursor = 0u64;
-        let mut count = 0;
-        loop {
-            let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("cg:{{{NEIGHBOUR}:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            count += found.len();
-            if next == 0 {
-                return count;
-            }
-            cursor = next;
-        }
+        let pattern = format!("cg:{{{NEIGHBOUR}:*");
+        return support::scan_count(&mut redis.connection().await, &pattern).await as usize;
     }
     let mut count = 0;
     for key in keys {
@@ -935,27 +918,7 @@ async fn redis_store_tag_index_of_expired_entries_is_cleaned_up() {
         }
     };
     let indexed = index_size("short-lived").await;
-    let live = {
-        let mut connection = connection.clone();
-        let mut cursor = 0u64;
-        let mut live = 0;
-        loop {
-            let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("cg:{{{NS}:0:e:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            live += found.len() as u64;
-            if next == 0 {
-                break live;
-            }
-            cursor = next;
-        }
-    };
+    let live = support::scan_count(&mut connection.clone(), &format!("cg:{{{NS}:0:e:*")).await;
     println!(
         "wrote {total} tagged entries in {:?}; {live} still live, {indexed} indexed",
         started.elapsed()

@@ -555,25 +555,29 @@ impl World {
             return Some(cluster.key_count("cg:*").await);
         }
         let redis = self.redis.as_ref()?;
-        let mut connection = redis.connection().await;
-        let mut cursor = 0u64;
-        let mut count = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg("cg:*")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            count += keys.len() as u64;
-            if next == 0 {
-                return Some(count);
-            }
-            cursor = next;
+        Some(scan_count(&mut redis.connection().await, "cg:*").await)
+    }
+}
+
+/// Keys matching `pattern` on one Redis (SCAN, never KEYS).
+pub async fn scan_count(connection: &mut MultiplexedConnection, pattern: &str) -> u64 {
+    let mut cursor = 0u64;
+    let mut count = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(connection)
+            .await
+            .expect("SCAN");
+        count += keys.len() as u64;
+        if next == 0 {
+            return count;
         }
+        cursor = next;
     }
 }
 
@@ -731,26 +735,7 @@ impl RedisCluster {
     pub async fn key_counts(&self, pattern: &str) -> Vec<u64> {
         let mut counts = Vec::new();
         for node in self.current_primaries().await {
-            let mut connection = node.connection().await;
-            let mut cursor = 0u64;
-            let mut count = 0;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut connection)
-                    .await
-                    .expect("SCAN a cluster node");
-                count += keys.len() as u64;
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-            counts.push(count);
+            counts.push(scan_count(&mut node.connection().await, pattern).await);
         }
         counts
     }
