@@ -710,11 +710,31 @@ impl Default for InvalidationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyEngineConfig {
-    /// Wall-clock budget of one policy call (instantiation included), enforced
-    /// with wasmtime epochs at a 1 ms tick. Past it the call is a `timeout`
-    /// fault and the binding's fallback applies.
+    /// CPU-time budget of one policy call (instantiation included): the time
+    /// the call actually ran, checked at every 1 ms epoch tick, so a call
+    /// whose thread is descheduled on a busy machine is not charged for the
+    /// wait. Past it the call is a `timeout` fault and the binding's fallback
+    /// applies.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Wall-clock cap of one policy call, however little CPU it was given:
+    /// past it the call is a `timeout` fault too. Unset: 20 x `deadline`, at
+    /// least 100 ms.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub wall_deadline: Option<Duration>,
+    /// Long policy calls (past 1 ms of CPU) of one binding (one version bound
+    /// to one namespace) that may run at once. This bounds the CPU one
+    /// namespace's policy can take from its neighbours: a slow or looping
+    /// policy occupies at most this many cores, and only while they have
+    /// nothing else to run. A long call without one, or a new call while
+    /// they are all held, waits for one up to the wall deadline, then is a
+    /// `busy` fault. Fast calls never need one. Default: half the cores, at
+    /// least 1.
+    pub max_concurrent_calls: usize,
     /// Linear memory one policy instance may use. Growing past it is a
     /// `memory` fault.
     pub memory_limit_bytes: usize,
@@ -766,10 +786,22 @@ pub struct PolicyEngineConfig {
     pub watch_interval: Duration,
 }
 
+impl PolicyEngineConfig {
+    /// The wall-clock cap of one call: `wall_deadline`, or 20 x `deadline`
+    /// (at least 100 ms) when it is unset.
+    pub fn wall_deadline(&self) -> Duration {
+        self.wall_deadline
+            .unwrap_or_else(|| (self.deadline * 20).max(Duration::from_millis(100)))
+    }
+}
+
 impl Default for PolicyEngineConfig {
     fn default() -> Self {
         Self {
             deadline: Duration::from_millis(5),
+            wall_deadline: None,
+            max_concurrent_calls: std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get().div_ceil(2)),
             memory_limit_bytes: 16 * 1024 * 1024,
             max_instances: 128,
             max_module_bytes: 8 * 1024 * 1024,
@@ -1113,6 +1145,17 @@ impl Config {
         }
         if self.policy.deadline < Duration::from_millis(1) {
             return invalid("policy.deadline", "must be at least 1ms (the epoch tick)");
+        }
+        if let Some(wall) = self.policy.wall_deadline
+            && wall < self.policy.deadline
+        {
+            return invalid(
+                "policy.wall_deadline",
+                "must be at least policy.deadline (a call cannot run longer than it waits)",
+            );
+        }
+        if self.policy.max_concurrent_calls == 0 {
+            return invalid("policy.max_concurrent_calls", "must be at least 1");
         }
         if self.policy.memory_limit_bytes < 1024 * 1024 {
             return invalid("policy.memory_limit_bytes", "must be at least 1 MiB");

@@ -358,7 +358,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
         let limits = self.limits.clone();
         let answer = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let outcome = module.decide(&input);
+            let outcome = module.decide_blocking(&input);
             let micros = started.elapsed().as_micros() as u64;
             let namespace = NamespaceSettings::new("eval", &Default::default());
             let (decision, fault) = match outcome {

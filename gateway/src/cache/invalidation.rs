@@ -287,6 +287,7 @@ impl Cache {
         let metric = settings.label();
         let work = self
             .invalidation_work(&command)
+            .await
             .inspect_err(|_| self.metrics.rejected("invalidate"))?;
         let soft = command.soft;
         let namespace = command.namespace.clone();
@@ -375,7 +376,10 @@ impl Cache {
     }
 
     /// Checks the command against the limits and works out what to purge.
-    fn invalidation_work(&self, command: &InvalidateCommand) -> Result<Work, RequestError> {
+    async fn invalidation_work(
+        &self,
+        command: &InvalidateCommand,
+    ) -> Result<Work, RequestError> {
         let max_targets = self.jobs.config.max_targets;
         let check_count = |field: &'static str, count: usize| {
             if count == 0 {
@@ -402,7 +406,8 @@ impl Cache {
                         key,
                         &command.attributes,
                         0,
-                    )?;
+                    )
+                    .await?;
                     if work.policy.is_empty() {
                         work.policy = plan.decision.decided_by.to_string();
                     }

@@ -415,7 +415,8 @@ impl Cache {
             &command.key,
             &command.attributes,
             0,
-        )?;
+        )
+        .await?;
         match self
             .bounded(
                 deadline,

@@ -313,6 +313,7 @@ impl Cache {
                 &command.attributes,
                 0,
             )
+            .await
             .inspect_err(|_| self.metrics.rejected("get"))?;
         let ask = command
             .lease
@@ -377,6 +378,7 @@ impl Cache {
         let fill_ms = granted_at.map_or(0, lease::fill_ms);
         let plan = self
             .plan_write(&command, fill_ms)
+            .await
             .inspect_err(|_| self.metrics.rejected("set"))?;
         let (written, lease) = match (&plan.entry, &command.lease_token) {
             (None, None) => (Ok(false), LeaseWrite::None),
@@ -435,6 +437,7 @@ impl Cache {
                 &command.attributes,
                 0,
             )
+            .await
             .inspect_err(|_| self.metrics.rejected("delete"))?;
         let deleted = if plan.decision.bypass {
             Ok(false)
@@ -480,17 +483,19 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<GetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
-        let plans: Vec<Result<Plan, RequestError>> = commands
-            .into_iter()
-            .map(|command| {
-                command.and_then(|c| {
-                    let mut plan =
-                        self.plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0)?;
-                    plan.allow_stale = c.allow_stale;
-                    Ok(plan)
-                })
-            })
-            .collect();
+        let mut plans: Vec<Result<Plan, RequestError>> = Vec::with_capacity(commands.len());
+        for command in commands {
+            plans.push(match command {
+                Ok(c) => self
+                    .plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0)
+                    .await
+                    .map(|mut plan| {
+                        plan.allow_stale = c.allow_stale;
+                        plan
+                    }),
+                Err(err) => Err(err),
+            });
+        }
         // Near hits first; only the rest go to the store, in one round trip.
         let mut near_reads = Vec::with_capacity(plans.len());
         let mut near_hits = Vec::with_capacity(plans.len());
@@ -570,10 +575,13 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<SetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
-        let plans: Vec<Result<WritePlan, RequestError>> = commands
-            .into_iter()
-            .map(|command| command.and_then(|command| self.plan_write(&command, 0)))
-            .collect();
+        let mut plans: Vec<Result<WritePlan, RequestError>> = Vec::with_capacity(commands.len());
+        for command in commands {
+            plans.push(match command {
+                Ok(command) => self.plan_write(&command, 0).await,
+                Err(err) => Err(err),
+            });
+        }
         let entries: Vec<WriteEntry> = plans
             .iter()
             .filter_map(|plan| plan.as_ref().ok()?.entry.clone())
@@ -667,7 +675,7 @@ impl Cache {
     }
 
     /// Resolves the namespace, checks the key and asks for a decision.
-    fn plan(
+    async fn plan(
         &self,
         op: Operation,
         namespace: &str,
@@ -677,16 +685,19 @@ impl Cache {
     ) -> Result<Plan, RequestError> {
         let settings = self.namespaces.resolve(namespace)?;
         self.check_key(key)?;
-        let decision = self.decider.decide(
-            settings,
-            &DecisionRequest {
-                op,
-                namespace,
-                key,
-                attributes,
-                value_size,
-            },
-        );
+        let decision = self
+            .decider
+            .decide(
+                settings,
+                &DecisionRequest {
+                    op,
+                    namespace,
+                    key,
+                    attributes,
+                    value_size,
+                },
+            )
+            .await;
         Ok(Plan {
             key: scoped_key(namespace, &decision.key),
             namespace: namespace.to_owned(),
@@ -702,7 +713,11 @@ impl Cache {
     }
 
     /// Plans a write; `fill_ms` is how long the fill took (0: not a fill).
-    fn plan_write(&self, command: &SetCommand, fill_ms: u32) -> Result<WritePlan, RequestError> {
+    async fn plan_write(
+        &self,
+        command: &SetCommand,
+        fill_ms: u32,
+    ) -> Result<WritePlan, RequestError> {
         let settings = self.namespaces.resolve(&command.namespace)?;
         if command.value.len() > settings.max_value_bytes {
             return Err(RequestError::TooLarge {
@@ -730,7 +745,8 @@ impl Cache {
             &command.key,
             &command.attributes,
             command.value.len(),
-        )?;
+        )
+        .await?;
         // Jitter spreads the expiry of entries written together.
         let fresh_ttl = read.decision.fresh_ttl + jitter(read.decision.ttl_jitter);
         let entry = (!read.decision.bypass).then(|| {

@@ -1,13 +1,27 @@
 //! The WebAssembly engine: one wasmtime `Engine` for the process, modules
 //! compiled once and checked against the ABI (docs/POLICY_ABI.md), and every
-//! call run in a fresh instance from the pooling allocator, under an epoch
+//! call run in a fresh instance from the pooling allocator, under a CPU-time
 //! deadline and a memory cap, with no capability but a bounded log call.
+//!
+//! Calls run on wasmtime fibers (`call_async`), so a long call never holds a
+//! request worker: at every epoch tick (1 ms) the deadline callback charges
+//! the call the CPU time it actually ran ([`CpuMeter`]), cuts it off past
+//! `policy.deadline` of CPU (or `policy.wall_deadline` of wall time), and
+//! otherwise yields to the runtime, which resumes it only once the worker has
+//! served every other ready task. A call that has run a tick of CPU is a
+//! long call, and goes on only with one of its binding's long-call permits
+//! (`policy.max_concurrent_calls`); while they are all held, the binding's
+//! new calls wait for one before they start. So what one namespace's slow or
+//! looping policy can take from the others is that many cores, at the lowest
+//! priority. A decision that takes microseconds never holds a permit and pays
+//! for none of this but two clock reads and an atomic load.
 
 use std::{
     fmt,
+    future::Future,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -15,10 +29,12 @@ use std::{
 
 use bytes::Bytes;
 use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Level, debug, error, info, trace, warn};
 use wasmtime::{
     Caller, Config, Enabled, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker,
-    Module, ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store, Trap, ValType,
+    Module, ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store, StoreContextMut, Trap,
+    UpdateDeadline, ValType,
 };
 
 use crate::{api::proto::policy as pb, config::PolicyEngineConfig};
@@ -56,6 +72,9 @@ pub enum Fault {
     Invalid(String),
     /// No instance could be created (all pool slots busy).
     Capacity(String),
+    /// No long-call permit of its binding (`policy.max_concurrent_calls`)
+    /// came free within the call's wall deadline.
+    Busy,
 }
 
 impl Fault {
@@ -70,6 +89,7 @@ impl Fault {
             Fault::Declined(_) => "declined",
             Fault::Invalid(_) => "invalid",
             Fault::Capacity(_) => "capacity",
+            Fault::Busy => "busy",
         }
     }
 }
@@ -85,6 +105,10 @@ impl fmt::Display for Fault {
             Fault::Declined(reason) => write!(f, "declined to decide: {reason}"),
             Fault::Invalid(reason) => write!(f, "returned an invalid decision: {reason}"),
             Fault::Capacity(reason) => write!(f, "could not be instantiated: {reason}"),
+            Fault::Busy => f.write_str(
+                "waited its wall deadline for one of its binding's long-call permits \
+                 (policy.max_concurrent_calls)",
+            ),
         }
     }
 }
@@ -113,7 +137,7 @@ pub struct PolicyEngine {
     engine: Engine,
     linker: Linker<HostState>,
     limits: PolicyEngineConfig,
-    deadline_ticks: u64,
+    wall_deadline: Duration,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -131,6 +155,8 @@ impl PolicyEngine {
             .total_memories(limits.max_instances)
             .total_tables(limits.max_instances)
             .total_component_instances(0)
+            // One fiber stack per call in flight (`call_async`).
+            .total_stacks(limits.max_instances)
             .max_memory_size(limits.memory_limit_bytes);
         if PoolingAllocationConfig::is_pagemap_scan_available() {
             // Reset a used memory by rewriting only the pages the call dirtied
@@ -190,12 +216,11 @@ impl PolicyEngine {
             })
             .map_err(|err| LoadError::Compile(format!("cannot start the epoch ticker: {err}")))?;
 
-        let ticks = limits.deadline.as_micros().div_ceil(EPOCH_TICK.as_micros());
         Ok(Self {
             engine,
             linker,
             limits: limits.clone(),
-            deadline_ticks: u64::try_from(ticks).unwrap_or(u64::MAX).max(1),
+            wall_deadline: limits.wall_deadline(),
             ticker_stop,
         })
     }
@@ -249,7 +274,21 @@ impl PolicyEngine {
         Ok(loaded)
     }
 
-    fn new_store(&self, label: &Arc<str>) -> Store<HostState> {
+    fn new_store(
+        &self,
+        label: &Arc<str>,
+        meter: Arc<CpuMeter>,
+        yields: Yields,
+        long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
+    ) -> Store<HostState> {
+        let (long_calls, long_call) = match long_calls {
+            None => (None, LongCall::NotYet),
+            Some((permits, None)) => (Some(Arc::clone(permits)), LongCall::NotYet),
+            Some((permits, Some(permit))) => (
+                Some(Arc::clone(permits)),
+                LongCall::Holding { _permit: permit },
+            ),
+        };
         let mut store = Store::new(
             &self.engine,
             HostState {
@@ -258,11 +297,20 @@ impl PolicyEngine {
                 memory_capped: false,
                 log_calls: 0,
                 max_log_calls: self.limits.max_log_calls,
+                meter,
+                cpu_deadline: self.limits.deadline,
+                wall_deadline: self.wall_deadline,
+                started: Instant::now(),
+                yields,
+                on_fiber: false,
+                grew_at: None,
+                long_calls,
+                long_call,
             },
         );
         store.limiter(|state| state);
-        store.set_epoch_deadline(self.deadline_ticks);
-        store.epoch_deadline_trap();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(at_tick);
         store
     }
 }
@@ -358,6 +406,11 @@ impl PolicyModule {
         self.size
     }
 
+    /// The limits its calls run under.
+    pub fn limits(&self) -> &PolicyEngineConfig {
+        &self.engine.limits
+    }
+
     /// Whether the module implements the ABI (exports, signatures, version).
     pub fn abi(&self) -> Result<(), Fault> {
         self.exports.as_ref().map(|_| ()).map_err(Clone::clone)
@@ -370,17 +423,21 @@ impl PolicyModule {
 
     fn check_abi_version(&self) -> Result<(), Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
-        let mut store = self.engine.new_store(&self.label);
-        let outcome = (|| {
+        let meter = Arc::new(CpuMeter::default());
+        let mut store = self
+            .engine
+            .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
+        let outcome = futures::executor::block_on(metered(&meter, async {
             let instance = self.instance_pre.instantiate(&mut store)?;
-            let version = instance
+            store.data_mut().on_fiber = true;
+            instance
                 .get_module_export(&mut store, &exports.abi_version)
                 .and_then(|export| export.into_func())
                 .ok_or_else(|| wasmtime::Error::msg("cachegw_abi_version vanished"))?
                 .typed::<(), i32>(&store)?
-                .call(&mut store, ())?;
-            Ok::<_, wasmtime::Error>(version)
-        })();
+                .call_async(&mut store, ())
+                .await
+        }));
         match outcome {
             Ok(ABI_VERSION) => Ok(()),
             Ok(other) => Err(Fault::Abi(format!(
@@ -393,46 +450,96 @@ impl PolicyModule {
         }
     }
 
-    /// Asks the policy for a decision on `input`, in a fresh instance.
-    pub fn decide(&self, input: &pb::PolicyInput) -> Result<pb::PolicyDecision, Fault> {
+    /// Asks the policy for a decision on `input`, in a fresh instance. A call
+    /// that runs past a tick yields to the async runtime between ticks, so it
+    /// never holds the worker that polls it for more than a tick at a time,
+    /// and goes on only with a permit of `long_calls` (its binding's).
+    pub async fn decide(
+        &self,
+        input: &pb::PolicyInput,
+        long_calls: &Arc<Semaphore>,
+    ) -> Result<pb::PolicyDecision, Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
-        let output = self.call(exports, &exports.decide, &input.encode_to_vec())?;
+        // Every permit held: this binding's calls are running long, so this
+        // one waits its turn before it starts (without spending CPU).
+        let permit = if long_calls.available_permits() == 0 {
+            let wait = Arc::clone(long_calls).acquire_owned();
+            match tokio::time::timeout(self.engine.wall_deadline, wait).await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => return Err(Fault::Busy),
+            }
+        } else {
+            None
+        };
+        let output = self
+            .call(
+                exports,
+                &exports.decide,
+                &input.encode_to_vec(),
+                Yields::ToTokio,
+                Some((long_calls, permit)),
+            )
+            .await?;
         decode_output(&output)
     }
 
-    /// Runs the optional init export on a binding's config. `Ok(None)` when the
-    /// config is accepted (or there is no init export), `Ok(Some(reason))` when
-    /// the policy rejects it.
+    /// [`decide`](Self::decide) for callers that are not async (tools, the
+    /// registry's dry runs): the call blocks this thread until it ends.
+    pub fn decide_blocking(&self, input: &pb::PolicyInput) -> Result<pb::PolicyDecision, Fault> {
+        let exports = self.exports.as_ref().map_err(Clone::clone)?;
+        let output = futures::executor::block_on(self.call(
+            exports,
+            &exports.decide,
+            &input.encode_to_vec(),
+            Yields::Anywhere,
+            None,
+        ))?;
+        decode_output(&output)
+    }
+
+    /// Runs the optional init export on a binding's config, blocking this
+    /// thread. `Ok(None)` when the config is accepted (or there is no init
+    /// export), `Ok(Some(reason))` when the policy rejects it.
     pub fn init(&self, config: &[u8]) -> Result<Option<String>, Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
         let Some(init) = &exports.init else {
             return Ok(None);
         };
-        let output = self.call(exports, init, config)?;
+        let output =
+            futures::executor::block_on(self.call(exports, init, config, Yields::Anywhere, None))?;
         let output = pb::InitOutput::decode(output.as_slice())
             .map_err(|err| Fault::Output(format!("not an InitOutput: {err}")))?;
         Ok((!output.error.is_empty()).then_some(output.error))
     }
 
-    /// One call: instantiate, allocate, write the input, call, read the output.
-    fn call(
+    /// One call: instantiate, allocate, write the input, call, read the
+    /// output, all of it charged to the call's CPU budget.
+    async fn call(
         &self,
         exports: &Exports,
         entry: &ModuleExport,
         input: &[u8],
+        yields: Yields,
+        long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
     ) -> Result<Vec<u8>, Fault> {
-        let mut store = self.engine.new_store(&self.label);
-        let result = self
-            .instance_pre
-            .instantiate(&mut store)
-            .and_then(|instance| invoke(&mut store, &instance, exports, entry, input));
+        let meter = Arc::new(CpuMeter::default());
+        let mut store = self
+            .engine
+            .new_store(&self.label, Arc::clone(&meter), yields, long_calls);
+        let result = metered(&meter, async {
+            let instance = self.instance_pre.instantiate(&mut store)?;
+            store.data_mut().on_fiber = true;
+            invoke(&mut store, &instance, exports, entry, input).await
+        })
+        .await;
         result.map_err(|err| fault_of(err, store.data()))
     }
 
     /// Measures `calls` decisions on `input`, reporting each one's latency to
     /// `record`. With `reuse`, one instance serves every call (what a "reset
     /// instance" strategy would cost at best, with no isolation); without, each
-    /// call gets a fresh instance, as in production.
+    /// call gets a fresh instance, as in production, through the same path a
+    /// request takes (fiber, CPU meter and all).
     pub fn measure(
         &self,
         input: &pb::PolicyInput,
@@ -445,22 +552,35 @@ impl PolicyModule {
         if !reuse {
             for _ in 0..calls {
                 let started = Instant::now();
-                let fault = self.call(exports, &exports.decide, &input).err();
+                let fault = futures::executor::block_on(self.call(
+                    exports,
+                    &exports.decide,
+                    &input,
+                    Yields::Anywhere,
+                    None,
+                ))
+                .err();
                 record(started.elapsed(), fault);
             }
             return Ok(());
         }
-        let mut store = self.engine.new_store(&self.label);
+        let meter = Arc::new(CpuMeter::default());
+        let mut store = self
+            .engine
+            .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
         let instance = self
             .instance_pre
             .instantiate(&mut store)
             .map_err(|err| fault_of(err, store.data()))?;
+        store.data_mut().on_fiber = true;
         for _ in 0..calls {
             let started = Instant::now();
-            store.set_epoch_deadline(self.engine.deadline_ticks);
-            let fault = invoke(&mut store, &instance, exports, &exports.decide, &input)
-                .err()
-                .map(|err| fault_of(err, store.data()));
+            store.data_mut().restart();
+            let outcome = futures::executor::block_on(metered(
+                &meter,
+                invoke(&mut store, &instance, exports, &exports.decide, &input),
+            ));
+            let fault = outcome.err().map(|err| fault_of(err, store.data()));
             record(started.elapsed(), fault);
         }
         Ok(())
@@ -484,7 +604,7 @@ pub fn decode_output(output: &[u8]) -> Result<pb::PolicyDecision, Fault> {
 }
 
 /// Allocates in the guest, writes `input`, calls `entry`, reads the output.
-fn invoke(
+async fn invoke(
     store: &mut Store<HostState>,
     instance: &wasmtime::Instance,
     exports: &Exports,
@@ -506,14 +626,14 @@ fn invoke(
     let entry = entry.typed::<(i32, i32), i64>(&*store)?;
 
     let len = i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
-    let ptr = alloc.call(&mut *store, len)?;
+    let ptr = alloc.call_async(&mut *store, len).await?;
     if ptr == 0 {
         return Err(OutputError("cachegw_alloc returned 0".into()).into());
     }
     memory
         .write(&mut *store, ptr as u32 as usize, input)
         .map_err(|_| OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory")))?;
-    let packed = entry.call(&mut *store, (ptr, len))? as u64;
+    let packed = entry.call_async(&mut *store, (ptr, len)).await? as u64;
     let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xFFFF_FFFF) as usize);
     let data = memory.data(&*store);
     let end = out_ptr
@@ -526,6 +646,168 @@ fn invoke(
             ))
         })?;
     Ok(data[out_ptr..end].to_vec())
+}
+
+/// The CPU time one call has run, whichever threads polled it: each poll of
+/// the call's future adds the time its thread spent in it (see [`metered`]).
+/// The clock is the thread's own (`CLOCK_THREAD_CPUTIME_ID`): time the thread
+/// waited for a core, descheduled, is not the policy's.
+#[derive(Debug, Default)]
+pub struct CpuMeter {
+    /// CPU time of the polls that have ended, in nanoseconds.
+    spent_ns: AtomicU64,
+    /// The polling thread's CPU clock when the current poll began.
+    poll_started_ns: AtomicU64,
+}
+
+impl CpuMeter {
+    /// CPU time used so far; called from inside a poll (the epoch callback).
+    fn used(&self) -> Duration {
+        let current = thread_cpu_ns().saturating_sub(self.poll_started_ns.load(Ordering::Relaxed));
+        Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed) + current)
+    }
+}
+
+fn thread_cpu_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
+/// Runs `call`, charging the CPU time of every poll to `meter`.
+async fn metered<F: Future>(meter: &CpuMeter, call: F) -> F::Output {
+    let mut call = std::pin::pin!(call);
+    std::future::poll_fn(|cx| {
+        let started = thread_cpu_ns();
+        meter.poll_started_ns.store(started, Ordering::Relaxed);
+        let polled = call.as_mut().poll(cx);
+        meter
+            .spent_ns
+            .fetch_add(thread_cpu_ns().saturating_sub(started), Ordering::Relaxed);
+        polled
+    })
+    .await
+}
+
+/// How a call that runs past a tick gives its thread back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Yields {
+    /// Through tokio's `yield_now`: resumed only after the worker has run
+    /// every other ready task and polled its I/O driver.
+    ToTokio,
+    /// Through wasmtime's own yield, for calls driven by a blocking executor
+    /// (tokio's would park the waker on the worker that is blocked on it).
+    Anywhere,
+}
+
+/// How long after its last memory growth a call is not cut off for CPU time:
+/// filling fresh memory is the kernel faulting pages in, bounded by the
+/// memory cap (the wall deadline still applies), so a memory bomb meets the
+/// cap and is reported as `memory` even where page faults are slow.
+const GROWTH_GRACE: Duration = Duration::from_millis(2);
+
+/// The epoch callback, at every tick a call is still running: a timeout past
+/// its CPU or wall deadline; a long call without a permit waits for one (or
+/// is `busy`); otherwise a yield until the next tick.
+fn at_tick(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
+    let state = store.data_mut();
+    let used = state.meter.used();
+    let growing = state
+        .grew_at
+        .is_some_and(|at| used.saturating_sub(at) < GROWTH_GRACE);
+    if (used >= state.cpu_deadline && !growing) || state.started.elapsed() >= state.wall_deadline
+    {
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    if !state.on_fiber {
+        // Instantiation runs a start function synchronously: it cannot yield.
+        return Ok(UpdateDeadline::Continue(1));
+    }
+    // A call that ran a tick of CPU is long (one merely descheduled is not).
+    if used >= EPOCH_TICK
+        && let Some(wait) = state.admit_long_call()?
+    {
+        return Ok(UpdateDeadline::YieldCustom(0, wait));
+    }
+    Ok(match state.yields {
+        Yields::ToTokio => UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())),
+        Yields::Anywhere => UpdateDeadline::Yield(1),
+    })
+}
+
+/// Where a call stands with its binding's long-call permits.
+enum LongCall {
+    /// It has not asked (it has not reached a tick, or has no binding).
+    NotYet,
+    /// It is waiting; the permit arrives here, or nothing if none came in time.
+    Waiting(Arc<Mutex<Option<OwnedSemaphorePermit>>>),
+    /// It holds one until it ends.
+    Holding { _permit: OwnedSemaphorePermit },
+    /// None came in time: the call ends as `busy`.
+    Refused,
+}
+
+/// The call was refused a long-call permit (a `busy` fault).
+#[derive(Debug)]
+struct Busy;
+
+impl fmt::Display for Busy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no long-call permit")
+    }
+}
+
+impl std::error::Error for Busy {}
+
+type Wait = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl HostState {
+    /// At a tick: takes one of the binding's long-call permits if the call
+    /// has none, or returns the wait for one (within the call's wall
+    /// deadline).
+    fn admit_long_call(&mut self) -> wasmtime::Result<Option<Wait>> {
+        let Some(permits) = &self.long_calls else {
+            return Ok(None);
+        };
+        match &self.long_call {
+            LongCall::Holding { .. } => Ok(None),
+            LongCall::Refused => Err(Busy.into()),
+            LongCall::Waiting(slot) => {
+                let arrived = slot.lock().map_or(None, |mut slot| slot.take());
+                match arrived {
+                    Some(permit) => {
+                        self.long_call = LongCall::Holding { _permit: permit };
+                        Ok(None)
+                    }
+                    None => {
+                        self.long_call = LongCall::Refused;
+                        Err(Busy.into())
+                    }
+                }
+            }
+            LongCall::NotYet => match Arc::clone(permits).try_acquire_owned() {
+                Ok(permit) => {
+                    self.long_call = LongCall::Holding { _permit: permit };
+                    Ok(None)
+                }
+                Err(_) => {
+                    let slot = Arc::new(Mutex::new(None));
+                    self.long_call = LongCall::Waiting(Arc::clone(&slot));
+                    let permits = Arc::clone(permits);
+                    let patience = self.wall_deadline.saturating_sub(self.started.elapsed());
+                    Ok(Some(Box::pin(async move {
+                        if let Ok(Ok(permit)) =
+                            tokio::time::timeout(patience, permits.acquire_owned()).await
+                            && let Ok(mut slot) = slot.lock()
+                        {
+                            *slot = Some(permit);
+                        }
+                    })))
+                }
+            },
+        }
+    }
 }
 
 fn fault_of(err: wasmtime::Error, state: &HostState) -> Fault {
@@ -551,6 +833,9 @@ fn classify(err: wasmtime::Error, state: &HostState) -> Fault {
     if state.memory_capped {
         return Fault::Memory;
     }
+    if matches!(state.long_call, LongCall::Refused) || err.downcast_ref::<Busy>().is_some() {
+        return Fault::Busy;
+    }
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Fault::Timeout,
         Some(trap) => Fault::Trap(trap.to_string()),
@@ -565,13 +850,34 @@ fn classify(err: wasmtime::Error, state: &HostState) -> Fault {
     }
 }
 
-/// Per-call host state: the memory cap and the log budget.
+/// Per-call host state: the deadlines, the memory cap and the log budget.
 struct HostState {
     label: Arc<str>,
     memory_limit: usize,
     memory_capped: bool,
     log_calls: u32,
     max_log_calls: u32,
+    meter: Arc<CpuMeter>,
+    cpu_deadline: Duration,
+    wall_deadline: Duration,
+    started: Instant,
+    yields: Yields,
+    /// Whether wasm now runs on a fiber (`call_async`), where it may yield.
+    on_fiber: bool,
+    /// CPU time used when the memory last grew.
+    grew_at: Option<Duration>,
+    /// The binding's long-call permits (none outside a binding: tools, checks).
+    long_calls: Option<Arc<Semaphore>>,
+    long_call: LongCall,
+}
+
+impl HostState {
+    /// Starts a new call's budgets in a reused store (`policy bench --reuse`).
+    fn restart(&mut self) {
+        self.started = Instant::now();
+        self.log_calls = 0;
+        self.meter.spent_ns.store(0, Ordering::Relaxed);
+    }
 }
 
 impl ResourceLimiter for HostState {
@@ -585,6 +891,7 @@ impl ResourceLimiter for HostState {
             self.memory_capped = true;
             return Ok(false);
         }
+        self.grew_at = Some(self.meter.used());
         Ok(true)
     }
 

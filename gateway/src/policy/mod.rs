@@ -26,6 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 use tracing::warn;
 
 pub use self::engine::{Fault, LoadError, PolicyEngine, PolicyModule};
@@ -146,6 +147,10 @@ pub struct Binding {
     fallback_label: Arc<str>,
     faults: AtomicU64,
     window: FaultWindow,
+    /// `policy.max_concurrent_calls` permits for calls that run past their
+    /// first tick: what bounds the CPU this binding can take from every
+    /// other namespace.
+    long_calls: Arc<Semaphore>,
 }
 
 /// Faults counted in a fixed window, for automatic rollback.
@@ -193,6 +198,7 @@ impl Binding {
         Self {
             namespace: namespace.to_owned(),
             fallback_label: Arc::from(format!("{mode}:{}", module.label())),
+            long_calls: Arc::new(Semaphore::new(module.limits().max_concurrent_calls)),
             module,
             config,
             fallback,
@@ -277,7 +283,11 @@ impl Decider {
     }
 
     /// Decides how `request` is cached in `namespace`.
-    pub fn decide(&self, namespace: &NamespaceSettings, request: &DecisionRequest<'_>) -> Decision {
+    pub async fn decide(
+        &self,
+        namespace: &NamespaceSettings,
+        request: &DecisionRequest<'_>,
+    ) -> Decision {
         // The Arc this request holds keeps its version alive to the end of the
         // request, whatever is bound meanwhile.
         let Some(route) =
@@ -286,13 +296,13 @@ impl Decider {
         else {
             return DefaultPolicy.decide(namespace, request.key);
         };
-        let outcome = self.ask(&route.binding, namespace, request);
+        let outcome = self.ask(&route.binding, namespace, request).await;
         let decision = match &outcome {
             Ok(decision) => decision.clone(),
             Err(fault) => self.fall_back(&route.binding, namespace, request, fault),
         };
         if let Some(shadow) = route.shadow.filter(|shadow| shadow.samples()) {
-            let candidate = self.ask(&shadow.binding, namespace, request);
+            let candidate = self.ask(&shadow.binding, namespace, request).await;
             let difference = compare(request.key, &decision, &candidate);
             self.metrics
                 .shadowed(shadow.binding.module.label(), difference.is_some());
@@ -302,7 +312,7 @@ impl Decider {
     }
 
     /// One policy call, validated and measured.
-    fn ask(
+    async fn ask(
         &self,
         binding: &Binding,
         namespace: &NamespaceSettings,
@@ -322,7 +332,11 @@ impl Decider {
             now_unix_ms: unix_millis(),
             config: binding.config.clone(),
         };
-        let outcome = binding.module.decide(&input).and_then(|wire| {
+        let outcome = binding
+            .module
+            .decide(&input, &binding.long_calls)
+            .await
+            .and_then(|wire| {
             Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
         });
         self.metrics.observe(

@@ -598,7 +598,7 @@ impl PolicyRegistry {
                 config: config.clone(),
             };
             module
-                .decide(&input)
+                .decide_blocking(&input)
                 .and_then(|wire| {
                     super::Decision::from_wire(wire, &namespace, &limits, module.label())
                 })

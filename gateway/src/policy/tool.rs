@@ -234,7 +234,7 @@ impl Loaded {
     /// Decides on `probe` and validates the decision as the gateway would.
     pub fn eval(&self, probe: &Probe) -> ProbeReport {
         let started = Instant::now();
-        let outcome = self.module.decide(&self.input(probe));
+        let outcome = self.module.decide_blocking(&self.input(probe));
         let micros = started.elapsed().as_micros() as u64;
         let (decision, fault) = match &outcome {
             Ok(wire) => {
