@@ -78,12 +78,12 @@ async fn neighbours_keep_their_latency(deadline: Duration) {
         assert!(world.set(namespace, "steady", b"v").await.stored);
     }
     const READS: usize = 400;
-    let mut unloaded = Vec::new();
+    let mut before = Vec::new();
     for namespace in ["plain", "routes"] {
         // Warm-up (connections, the policy's compiled code), then measure.
         read_latencies(&mut world, namespace, 50).await;
         let mut latencies = read_latencies(&mut world, namespace, READS).await;
-        unloaded.push(quantile(&mut latencies, 0.99));
+        before.push(quantile(&mut latencies, 0.99));
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -120,28 +120,46 @@ async fn neighbours_keep_their_latency(deadline: Duration) {
     )
     .await;
 
-    let mut report = Vec::new();
-    for (namespace, unloaded_p99) in ["plain", "routes"].into_iter().zip(&unloaded) {
+    let mut loaded = Vec::new();
+    for namespace in ["plain", "routes"] {
         let mut latencies = read_latencies(&mut world, namespace, READS).await;
-        let loaded_p99 = quantile(&mut latencies, 0.99);
-        let bound = *unloaded_p99 * 2 + Duration::from_millis(5);
-        report.push(format!(
-            "{namespace}: unloaded p99 {unloaded_p99:?}, loaded p99 {loaded_p99:?} (bound {bound:?})"
-        ));
-        assert!(
-            loaded_p99 <= bound,
-            "deadline {deadline:?}: a neighbour slowed down: {report:?}"
-        );
+        loaded.push(quantile(&mut latencies, 0.99));
     }
     stop.store(true, Ordering::Relaxed);
     let faults = world.gateway.counter("cachegw_policy_faults");
-    eprintln!(
-        "deadline {deadline:?}: {report:?}; barrage answered {} requests, {faults} policy faults",
-        answered.load(Ordering::Relaxed)
-    );
+    let barrage_answers = answered.load(Ordering::Relaxed);
     for task in barrage {
         task.abort();
     }
+    // The unloaded p99 is taken on both sides of the barrage, so a change in
+    // whatever else the machine runs is not charged to the policy.
+    wait_until(
+        "the barrage's requests to end",
+        Duration::from_secs(10),
+        || {
+            let metrics = world.gateway.metrics.encode();
+            async move { support::gauge(&metrics, "cachegw_requests_in_flight") == 0 }
+        },
+    )
+    .await;
+    let mut report = Vec::new();
+    for (i, namespace) in ["plain", "routes"].into_iter().enumerate() {
+        let mut latencies = read_latencies(&mut world, namespace, READS).await;
+        let unloaded_p99 = before[i].max(quantile(&mut latencies, 0.99));
+        let bound = unloaded_p99 * 2 + Duration::from_millis(5);
+        report.push(format!(
+            "{namespace}: unloaded p99 {unloaded_p99:?}, loaded p99 {:?} (bound {bound:?})",
+            loaded[i]
+        ));
+        assert!(
+            loaded[i] <= bound,
+            "deadline {deadline:?}: a neighbour slowed down: {report:?}"
+        );
+    }
+    eprintln!(
+        "deadline {deadline:?}: {report:?}; barrage answered {barrage_answers} requests, \
+         {faults} policy faults"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

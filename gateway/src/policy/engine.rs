@@ -6,9 +6,9 @@
 //! Calls run on wasmtime fibers (`call_async`), so a long call never holds a
 //! request worker: at every epoch tick (1 ms) the deadline callback charges
 //! the call the CPU time it actually ran ([`CpuMeter`]), cuts it off past
-//! `policy.deadline` of CPU (or `policy.wall_deadline` of wall time), and
-//! otherwise yields to the runtime, which resumes it only once the worker has
-//! served every other ready task. A call that has run a tick of CPU is a
+//! `policy.deadline` of CPU (or `policy.wall_deadline` of wall time), and,
+//! once it has run a tick of CPU, yields to the runtime, which resumes it
+//! only once the worker has served every other ready task. A call that has run a tick of CPU is a
 //! long call, and goes on only with one of its binding's long-call permits
 //! (`policy.max_concurrent_calls`); while they are all held, the binding's
 //! new calls wait for one before they start. So what one namespace's slow or
@@ -720,14 +720,13 @@ fn at_tick(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<Update
     {
         return Ok(UpdateDeadline::Interrupt);
     }
-    if !state.on_fiber {
-        // Instantiation runs a start function synchronously: it cannot yield.
+    // Instantiation runs a start function synchronously: it cannot yield. A
+    // call that has not run a tick of CPU is not long, only descheduled: it
+    // goes on at once rather than queue behind the worker's other tasks.
+    if !state.on_fiber || used < EPOCH_TICK {
         return Ok(UpdateDeadline::Continue(1));
     }
-    // A call that ran a tick of CPU is long (one merely descheduled is not).
-    if used >= EPOCH_TICK
-        && let Some(wait) = state.admit_long_call()?
-    {
+    if let Some(wait) = state.admit_long_call()? {
         return Ok(UpdateDeadline::YieldCustom(0, wait));
     }
     Ok(match state.yields {
