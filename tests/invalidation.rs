@@ -34,6 +34,8 @@ const NEIGHBOUR: &str = "catalog.b";
 on_both_stores!(
     tags_patterns_and_keys_remove_exactly_their_entries,
     a_soft_purge_serves_stale_until_a_hard_one_removes,
+    a_soft_purge_of_entries_without_a_stale_window_misses_at_once,
+    a_soft_purge_serves_stale_for_the_stale_window_from_the_purge_only,
     a_namespace_flush_hides_everything_at_once_and_only_there,
     client_patterns_never_leave_their_namespace,
     tag_invalidation_is_exact_while_writers_keep_writing,
@@ -60,6 +62,33 @@ async fn world(backend: Backend) -> World {
     World::start_with(backend, catalog).await
 }
 
+/// `surrogate-keys` with no stale window: entries are fresh, then gone.
+const NO_WINDOW: &str = "catalog.no-window";
+/// `surrogate-keys` with a short stale window, [`SHORT_WINDOW`].
+const SHORT: &str = "catalog.short-window";
+/// Long enough that a Get right after a purge lands inside it on a busy
+/// machine; far below the entries' 10-minute TTL.
+const SHORT_WINDOW: Duration = Duration::from_secs(1);
+
+/// `catalog`, plus [`NO_WINDOW`] and [`SHORT`]: fresh for 10 minutes, with no
+/// stale window and a [`SHORT_WINDOW`] one.
+async fn windows_world(backend: Backend) -> World {
+    World::start_with(backend, |config| {
+        catalog(config);
+        let short = format!("{}ms", SHORT_WINDOW.as_millis());
+        for (namespace, stale) in [(NO_WINDOW, "0s"), (SHORT, short.as_str())] {
+            bind(
+                config,
+                namespace,
+                "surrogate-keys",
+                Some(json!({"ttl": "10m", "stale": stale})),
+                FallbackMode::FailClosed,
+            );
+        }
+    })
+    .await
+}
+
 fn attrs(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
         .iter()
@@ -68,9 +97,13 @@ fn attrs(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 }
 
 async fn set_tagged(client: &mut CacheClient<Channel>, key: &str, tags: &str) {
+    set_tagged_in(client, NS, key, tags).await;
+}
+
+async fn set_tagged_in(client: &mut CacheClient<Channel>, namespace: &str, key: &str, tags: &str) {
     let set = client
         .set(SetRequest {
-            namespace: NS.into(),
+            namespace: namespace.into(),
             key: key.into(),
             value: format!("value of {key}").into_bytes().into(),
             attributes: attrs(&[("surrogate-key", tags)]),
@@ -316,6 +349,171 @@ async fn a_soft_purge_serves_stale_until_a_hard_one_removes(backend: Backend) {
     });
     assert_eq!(invalidate(client, NS, keys, true).await.affected, 1);
     expect_outcomes(client, NS, &[("a", Outcome::Stale), ("c", Outcome::Stale)]).await;
+}
+
+/// The PTTL of `key`'s entry in `namespace` (generation 0) in the standalone
+/// test Redis (-2: gone); `None` on the other stores.
+async fn raw_pttl(world: &World, namespace: &str, key: &str) -> Option<i64> {
+    let redis = world.redis.as_ref()?;
+    let ttl = redis::cmd("PTTL")
+        .arg(format!("cg:{{{namespace}:0:{key}}}"))
+        .query_async(&mut redis.connection().await)
+        .await
+        .expect("PTTL");
+    Some(ttl)
+}
+
+/// Lets the wall clock move past the current millisecond: entries created
+/// in the same millisecond as a soft flush count as written before it.
+async fn next_millisecond() {
+    let now = std::time::SystemTime::now();
+    wait_until(
+        "the clock moved on",
+        Duration::from_secs(1),
+        || async move { std::time::SystemTime::now() > now + Duration::from_millis(1) },
+    )
+    .await;
+}
+
+/// The four kinds of soft invalidation, each on its own entry of `namespace`
+/// (`by-key`, `by-pattern:1`, `by-tag` and `kept`, which only the last, the
+/// whole-namespace flush, reaches).
+async fn soft_purge_each_way(world: &mut World, namespace: &str) -> [InvalidateResponse; 3] {
+    let client = &mut world.client;
+    for (key, tags) in [
+        ("by-key", ""),
+        ("by-pattern:1", ""),
+        ("by-tag", "t"),
+        ("kept", "u"),
+    ] {
+        set_tagged_in(client, namespace, key, tags).await;
+    }
+    let keys = Target::Keys(KeyList {
+        keys: vec!["by-key".into()],
+    });
+    [
+        invalidate(client, namespace, keys, true).await,
+        invalidate(
+            client,
+            namespace,
+            Target::Pattern("by-pattern:*".into()),
+            true,
+        )
+        .await,
+        invalidate(client, namespace, tags(&["t"]), true).await,
+    ]
+}
+
+const PURGED: [&str; 3] = ["by-key", "by-pattern:1", "by-tag"];
+
+async fn a_soft_purge_of_entries_without_a_stale_window_misses_at_once(backend: Backend) {
+    let mut world = windows_world(backend).await;
+    for answer in soft_purge_each_way(&mut world, NO_WINDOW).await {
+        assert_eq!(answer.affected, 1, "{answer:?}");
+    }
+    use Outcome::{Hit, Miss};
+    let client = &mut world.client;
+    expect_outcomes(
+        client,
+        NO_WINDOW,
+        &[
+            ("by-key", Miss),
+            ("by-pattern:1", Miss),
+            ("by-tag", Miss),
+            ("kept", Hit),
+        ],
+    )
+    .await;
+    for key in PURGED {
+        if let Some(ttl) = raw_pttl(&world, NO_WINDOW, key).await {
+            assert_eq!(ttl, -2, "{key}: nothing to serve, nothing kept");
+        }
+    }
+
+    let client = &mut world.client;
+    set_tagged_in(client, NO_WINDOW, "by-key", "").await;
+    let flushed = invalidate(client, NO_WINDOW, Target::WholeNamespace(true), true).await;
+    assert_eq!(flushed.generation, 0, "{flushed:?}");
+    expect_outcomes(client, NO_WINDOW, &[("by-key", Miss), ("kept", Miss)]).await;
+    next_millisecond().await;
+    set_tagged_in(client, NO_WINDOW, "kept", "u").await;
+    assert_eq!(
+        outcome(client, NO_WINDOW, "kept").await,
+        Hit,
+        "written after the flush"
+    );
+}
+
+async fn a_soft_purge_serves_stale_for_the_stale_window_from_the_purge_only(backend: Backend) {
+    let mut world = windows_world(backend).await;
+    let window = i64::try_from(SHORT_WINDOW.as_millis()).unwrap();
+    for answer in soft_purge_each_way(&mut world, SHORT).await {
+        assert_eq!(answer.affected, 1, "{answer:?}");
+    }
+    use Outcome::{Hit, Miss, Stale};
+    let client = &mut world.client;
+    expect_outcomes(
+        client,
+        SHORT,
+        &[
+            ("by-key", Stale),
+            ("by-pattern:1", Stale),
+            ("by-tag", Stale),
+            ("kept", Hit),
+        ],
+    )
+    .await;
+    // A write after the purge is fresh, and keeps its own TTL.
+    set_tagged_in(client, SHORT, "rewritten", "t").await;
+    for key in PURGED {
+        if let Some(ttl) = raw_pttl(&world, SHORT, key).await {
+            assert!(
+                (0..=window).contains(&ttl),
+                "{key}: kept {ttl} ms, for more than its stale window"
+            );
+        }
+    }
+    let client = &mut world.client;
+    for key in PURGED {
+        wait_until(
+            "the stale window to end",
+            SHORT_WINDOW + Duration::from_secs(5),
+            || {
+                let mut client = client.clone();
+                async move { outcome(&mut client, SHORT, key).await == Miss }
+            },
+        )
+        .await;
+    }
+    expect_outcomes(client, SHORT, &[("kept", Hit), ("rewritten", Hit)]).await;
+    if let Some(ttl) = raw_pttl(&world, SHORT, "rewritten").await {
+        assert!(ttl > 60_000, "a later write keeps its TTL: {ttl}");
+    }
+
+    // A soft flush: stale at once, a miss when the window from the flush ends.
+    let client = &mut world.client;
+    set_tagged_in(client, SHORT, "by-key", "").await;
+    let flushed = invalidate(client, SHORT, Target::WholeNamespace(true), true).await;
+    assert_eq!(flushed.generation, 0, "{flushed:?}");
+    expect_outcomes(client, SHORT, &[("by-key", Stale), ("kept", Stale)]).await;
+    next_millisecond().await;
+    set_tagged_in(client, SHORT, "after", "").await;
+    for key in ["by-key", "kept"] {
+        wait_until(
+            "the stale window after the flush to end",
+            SHORT_WINDOW + Duration::from_secs(5),
+            || {
+                let mut client = client.clone();
+                async move { outcome(&mut client, SHORT, key).await == Miss }
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        outcome(client, SHORT, "after").await,
+        Hit,
+        "written after the flush"
+    );
 }
 
 async fn a_namespace_flush_hides_everything_at_once_and_only_there(backend: Backend) {

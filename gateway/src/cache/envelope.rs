@@ -25,7 +25,8 @@
 //!
 //! The fixed offsets are a contract with the store: the Redis store's purge
 //! script (`store/redis.rs`) reads the tag section and rewrites "fresh until"
-//! in place to mark an entry stale, without decoding the value.
+//! and "stale until" in place to mark an entry stale (see [`Times::soft_purged`]),
+//! without decoding the value.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -39,7 +40,8 @@ const FIXED_LEN: usize = 28;
 /// The shortest possible envelope (version 1, no content type, empty value).
 const HEADER_LEN: usize = FIXED_LEN + 1;
 
-/// Offset of "fresh until", rewritten in place by a soft purge.
+/// Offset of "fresh until", rewritten in place by a soft purge (with "stale
+/// until", the 8 bytes after it).
 pub const FRESH_UNTIL_OFFSET: usize = 12;
 /// Longest tag an envelope can carry.
 pub const MAX_TAG_BYTES: usize = u8::MAX as usize;
@@ -145,6 +147,15 @@ impl Envelope {
         out.freeze()
     }
 
+    /// The entry's times.
+    pub fn times(&self) -> Times {
+        Times {
+            created_at_ms: self.created_at_ms,
+            fresh_until_ms: self.fresh_until_ms,
+            stale_until_ms: self.stale_until_ms,
+        }
+    }
+
     /// Decodes stored bytes; the value shares `bytes`' buffer (no copy).
     pub fn decode(bytes: Bytes) -> Result<Envelope, EnvelopeError> {
         let version = check_header(&bytes)?;
@@ -212,39 +223,103 @@ pub fn carries_tag(bytes: &[u8], tag: &str) -> bool {
             .is_some_and(|section| Tags(section).any(|candidate| candidate == Some(tag.as_bytes())))
 }
 
-/// An envelope's creation and freshness times, read from its header alone.
+/// An envelope's times, read from its header alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Times {
     /// When the entry was written, ms since the Unix epoch.
     pub created_at_ms: u64,
     /// Until when it is fresh.
     pub fresh_until_ms: u64,
+    /// Until when it may be served stale.
+    pub stale_until_ms: u64,
+}
+
+impl Times {
+    /// The stale window the entry was written with (what follows its fresh
+    /// time), in ms.
+    pub fn stale_window_ms(&self) -> u64 {
+        self.stale_until_ms.saturating_sub(self.fresh_until_ms)
+    }
+
+    /// These times once a soft purge at `purged_at_ms` applies: an entry
+    /// created by then and still fresh then stops being fresh at the purge,
+    /// and its stale window starts at the purge instead of at its fresh end.
+    /// So it is stale for at most that window from the purge, and an entry
+    /// without one is over at once. Entries created after the purge, and
+    /// those no longer fresh at it (already in their window, which ends
+    /// sooner), keep their times.
+    ///
+    /// The one statement of the rule: the Redis store's purge script applies
+    /// the same to the stored bytes (`store/redis.rs`), the read path to a
+    /// namespace's soft-flush time.
+    pub fn soft_purged(self, purged_at_ms: u64) -> Times {
+        if self.created_at_ms > purged_at_ms || self.fresh_until_ms <= purged_at_ms {
+            return self;
+        }
+        Times {
+            created_at_ms: self.created_at_ms,
+            fresh_until_ms: purged_at_ms,
+            stale_until_ms: purged_at_ms.saturating_add(self.stale_window_ms()),
+        }
+    }
 }
 
 /// The times in the header of stored bytes; `None` if they are not an
 /// envelope.
 pub fn times(bytes: &[u8]) -> Option<Times> {
     check_header(bytes).ok()?;
+    let u64_at = |offset: usize| {
+        Some(u64::from_le_bytes(
+            bytes[offset..offset + 8].try_into().ok()?,
+        ))
+    };
     Some(Times {
-        created_at_ms: u64::from_le_bytes(bytes[4..12].try_into().ok()?),
-        fresh_until_ms: u64::from_le_bytes(bytes[12..20].try_into().ok()?),
+        created_at_ms: u64_at(4)?,
+        fresh_until_ms: u64_at(FRESH_UNTIL_OFFSET)?,
+        stale_until_ms: u64_at(FRESH_UNTIL_OFFSET + 8)?,
     })
 }
 
-/// The stored bytes with "fresh until" moved back to `now_ms`, so the entry
-/// is served as stale for the rest of its stale window; `None` when they are
-/// not an envelope or the entry is not fresh anyway.
-pub fn mark_stale(bytes: &[u8], now_ms: u64) -> Option<Bytes> {
-    check_header(bytes).ok()?;
-    let offset = FRESH_UNTIL_OFFSET;
-    let fresh_until = u64::from_le_bytes(bytes[offset..offset + 8].try_into().ok()?);
-    if fresh_until <= now_ms {
-        return None;
+/// What a soft purge does to one stored entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SoftPurge {
+    /// Not an envelope, not fresh at the purge, or created after it: left
+    /// alone.
+    Untouched,
+    /// Fresh, with no stale window: it is over, the store removes it.
+    Remove,
+    /// Fresh, with a stale window: these bytes (fresh and stale until moved
+    /// to the purge, see [`Times::soft_purged`]) replace it, and the store
+    /// drops it at most `stale_for_ms` from now.
+    Rewrite {
+        /// The entry with its new times.
+        bytes: Bytes,
+        /// Its stale window, ms.
+        stale_for_ms: u64,
+    },
+}
+
+/// What a soft purge at `now_ms` does to the stored bytes.
+pub fn soft_purge(bytes: &[u8], now_ms: u64) -> SoftPurge {
+    let Some(before) = times(bytes) else {
+        return SoftPurge::Untouched;
+    };
+    let after = before.soft_purged(now_ms);
+    if after == before {
+        return SoftPurge::Untouched;
     }
-    let created_at = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
+    let stale_for_ms = after.stale_window_ms();
+    if stale_for_ms == 0 {
+        return SoftPurge::Remove;
+    }
     let mut out = BytesMut::from(bytes);
-    out[offset..offset + 8].copy_from_slice(&now_ms.max(created_at).to_le_bytes());
-    Some(out.freeze())
+    let offset = FRESH_UNTIL_OFFSET;
+    out[offset..offset + 8].copy_from_slice(&after.fresh_until_ms.to_le_bytes());
+    out[offset + 8..offset + 16].copy_from_slice(&after.stale_until_ms.to_le_bytes());
+    SoftPurge::Rewrite {
+        bytes: out.freeze(),
+        stale_for_ms,
+    }
 }
 
 /// Checks length, magic, version and flags; returns the version.
@@ -430,26 +505,84 @@ mod tests {
     }
 
     #[test]
-    fn marking_stale_moves_only_fresh_until() {
+    fn a_soft_purge_starts_the_stale_window_at_the_purge() {
         let envelope = sample(b"v");
+        let window = envelope.stale_until_ms - envelope.fresh_until_ms;
         let now = envelope.fresh_until_ms - 5_000;
-        let marked = Envelope::decode(mark_stale(&envelope.encode(), now).unwrap()).unwrap();
-        assert_eq!(marked.fresh_until_ms, now);
+        let SoftPurge::Rewrite {
+            bytes,
+            stale_for_ms,
+        } = soft_purge(&envelope.encode(), now)
+        else {
+            panic!("a fresh entry with a stale window is rewritten");
+        };
+        assert_eq!(stale_for_ms, window);
+        let marked = Envelope::decode(bytes).unwrap();
+        assert_eq!(
+            (marked.fresh_until_ms, marked.stale_until_ms),
+            (now, now + window),
+            "stale for its window from the purge, not to its old stale end"
+        );
         assert_eq!(
             Envelope {
                 fresh_until_ms: envelope.fresh_until_ms,
+                stale_until_ms: envelope.stale_until_ms,
                 ..marked
             },
-            envelope
+            envelope,
+            "nothing else moves"
         );
+    }
+
+    #[test]
+    fn a_soft_purge_ends_an_entry_without_a_stale_window() {
+        let mut envelope = sample(b"v");
+        envelope.stale_until_ms = envelope.fresh_until_ms;
         assert_eq!(
-            mark_stale(&envelope.encode(), envelope.fresh_until_ms),
-            None,
+            soft_purge(&envelope.encode(), envelope.fresh_until_ms - 5_000),
+            SoftPurge::Remove
+        );
+    }
+
+    #[test]
+    fn a_soft_purge_leaves_stale_later_and_foreign_entries_alone() {
+        let envelope = sample(b"v");
+        let bytes = envelope.encode();
+        assert_eq!(
+            soft_purge(&bytes, envelope.fresh_until_ms),
+            SoftPurge::Untouched,
             "already stale"
         );
         assert_eq!(
-            mark_stale(b"not an envelope, long enough to have a header", 1),
-            None
+            soft_purge(&bytes, envelope.created_at_ms - 1),
+            SoftPurge::Untouched,
+            "written after the purge"
         );
+        assert_eq!(
+            soft_purge(b"not an envelope, long enough to have a header", 1),
+            SoftPurge::Untouched
+        );
+    }
+
+    #[test]
+    fn soft_purged_times_never_outlast_the_window_from_the_purge() {
+        let times = sample(b"v").encode();
+        let times = super::times(&times).unwrap();
+        let window = times.stale_window_ms();
+        for purged_at in [
+            times.created_at_ms,
+            times.fresh_until_ms - 1,
+            times.fresh_until_ms,
+            times.fresh_until_ms + 10_000,
+            times.stale_until_ms + 1,
+        ] {
+            let after = times.soft_purged(purged_at);
+            assert!(after.fresh_until_ms <= purged_at.max(times.created_at_ms));
+            assert!(
+                after.stale_until_ms <= purged_at + window,
+                "purged at {purged_at}: {after:?}"
+            );
+            assert!(after.stale_until_ms <= times.stale_until_ms);
+        }
     }
 }

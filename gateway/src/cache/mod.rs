@@ -21,6 +21,7 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 use bytes::Bytes;
 use tracing::warn;
 
+use self::envelope::Times;
 pub use self::envelope::{
     Envelope, EnvelopeError, MAX_CONTENT_TYPE_BYTES, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES,
 };
@@ -819,6 +820,13 @@ impl Cache {
                 return miss();
             }
         };
+        // A soft namespace flush is a soft purge of everything written before
+        // it, applied as the entry is read.
+        let Times {
+            fresh_until_ms,
+            stale_until_ms,
+            ..
+        } = envelope.times().soft_purged(stored.stale_before_ms);
         let value = if envelope.compressed {
             match decompress(&envelope.value, plan.max_value_bytes) {
                 Ok(value) => value,
@@ -831,17 +839,10 @@ impl Cache {
         } else {
             envelope.value
         };
-        // A soft namespace flush ended the freshness of everything written
-        // before it.
-        let fresh_until_ms = if envelope.created_at_ms <= stored.stale_before_ms {
-            envelope.fresh_until_ms.min(stored.stale_before_ms)
-        } else {
-            envelope.fresh_until_ms
-        };
         let now = unix_millis();
         let outcome = if now < fresh_until_ms {
             Outcome::Hit
-        } else if now < envelope.stale_until_ms {
+        } else if now < stale_until_ms {
             Outcome::Stale
         } else {
             return miss();

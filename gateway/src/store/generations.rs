@@ -7,8 +7,8 @@ use std::{collections::HashMap, sync::Arc, sync::RwLock};
 pub struct NamespaceState {
     /// Folded into every entry key; bumped by a (hard) namespace flush.
     pub generation: u64,
-    /// Entries created at or before this time (ms since the Unix epoch) are
-    /// stale; set by a soft namespace flush.
+    /// Entries created at or before this time (ms since the Unix epoch) were
+    /// soft-purged at it; set by a soft namespace flush.
     pub stale_before_ms: u64,
     /// The namespace's tag sequence as last read (Redis only): a lease
     /// records it, and a tag purge after it voids the lease's write.

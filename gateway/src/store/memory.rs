@@ -29,7 +29,7 @@ use super::{
     generations::{Generations, NamespaceState},
     glob, layout, unix_millis,
 };
-use crate::cache::envelope;
+use crate::cache::envelope::{self, SoftPurge};
 
 /// An entry's envelope bytes and when the store drops it.
 type StoredValue = Expiring<Bytes>;
@@ -129,12 +129,18 @@ impl MemoryStore {
                 Some(entry) if still_selected(&entry.value) => match mode {
                     PurgeMode::Delete => Op::Remove,
                     PurgeMode::MarkStale { now_ms } => {
-                        match envelope::mark_stale(&entry.value, now_ms) {
-                            Some(bytes) => Op::Put(StoredValue {
+                        match envelope::soft_purge(&entry.value, now_ms) {
+                            SoftPurge::Untouched => Op::Nop,
+                            SoftPurge::Remove => Op::Remove,
+                            SoftPurge::Rewrite {
+                                bytes,
+                                stale_for_ms,
+                            } => Op::Put(StoredValue {
                                 value: bytes,
-                                expires_at: entry.expires_at,
+                                expires_at: entry
+                                    .expires_at
+                                    .min(Instant::now() + Duration::from_millis(stale_for_ms)),
                             }),
-                            None => Op::Nop,
                         }
                     }
                 },
@@ -409,10 +415,15 @@ mod tests {
     }
 
     fn tagged(namespace: &str, text: &str, tags: &[&str]) -> WriteEntry {
+        stale_for(namespace, text, tags, 0)
+    }
+
+    /// A tagged entry fresh for ever, then stale for `window_ms`.
+    fn stale_for(namespace: &str, text: &str, tags: &[&str], window_ms: u64) -> WriteEntry {
         let envelope = Envelope {
             created_at_ms: 1,
             fresh_until_ms: u64::MAX / 2,
-            stale_until_ms: u64::MAX / 2,
+            stale_until_ms: u64::MAX / 2 + window_ms,
             tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
             fill_ms: 0,
             content_type: String::new(),
@@ -532,22 +543,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn soft_purges_keep_the_entry_but_end_its_freshness() {
+    async fn soft_purges_keep_the_entry_for_its_stale_window_only() {
         let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
-        store.set(tagged("a", "one", &["t"])).await.unwrap();
+        store
+            .set(stale_for("a", "window", &["t"], 30_000))
+            .await
+            .unwrap();
+        store.set(tagged("a", "none", &["t"])).await.unwrap();
         let mode = PurgeMode::MarkStale { now_ms: 1_000 };
         let purged = store
             .purge_tag("a", "t", mode, &Progress::default())
             .await
             .unwrap();
-        assert_eq!(purged, 1);
-        let stored = store.get(&key("a", "one")).await.unwrap().value.unwrap();
-        assert_eq!(Envelope::decode(stored).unwrap().fresh_until_ms, 1_000);
+        assert_eq!(purged, 2);
+        let stored = store.get(&key("a", "window")).await.unwrap().value.unwrap();
+        let stored = Envelope::decode(stored).unwrap();
+        assert_eq!(
+            (stored.fresh_until_ms, stored.stale_until_ms),
+            (1_000, 31_000)
+        );
+        assert!(
+            !present(&store, "a", "none").await,
+            "no stale window: gone at once"
+        );
         let again = store
             .purge_tag("a", "t", mode, &Progress::default())
             .await
             .unwrap();
         assert_eq!(again, 0, "already stale");
+    }
+
+    #[tokio::test]
+    async fn a_soft_purge_drops_the_entry_when_its_window_ends() {
+        let store = MemoryStore::new(1 << 20, Duration::from_secs(60));
+        store.set(stale_for("a", "k", &[], 50)).await.unwrap();
+        let mode = PurgeMode::MarkStale {
+            now_ms: unix_millis(),
+        };
+        assert_eq!(store.purge_keys(&[key("a", "k")], mode).await.unwrap(), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while present(&store, "a", "k").await {
+            assert!(
+                Instant::now() < deadline,
+                "kept past its stale window, for its old TTL"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test]

@@ -88,7 +88,8 @@ pub struct Fetched {
     /// The stored bytes, if any.
     pub value: Option<Bytes>,
     /// Entries of the namespace created at or before this time (ms since the
-    /// Unix epoch) were soft-purged by a namespace flush: they are stale.
+    /// Unix epoch) were soft-purged by a namespace flush: the reader applies
+    /// the purge ([`crate::cache::envelope::Times::soft_purged`]).
     pub stale_before_ms: u64,
 }
 
@@ -125,8 +126,9 @@ pub enum LeaseGrant {
 pub enum PurgeMode {
     /// Remove them.
     Delete,
-    /// Mark the fresh ones stale as of `now_ms`: they stay servable as stale
-    /// for the rest of their stale window.
+    /// Mark the fresh ones stale as of `now_ms`: each stays servable as stale
+    /// for its stale window from `now_ms`, then goes (at once when it has no
+    /// window); see [`crate::cache::envelope::Times::soft_purged`].
     MarkStale {
         /// The current time, ms since the Unix epoch.
         now_ms: u64,
@@ -232,8 +234,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
     /// Flushes a whole namespace in O(1): [`PurgeMode::Delete`] bumps its
     /// generation, so every existing entry becomes unreachable at once (and
-    /// ages out by its TTL); [`PurgeMode::MarkStale`] makes every existing
-    /// entry stale. Returns the namespace's generation afterwards.
+    /// ages out by its TTL); [`PurgeMode::MarkStale`] records the time, and
+    /// reads treat every entry created by then as soft-purged at it (stale
+    /// for at most its stale window, a miss without one; the bytes age out
+    /// by their TTL). Returns the namespace's generation afterwards.
     async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError>;
     /// Grants the lease on `key` to `token` for `ttl`, unless a lease is
     /// held or `wanted` no longer holds for the entry, all in one atomic

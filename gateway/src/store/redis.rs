@@ -541,6 +541,12 @@ fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
 /// Without a tag (a purge by key or pattern) it also voids the key's lease,
 /// whether or not the entry exists: a fill in progress must not write back.
 ///
+/// Marking stale follows `Times::soft_purged` (`cache/envelope.rs`): an entry
+/// fresh at `now` (and created by then) gets "fresh until" `now` and "stale
+/// until" `now` plus its stale window, and the key's expiry is cut to that
+/// window; without a window the entry is unlinked. Times are below 2^53, so
+/// Lua's doubles hold them exactly.
+///
 /// KEYS[1]: the entry, KEYS[2]: its lease. ARGV: mode (`d` delete, `s` mark
 /// stale), now (ms, decimal), now (8 bytes little-endian), tag (empty: any
 /// entry).
@@ -567,11 +573,21 @@ if tag ~= '' then
 end
 if ARGV[1] == 'd' then return redis.call('UNLINK', KEYS[1]) end
 local now = tonumber(ARGV[2])
-local created, fresh = 0, 0
+local created, fresh, stale = 0, 0, 0
 for i = 12, 5, -1 do created = created * 256 + string.byte(header, i) end
 for i = 20, 13, -1 do fresh = fresh * 256 + string.byte(header, i) end
+for i = 28, 21, -1 do stale = stale * 256 + string.byte(header, i) end
 if fresh <= now or created > now then return 0 end
-redis.call('SETRANGE', KEYS[1], 12, ARGV[3])
+local window = stale - fresh
+if window <= 0 then return redis.call('UNLINK', KEYS[1]) end
+local stale_until, rest = {}, now + window
+for i = 1, 8 do
+  stale_until[i] = rest % 256
+  rest = math.floor(rest / 256)
+end
+redis.call('SETRANGE', KEYS[1], 12, ARGV[3] .. string.char(unpack(stale_until)))
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 or ttl > window then redis.call('PEXPIRE', KEYS[1], window) end
 return 1
 ";
 
