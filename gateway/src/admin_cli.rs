@@ -217,8 +217,10 @@ pub async fn list(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
             .versions
             .iter()
             .map(|v| {
+                let invalid_reason = (!v.invalid_reason.is_empty()).then_some(&v.invalid_reason);
                 json!({"name": v.name, "version": v.version, "size_bytes": v.size_bytes,
-                            "loaded_at_unix_ms": v.loaded_at_unix_ms, "source": v.source})
+                            "loaded_at_unix_ms": v.loaded_at_unix_ms, "source": v.source,
+                            "usable": invalid_reason.is_none(), "invalid_reason": invalid_reason})
             })
             .collect();
         let bindings: Vec<_> = listed
@@ -240,6 +242,9 @@ pub async fn list(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
             v.size_bytes,
             v.source
         )?;
+        if !v.invalid_reason.is_empty() {
+            outln!("    INVALID, cannot be bound: {}", v.invalid_reason)?;
+        }
     }
     outln!("BINDINGS")?;
     for b in &listed.bindings {
