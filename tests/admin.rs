@@ -346,6 +346,40 @@ async fn bytes_the_config_loads_are_validated_like_any_upload() {
     }
 }
 
+/// A module over `policy.max_module_bytes` reaches validation, which refuses
+/// it naming the limit; only a message over `server.max_request_bytes` is
+/// refused by the decoder (OUT_OF_RANGE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_module_is_refused_naming_its_limit() {
+    let world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let defaults = gateway::Config::default();
+    let limit = defaults.policy.max_module_bytes;
+
+    let status = put(&mut admin, "oversized", vec![0; limit + (1 << 20)])
+        .await
+        .expect_err("a module over the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("policy.max_module_bytes"),
+        "{:?}",
+        status.message()
+    );
+
+    let absurd = defaults.server.max_request_bytes + 1;
+    let status = put(&mut admin, "absurd", vec![0; absurd])
+        .await
+        .expect_err("a message over the request limit");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.versions.is_empty(), "{listed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_swaps_under_load_fail_no_request() {
     let world = World::start(Backend::Redis).await;
