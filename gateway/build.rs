@@ -4,12 +4,17 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read when the script runs, not compiled in with `env!`: checkouts of this
+    // repository (git worktrees) that share a target dir share this script's
+    // binary, and each must generate from its own proto/.
+    let proto_root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // The contracts live outside this package: without saying so, cargo would
     // only rerun this script when a file of the package changes, and every
     // build variant (lib, tests, release) could keep stale generated code.
-    println!("cargo:rerun-if-changed={}", proto_root.display());
+    // Relative to the package, so cargo checks the proto/ of the checkout
+    // being built, not of the one that ran the script last.
+    println!("cargo:rerun-if-changed=../proto");
     println!("cargo:rerun-if-changed=build.rs");
 
     let mut prost_config = prost_build::Config::new();

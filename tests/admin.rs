@@ -259,6 +259,127 @@ async fn uploads_are_validated_and_bad_ones_change_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// A gateway whose config file binds hostile modules (for a test namespace,
+/// say) knows their versions; uploading the same bytes must still be refused
+/// with the reason a fresh gateway gives, and ListPolicies (and `cachegw
+/// policy list`) must show those versions as invalid, never as usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_the_config_loads_are_validated_like_any_upload() {
+    let hostile = [
+        ("hostile-abi", "returned 999"),
+        ("hostile-noexport", "missing export `cachegw_decide`"),
+        ("hostile-loop", "deadline"),
+    ];
+    let world = World::start_with(Backend::Memory, |config| {
+        for (module, _) in hostile {
+            support::bind(
+                config,
+                &format!("test-{module}"),
+                module,
+                None,
+                gateway::config::FallbackMode::FailOpen,
+            );
+        }
+    })
+    .await;
+    let mut admin = world.gateway.admin().await;
+    for (module, words) in hostile {
+        let bytes = std::fs::read(policy_module(module)).unwrap();
+        let status = put(&mut admin, module, bytes).await.expect_err(module);
+        assert_eq!(status.code(), Code::InvalidArgument, "{module}: {status:?}");
+        assert!(
+            status.message().contains(words) && status.message().contains("known-invalid"),
+            "{module}: {:?} lacks {words:?} or says nothing of the config's version",
+            status.message()
+        );
+    }
+
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.versions.len(), hostile.len(), "{listed:?}");
+    for (module, words) in hostile {
+        let version = listed
+            .versions
+            .iter()
+            .find(|version| version.name == module)
+            .unwrap_or_else(|| panic!("{module} is listed: {listed:?}"));
+        assert_eq!(version.source, "config");
+        assert!(
+            version.invalid_reason.contains(words),
+            "{module} is listed as usable or without its reason: {version:?}"
+        );
+        // Binding it through the API is refused for the same reason.
+        let err = admin
+            .bind_policy(BindPolicyRequest {
+                namespace: format!("test-{module}"),
+                version: version.version.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{module}: {err:?}");
+        assert!(err.message().contains(words), "{module}: {err:?}");
+    }
+
+    // The operator's view says the same.
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_cachegw"))
+        .args(["policy", "list", "--json", "--remote"])
+        .arg(world.gateway.admin_addr.to_string())
+        .env_remove("CACHEGW_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let versions = report["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), hostile.len(), "{report}");
+    for version in versions {
+        assert_eq!(version["usable"], false, "{version}");
+        assert!(version["invalid_reason"].is_string(), "{version}");
+    }
+}
+
+/// A module over `policy.max_module_bytes` reaches validation, which refuses
+/// it naming the limit; only a message over `server.max_request_bytes` is
+/// refused by the decoder (OUT_OF_RANGE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_module_is_refused_naming_its_limit() {
+    let world = World::start(Backend::Memory).await;
+    let mut admin = world.gateway.admin().await;
+    let defaults = gateway::Config::default();
+    let limit = defaults.policy.max_module_bytes;
+
+    let status = put(&mut admin, "oversized", vec![0; limit + (1 << 20)])
+        .await
+        .expect_err("a module over the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("policy.max_module_bytes"),
+        "{:?}",
+        status.message()
+    );
+
+    let absurd = defaults.server.max_request_bytes + 1;
+    let status = put(&mut admin, "absurd", vec![0; absurd])
+        .await
+        .expect_err("a message over the request limit");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    let listed = admin
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.versions.is_empty(), "{listed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_swaps_under_load_fail_no_request() {
     let world = World::start(Backend::Redis).await;

@@ -1,12 +1,14 @@
 //! `cachegw get|set|del|invalidate --remote` as people and scripts use them:
 //! against a real gateway with authentication on, a value round-trips, the
 //! exit codes say what happened, `--json` is parseable, and a refusal shows
-//! the gateway's status with a non-zero exit.
+//! the gateway's status with a non-zero exit. Every command that prints ends
+//! quietly when the reader of its output has gone (`| head -n 1`).
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
+use gateway::api::proto::v1::SetRequest;
 use gateway::{
     auth::token_digest_hex,
     config::{Right, StoreKind, TenantConfig, TokenSources},
@@ -181,4 +183,53 @@ async fn refusals_show_the_status_and_exit_non_zero() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// Runs `cachegw ARGS` with its stdout a pipe whose reader is closed before
+/// it starts, so its first write fails (EPIPE) every time, as `| head -n 1`
+/// makes a later one fail some of the time.
+async fn run_with_reader_gone(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let mut command = Command::new(CACHEGW);
+    command
+        .args(args)
+        .env_remove("CACHEGW_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || command.output().expect("run cachegw"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_end_quietly_when_the_reader_has_gone() {
+    let gateway = TestGateway::start(test_config(StoreKind::Memory, None)).await;
+    let mut client = gateway.client().await;
+    client
+        .set(SetRequest {
+            namespace: "notes".into(),
+            key: "greeting".into(),
+            value: b"hello, world".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("set");
+    let data = gateway.addr.to_string();
+    let admin = gateway.admin_addr.to_string();
+    for args in [
+        &["token", "new"][..],
+        &["get", "notes", "greeting", "--remote", &data],
+        &["stats", "--json", "--remote", &admin],
+        &["policy", "list", "--remote", &admin],
+    ] {
+        let output = run_with_reader_gone(args).await;
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.to_lowercase().contains("broken pipe"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

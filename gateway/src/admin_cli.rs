@@ -21,6 +21,7 @@ use crate::{
     },
     auth::BearerToken,
     config::FallbackMode,
+    out, outln,
     policy::tool::{DecisionView, Probe, parse_config},
 };
 
@@ -186,17 +187,17 @@ pub async fn push(
         previous = Some(bound.previous_version);
     }
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({"version": pushed.version, "label": pushed.label,
                    "bound": bind.as_ref().map(|(ns, _, _)| ns), "previous_version": previous})
-        );
+        )?;
     } else {
-        println!("accepted {}", pushed.label);
+        outln!("accepted {}", pushed.label)?;
         if let Some((namespace, _, _)) = &bind {
             match previous.as_deref() {
-                Some("") | None => println!("bound to namespace {namespace}"),
-                Some(previous) => println!("bound to namespace {namespace} (was {previous})"),
+                Some("") | None => outln!("bound to namespace {namespace}")?,
+                Some(previous) => outln!("bound to namespace {namespace} (was {previous})")?,
             }
         }
     }
@@ -216,8 +217,10 @@ pub async fn list(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
             .versions
             .iter()
             .map(|v| {
+                let invalid_reason = (!v.invalid_reason.is_empty()).then_some(&v.invalid_reason);
                 json!({"name": v.name, "version": v.version, "size_bytes": v.size_bytes,
-                            "loaded_at_unix_ms": v.loaded_at_unix_ms, "source": v.source})
+                            "loaded_at_unix_ms": v.loaded_at_unix_ms, "source": v.source,
+                            "usable": invalid_reason.is_none(), "invalid_reason": invalid_reason})
             })
             .collect();
         let bindings: Vec<_> = listed
@@ -227,17 +230,23 @@ pub async fn list(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
                             "fallback": PbFallback::try_from(b.fallback).map(|f| f.as_str_name()).unwrap_or("?"),
                             "config_json": b.config_json, "previous_versions": b.previous_versions}))
             .collect();
-        println!("{}", json!({"versions": versions, "bindings": bindings}));
+        outln!("{}", json!({"versions": versions, "bindings": bindings}))?;
         return Ok(());
     }
-    println!("VERSIONS");
+    outln!("VERSIONS")?;
     for v in &listed.versions {
-        println!(
+        outln!(
             "  {}@{}  {} bytes  from {}",
-            v.name, v.version, v.size_bytes, v.source
-        );
+            v.name,
+            v.version,
+            v.size_bytes,
+            v.source
+        )?;
+        if !v.invalid_reason.is_empty() {
+            outln!("    INVALID, cannot be bound: {}", v.invalid_reason)?;
+        }
     }
-    println!("BINDINGS");
+    outln!("BINDINGS")?;
     for b in &listed.bindings {
         let namespace = if b.namespace.is_empty() {
             "(default namespace)"
@@ -248,9 +257,9 @@ pub async fn list(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
             Ok(PbFallback::FailClosed) => "fail-closed",
             _ => "fail-open",
         };
-        println!("  {namespace} -> {}  {mode}", b.policy);
+        outln!("  {namespace} -> {}  {mode}", b.policy)?;
         if !b.previous_versions.is_empty() {
-            println!("    rollback to: {}", b.previous_versions.join(", "));
+            outln!("    rollback to: {}", b.previous_versions.join(", "))?;
         }
     }
     Ok(())
@@ -296,14 +305,14 @@ pub async fn bind(
         .map_err(status)?
         .into_inner();
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({"namespace": namespace, "version": version, "previous_version": bound.previous_version})
-        );
+        )?;
     } else if bound.previous_version.is_empty() {
-        println!("{namespace} -> {version}");
+        outln!("{namespace} -> {version}")?;
     } else {
-        println!("{namespace} -> {version} (was {})", bound.previous_version);
+        outln!("{namespace} -> {version} (was {})", bound.previous_version)?;
     }
     Ok(())
 }
@@ -319,12 +328,12 @@ pub async fn rollback(remote: &Remote, namespace: &str, as_json: bool) -> anyhow
         .map_err(status)?
         .into_inner();
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({"namespace": namespace, "version": back.version})
-        );
+        )?;
     } else {
-        println!("{namespace} rolled back to {}", back.version);
+        outln!("{namespace} rolled back to {}", back.version)?;
     }
     Ok(())
 }
@@ -360,7 +369,7 @@ pub async fn eval(
         "fault": fault,
         "micros": answer.micros,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?)?;
     Ok(answer.fault_kind.is_empty())
 }
 
@@ -374,9 +383,9 @@ pub async fn stats(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
         .map_err(status)?
         .into_inner();
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&stats_json(&stats))?);
+        outln!("{}", serde_json::to_string_pretty(&stats_json(&stats))?)?;
     } else {
-        print!("{}", stats_text(&stats));
+        out!("{}", stats_text(&stats))?;
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ use crate::api::proto::v1::{
     GetRequest, MSetRequest, Outcome, SetRequest, cache_client::CacheClient,
 };
 use crate::auth::BearerToken;
+use crate::{out, outln};
 
 /// What `cachegw bench` drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -321,9 +322,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        outln!("{}", serde_json::to_string_pretty(&results)?)?;
     } else {
-        print!("{}", render(&results));
+        out!("{}", render(&results))?;
     }
     Ok(results)
 }

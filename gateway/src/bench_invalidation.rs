@@ -33,6 +33,7 @@ use serde::Serialize;
 use tonic::transport::Endpoint;
 
 use crate::auth::{AuthedChannel, BearerToken};
+use crate::{out, outln};
 
 use crate::api::proto::v1::{
     GetRequest, InvalidateRequest, JobState, MSetRequest, Outcome, SetRequest, TagList,
@@ -227,9 +228,9 @@ pub async fn run(args: InvalidationBenchArgs) -> anyhow::Result<Vec<PhaseResult>
         });
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        outln!("{}", serde_json::to_string_pretty(&results)?)?;
     } else {
-        print!("{}", render(&args, &results));
+        out!("{}", render(&args, &results))?;
     }
     Ok(results)
 }

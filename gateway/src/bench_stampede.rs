@@ -26,6 +26,7 @@ use serde::Serialize;
 use tonic::transport::Endpoint;
 
 use crate::auth::{AuthedChannel, BearerToken};
+use crate::{out, outln};
 
 use crate::{
     api::proto::v1::{
@@ -139,9 +140,9 @@ pub async fn run(args: StampedeBenchArgs) -> anyhow::Result<Vec<StampedeResult>>
         results.push(run_mode(&args, &channels, *mode, &key).await?);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        outln!("{}", serde_json::to_string_pretty(&results)?)?;
     } else {
-        print!("{}", render(&args, &results));
+        out!("{}", render(&args, &results))?;
     }
     Ok(results)
 }

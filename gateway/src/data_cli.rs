@@ -6,7 +6,7 @@
 //! the value alone; `--json` prints one object on stdout instead. The exit
 //! code says what happened ([`Exit`]), so scripts need not parse anything.
 
-use std::{collections::HashMap, io::Write, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::Context;
 use serde_json::json;
@@ -19,6 +19,7 @@ use crate::{
         Outcome, SetRequest, TagList, cache_client::CacheClient, invalidate_request::Target,
     },
     auth::BearerToken,
+    cli_output, outln,
 };
 
 /// What a data command's exit code means (2 is a usage error, from the
@@ -109,7 +110,7 @@ fn text_or_base64(value: &[u8]) -> serde_json::Value {
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
@@ -175,16 +176,14 @@ pub async fn get(
         return Ok(exit);
     }
     if exit == Exit::Done {
-        let mut stdout = std::io::stdout().lock();
         match std::str::from_utf8(&got.value) {
-            Ok(text) if !raw => writeln!(stdout, "{text}")?,
+            Ok(text) if !raw => outln!("{text}")?,
             Err(_) if !raw => eprintln!(
                 "({} bytes that are not UTF-8: use --raw for the bytes, or --json for base64)",
                 got.value.len()
             ),
-            _ => stdout.write_all(&got.value)?,
+            _ => cli_output::write_bytes(&got.value)?,
         }
-        stdout.flush()?;
     }
     let detail = match exit {
         Exit::Done => format!(
@@ -246,24 +245,24 @@ pub async fn set(
         return Ok(exit);
     }
     if set.stored {
-        println!(
+        outln!(
             "stored, fresh for {} (policy {})",
             ms(set.ttl_ms),
             set.policy
-        );
+        )?;
     } else if set.degraded {
-        println!("NOT stored: the gateway could not reach its store in time (degraded)");
+        outln!("NOT stored: the gateway could not reach its store in time (degraded)")?;
     } else {
-        println!(
+        outln!(
             "NOT stored: the namespace's policy ({}) bypasses the cache for this key",
             set.policy
-        );
+        )?;
     }
     if set.invalidated > 0 {
-        println!(
+        outln!(
             "the policy's invalidations removed {} entries",
             set.invalidated
-        );
+        )?;
     }
     if !set.invalidation_error.is_empty() {
         eprintln!("invalidations incomplete: {}", set.invalidation_error);
@@ -298,19 +297,19 @@ pub async fn delete(common: &Common, namespace: &str, key: &str) -> anyhow::Resu
         }))?;
         return Ok(exit);
     }
-    println!(
+    outln!(
         "{}",
         match exit {
             Exit::Done => "deleted".to_owned(),
             Exit::NotFound => format!("nothing to delete: no `{key}` in `{namespace}`"),
             _ => "NOT deleted: the gateway could not reach its store in time (degraded)".to_owned(),
         }
-    );
+    )?;
     if deleted.invalidated > 0 {
-        println!(
+        outln!(
             "the policy's invalidations removed {} entries",
             deleted.invalidated
-        );
+        )?;
     }
     Ok(exit)
 }
@@ -377,19 +376,19 @@ pub async fn invalidate(
     }
     let verb = if soft { "marked stale" } else { "removed" };
     match state {
-        JobState::Done => println!(
+        JobState::Done => outln!(
             "done: {} entries {verb} ({} examined) in {} (job {})",
             job.affected,
             job.examined,
             ms(job.elapsed_ms),
             job.job_id
-        ),
-        JobState::Running => println!(
+        )?,
+        JobState::Running => outln!(
             "still running after {}: {} entries {verb} so far; job {} (follow it with GetInvalidation on this gateway)",
             ms(job.elapsed_ms),
             job.affected,
             job.job_id
-        ),
+        )?,
         _ => eprintln!(
             "FAILED after {} entries {verb}: {} (job {})",
             job.affected, job.error, job.job_id

@@ -34,6 +34,8 @@
 //! - [`admin_cli`]: `cachegw policy push|list|bind|rollback --remote`, over the
 //!   `PolicyAdmin` API.
 //! - [`data_cli`]: `cachegw get|set|del|invalidate --remote`, over the data API.
+//! - [`cli_output`]: what the subcommands print, ending quietly when the
+//!   reader of a pipe has gone.
 
 #![forbid(unsafe_code)]
 
@@ -44,6 +46,7 @@ pub mod bench;
 pub mod bench_invalidation;
 pub mod bench_stampede;
 pub mod cache;
+pub mod cli_output;
 pub mod config;
 pub mod data_cli;
 pub mod policy;

@@ -12,6 +12,7 @@ use gateway::{
     bench_invalidation::{self, InvalidationBenchArgs},
     bench_stampede::{self, StampedeBenchArgs},
     config::{LogFormatConfig, Overrides, StoreKind},
+    out, outln,
     policy::tool,
     telemetry::{self, LogFormat},
 };
@@ -459,7 +460,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+        out!("{}", toml::to_string_pretty(&config)?)?;
         return Ok(());
     }
     let format = match args.log_format.unwrap_or(config.log.format) {
@@ -651,14 +652,14 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
     match &command {
         PolicyCommand::Check { .. } => {
             let report = loaded.check();
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
             if !report.ok {
                 return Err(Failed.into());
             }
         }
         PolicyCommand::Eval { probe: args, .. } => {
             let report = loaded.eval(&probe(args)?);
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
             if report.fault.is_some() {
                 return Err(Failed.into());
             }
@@ -670,7 +671,7 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
             ..
         } => {
             let report = loaded.bench(&probe(args)?, *calls, *reuse_instance)?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
         }
         _ => unreachable!("remote commands are handled by policy_command"),
     }
@@ -754,8 +755,8 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::New => {
             let bytes: [u8; 32] = rand::random();
             let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-            println!("{token}");
-            println!("{}", token_digest_hex(&token));
+            outln!("{token}")?;
+            outln!("{}", token_digest_hex(&token))?;
         }
         TokenCommand::Hash => {
             let mut token = String::new();
@@ -768,7 +769,7 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                 "the token is {} bytes; tokens must have at least {MIN_TOKEN_BYTES}",
                 token.len()
             );
-            println!("{}", token_digest_hex(token));
+            outln!("{}", token_digest_hex(token))?;
         }
     }
     Ok(())

@@ -87,6 +87,23 @@ fn near_cache(config: &Config, registry: &mut Registry) -> Option<Arc<NearCache>
     Some(Arc::new(NearCache::new(&config.near_cache, registry)))
 }
 
+/// The largest message the admin API decodes. A PutPolicy carries a whole
+/// module, so a module over `policy.max_module_bytes` must still decode for
+/// validation to refuse it with RESOURCE_EXHAUSTED naming that limit:
+/// `server.max_request_bytes`, the cap every listener buffers at most, or,
+/// when the module limit is configured above it, the module limit and room
+/// for the rest of the message. Larger still is OUT_OF_RANGE from tonic,
+/// before decoding.
+fn admin_max_request_bytes(config: &Config) -> usize {
+    const ENVELOPE_BYTES: usize = 64 * 1024;
+    config.server.max_request_bytes.max(
+        config
+            .policy
+            .max_module_bytes
+            .saturating_add(ENVELOPE_BYTES),
+    )
+}
+
 /// A read-only view of the gateway's metrics, usable after `serve` has taken
 /// the gateway.
 #[derive(Clone)]
@@ -308,7 +325,7 @@ impl Gateway {
                 self.cache_metrics.recent(),
                 (self.config.store == StoreKind::Redis).then(|| self.config.redis.clone()),
             ))
-            .max_decoding_message_size(self.config.policy.max_module_bytes + 64 * 1024);
+            .max_decoding_message_size(admin_max_request_bytes(&self.config));
             let service = InterceptedService::new(service, self.auth.admin_interceptor());
             let mut stop = stop_admin_rx.clone();
             let shown = admin_addr.map_or_else(|| "?".to_owned(), |addr| addr.to_string());
@@ -493,7 +510,19 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{Config, admin_max_request_bytes, redact};
+
+    #[test]
+    fn the_admin_api_decodes_a_module_over_its_limit() {
+        let mut config = Config::default();
+        assert_eq!(
+            admin_max_request_bytes(&config),
+            config.server.max_request_bytes,
+            "the default module limit is well inside the request limit"
+        );
+        config.policy.max_module_bytes = 2 * config.server.max_request_bytes;
+        assert!(admin_max_request_bytes(&config) > config.policy.max_module_bytes);
+    }
 
     #[test]
     fn passwords_never_reach_the_log() {

@@ -213,6 +213,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
                 size_bytes: version.module.size() as u64,
                 loaded_at_unix_ms: version.loaded_at_ms,
                 source: version.source.to_owned(),
+                invalid_reason: version.invalid.unwrap_or_default(),
             })
             .collect();
         let bindings = self

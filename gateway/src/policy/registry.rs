@@ -36,6 +36,10 @@ pub struct PolicyVersion {
     pub loaded_at_ms: u64,
     /// Where it came from (`config`, `admin`, ...).
     pub source: &'static str,
+    /// Why it fails validation (`None`: it passed and may be bound). Only the
+    /// config file loads a module that fails: the file binds it anyway, so its
+    /// requests use the fallback, but PutPolicy and BindPolicy refuse it.
+    pub invalid: Option<String>,
 }
 
 /// A namespace's binding as reported by [`PolicyRegistry::bindings`].
@@ -315,7 +319,7 @@ impl PolicyRegistry {
         let binding = if basis_points == 0 {
             None
         } else {
-            let module = self.version(version)?;
+            let module = self.valid_version(version)?;
             self.check_binding(&module, &config)?;
             Some(Arc::new(Binding::new(namespace, module, config, fallback)))
         };
@@ -440,7 +444,7 @@ impl PolicyRegistry {
         infos
     }
 
-    /// A loaded version.
+    /// A loaded version, valid or not (EvalPolicy may probe either).
     pub fn version(&self, version: &str) -> Result<Arc<PolicyModule>, RegistryError> {
         lock(&self.versions)
             .get(version)
@@ -448,7 +452,25 @@ impl PolicyRegistry {
             .ok_or_else(|| RegistryError::UnknownVersion(version.to_owned()))
     }
 
-    fn insert_version(&self, module: PolicyModule, source: &'static str) -> Arc<PolicyModule> {
+    /// A loaded version that passed validation, the only kind a binding
+    /// change may install.
+    fn valid_version(&self, version: &str) -> Result<Arc<PolicyModule>, RegistryError> {
+        let versions = lock(&self.versions);
+        let entry = versions
+            .get(version)
+            .ok_or_else(|| RegistryError::UnknownVersion(version.to_owned()))?;
+        match &entry.invalid {
+            None => Ok(Arc::clone(&entry.module)),
+            Some(reason) => Err(known_invalid(reason)),
+        }
+    }
+
+    fn insert_version(
+        &self,
+        module: PolicyModule,
+        source: &'static str,
+        invalid: Option<String>,
+    ) -> Arc<PolicyModule> {
         let mut versions = lock(&self.versions);
         if let Some(existing) = versions.get(module.version()) {
             return Arc::clone(&existing.module);
@@ -460,6 +482,7 @@ impl PolicyRegistry {
                 module: Arc::clone(&module),
                 loaded_at_ms: unix_millis(),
                 source,
+                invalid,
             },
         );
         module
@@ -494,13 +517,14 @@ impl PolicyRegistry {
                 "the module is empty (0 bytes)".into(),
             ));
         }
-        // Known bytes were validated when first accepted.
-        if let Ok(module) = self.version(&engine::content_version(bytes)) {
-            return Ok(module);
+        // Known bytes were validated when first loaded; the verdict stands.
+        match self.valid_version(&engine::content_version(bytes)) {
+            Err(RegistryError::UnknownVersion(_)) => {}
+            known => return known,
         }
         let started = Instant::now();
         let module = self.validate(name, bytes)?;
-        let module = self.insert_version(module, source);
+        let module = self.insert_version(module, source, None);
         // Share what was uploaded here; what came from the fleet is there already.
         if source != "redis" && source != "config" {
             self.publish(super::sync::Change::Module {
@@ -530,15 +554,18 @@ impl PolicyRegistry {
             engine::LoadError::TooLarge { .. } => RegistryError::TooLarge(err.to_string()),
             err => RegistryError::Rejected(err.to_string()),
         })?;
-        if let Err(fault) = module.abi() {
-            return Err(RegistryError::Rejected(format!(
-                "{} {fault}",
-                module.label()
-            )));
-        }
-        self.dry_run(&module, &Bytes::new())
-            .map_err(|reason| RegistryError::Rejected(format!("{} {reason}", module.label())))?;
+        self.verdict(&module).map_err(RegistryError::Rejected)?;
         Ok(module)
+    }
+
+    /// Whether a compiled module may serve: it implements the ABI and passes
+    /// the dry run. `Err` says why not.
+    fn verdict(&self, module: &PolicyModule) -> Result<(), String> {
+        if let Err(fault) = module.abi() {
+            return Err(format!("{} {fault}", module.label()));
+        }
+        self.dry_run(module, &Bytes::new())
+            .map_err(|reason| format!("{} {reason}", module.label()))
     }
 
     /// Accepts `bytes` as a version of `name` (see [`Self::put`]) and moves
@@ -627,7 +654,7 @@ impl PolicyRegistry {
         fallback: FallbackMode,
         publish: bool,
     ) -> Result<Option<String>, RegistryError> {
-        let module = self.version(version)?;
+        let module = self.valid_version(version)?;
         self.check_binding(&module, &config)?;
         let binding = Binding::new(namespace, module, config, fallback);
         let previous = self.swap(namespace, Some(Arc::new(binding)));
@@ -748,9 +775,9 @@ impl PolicyRegistry {
     }
 
     /// Loads the module file a config binding names and binds it. Config
-    /// mistakes stop start-up; a module that fails the ABI checks is bound
-    /// anyway and faults on every call (visible, counted, never failing a
-    /// request).
+    /// mistakes stop start-up; a module that fails the ABI checks or the dry
+    /// run is bound anyway and faults on every call (visible, counted, never
+    /// failing a request), and its version is recorded as invalid.
     fn bind_from_config(
         &self,
         namespace: &str,
@@ -772,8 +799,8 @@ impl PolicyRegistry {
                 warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback")
             }
         }
-        if let Err(fault) = module.abi() {
-            warn!(policy = %module.label(), binding = field, "policy {fault}; requests will use the fallback");
+        if let Some(reason) = self.invalid_reason(module.version()) {
+            warn!(policy = %module.label(), binding = field, "policy fails validation: {reason}; requests will use the fallback");
         }
         let binding = Binding::new(namespace, module, config_bytes, config.fallback);
         self.replace(namespace, Some(Arc::new(binding)));
@@ -799,8 +826,25 @@ impl PolicyRegistry {
         let module = engine
             .load(&module_name(path), &bytes)
             .map_err(load_error)?;
-        Ok(self.insert_version(module, "config"))
+        // The same checks as an upload: the verdict is what PutPolicy answers
+        // for these bytes and what ListPolicies shows.
+        let invalid = self.verdict(&module).err();
+        Ok(self.insert_version(module, "config", invalid))
     }
+
+    fn invalid_reason(&self, version: &str) -> Option<String> {
+        lock(&self.versions)
+            .get(version)
+            .and_then(|entry| entry.invalid.clone())
+    }
+}
+
+/// The refusal of a version the config file loaded although it fails
+/// validation: the same reason an upload of its bytes gets.
+fn known_invalid(reason: &str) -> RegistryError {
+    RegistryError::Rejected(format!(
+        "{reason} (a known-invalid version: the config file loads it, and it may not be uploaded or bound)"
+    ))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
