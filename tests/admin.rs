@@ -782,6 +782,7 @@ async fn a_hundred_swaps_through_the_watched_directory_fail_no_request() {
                     module: module_path.clone(),
                     config: None,
                     fallback: gateway::config::FallbackMode::FailOpen,
+                    memo: true,
                 }),
                 ..Default::default()
             },

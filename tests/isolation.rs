@@ -274,7 +274,10 @@ async fn a_busy_machine_does_not_make_a_correct_policy_fault() {
     eprintln!("{calls} policy calls under two busy loops, {faults} faults {kinds:?}");
     assert_eq!(calls, 16 * ROUNDS as u64 * 2, "one decision per request");
     assert_eq!(faults, 0, "a correct policy faulted: {not_stored:?}");
-    assert!(not_stored.is_empty(), "not stored or fallen back: {not_stored:?}");
+    assert!(
+        not_stored.is_empty(),
+        "not stored or fallen back: {not_stored:?}"
+    );
 }
 
 /// At the default deadline and memory cap, the memory bomb is reported as
@@ -291,7 +294,10 @@ async fn a_memory_bomb_is_a_memory_fault_at_default_settings() {
     .await;
     for round in 0..8 {
         let set = world.set("bomb", &format!("k{round}"), b"v").await;
-        assert!(set.policy.starts_with("fail-open:hostile-memory@"), "{set:?}");
+        assert!(
+            set.policy.starts_with("fail-open:hostile-memory@"),
+            "{set:?}"
+        );
     }
     let metrics = world.gateway.metrics.encode();
     let faults = |kind: &str| {

@@ -580,6 +580,7 @@ async fn a_module_that_is_not_wasm_stops_start_up_naming_the_file() {
                 module: bogus.clone(),
                 config: None,
                 fallback: FailOpen,
+                memo: true,
             }),
             ..Default::default()
         },

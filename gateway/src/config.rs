@@ -726,6 +726,10 @@ pub struct PolicyEngineConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub wall_deadline: Option<Duration>,
+    /// Bytes the decision memo may hold, for every binding together (keys,
+    /// decisions and bookkeeping, estimated): decisions a policy reports as
+    /// reusable are answered from it without a call. 0 turns it off.
+    pub memo_bytes: u64,
     /// Long policy calls (past 1 ms of CPU) of one binding (one version bound
     /// to one namespace) that may run at once. This bounds the CPU one
     /// namespace's policy can take from its neighbours: a slow or looping
@@ -800,6 +804,7 @@ impl Default for PolicyEngineConfig {
         Self {
             deadline: Duration::from_millis(5),
             wall_deadline: None,
+            memo_bytes: 32 * 1024 * 1024,
             max_concurrent_calls: std::thread::available_parallelism()
                 .map_or(1, |cores| cores.get().div_ceil(2)),
             memory_limit_bytes: 16 * 1024 * 1024,
@@ -844,6 +849,15 @@ pub struct PolicyBindingConfig {
     /// What happens when the policy faults (trap, timeout, bad output...).
     #[serde(default)]
     pub fallback: FallbackMode,
+    /// Reuse this binding's decisions for identical requests when the policy
+    /// reports they may be (`policy.memo_bytes`, docs/POLICY_ABI.md "Decision
+    /// reuse"). `false`: ask the policy on every request.
+    #[serde(default = "default_true")]
+    pub memo: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Settings applied to a namespace that is not declared under `[namespaces]`.

@@ -398,6 +398,7 @@ pub fn bind(
                 module: policy_module(module),
                 config: policy_config,
                 fallback,
+                memo: true,
             }),
             ..Default::default()
         },

@@ -376,10 +376,7 @@ impl Cache {
     }
 
     /// Checks the command against the limits and works out what to purge.
-    async fn invalidation_work(
-        &self,
-        command: &InvalidateCommand,
-    ) -> Result<Work, RequestError> {
+    async fn invalidation_work(&self, command: &InvalidateCommand) -> Result<Work, RequestError> {
         let max_targets = self.jobs.config.max_targets;
         let check_count = |field: &'static str, count: usize| {
             if count == 0 {
@@ -400,14 +397,15 @@ impl Cache {
             Target::Keys(keys) => {
                 check_count("keys", keys.len())?;
                 for key in keys {
-                    let plan = self.plan(
-                        Operation::Delete,
-                        &command.namespace,
-                        key,
-                        &command.attributes,
-                        0,
-                    )
-                    .await?;
+                    let plan = self
+                        .plan(
+                            Operation::Delete,
+                            &command.namespace,
+                            key,
+                            &command.attributes,
+                            0,
+                        )
+                        .await?;
                     if work.policy.is_empty() {
                         work.policy = plan.decision.decided_by.to_string();
                     }

@@ -409,14 +409,15 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<bool, RequestError> {
         check_token(&command.token)?;
-        let plan = self.plan(
-            Operation::Get,
-            &command.namespace,
-            &command.key,
-            &command.attributes,
-            0,
-        )
-        .await?;
+        let plan = self
+            .plan(
+                Operation::Get,
+                &command.namespace,
+                &command.key,
+                &command.attributes,
+                0,
+            )
+            .await?;
         match self
             .bounded(
                 deadline,

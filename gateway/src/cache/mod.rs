@@ -740,14 +740,15 @@ impl Cache {
                 ),
             });
         }
-        let read = self.plan(
-            Operation::Set,
-            &command.namespace,
-            &command.key,
-            &command.attributes,
-            command.value.len(),
-        )
-        .await?;
+        let read = self
+            .plan(
+                Operation::Set,
+                &command.namespace,
+                &command.key,
+                &command.attributes,
+                command.value.len(),
+            )
+            .await?;
         // Jitter spreads the expiry of entries written together.
         let fresh_ttl = read.decision.fresh_ttl + jitter(read.decision.ttl_jitter);
         let entry = (!read.decision.bypass).then(|| {

@@ -424,9 +424,9 @@ impl PolicyModule {
     fn check_abi_version(&self) -> Result<(), Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
         let meter = Arc::new(CpuMeter::default());
-        let mut store = self
-            .engine
-            .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
+        let mut store =
+            self.engine
+                .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
         let outcome = futures::executor::block_on(metered(&meter, async {
             let instance = self.instance_pre.instantiate(&mut store)?;
             store.data_mut().on_fiber = true;
@@ -565,9 +565,9 @@ impl PolicyModule {
             return Ok(());
         }
         let meter = Arc::new(CpuMeter::default());
-        let mut store = self
-            .engine
-            .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
+        let mut store =
+            self.engine
+                .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
         let instance = self
             .instance_pre
             .instantiate(&mut store)
@@ -716,8 +716,7 @@ fn at_tick(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<Update
     let growing = state
         .grew_at
         .is_some_and(|at| used.saturating_sub(at) < GROWTH_GRACE);
-    if (used >= state.cpu_deadline && !growing) || state.started.elapsed() >= state.wall_deadline
-    {
+    if (used >= state.cpu_deadline && !growing) || state.started.elapsed() >= state.wall_deadline {
         return Ok(UpdateDeadline::Interrupt);
     }
     // Instantiation runs a start function synchronously: it cannot yield. A

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -40,6 +40,10 @@ pub struct PolicyMetrics {
     bound: Family<PolicyLabels, Counter>,
     shadow_compared: Family<PolicyLabels, Counter>,
     shadow_differences: Family<PolicyLabels, Counter>,
+    memo_hits: Family<PolicyLabels, Counter>,
+    memo_misses: Family<PolicyLabels, Counter>,
+    memo_evictions: Family<PolicyLabels, Counter>,
+    memo_bytes: Family<PolicyLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,7 +63,31 @@ impl PolicyMetrics {
             bound: Family::default(),
             shadow_compared: Family::default(),
             shadow_differences: Family::default(),
+            memo_hits: Family::default(),
+            memo_misses: Family::default(),
+            memo_evictions: Family::default(),
+            memo_bytes: Family::default(),
         };
+        registry.register(
+            "cachegw_policy_memo_hits",
+            "Decisions answered from the decision memo, without a policy call",
+            metrics.memo_hits.clone(),
+        );
+        registry.register(
+            "cachegw_policy_memo_misses",
+            "Decisions of a memoised binding that needed a policy call",
+            metrics.memo_misses.clone(),
+        );
+        registry.register(
+            "cachegw_policy_memo_evictions",
+            "Memoised decisions pushed out by policy.memo_bytes",
+            metrics.memo_evictions.clone(),
+        );
+        registry.register(
+            "cachegw_policy_memo_bytes",
+            "Bytes the policy version's memoised decisions weigh (estimated)",
+            metrics.memo_bytes.clone(),
+        );
         registry.register(
             "cachegw_policy_bindings",
             "Policy versions bound to a namespace since start-up (admin binds, watched-directory and fleet reloads), by the version bound",
@@ -101,6 +129,19 @@ impl PolicyMetrics {
             metrics.latency.clone(),
         );
         metrics
+    }
+
+    /// The memo counters of one policy version, resolved once per binding.
+    pub(super) fn memo_stats(&self, policy: &Arc<str>) -> super::memo::MemoStats {
+        let labels = PolicyLabels {
+            policy: Arc::clone(policy),
+        };
+        super::memo::MemoStats {
+            hits: self.memo_hits.get_or_create(&labels).clone(),
+            misses: self.memo_misses.get_or_create(&labels).clone(),
+            evictions: self.memo_evictions.get_or_create(&labels).clone(),
+            bytes: self.memo_bytes.get_or_create(&labels).clone(),
+        }
     }
 
     pub(super) fn upload_rejected(&self, source: &'static str) {

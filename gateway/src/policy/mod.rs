@@ -10,6 +10,7 @@
 //! client's key, verbatim, and the namespace's configured TTL.
 
 pub mod engine;
+pub mod memo;
 mod metrics;
 pub mod registry;
 pub mod sync;
@@ -19,7 +20,7 @@ pub mod watch;
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -30,6 +31,7 @@ use tokio::sync::Semaphore;
 use tracing::warn;
 
 pub use self::engine::{Fault, LoadError, PolicyEngine, PolicyModule};
+use self::memo::{DecisionMemo, MemoKey, MemoStats, Reuse};
 pub use self::metrics::PolicyMetrics;
 pub use self::registry::{PolicyRegistry, RegistryError};
 use crate::{
@@ -151,6 +153,11 @@ pub struct Binding {
     /// first tick: what bounds the CPU this binding can take from every
     /// other namespace.
     long_calls: Arc<Semaphore>,
+    /// Its identity in the decision memo: a new binding starts empty.
+    memo_id: u64,
+    /// Whether its decisions may be memoised (`memo` in its config).
+    memo: bool,
+    memo_stats: OnceLock<MemoStats>,
 }
 
 /// Faults counted in a fixed window, for automatic rollback.
@@ -199,6 +206,9 @@ impl Binding {
             namespace: namespace.to_owned(),
             fallback_label: Arc::from(format!("{mode}:{}", module.label())),
             long_calls: Arc::new(Semaphore::new(module.limits().max_concurrent_calls)),
+            memo_id: memo::next_memo_id(),
+            memo: true,
+            memo_stats: OnceLock::new(),
             module,
             config,
             fallback,
@@ -225,6 +235,12 @@ impl Binding {
     /// What applies when the policy faults.
     pub fn fallback(&self) -> FallbackMode {
         self.fallback
+    }
+
+    /// Whether its decisions may be memoised (default: yes).
+    pub fn with_memo(mut self, memo: bool) -> Self {
+        self.memo = memo;
+        self
     }
 }
 
@@ -258,6 +274,7 @@ pub struct DecisionLimits {
 /// answer, applies the fallback on any fault.
 pub struct Decider {
     registry: Arc<PolicyRegistry>,
+    memo: Option<DecisionMemo>,
     limits: DecisionLimits,
     metrics: PolicyMetrics,
     rollback_after_faults: u64,
@@ -275,6 +292,7 @@ impl Decider {
     ) -> Self {
         Self {
             registry,
+            memo: (engine.memo_bytes > 0).then(|| DecisionMemo::new(engine.memo_bytes)),
             limits,
             metrics,
             rollback_after_faults: engine.rollback_after_faults,
@@ -311,13 +329,35 @@ impl Decider {
         decision
     }
 
-    /// One policy call, validated and measured.
+    /// One decision: from the memo if it holds one for this input, else a
+    /// policy call, validated, measured, and kept if the policy allows.
     async fn ask(
         &self,
         binding: &Binding,
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
     ) -> Result<Decision, Fault> {
+        let memo = match &self.memo {
+            Some(memo) if binding.memo => {
+                let key = MemoKey::new(
+                    binding.memo_id,
+                    request.op,
+                    request.namespace,
+                    request.key,
+                    request.attributes,
+                );
+                let stats = binding
+                    .memo_stats
+                    .get_or_init(|| self.metrics.memo_stats(binding.module.label()));
+                if let Some(decision) = memo.get(&key, request.value_size as u64) {
+                    stats.hits.inc();
+                    return Ok(decision);
+                }
+                stats.misses.inc();
+                Some((memo, key, stats))
+            }
+            _ => None,
+        };
         let started = Instant::now();
         let input = pb::PolicyInput {
             op: match request.op {
@@ -337,14 +377,20 @@ impl Decider {
             .decide(&input, &binding.long_calls)
             .await
             .and_then(|wire| {
-            Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
-        });
+                let reuse = Reuse::of(wire.reuse.as_ref(), input.value_size);
+                Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
+                    .map(|decision| (decision, reuse))
+            });
         self.metrics.observe(
             binding.module.label(),
             started.elapsed(),
             outcome.as_ref().err(),
         );
-        outcome
+        let (decision, reuse) = outcome?;
+        if let Some((memo, key, stats)) = memo {
+            memo.put(key, &decision, reuse, stats);
+        }
+        Ok(decision)
     }
 
     fn fall_back(

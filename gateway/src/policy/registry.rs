@@ -802,7 +802,8 @@ impl PolicyRegistry {
         if let Some(reason) = self.invalid_reason(module.version()) {
             warn!(policy = %module.label(), binding = field, "policy fails validation: {reason}; requests will use the fallback");
         }
-        let binding = Binding::new(namespace, module, config_bytes, config.fallback);
+        let binding =
+            Binding::new(namespace, module, config_bytes, config.fallback).with_memo(config.memo);
         self.replace(namespace, Some(Arc::new(binding)));
         Ok(())
     }

@@ -1,0 +1,445 @@
+//! The decision memo: a policy instance keeps nothing across calls and can
+//! reach nothing but a bounded log, so its decision is a function of its
+//! input. Two requests a policy cannot tell apart get the same decision, and
+//! the memo answers the second without a call.
+//!
+//! What makes it transparent:
+//! - An entry belongs to one binding (`Binding::memo_id`): a version bound to
+//!   a namespace with a config. A rebind, rollback, canary or shadow change or
+//!   config change makes a new binding, which starts empty; a canary and a
+//!   shadow have memos of their own.
+//! - The key is everything else a policy can read: the operation, namespace,
+//!   key and attributes. The clock and the value size are not in it, so a
+//!   decision is kept only when the policy's SDK reported that it read
+//!   neither, or the policy promised how long the decision holds
+//!   (`Reuse::reusable_for_ms`; one that read the value size is then reused
+//!   only for the same size). A module that reports nothing (an older SDK)
+//!   is never memoised.
+//! - Faults are never kept (only validated decisions are), so a fault is
+//!   retried by the next identical request.
+//!
+//! One moka cache for the process, bounded by `policy.memo_bytes` (weighed by
+//! each entry's key and decision bytes), shared by every binding, so the bound
+//! holds however many bindings there are; bindings that go away age out.
+
+use std::{
+    mem::size_of,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use moka::{notification::RemovalCause, sync::Cache};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+
+use super::{Decision, Operation, pb};
+use crate::cache::Attributes;
+
+/// A binding's share of the memo's metrics, resolved once per binding.
+#[derive(Debug, Clone, Default)]
+pub struct MemoStats {
+    /// Decisions answered from the memo.
+    pub hits: Counter,
+    /// Decisions the policy was asked for (not kept, or not there yet).
+    pub misses: Counter,
+    /// Entries pushed out by the byte bound.
+    pub evictions: Counter,
+    /// Bytes the binding's entries weigh now.
+    pub bytes: Gauge,
+}
+
+/// Whether a decision may be kept, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Not at all: an older module, or one that read the clock or the value
+    /// size without promising anything.
+    Never,
+    /// For identical input, while the binding lasts (up to the promise, if
+    /// one was made); `value_size` when the decision read it.
+    For {
+        /// How long, if the policy bounded it.
+        promise: Option<Duration>,
+        /// The value size the decision read, if it read it.
+        value_size: Option<u64>,
+    },
+}
+
+impl Reuse {
+    /// Reads the SDK's report on a wire decision.
+    pub fn of(wire: Option<&pb::Reuse>, value_size: u64) -> Reuse {
+        let Some(reuse) = wire else {
+            return Reuse::Never;
+        };
+        let promise =
+            (reuse.reusable_for_ms > 0).then(|| Duration::from_millis(reuse.reusable_for_ms));
+        if (reuse.read_clock || reuse.read_value_size) && promise.is_none() {
+            return Reuse::Never;
+        }
+        Reuse::For {
+            promise,
+            value_size: reuse.read_value_size.then_some(value_size),
+        }
+    }
+}
+
+struct Entry {
+    decision: Decision,
+    until: Option<Instant>,
+    value_size: Option<u64>,
+    weight: u32,
+    stats: MemoStats,
+}
+
+/// The process's decision memo.
+pub struct DecisionMemo {
+    entries: Cache<Box<[u8]>, Arc<Entry>>,
+}
+
+impl std::fmt::Debug for DecisionMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecisionMemo")
+            .field("entries", &self.entries.entry_count())
+            .field("bytes", &self.entries.weighted_size())
+            .finish()
+    }
+}
+
+/// What one entry costs beyond its key and decision bytes (moka's node, the
+/// Arc, the entry's fields): an estimate, so the bound errs on the safe side.
+const ENTRY_OVERHEAD: usize = 160;
+
+impl DecisionMemo {
+    /// A memo of at most `max_bytes` (0: none is kept).
+    pub fn new(max_bytes: u64) -> Self {
+        let entries = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_key: &Box<[u8]>, entry: &Arc<Entry>| entry.weight)
+            .eviction_listener(|_key, entry: Arc<Entry>, cause| {
+                entry.stats.bytes.dec_by(i64::from(entry.weight));
+                if cause == RemovalCause::Size {
+                    entry.stats.evictions.inc();
+                }
+            })
+            .build();
+        Self { entries }
+    }
+
+    /// The decision kept for `input`, if there is one that still holds.
+    pub fn get(&self, input: &MemoKey, value_size: u64) -> Option<Decision> {
+        let entry = self.entries.get(input.bytes())?;
+        let expired = entry.until.is_some_and(|until| Instant::now() >= until);
+        let other_size = entry.value_size.is_some_and(|size| size != value_size);
+        (!expired && !other_size).then(|| entry.decision.clone())
+    }
+
+    /// Keeps `decision` for `input`, as `reuse` allows.
+    pub fn put(&self, input: MemoKey, decision: &Decision, reuse: Reuse, stats: &MemoStats) {
+        let Reuse::For {
+            promise,
+            value_size,
+        } = reuse
+        else {
+            return;
+        };
+        let weight = input.0.len() + decision_bytes(decision) + ENTRY_OVERHEAD;
+        let weight = u32::try_from(weight).unwrap_or(u32::MAX);
+        stats.bytes.inc_by(i64::from(weight));
+        self.entries.insert(
+            input.0,
+            Arc::new(Entry {
+                decision: decision.clone(),
+                until: promise.map(|promise| Instant::now() + promise),
+                value_size,
+                weight,
+                stats: stats.clone(),
+            }),
+        );
+    }
+
+    /// Bytes held now (after pending maintenance).
+    pub fn bytes(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+}
+
+/// Heap bytes of a decision, roughly.
+fn decision_bytes(decision: &Decision) -> usize {
+    let strings = |items: &[String]| -> usize {
+        items
+            .iter()
+            .map(|item| item.len() + size_of::<String>())
+            .sum()
+    };
+    size_of::<Decision>()
+        + decision.key.len()
+        + strings(&decision.tags)
+        + strings(&decision.invalidate.keys)
+        + strings(&decision.invalidate.patterns)
+        + strings(&decision.invalidate.tags)
+}
+
+/// The canonical bytes of what a policy may read of a request, but the
+/// clock and the value size, prefixed by the binding: equal bytes, equal
+/// input. Lengths are prefixed, so no two inputs share bytes; attributes go
+/// in name order (the request holds them unordered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoKey(Box<[u8]>);
+
+impl MemoKey {
+    /// The key of one request to the binding `memo_id`.
+    pub fn new(
+        memo_id: u64,
+        op: Operation,
+        namespace: &str,
+        key: &str,
+        attributes: &Attributes,
+    ) -> Self {
+        let mut names: Vec<(&String, &String)> = attributes.iter().collect();
+        names.sort_unstable();
+        let size = 8
+            + 1
+            + 8 * (2 + 2 * names.len())
+            + namespace.len()
+            + key.len()
+            + names
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>();
+        let mut bytes = Vec::with_capacity(size);
+        bytes.extend_from_slice(&memo_id.to_le_bytes());
+        bytes.push(match op {
+            Operation::Get => 0,
+            Operation::Set => 1,
+            Operation::Delete => 2,
+        });
+        let mut field = |text: &str| {
+            bytes.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(text.as_bytes());
+        };
+        field(namespace);
+        field(key);
+        for (name, value) in names {
+            field(name);
+            field(value);
+        }
+        MemoKey(bytes.into_boxed_slice())
+    }
+
+    fn bytes(&self) -> &Box<[u8]> {
+        &self.0
+    }
+}
+
+/// A fresh memo identity for each binding.
+pub fn next_memo_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(key: &str) -> Decision {
+        let mut decision = super::super::DefaultPolicy.decide(
+            &crate::cache::NamespaceSettings::new("ns", &Default::default()),
+            key,
+        );
+        decision.decided_by = Arc::from("p@1");
+        decision
+    }
+
+    fn attributes(pairs: &[(&str, &str)]) -> Attributes {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn keys_differ_by_every_input_but_not_by_attribute_order() {
+        let base = MemoKey::new(
+            1,
+            Operation::Get,
+            "ns",
+            "k",
+            &attributes(&[("a", "1"), ("b", "2")]),
+        );
+        let reordered = MemoKey::new(
+            1,
+            Operation::Get,
+            "ns",
+            "k",
+            &attributes(&[("b", "2"), ("a", "1")]),
+        );
+        assert_eq!(base, reordered);
+        for other in [
+            MemoKey::new(
+                2,
+                Operation::Get,
+                "ns",
+                "k",
+                &attributes(&[("a", "1"), ("b", "2")]),
+            ),
+            MemoKey::new(
+                1,
+                Operation::Set,
+                "ns",
+                "k",
+                &attributes(&[("a", "1"), ("b", "2")]),
+            ),
+            MemoKey::new(
+                1,
+                Operation::Get,
+                "nt",
+                "k",
+                &attributes(&[("a", "1"), ("b", "2")]),
+            ),
+            MemoKey::new(
+                1,
+                Operation::Get,
+                "ns",
+                "j",
+                &attributes(&[("a", "1"), ("b", "2")]),
+            ),
+            MemoKey::new(
+                1,
+                Operation::Get,
+                "ns",
+                "k",
+                &attributes(&[("a", "1"), ("b", "3")]),
+            ),
+            MemoKey::new(1, Operation::Get, "ns", "k", &attributes(&[("a", "1")])),
+            // Length prefixes: moving a byte from the namespace to the key changes the key.
+            MemoKey::new(
+                1,
+                Operation::Get,
+                "n",
+                "sk",
+                &attributes(&[("a", "1"), ("b", "2")]),
+            ),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn only_what_the_sdk_reports_as_reusable_is_kept() {
+        let read = |clock, size, promise_ms| {
+            Reuse::of(
+                Some(&pb::Reuse {
+                    read_clock: clock,
+                    read_value_size: size,
+                    reusable_for_ms: promise_ms,
+                }),
+                42,
+            )
+        };
+        assert_eq!(Reuse::of(None, 42), Reuse::Never);
+        assert_eq!(
+            read(false, false, 0),
+            Reuse::For {
+                promise: None,
+                value_size: None
+            }
+        );
+        assert_eq!(read(true, false, 0), Reuse::Never);
+        assert_eq!(read(false, true, 0), Reuse::Never);
+        assert_eq!(
+            read(true, true, 1500),
+            Reuse::For {
+                promise: Some(Duration::from_millis(1500)),
+                value_size: Some(42)
+            }
+        );
+    }
+
+    #[test]
+    fn a_kept_decision_holds_for_its_promise_and_its_value_size_only() {
+        let memo = DecisionMemo::new(1 << 20);
+        let stats = MemoStats::default();
+        let key = || MemoKey::new(1, Operation::Set, "ns", "k", &Attributes::new());
+        memo.put(
+            key(),
+            &decision("forever"),
+            Reuse::For {
+                promise: None,
+                value_size: None,
+            },
+            &stats,
+        );
+        assert_eq!(
+            memo.get(&key(), 7).map(|d| d.key),
+            Some("forever".to_owned())
+        );
+
+        memo.put(
+            key(),
+            &decision("sized"),
+            Reuse::For {
+                promise: None,
+                value_size: Some(7),
+            },
+            &stats,
+        );
+        assert_eq!(memo.get(&key(), 7).map(|d| d.key), Some("sized".to_owned()));
+        assert_eq!(memo.get(&key(), 8), None);
+
+        memo.put(
+            key(),
+            &decision("brief"),
+            Reuse::For {
+                promise: Some(Duration::ZERO),
+                value_size: None,
+            },
+            &stats,
+        );
+        assert_eq!(
+            memo.get(&key(), 7),
+            None,
+            "a promise of 0 ms has passed at once"
+        );
+
+        memo.put(key(), &decision("never"), Reuse::Never, &stats);
+        assert_eq!(
+            memo.get(&key(), 7),
+            None,
+            "Never is not kept (and did not replace)"
+        );
+    }
+
+    #[test]
+    fn the_memo_stays_within_its_bytes_under_many_distinct_keys() {
+        let bound = 256 * 1024;
+        let memo = DecisionMemo::new(bound);
+        let stats = MemoStats::default();
+        for i in 0..50_000 {
+            let key = format!("key-{i}");
+            memo.put(
+                MemoKey::new(1, Operation::Get, "ns", &key, &Attributes::new()),
+                &decision(&key),
+                Reuse::For {
+                    promise: None,
+                    value_size: None,
+                },
+                &stats,
+            );
+        }
+        let held = memo.bytes();
+        assert!(held <= bound, "{held} bytes held, bound {bound}");
+        assert!(held > bound / 2, "the memo is used: {held} bytes");
+        assert!(
+            stats.evictions.get() > 40_000,
+            "{} evictions",
+            stats.evictions.get()
+        );
+        assert_eq!(
+            stats.bytes.get() as u64,
+            held,
+            "per-binding bytes follow the memo's"
+        );
+    }
+}
