@@ -16,8 +16,9 @@ use tonic::{
 use crate::{
     api::proto::v1::{
         BindMode, BindPolicyRequest, EvalPolicyRequest, FallbackMode as PbFallback,
-        ListPoliciesRequest, NamespaceStats, OpStats, PutPolicyRequest, RedisMemory,
-        RollbackRequest, StatsRequest, StatsResponse, policy_admin_client::PolicyAdminClient,
+        ListPoliciesRequest, NamespaceStats, OpStats, PolicyMemoStats, PutPolicyRequest,
+        RedisMemory, RollbackRequest, StatsRequest, StatsResponse,
+        policy_admin_client::PolicyAdminClient,
     },
     auth::BearerToken,
     config::FallbackMode,
@@ -420,9 +421,18 @@ fn stats_json(stats: &StatsResponse) -> serde_json::Value {
                "keys_with_ttl": redis.keys_with_ttl, "nodes": redis.nodes})
     });
     let redis_error = (!stats.redis_error.is_empty()).then_some(&stats.redis_error);
+    let memos: Vec<_> = stats
+        .policy_memos
+        .iter()
+        .map(|memo| {
+            json!({"namespace": memo.namespace, "role": memo.role, "policy": memo.policy,
+                   "hits": memo.hits, "misses": memo.misses, "evictions": memo.evictions,
+                   "bytes": memo.bytes, "hit_rate": hit_rate_json(memo.hit_rate)})
+        })
+        .collect();
     json!({"store": stats.store, "window_seconds": stats.window_seconds,
-           "namespaces": namespaces, "redis": redis, "redis_error": redis_error,
-           "warnings": stats.warnings})
+           "namespaces": namespaces, "policy_memos": memos, "redis": redis,
+           "redis_error": redis_error, "warnings": stats.warnings})
 }
 
 /// The readable report: a table of the window's requests, then the Redis
@@ -437,6 +447,9 @@ fn stats_text(stats: &StatsResponse) -> String {
     } else {
         text.push_str(&requests_table(&stats.namespaces));
     }
+    if !stats.policy_memos.is_empty() {
+        text.push_str(&memo_text(&stats.policy_memos));
+    }
     if let Some(redis) = &stats.redis {
         text.push_str(&redis_text(redis));
     } else if !stats.redis_error.is_empty() {
@@ -447,6 +460,29 @@ fn stats_text(stats: &StatsResponse) -> String {
         for warning in &stats.warnings {
             text.push_str(&format!("  ! {warning}\n"));
         }
+    }
+    text
+}
+
+/// The decision memo of each binding, since the gateway started.
+fn memo_text(memos: &[PolicyMemoStats]) -> String {
+    let mut text = String::from("\nDECISION MEMO (since start)\n");
+    for memo in memos {
+        let rate = if memo.hit_rate < 0.0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1}%", memo.hit_rate * 100.0)
+        };
+        text.push_str(&format!(
+            "  {} ({} {}): hit rate {rate}, {} hits, {} calls, {} evicted, {} KiB\n",
+            memo.namespace,
+            memo.role,
+            memo.policy,
+            memo.hits,
+            memo.misses,
+            memo.evictions,
+            memo.bytes.div_ceil(1024)
+        ));
     }
     text
 }
@@ -594,6 +630,16 @@ mod tests {
             }),
             redis_error: String::new(),
             warnings: vec!["maxmemory-policy is noeviction: fix it.".into()],
+            policy_memos: vec![PolicyMemoStats {
+                namespace: "users".into(),
+                role: "active".into(),
+                policy: "user-profile@abc".into(),
+                hits: 3,
+                misses: 1,
+                evictions: 0,
+                bytes: 2048,
+                hit_rate: 0.75,
+            }],
         }
     }
 
@@ -619,6 +665,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("! maxmemory-policy is noeviction"), "{text}");
+        assert!(
+            text.contains("users (active user-profile@abc): hit rate 75.0%, 3 hits, 1 calls"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,10 +16,10 @@ use super::{
         v1::{
             AutoRollback, BindMode, BindPolicyRequest, BindPolicyResponse, BindingInfo,
             EvalPolicyRequest, EvalPolicyResponse, FallbackMode as PbFallback, ListPoliciesRequest,
-            ListPoliciesResponse, NamespaceStats, OpStats as PbOpStats, PolicyVersionInfo,
-            PutPolicyRequest, PutPolicyResponse, RedisMemory, RollbackRequest, RollbackResponse,
-            ShadowDifference, ShadowReportRequest, ShadowReportResponse, StatsRequest,
-            StatsResponse, policy_admin_server,
+            ListPoliciesResponse, NamespaceStats, OpStats as PbOpStats, PolicyMemoStats,
+            PolicyVersionInfo, PutPolicyRequest, PutPolicyResponse, RedisMemory, RollbackRequest,
+            RollbackResponse, ShadowDifference, ShadowReportRequest, ShadowReportResponse,
+            StatsRequest, StatsResponse, policy_admin_server,
         },
     },
     redis_info::{self, RedisFacts},
@@ -102,6 +102,49 @@ fn config_bytes(config_json: &str) -> Result<Bytes, Status> {
 
 /// Groups the window's per-operation statistics by namespace (the snapshot
 /// is sorted by namespace, then operation).
+impl AdminApi {
+    /// The memo counters of every binding that has used its memo.
+    fn memo_stats(&self) -> Vec<PolicyMemoStats> {
+        let mut memos = Vec::new();
+        for info in self.registry.bindings() {
+            let candidates = self.registry.candidates(&info.namespace);
+            let canary = candidates.as_ref().and_then(|c| c.canary.as_ref());
+            let shadow = candidates.as_ref().and_then(|c| c.shadow.as_ref());
+            let roles = [
+                ("active", Some(&info.binding)),
+                ("canary", canary.map(|canary| &canary.binding)),
+                ("shadow", shadow.map(|shadow| &shadow.binding)),
+            ];
+            for (role, binding) in roles {
+                let Some(binding) = binding else { continue };
+                let Some(stats) = binding.memo_stats() else {
+                    continue;
+                };
+                let (hits, misses) = (stats.hits.get(), stats.misses.get());
+                memos.push(PolicyMemoStats {
+                    namespace: if info.namespace.is_empty() {
+                        "_default".to_owned()
+                    } else {
+                        info.namespace.clone()
+                    },
+                    role: role.to_owned(),
+                    policy: binding.module().label().to_string(),
+                    hits,
+                    misses,
+                    evictions: stats.evictions.get(),
+                    bytes: u64::try_from(stats.bytes.get()).unwrap_or(0),
+                    hit_rate: if hits + misses == 0 {
+                        -1.0
+                    } else {
+                        hits as f64 / (hits + misses) as f64
+                    },
+                });
+            }
+        }
+        memos
+    }
+}
+
 fn namespace_stats(snapshot: Vec<OpStats>) -> Vec<NamespaceStats> {
     let mut namespaces: Vec<NamespaceStats> = Vec::new();
     for op in snapshot {
@@ -427,6 +470,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
             .to_owned(),
             window_seconds: stats::WINDOW.as_secs(),
             namespaces: namespace_stats(self.recent.snapshot()),
+            policy_memos: self.memo_stats(),
             ..Default::default()
         };
         if let Some(config) = &self.redis {

@@ -17,6 +17,12 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemoLabels {
+    policy: Arc<str>,
+    namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FaultLabels {
     policy: Arc<str>,
     kind: &'static str,
@@ -40,10 +46,10 @@ pub struct PolicyMetrics {
     bound: Family<PolicyLabels, Counter>,
     shadow_compared: Family<PolicyLabels, Counter>,
     shadow_differences: Family<PolicyLabels, Counter>,
-    memo_hits: Family<PolicyLabels, Counter>,
-    memo_misses: Family<PolicyLabels, Counter>,
-    memo_evictions: Family<PolicyLabels, Counter>,
-    memo_bytes: Family<PolicyLabels, Gauge>,
+    memo_hits: Family<MemoLabels, Counter>,
+    memo_misses: Family<MemoLabels, Counter>,
+    memo_evictions: Family<MemoLabels, Counter>,
+    memo_bytes: Family<MemoLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,7 +91,7 @@ impl PolicyMetrics {
         );
         registry.register(
             "cachegw_policy_memo_bytes",
-            "Bytes the policy version's memoised decisions weigh (estimated)",
+            "Bytes a binding's memoised decisions weigh (estimated)",
             metrics.memo_bytes.clone(),
         );
         registry.register(
@@ -131,10 +137,17 @@ impl PolicyMetrics {
         metrics
     }
 
-    /// The memo counters of one policy version, resolved once per binding.
-    pub(super) fn memo_stats(&self, policy: &Arc<str>) -> super::memo::MemoStats {
-        let labels = PolicyLabels {
+    /// The memo counters of one policy version in one namespace (`""`: the
+    /// default-namespace template), resolved once per binding.
+    pub(super) fn memo_stats(&self, policy: &Arc<str>, namespace: &str) -> super::memo::MemoStats {
+        let labels = MemoLabels {
             policy: Arc::clone(policy),
+            namespace: if namespace.is_empty() {
+                "_default"
+            } else {
+                namespace
+            }
+            .to_owned(),
         };
         super::memo::MemoStats {
             hits: self.memo_hits.get_or_create(&labels).clone(),

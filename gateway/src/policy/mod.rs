@@ -242,6 +242,12 @@ impl Binding {
         self.memo = memo;
         self
     }
+
+    /// Its memo's counters (cumulative for this version in this namespace),
+    /// once a request has used it.
+    pub fn memo_stats(&self) -> Option<&MemoStats> {
+        self.memo_stats.get()
+    }
 }
 
 /// What the decider needs to know about one request.
@@ -346,9 +352,10 @@ impl Decider {
                     request.key,
                     request.attributes,
                 );
-                let stats = binding
-                    .memo_stats
-                    .get_or_init(|| self.metrics.memo_stats(binding.module.label()));
+                let stats = binding.memo_stats.get_or_init(|| {
+                    self.metrics
+                        .memo_stats(binding.module.label(), &binding.namespace)
+                });
                 if let Some(decision) = memo.get(&key, request.value_size as u64) {
                     stats.hits.inc();
                     return Ok(decision);
