@@ -374,7 +374,13 @@ pub async fn invalidate(
         }))?;
         return Ok(exit);
     }
-    let verb = if soft { "marked stale" } else { "removed" };
+    // A soft purge leaves an entry stale for its stale window, or removes it at once when it
+    // has none (docs/OPERATIONS.md, "Soft purge").
+    let verb = if soft {
+        "purged softly (stale for their stale window, or gone)"
+    } else {
+        "removed"
+    };
     match state {
         JobState::Done => outln!(
             "done: {} entries {verb} ({} examined) in {} (job {})",
