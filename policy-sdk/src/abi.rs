@@ -135,6 +135,10 @@ fn declined(message: String) -> Vec<u8> {
 /// Runs `P` on an encoded `PolicyInput` and returns the encoded `PolicyOutput`: the decision,
 /// or an error when the input does not decode, `P::from_config` rejects the config,
 /// `P::decide` declines, or the decision is invalid ([`Decision::to_wire`](crate::Decision::to_wire)).
+///
+/// The decision always carries `reuse`: what `decide` read of the clock and the value size
+/// (recorded by the [`Request`] it was given; `from_config` only sees the config bytes) and the
+/// policy's [`reusable_for`](crate::Decision::reusable_for) promise. An error carries nothing.
 pub fn decide_bytes<P: Policy>(input: &[u8]) -> Vec<u8> {
     let input = match proto::PolicyInput::decode(input) {
         Ok(input) => input,
@@ -246,6 +250,70 @@ mod tests {
     #[derive(Default)]
     struct Echo;
 
+    /// Reads what its key names; its config, a number of milliseconds, sets `reusable_for`.
+    #[derive(Default)]
+    struct Reader {
+        promise_ms: u64,
+    }
+
+    impl Policy for Reader {
+        fn from_config(config: &[u8]) -> Result<Self, PolicyError> {
+            let text = std::str::from_utf8(config).map_err(|_| "config is not UTF-8")?;
+            let promise_ms = match text {
+                "" => 0,
+                text => text.parse().map_err(|_| "config is not a number")?,
+            };
+            Ok(Self { promise_ms })
+        }
+
+        fn decide(&self, req: &Request) -> Result<Decision, PolicyError> {
+            // Parsing the config again from the request is no read either.
+            let again = Self::from_config(req.config())?;
+            assert_eq!(again.promise_ms, self.promise_ms);
+            let decision = Decision::cache(req.key())
+                .reusable_for(std::time::Duration::from_millis(self.promise_ms));
+            match req.key() {
+                "now" => drop(req.now()),
+                "now_unix_ms" => drop(req.now_unix_ms()),
+                "value_size" => drop(req.value_size()),
+                "both" => drop((req.now(), req.value_size())),
+                "decline-after-reading" => {
+                    req.now();
+                    return Err(PolicyError::new("declined"));
+                }
+                _ => {}
+            }
+            Ok(decision)
+        }
+    }
+
+    fn reuse_of(key: &str, config: &str) -> Option<proto::Reuse> {
+        let input = proto::PolicyInput {
+            key: key.into(),
+            op: proto::Operation::Set as i32,
+            value_size: 10,
+            now_unix_ms: 1_700_000_000_000,
+            config: config.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        match output(&decide_bytes::<Reader>(&input.encode_to_vec())) {
+            proto::policy_output::Result::Decision(decision) => decision.reuse,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn reuse(
+        read_clock: bool,
+        read_value_size: bool,
+        reusable_for_ms: u64,
+    ) -> Option<proto::Reuse> {
+        Some(proto::Reuse {
+            read_clock,
+            read_value_size,
+            reusable_for_ms,
+        })
+    }
+
     impl Policy for Echo {
         fn decide(&self, req: &Request) -> Result<Decision, PolicyError> {
             match req.key() {
@@ -282,6 +350,57 @@ mod tests {
     fn decides_on_encoded_input() {
         match output(&decide_bytes::<Echo>(&input("k1"))) {
             proto::policy_output::Result::Decision(d) => assert_eq!(d.storage_key, "k1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_decision_that_reads_nothing_says_so() {
+        assert_eq!(reuse_of("k", ""), reuse(false, false, 0));
+    }
+
+    #[test]
+    fn reading_the_clock_is_reported() {
+        assert_eq!(reuse_of("now", ""), reuse(true, false, 0));
+        assert_eq!(reuse_of("now_unix_ms", ""), reuse(true, false, 0));
+    }
+
+    #[test]
+    fn reading_the_value_size_is_reported() {
+        assert_eq!(reuse_of("value_size", ""), reuse(false, true, 0));
+        assert_eq!(reuse_of("both", ""), reuse(true, true, 0));
+    }
+
+    #[test]
+    fn the_reuse_promise_is_sent_in_milliseconds() {
+        let five_minutes = "300000";
+        assert_eq!(reuse_of("now", five_minutes), reuse(true, false, 300_000));
+        assert_eq!(reuse_of("k", five_minutes), reuse(false, false, 300_000));
+    }
+
+    #[test]
+    fn parsing_the_config_is_not_a_read() {
+        // `Reader` parses its config in `from_config`, and again from `Request::config`.
+        assert_eq!(reuse_of("k", "0"), reuse(false, false, 0));
+    }
+
+    #[test]
+    fn a_declined_decision_carries_no_reuse() {
+        match output(&decide_bytes::<Reader>(&input("decline-after-reading"))) {
+            proto::policy_output::Result::Error(message) => assert_eq!(message, "declined"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_raw_answer_of_the_abi_doc_reads_nothing() {
+        // docs/POLICY_ABI.md, "The raw exports, sketched in WAT".
+        match output(b"\x0a\x0c\x0a\x06bypass\x30\x01\x5a\x00") {
+            proto::policy_output::Result::Decision(decision) => {
+                assert_eq!(decision.storage_key, "bypass");
+                assert!(decision.bypass);
+                assert_eq!(decision.reuse, reuse(false, false, 0));
+            }
             other => panic!("{other:?}"),
         }
     }

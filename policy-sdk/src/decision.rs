@@ -73,6 +73,7 @@ pub struct Decision {
     invalidate_tags: Vec<String>,
     early_refresh_beta: f64,
     near_cache: Duration,
+    reusable_for: Duration,
 }
 
 impl Decision {
@@ -93,6 +94,7 @@ impl Decision {
             invalidate_tags: Vec::new(),
             early_refresh_beta: 0.0,
             near_cache: Duration::ZERO,
+            reusable_for: Duration::ZERO,
         }
     }
 
@@ -221,6 +223,43 @@ impl Decision {
         self
     }
 
+    /// Promises that this decision holds for `period` from the request's time, for any request
+    /// that differs from this one only in its time (and, if `decide` read it, not in its value
+    /// size): the gateway may reuse the decision that long instead of asking the policy again,
+    /// although `decide` read the clock ([`Request::now`]) or the value size
+    /// ([`Request::value_size`]). Truncated to whole milliseconds.
+    ///
+    /// Zero (the default) promises nothing: a decision that read the clock or the value size is
+    /// then never reused. A decision that read neither is reused for identical requests as long
+    /// as its binding lasts; a promise bounds that too. Promise no more than holds: a decision
+    /// that changes at 18:00 promises at most the time left until 18:00.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cachegw_policy::{Decision, Request};
+    ///
+    /// /// Fresh for 5 minutes until a quarter past the hour, then for a minute.
+    /// fn decide(req: &Request) -> Decision {
+    ///     let into_hour_ms = req.now_unix_ms() % 3_600_000;
+    ///     let (ttl, until_change_ms) = if into_hour_ms < 900_000 {
+    ///         (Duration::from_secs(300), 900_000 - into_hour_ms)
+    ///     } else {
+    ///         (Duration::from_secs(60), 3_600_000 - into_hour_ms)
+    ///     };
+    ///     Decision::cache(req.key())
+    ///         .fresh_for(ttl)
+    ///         .reusable_for(Duration::from_millis(until_change_ms))
+    /// }
+    /// # let req = cachegw_policy::testing::request(cachegw_policy::Operation::Set, "ns", "k")
+    /// #     .now_unix_ms(3_600_000 * 10 + 840_000)
+    /// #     .build();
+    /// # assert_eq!(decide(&req).reuse_promise(), Duration::from_secs(60));
+    /// ```
+    pub fn reusable_for(mut self, period: Duration) -> Self {
+        self.reusable_for = period;
+        self
+    }
+
     /// The storage key; empty for [`Decision::bypass`] (the SDK then sends the client's key).
     pub fn storage_key(&self) -> &str {
         &self.storage_key
@@ -281,12 +320,22 @@ impl Decision {
         self.near_cache
     }
 
+    /// How long the policy promised this decision holds ([`Decision::reusable_for`]; zero: no
+    /// promise).
+    pub fn reuse_promise(&self) -> Duration {
+        self.reusable_for
+    }
+
     /// The wire message for this decision, answering `req`, after the checks the host would
     /// otherwise fail it for: a non-empty storage key (a bypass takes the client's key), a fresh
     /// TTL of at least 1 ms when set, a finite non-negative beta, no empty key or pattern, every
     /// tag and invalidated tag 1 to [`MAX_TAG_BYTES`] bytes, and the attached tags within
     /// [`MAX_TAG_SECTION_BYTES`]. The host still validates (it also caps absurd TTLs and the
     /// number and size of items).
+    ///
+    /// Its `reuse` is always set: whether the clock and the value size were read through `req`
+    /// (or a clone of it) so far, and the [`reusable_for`](Decision::reusable_for) promise.
+    /// Call it after `decide` has run on `req`, as the SDK does.
     pub fn to_wire(&self, req: &Request) -> Result<proto::PolicyDecision, PolicyError> {
         let storage_key = if self.storage_key.is_empty() && self.bypass {
             req.key().to_owned()
@@ -337,6 +386,12 @@ impl Decision {
             }),
             early_refresh_beta: self.early_refresh_beta,
             near_cache_ttl_ms: floor_millis(self.near_cache),
+            reuse: Some(proto::Reuse {
+                read_clock: req.clock_was_read(),
+                read_value_size: req.value_size_was_read(),
+                // Truncated: a promise is never stretched.
+                reusable_for_ms: floor_millis(self.reusable_for),
+            }),
         })
     }
 }
@@ -414,8 +469,41 @@ mod tests {
                 invalidate: None,
                 early_refresh_beta: 0.0,
                 near_cache_ttl_ms: 0,
+                reuse: Some(proto::Reuse {
+                    read_clock: false,
+                    read_value_size: false,
+                    reusable_for_ms: 0,
+                }),
             }
         );
+    }
+
+    #[test]
+    fn reuse_reports_the_reads_of_the_request_and_the_promise() {
+        let wire = |decision: Decision, req: &Request| decision.to_wire(req).unwrap().reuse;
+        let reuse = |read_clock, read_value_size, reusable_for_ms| {
+            Some(proto::Reuse {
+                read_clock,
+                read_value_size,
+                reusable_for_ms,
+            })
+        };
+        let untouched = req();
+        assert_eq!(
+            wire(Decision::cache("k"), &untouched),
+            reuse(false, false, 0)
+        );
+        let clock = req();
+        clock.now();
+        assert_eq!(wire(Decision::bypass(), &clock), reuse(true, false, 0));
+        let size = req();
+        size.value_size();
+        let promised = Decision::cache("k").reusable_for(Duration::from_micros(2_999_999));
+        assert_eq!(promised.reuse_promise(), Duration::from_micros(2_999_999));
+        assert_eq!(wire(promised, &size), reuse(false, true, 2_999));
+        assert_eq!(Decision::cache("k").reuse_promise(), Duration::ZERO);
+        let five_minutes = Decision::cache("k").reusable_for(Duration::from_secs(5 * 60));
+        assert_eq!(wire(five_minutes, &req()), reuse(false, false, 300_000));
     }
 
     #[test]

@@ -78,7 +78,8 @@
 //! The [`Operation`] (`Get`, `Set`, `Delete`), the namespace, the key as the client sent it,
 //! string attributes ([`Request::attr`], e.g. `req.attr("accept-language")`, names matched
 //! ignoring ASCII case), the size of a written value, the gateway's clock ([`Request::now`]; a
-//! policy has no clock of its own) and the binding's config bytes.
+//! policy has no clock of its own) and the binding's config bytes. Reading the clock or the
+//! value size is recorded; see [Decision reuse](#decision-reuse).
 //!
 //! ## What a policy answers: [`Decision`]
 //! [`Decision::cache`]`(key)` or [`Decision::bypass`]`()`, refined with
@@ -86,7 +87,8 @@
 //! [`jitter`](Decision::jitter), [`tag`](Decision::tag),
 //! [`invalidate_key`](Decision::invalidate_key) / [`invalidate_pattern`](Decision::invalidate_pattern)
 //! / [`invalidate_prefix`](Decision::invalidate_prefix) / [`invalidate_tag`](Decision::invalidate_tag),
-//! [`compression`](Decision::compression) and [`early_refresh_beta`](Decision::early_refresh_beta).
+//! [`compression`](Decision::compression), [`early_refresh_beta`](Decision::early_refresh_beta),
+//! [`near_cache`](Decision::near_cache) and [`reusable_for`](Decision::reusable_for).
 //! What is not set keeps the namespace's defaults (no fresh TTL = the namespace's default TTL).
 //! Keys, patterns and tags are always scoped to the request's namespace by the gateway: a policy
 //! cannot reach another namespace, whatever key it names. The SDK checks a decision before
@@ -116,6 +118,29 @@
 //! most [`MAX_TAG_SECTION_BYTES`] (65535) bytes together, counting one byte more per tag. A
 //! decision outside these limits is an error, like any invalid decision, so bound the request
 //! data that goes into a tag.
+//!
+//! ## Decision reuse
+//! A policy keeps nothing between calls and has no capability but a bounded log, so its
+//! decision depends only on its input. The gateway uses that: it remembers each decision of a
+//! binding, keyed by the request's operation, namespace, key and attributes, and answers an
+//! identical request with it instead of calling the policy again. Two inputs change between
+//! otherwise identical requests, the time and the size of the value being written, so the
+//! [`Request`] records whether `decide` read them ([`Request::now`], [`Request::now_unix_ms`],
+//! [`Request::value_size`]; also [`Request::to_input`], `{:?}` and `==`), and the SDK sends that
+//! with every decision:
+//!
+//! - read neither: the decision is reused for identical requests as long as the binding lasts;
+//! - read the clock or the value size: never reused, unless the policy promises with
+//!   [`Decision::reusable_for`] how long the decision holds; it is then reused that long (and,
+//!   if it read the value size, only for the same size);
+//! - a promise also bounds the reuse of a decision that read neither.
+//!
+//! So read the clock and the value size only where the answer needs them (a TTL that depends on
+//! the time of day matters for a Set, not for a Get), and promise no more than holds: a
+//! decision that changes at 18:00 promises at most the time left until 18:00
+//! (`policies/business-hours` does exactly that). A reused decision does not run the policy, so
+//! its log lines are not repeated. Errors and faults are never reused, and a new version or
+//! config of the binding starts afresh. [`testing::Outcome::reuse`] shows what a decision read.
 //!
 //! ## Config
 //! An operator binds a policy to a namespace with config bytes (JSON by convention).
@@ -149,8 +174,9 @@
 //! [`testing::request`] builds a request; [`testing::RequestBuilder::decide`] runs
 //! `from_config` + `decide` natively; [`testing::RequestBuilder::round_trip`] runs the full
 //! encode → allocate → decide → decode path of the wasm export, turning a panic into
-//! [`testing::Outcome::Trapped`]; [`testing::init`] runs the init export's path. Plain
-//! `cargo test`, no wasm runtime needed.
+//! [`testing::Outcome::Trapped`], and its [`reuse`](testing::Outcome::reuse) tells what the
+//! decision read; [`testing::init`] runs the init export's path. Plain `cargo test`, no wasm
+//! runtime needed.
 //!
 //! ## Building
 //! `scripts/build-policies` in the repository builds every crate under `policies/` to

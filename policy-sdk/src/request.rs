@@ -1,6 +1,11 @@
-//! What a policy is asked about: the typed view of `PolicyInput`.
+//! What a policy is asked about: the typed view of `PolicyInput`, and the record of which of its
+//! varying inputs (the clock, the value size) a decision read, which decides whether the gateway
+//! may reuse the decision (docs/POLICY_ABI.md, "Decision reuse").
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::proto;
@@ -52,7 +57,22 @@ impl Operation {
 ///
 /// Built by the SDK from the `PolicyInput` the host sends; in native tests, by
 /// [`testing::request`](crate::testing::request).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// # Reads of the clock and the value size
+/// Two inputs differ between otherwise identical requests: the time and the size of the value
+/// being written. The request records whether the decision looked at them, and the SDK sends
+/// that with the decision, so that the gateway may reuse a decision that did not depend on them
+/// (or, with [`Decision::reusable_for`](crate::Decision::reusable_for), for as long as the policy
+/// promises it holds). Every way to see them counts as a read:
+/// - the clock: [`now`](Request::now), [`now_unix_ms`](Request::now_unix_ms);
+/// - the value size: [`value_size`](Request::value_size);
+/// - both: [`to_input`](Request::to_input), `{:?}` formatting (the text contains them), and
+///   `==` when every other field is equal (the result then depends on them).
+///
+/// Read them only where the decision needs them: a policy whose TTL depends on the time of day
+/// only needs the clock for a Set, not for a Get. A clone shares the original's record, so a
+/// read through a clone counts too. The operation, namespace, key, attributes and config are
+/// part of what the gateway matches a reused decision on, and reading them is not recorded.
 pub struct Request {
     op: Operation,
     namespace: String,
@@ -61,6 +81,15 @@ pub struct Request {
     value_size: u64,
     now_unix_ms: u64,
     config: Vec<u8>,
+    reads: Arc<Reads>,
+}
+
+/// Whether the clock and the value size of a request were read. Shared by a request and its
+/// clones; atomics only to keep [`Request`] `Send + Sync`, there is no concurrency on wasm.
+#[derive(Debug, Default)]
+struct Reads {
+    clock: AtomicBool,
+    value_size: AtomicBool,
 }
 
 impl Request {
@@ -106,19 +135,39 @@ impl Request {
     }
 
     /// Size in bytes of the value being written (Set only; 0 otherwise).
+    ///
+    /// Recorded as a read of the value size: the gateway then reuses the decision only for the
+    /// same size, and only as long as [`Decision::reusable_for`](crate::Decision::reusable_for)
+    /// promises.
     pub fn value_size(&self) -> u64 {
+        self.reads.value_size.store(true, Ordering::Relaxed);
         self.value_size
     }
 
     /// The gateway's wall-clock time for this request. (A policy has no clock of its own:
     /// `SystemTime::now()` is unavailable on `wasm32-unknown-unknown`.)
+    ///
+    /// Recorded as a read of the clock: the gateway then reuses the decision only as long as
+    /// [`Decision::reusable_for`](crate::Decision::reusable_for) promises.
     pub fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.now_unix_ms)
+        UNIX_EPOCH + Duration::from_millis(self.now_unix_ms())
     }
 
-    /// [`now`](Request::now) as milliseconds since the Unix epoch.
+    /// [`now`](Request::now) as milliseconds since the Unix epoch. Recorded as a read of the
+    /// clock, like `now`.
     pub fn now_unix_ms(&self) -> u64 {
+        self.reads.clock.store(true, Ordering::Relaxed);
         self.now_unix_ms
+    }
+
+    /// Whether the clock has been read through this request or one of its clones.
+    pub(crate) fn clock_was_read(&self) -> bool {
+        self.reads.clock.load(Ordering::Relaxed)
+    }
+
+    /// Whether the value size has been read through this request or one of its clones.
+    pub(crate) fn value_size_was_read(&self) -> bool {
+        self.reads.value_size.load(Ordering::Relaxed)
     }
 
     /// The binding's configuration bytes, verbatim (JSON by convention). The same bytes are
@@ -137,17 +186,65 @@ impl Request {
         crate::config::from_json(&self.config)
     }
 
-    /// The request as the wire message the host sends.
+    /// The request as the wire message the host sends. It holds the clock and the value size,
+    /// so it counts as reading both.
     pub fn to_input(&self) -> proto::PolicyInput {
         proto::PolicyInput {
             op: self.op.to_wire(),
             namespace: self.namespace.clone(),
             key: self.key.clone(),
             attributes: self.attributes.clone(),
+            value_size: self.value_size(),
+            now_unix_ms: self.now_unix_ms(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl Clone for Request {
+    /// A copy that shares the original's record of reads: reading the clock through the clone
+    /// is reading the clock of the same request.
+    fn clone(&self) -> Self {
+        Self {
+            op: self.op,
+            namespace: self.namespace.clone(),
+            key: self.key.clone(),
+            attributes: self.attributes.clone(),
             value_size: self.value_size,
             now_unix_ms: self.now_unix_ms,
             config: self.config.clone(),
+            reads: Arc::clone(&self.reads),
         }
+    }
+}
+
+impl PartialEq for Request {
+    /// Compares the inputs, not the record of reads. The clock and the value size are compared
+    /// last, through their accessors, so they count as read only when the answer depends on them.
+    fn eq(&self, other: &Self) -> bool {
+        self.op == other.op
+            && self.namespace == other.namespace
+            && self.key == other.key
+            && self.attributes == other.attributes
+            && self.config == other.config
+            && self.value_size() == other.value_size()
+            && self.now_unix_ms() == other.now_unix_ms()
+    }
+}
+
+impl fmt::Debug for Request {
+    /// Prints every input, the clock and the value size included, so it counts as reading both:
+    /// log the fields a decision needs rather than the whole request.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("op", &self.op)
+            .field("namespace", &self.namespace)
+            .field("key", &self.key)
+            .field("attributes", &self.attributes)
+            .field("value_size", &self.value_size())
+            .field("now_unix_ms", &self.now_unix_ms())
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -161,6 +258,7 @@ impl From<proto::PolicyInput> for Request {
             value_size: input.value_size,
             now_unix_ms: input.now_unix_ms,
             config: input.config,
+            reads: Arc::default(),
         }
     }
 }
@@ -232,5 +330,56 @@ mod tests {
     fn converts_back_to_the_wire_message() {
         let req = sample();
         assert_eq!(Request::from(req.to_input()), req);
+    }
+
+    fn reads(req: &Request) -> (bool, bool) {
+        (req.clock_was_read(), req.value_size_was_read())
+    }
+
+    #[test]
+    fn records_reads_of_the_clock_and_the_value_size() {
+        let req = sample();
+        req.op();
+        req.namespace();
+        req.key();
+        req.attr("route");
+        req.attributes().count();
+        req.config();
+        assert_eq!(
+            reads(&req),
+            (false, false),
+            "matched inputs are not recorded"
+        );
+        req.now();
+        assert_eq!(reads(&req), (true, false));
+        let req = sample();
+        req.now_unix_ms();
+        assert_eq!(reads(&req), (true, false));
+        let req = sample();
+        req.value_size();
+        assert_eq!(reads(&req), (false, true));
+    }
+
+    #[test]
+    fn every_view_of_the_clock_or_size_is_a_read() {
+        let req = sample();
+        req.to_input();
+        assert_eq!(reads(&req), (true, true), "to_input");
+        let req = sample();
+        let _ = format!("{req:?}");
+        assert_eq!(reads(&req), (true, true), "Debug");
+        let original = sample();
+        original.clone().now();
+        assert_eq!(reads(&original), (true, false), "a clone shares the record");
+        // Equality reads the clock and the size only when everything else is equal.
+        let req = sample();
+        let other_key = Request::from(proto::PolicyInput {
+            key: "other".into(),
+            ..sample().to_input()
+        });
+        assert_ne!(req, other_key);
+        assert_eq!(reads(&req), (false, false));
+        assert_eq!(req, sample());
+        assert_eq!(reads(&req), (true, true));
     }
 }

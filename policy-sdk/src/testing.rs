@@ -24,6 +24,11 @@
 //!     Outcome::Decision(wire) => assert_eq!(wire.fresh_ttl_ms, Some(60_000)),
 //!     other => panic!("{other:?}"),
 //! }
+//!
+//! // What the decision read, and so whether the gateway may reuse it: nothing here.
+//! let reuse = req.round_trip::<OneMinute>().reuse();
+//! assert!(!reuse.read_clock && !reuse.read_value_size);
+//! assert_eq!(reuse.reusable_for_ms, 0);
 //! ```
 
 use std::collections::BTreeMap;
@@ -145,6 +150,19 @@ impl Outcome {
             Outcome::Decision(decision) => decision,
             other => panic!("expected a decision, got {other:?}"),
         }
+    }
+
+    /// What the decision read of the clock and the value size, and how long the policy
+    /// promised it holds ([`Decision::reusable_for`]): whether and how long the gateway may
+    /// reuse it (docs/POLICY_ABI.md, "Decision reuse").
+    ///
+    /// # Panics
+    /// If the outcome is not a decision, or the decision has no `reuse` (this SDK always sets
+    /// it).
+    pub fn reuse(self) -> proto::Reuse {
+        self.decision()
+            .reuse
+            .expect("the SDK sets `reuse` on every decision")
     }
 
     /// The error message of a declined call.
@@ -301,6 +319,82 @@ mod tests {
         assert_eq!(decision.storage_key, "k");
         assert_eq!(decision.fresh_ttl_ms, Some(1_000));
         assert_eq!(decision.tags, ["t"]);
+    }
+
+    /// Big values are fresh for 10 s (the value size is read on Sets only); the key `daily` is
+    /// promised to hold until midnight UTC (a read of the clock).
+    #[derive(Default)]
+    struct Tracked;
+
+    impl Policy for Tracked {
+        fn decide(&self, req: &Request) -> Result<Decision, PolicyError> {
+            let mut decision = Decision::cache(req.key());
+            if req.key() == "daily" {
+                let left_today = 86_400_000 - req.now_unix_ms() % 86_400_000;
+                decision = decision.reusable_for(Duration::from_millis(left_today));
+            }
+            if req.op() == Operation::Set && req.value_size() > 1_000 {
+                decision = decision.fresh_for(Duration::from_secs(10));
+            }
+            Ok(decision)
+        }
+    }
+
+    #[test]
+    fn round_trip_shows_what_the_decision_read() {
+        let get = request(Operation::Get, "ns", "k").round_trip::<Tracked>();
+        assert_eq!(
+            get.reuse(),
+            proto::Reuse {
+                read_clock: false,
+                read_value_size: false,
+                reusable_for_ms: 0,
+            }
+        );
+        let set = request(Operation::Set, "ns", "k").value_size(5_000);
+        let reuse = set.round_trip::<Tracked>().reuse();
+        assert!(!reuse.read_clock && reuse.read_value_size, "{reuse:?}");
+        let daily = request(Operation::Get, "ns", "daily")
+            .now_unix_ms(DEFAULT_NOW_UNIX_MS)
+            .round_trip::<Tracked>()
+            .reuse();
+        // 2023-11-14T22:13:20Z: 1 h 46 min 40 s to midnight.
+        assert!(daily.read_clock && !daily.read_value_size, "{daily:?}");
+        assert_eq!(daily.reusable_for_ms, 6_400_000);
+    }
+
+    #[test]
+    #[should_panic(expected = "expected a decision")]
+    fn reuse_of_a_declined_call_panics() {
+        request(Operation::Get, "ns", "error")
+            .round_trip::<ByKey>()
+            .reuse();
+    }
+
+    #[cfg(feature = "json")]
+    #[test]
+    fn parsing_a_json_config_is_not_a_read() {
+        #[derive(Default, serde::Deserialize)]
+        struct Ttl {
+            ttl_s: u64,
+        }
+        #[derive(Default)]
+        struct FromJson(Ttl);
+        impl Policy for FromJson {
+            fn from_config(config: &[u8]) -> Result<Self, PolicyError> {
+                crate::config::from_json(config).map(FromJson)
+            }
+            fn decide(&self, req: &Request) -> Result<Decision, PolicyError> {
+                let again: Ttl = req.config_json()?;
+                assert_eq!(again.ttl_s, self.0.ttl_s);
+                Ok(Decision::cache(req.key()).fresh_for(Duration::from_secs(self.0.ttl_s)))
+            }
+        }
+        let reuse = request(Operation::Set, "ns", "k")
+            .config_json(r#"{"ttl_s": 30}"#)
+            .round_trip::<FromJson>()
+            .reuse();
+        assert!(!reuse.read_clock && !reuse.read_value_size, "{reuse:?}");
     }
 
     #[test]

@@ -132,4 +132,25 @@ mod tests {
         assert!(SurrogateKeys::from_config(br#"{"ttl": "0s"}"#).is_err());
         assert!(SurrogateKeys::from_config(br#"{"tll": "1m"}"#).is_err());
     }
+
+    #[test]
+    fn decisions_read_neither_the_clock_nor_the_value_size() {
+        // So the gateway reuses every decision for identical requests while the binding lasts.
+        for op in [Operation::Get, Operation::Set, Operation::Delete] {
+            for key in ["page:/p/42", "search:shoes"] {
+                let reuse = testing::request(op, "catalog", key)
+                    .attr("field", "email")
+                    .attr("accept-language", "de")
+                    .value_size(2_048)
+                    .config_json(r#"{"ttl":"10m","stale":"1m","near":"2s"}"#)
+                    .round_trip::<SurrogateKeys>()
+                    .reuse();
+                assert!(
+                    !reuse.read_clock && !reuse.read_value_size,
+                    "{op:?} {key}: {reuse:?}"
+                );
+                assert_eq!(reuse.reusable_for_ms, 0);
+            }
+        }
+    }
 }

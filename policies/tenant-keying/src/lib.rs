@@ -239,4 +239,25 @@ mod tests {
         assert!(wire.bypass);
         assert_eq!(wire.storage_key, "/p");
     }
+
+    #[test]
+    fn decisions_read_neither_the_clock_nor_the_value_size() {
+        // So the gateway reuses every decision for identical requests while the binding lasts.
+        for op in [Operation::Get, Operation::Set, Operation::Delete] {
+            for key in ["/Products?b=2&a=1", "/cart"] {
+                let reuse = testing::request(op, "pages", key)
+                    .attr("field", "email")
+                    .attr("accept-language", "de")
+                    .value_size(2_048)
+                    .config_json(r#"{"vary":["accept-language"]}"#)
+                    .round_trip::<TenantKeying>()
+                    .reuse();
+                assert!(
+                    !reuse.read_clock && !reuse.read_value_size,
+                    "{op:?} {key}: {reuse:?}"
+                );
+                assert_eq!(reuse.reusable_for_ms, 0);
+            }
+        }
+    }
 }

@@ -304,4 +304,27 @@ mod tests {
             "{declined:?}"
         );
     }
+
+    #[test]
+    fn decisions_read_neither_the_clock_nor_the_value_size() {
+        // So the gateway reuses every decision for identical requests while the binding lasts.
+        for op in [Operation::Get, Operation::Set, Operation::Delete] {
+            for key in ["leaderboard:today", "ref:countries", "other"] {
+                let reuse = testing::request(op, "api", key)
+                    .attr("field", "email")
+                    .attr("accept-language", "de")
+                    .value_size(2_048)
+                    .config_json(
+                        r#"{"rules":[{"prefix":"leaderboard:","ttl":"60s"}],"default_ttl":"5m"}"#,
+                    )
+                    .round_trip::<TtlByRoute>()
+                    .reuse();
+                assert!(
+                    !reuse.read_clock && !reuse.read_value_size,
+                    "{op:?} {key}: {reuse:?}"
+                );
+                assert_eq!(reuse.reusable_for_ms, 0);
+            }
+        }
+    }
 }

@@ -291,4 +291,24 @@ mod tests {
             ["profile:42:*", "settings:42:*"]
         );
     }
+
+    #[test]
+    fn decisions_read_neither_the_clock_nor_the_value_size() {
+        // So the gateway reuses every decision for identical requests while the binding lasts.
+        for op in [Operation::Get, Operation::Set, Operation::Delete] {
+            for key in ["profile:42", "profile:42:email", "settings:42:theme"] {
+                let reuse = testing::request(op, "users", key)
+                    .attr("field", "email")
+                    .attr("accept-language", "de")
+                    .value_size(2_048)
+                    .round_trip::<UserProfile>()
+                    .reuse();
+                assert!(
+                    !reuse.read_clock && !reuse.read_value_size,
+                    "{op:?} {key}: {reuse:?}"
+                );
+                assert_eq!(reuse.reusable_for_ms, 0);
+            }
+        }
+    }
 }
