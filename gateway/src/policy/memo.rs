@@ -28,7 +28,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use moka::{notification::RemovalCause, sync::Cache};
@@ -86,7 +86,9 @@ impl Reuse {
 
 struct Entry {
     decision: Decision,
-    until: Option<Instant>,
+    /// The end of the policy's promise, in Unix ms: it runs from the
+    /// decided request's `now_unix_ms`, the time the policy saw.
+    until_unix_ms: Option<u64>,
     value_size: Option<u64>,
     weight: u32,
     stats: MemoStats,
@@ -126,16 +128,27 @@ impl DecisionMemo {
         Self { entries }
     }
 
-    /// The decision kept for `input`, if there is one that still holds.
-    pub fn get(&self, input: &MemoKey, value_size: u64) -> Option<Decision> {
+    /// The decision kept for `input`, if there is one that still holds at
+    /// `now_unix_ms` for a value of `value_size` bytes.
+    pub fn get(&self, input: &MemoKey, value_size: u64, now_unix_ms: u64) -> Option<Decision> {
         let entry = self.entries.get(input.bytes())?;
-        let expired = entry.until.is_some_and(|until| Instant::now() >= until);
+        let expired = entry
+            .until_unix_ms
+            .is_some_and(|until| now_unix_ms >= until);
         let other_size = entry.value_size.is_some_and(|size| size != value_size);
         (!expired && !other_size).then(|| entry.decision.clone())
     }
 
-    /// Keeps `decision` for `input`, as `reuse` allows.
-    pub fn put(&self, input: MemoKey, decision: &Decision, reuse: Reuse, stats: &MemoStats) {
+    /// Keeps `decision`, made at `decided_at_unix_ms` (the `now_unix_ms` the
+    /// policy saw), for `input`, as `reuse` allows.
+    pub fn put(
+        &self,
+        input: MemoKey,
+        decision: &Decision,
+        reuse: Reuse,
+        decided_at_unix_ms: u64,
+        stats: &MemoStats,
+    ) {
         let Reuse::For {
             promise,
             value_size,
@@ -150,7 +163,10 @@ impl DecisionMemo {
             input.0,
             Arc::new(Entry {
                 decision: decision.clone(),
-                until: promise.map(|promise| Instant::now() + promise),
+                until_unix_ms: promise.map(|promise| {
+                    decided_at_unix_ms
+                        .saturating_add(u64::try_from(promise.as_millis()).unwrap_or(u64::MAX))
+                }),
                 value_size,
                 weight,
                 stats: stats.clone(),
@@ -369,10 +385,11 @@ mod tests {
                 promise: None,
                 value_size: None,
             },
+            1_000,
             &stats,
         );
         assert_eq!(
-            memo.get(&key(), 7).map(|d| d.key),
+            memo.get(&key(), 7, 1_000).map(|d| d.key),
             Some("forever".to_owned())
         );
 
@@ -383,10 +400,14 @@ mod tests {
                 promise: None,
                 value_size: Some(7),
             },
+            1_000,
             &stats,
         );
-        assert_eq!(memo.get(&key(), 7).map(|d| d.key), Some("sized".to_owned()));
-        assert_eq!(memo.get(&key(), 8), None);
+        assert_eq!(
+            memo.get(&key(), 7, 1_000).map(|d| d.key),
+            Some("sized".to_owned())
+        );
+        assert_eq!(memo.get(&key(), 8, 1_000), None);
 
         memo.put(
             key(),
@@ -395,28 +416,37 @@ mod tests {
                 promise: Some(Duration::ZERO),
                 value_size: None,
             },
+            1_000,
             &stats,
         );
         assert_eq!(
-            memo.get(&key(), 7),
+            memo.get(&key(), 7, 1_000),
             None,
             "a promise of 0 ms has passed at once"
         );
 
-        memo.put(key(), &decision("never"), Reuse::Never, &stats);
+        // A promise runs from the time the policy saw, not from when it is kept.
+        let promise = Reuse::For {
+            promise: Some(Duration::from_millis(500)),
+            value_size: None,
+        };
+        memo.put(key(), &decision("promised"), promise, 1_000, &stats);
         assert_eq!(
-            memo.get(&key(), 7),
-            None,
-            "Never is not kept (and did not replace)"
+            memo.get(&key(), 7, 1_499).map(|d| d.key),
+            Some("promised".to_owned())
         );
+        assert_eq!(memo.get(&key(), 7, 1_500), None);
+
+        memo.put(key(), &decision("never"), Reuse::Never, 2_000, &stats);
+        assert_eq!(memo.get(&key(), 7, 2_000), None, "Never is not kept");
     }
 
     #[test]
-    fn the_memo_stays_within_its_bytes_under_many_distinct_keys() {
+    fn the_memo_stays_within_its_bytes_under_a_million_distinct_keys() {
         let bound = 256 * 1024;
         let memo = DecisionMemo::new(bound);
         let stats = MemoStats::default();
-        for i in 0..50_000 {
+        for i in 0..1_000_000 {
             let key = format!("key-{i}");
             memo.put(
                 MemoKey::new(1, Operation::Get, "ns", &key, &Attributes::new()),
@@ -425,6 +455,7 @@ mod tests {
                     promise: None,
                     value_size: None,
                 },
+                1_000,
                 &stats,
             );
         }

@@ -343,6 +343,7 @@ impl Decider {
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
     ) -> Result<Decision, Fault> {
+        let now_unix_ms = unix_millis();
         let memo = match &self.memo {
             Some(memo) if binding.memo => {
                 let key = MemoKey::new(
@@ -356,7 +357,7 @@ impl Decider {
                     self.metrics
                         .memo_stats(binding.module.label(), &binding.namespace)
                 });
-                if let Some(decision) = memo.get(&key, request.value_size as u64) {
+                if let Some(decision) = memo.get(&key, request.value_size as u64, now_unix_ms) {
                     stats.hits.inc();
                     return Ok(decision);
                 }
@@ -376,7 +377,7 @@ impl Decider {
             key: request.key.to_owned(),
             attributes: request.attributes.clone(),
             value_size: request.value_size as u64,
-            now_unix_ms: unix_millis(),
+            now_unix_ms,
             config: binding.config.clone(),
         };
         let outcome = binding
@@ -395,7 +396,7 @@ impl Decider {
         );
         let (decision, reuse) = outcome?;
         if let Some((memo, key, stats)) = memo {
-            memo.put(key, &decision, reuse, stats);
+            memo.put(key, &decision, reuse, now_unix_ms, stats);
         }
         Ok(decision)
     }
