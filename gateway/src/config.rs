@@ -730,7 +730,7 @@ pub struct PolicyEngineConfig {
     /// decisions and bookkeeping, estimated): decisions a policy reports as
     /// reusable are answered from it without a call. 0 turns it off.
     pub memo_bytes: u64,
-    /// Long policy calls (past 1 ms of CPU) of one binding (one version bound
+    /// Long policy calls (past 2 ms of CPU) of one binding (one version bound
     /// to one namespace) that may run at once. This bounds the CPU one
     /// namespace's policy can take from its neighbours: a slow or looping
     /// policy occupies at most this many cores, and only while they have

@@ -5,16 +5,17 @@
 //!
 //! Calls run on wasmtime fibers (`call_async`), so a long call never holds a
 //! request worker: at every epoch tick (1 ms) the deadline callback charges
-//! the call the CPU time it actually ran ([`CpuMeter`]), cuts it off past
-//! `policy.deadline` of CPU (or `policy.wall_deadline` of wall time), and,
-//! once it has run a tick of CPU, yields to the runtime, which resumes it
-//! only once the worker has served every other ready task. A call that has run a tick of CPU is a
-//! long call, and goes on only with one of its binding's long-call permits
-//! (`policy.max_concurrent_calls`); while they are all held, the binding's
-//! new calls wait for one before they start. So what one namespace's slow or
-//! looping policy can take from the others is that many cores, at the lowest
-//! priority. A decision that takes microseconds never holds a permit and pays
-//! for none of this but two clock reads and an atomic load.
+//! the call the CPU time it actually ran ([`CpuMeter`]) and cuts it off past
+//! `policy.deadline` of CPU (or `policy.wall_deadline` of wall time). A call
+//! that has run [`LONG_CALL`] of CPU is a long call: it yields to the runtime
+//! at every tick, which resumes it only once the worker has served every
+//! other ready task, and it goes on only with one of its binding's long-call
+//! permits (`policy.max_concurrent_calls`); while they are all held, the
+//! binding's new calls wait for one before they start. So what one
+//! namespace's slow or looping policy can take from the others is that many
+//! cores, at the lowest priority. A decision that takes microseconds reaches
+//! no tick, holds no permit and pays for none of this but a monotonic clock
+//! read per poll and an atomic load.
 
 use std::{
     fmt,
@@ -648,23 +649,51 @@ async fn invoke(
     Ok(data[out_ptr..end].to_vec())
 }
 
-/// The CPU time one call has run, whichever threads polled it: each poll of
-/// the call's future adds the time its thread spent in it (see [`metered`]).
-/// The clock is the thread's own (`CLOCK_THREAD_CPUTIME_ID`): time the thread
-/// waited for a core, descheduled, is not the policy's.
+/// The CPU time one call has run, whichever threads polled it. The
+/// thread's own CPU clock (`CLOCK_THREAD_CPUTIME_ID`) is what counts: time
+/// the thread waited for a core, descheduled, is not the policy's.
+///
+/// That clock is a system call (a microsecond or more on a VM), so it is
+/// read only once a call has reached a tick, never by a call that ends
+/// within one. A poll's CPU before its first tick is taken as its wall time,
+/// at most a tick (the thread ran no longer than that before the tick that
+/// called back, or it would have met an earlier one); from the first tick
+/// on, the clock is read at each tick and when the poll ends.
 #[derive(Debug, Default)]
 pub struct CpuMeter {
-    /// CPU time of the polls that have ended, in nanoseconds.
+    /// CPU time charged so far, in nanoseconds.
     spent_ns: AtomicU64,
-    /// The polling thread's CPU clock when the current poll began.
+    /// When the current poll began, on [`wall_ns`]'s clock.
     poll_started_ns: AtomicU64,
+    /// The polling thread's CPU clock at the poll's last tick; 0 before one.
+    last_tick_cpu_ns: AtomicU64,
 }
 
 impl CpuMeter {
-    /// CPU time used so far; called from inside a poll (the epoch callback).
+    /// CPU time used so far, charging the current poll up to now; called
+    /// from inside a poll (the epoch callback, the memory limiter).
     fn used(&self) -> Duration {
-        let current = thread_cpu_ns().saturating_sub(self.poll_started_ns.load(Ordering::Relaxed));
-        Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed) + current)
+        let cpu = thread_cpu_ns();
+        let charged = match self.last_tick_cpu_ns.swap(cpu, Ordering::Relaxed) {
+            0 => wall_ns()
+                .saturating_sub(self.poll_started_ns.load(Ordering::Relaxed))
+                .min(EPOCH_TICK.as_nanos() as u64),
+            last => cpu.saturating_sub(last),
+        };
+        Duration::from_nanos(self.spent_ns.fetch_add(charged, Ordering::Relaxed) + charged)
+    }
+
+    fn poll_starts(&self) {
+        self.poll_started_ns.store(wall_ns(), Ordering::Relaxed);
+        self.last_tick_cpu_ns.store(0, Ordering::Relaxed);
+    }
+
+    fn poll_ends(&self) {
+        let last = self.last_tick_cpu_ns.swap(0, Ordering::Relaxed);
+        if last != 0 {
+            self.spent_ns
+                .fetch_add(thread_cpu_ns().saturating_sub(last), Ordering::Relaxed);
+        }
     }
 }
 
@@ -673,18 +702,22 @@ fn thread_cpu_ns() -> u64 {
     (now.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(now.tv_nsec as u64)
+        .max(1)
+}
+
+/// Nanoseconds on a monotonic clock (the vDSO's: no system call).
+fn wall_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// Runs `call`, charging the CPU time of every poll to `meter`.
 async fn metered<F: Future>(meter: &CpuMeter, call: F) -> F::Output {
     let mut call = std::pin::pin!(call);
     std::future::poll_fn(|cx| {
-        let started = thread_cpu_ns();
-        meter.poll_started_ns.store(started, Ordering::Relaxed);
+        meter.poll_starts();
         let polled = call.as_mut().poll(cx);
-        meter
-            .spent_ns
-            .fetch_add(thread_cpu_ns().saturating_sub(started), Ordering::Relaxed);
+        meter.poll_ends();
         polled
     })
     .await
@@ -700,6 +733,12 @@ enum Yields {
     /// (tokio's would park the waker on the worker that is blocked on it).
     Anywhere,
 }
+
+/// CPU time after which a call is long: it yields at every tick and needs a
+/// long-call permit. Two ticks, because the first segment of a poll is
+/// charged up to a tick of wall time ([`CpuMeter`]), so a call that was
+/// merely descheduled is never taken for a long one.
+const LONG_CALL: Duration = Duration::from_millis(2);
 
 /// How long after its last memory growth a call is not cut off for CPU time:
 /// filling fresh memory is the kernel faulting pages in, bounded by the
@@ -720,9 +759,9 @@ fn at_tick(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<Update
         return Ok(UpdateDeadline::Interrupt);
     }
     // Instantiation runs a start function synchronously: it cannot yield. A
-    // call that has not run a tick of CPU is not long, only descheduled: it
-    // goes on at once rather than queue behind the worker's other tasks.
-    if !state.on_fiber || used < EPOCH_TICK {
+    // call that has not run LONG_CALL of CPU is not long, only descheduled:
+    // it goes on at once rather than queue behind the worker's other tasks.
+    if !state.on_fiber || used < LONG_CALL {
         return Ok(UpdateDeadline::Continue(1));
     }
     if let Some(wait) = state.admit_long_call()? {
@@ -875,6 +914,7 @@ impl HostState {
         self.started = Instant::now();
         self.log_calls = 0;
         self.meter.spent_ns.store(0, Ordering::Relaxed);
+        self.meter.poll_starts();
     }
 }
 
