@@ -683,6 +683,11 @@ impl CpuMeter {
         Duration::from_nanos(self.spent_ns.fetch_add(charged, Ordering::Relaxed) + charged)
     }
 
+    /// CPU time charged up to the last tick or poll end (no clock read).
+    fn charged(&self) -> Duration {
+        Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed))
+    }
+
     fn poll_starts(&self) {
         self.poll_started_ns.store(wall_ns(), Ordering::Relaxed);
         self.last_tick_cpu_ns.store(0, Ordering::Relaxed);
@@ -744,7 +749,9 @@ const LONG_CALL: Duration = Duration::from_millis(2);
 /// filling fresh memory is the kernel faulting pages in, bounded by the
 /// memory cap (the wall deadline still applies), so a memory bomb meets the
 /// cap and is reported as `memory` even where page faults are slow.
-const GROWTH_GRACE: Duration = Duration::from_millis(2);
+/// (The growth is stamped with the CPU charged up to the last tick, so the
+/// grace is a tick longer than the window it means.)
+const GROWTH_GRACE: Duration = Duration::from_millis(3);
 
 /// The epoch callback, at every tick a call is still running: a timeout past
 /// its CPU or wall deadline; a long call without a permit waits for one (or
@@ -929,7 +936,9 @@ impl ResourceLimiter for HostState {
             self.memory_capped = true;
             return Ok(false);
         }
-        self.grew_at = Some(self.meter.used());
+        // What is charged so far (no clock read: growth is frequent, and the
+        // current stretch is settled at the next tick).
+        self.grew_at = Some(self.meter.charged());
         Ok(true)
     }
 
