@@ -72,6 +72,10 @@ async fn neighbours_keep_their_latency(deadline: Duration) {
             Some(json!({"rules": [], "default_ttl": "5m"})),
             FailOpen,
         );
+        // Every read of this neighbour calls its policy (no memo).
+        if let Some(policy) = &mut config.namespaces.get_mut("routes").unwrap().policy {
+            policy.memo = false;
+        }
     })
     .await;
     for namespace in ["plain", "routes"] {

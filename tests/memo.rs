@@ -58,13 +58,31 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
                    "default_ttl": "5m"}),
         ),
         ("users", "user-profile", json!({"ttl": "5m"})),
-        ("pages", "tenant-keying", json!({"vary": ["accept-language"]})),
-        ("catalog", "surrogate-keys", json!({"ttl": "10m", "stale": "1m"})),
-        ("hours", "business-hours", json!({"open": "08:00", "close": "18:00"})),
+        (
+            "pages",
+            "tenant-keying",
+            json!({"vary": ["accept-language"]}),
+        ),
+        (
+            "catalog",
+            "surrogate-keys",
+            json!({"ttl": "10m", "stale": "1m"}),
+        ),
+        (
+            "hours",
+            "business-hours",
+            json!({"open": "08:00", "close": "18:00"}),
+        ),
     ];
     let mut config = support::test_config(StoreKind::Memory, None);
     for (namespace, module, policy_config) in &policies {
-        bind(&mut config, namespace, module, Some(policy_config.clone()), FailOpen);
+        bind(
+            &mut config,
+            namespace,
+            module,
+            Some(policy_config.clone()),
+            FailOpen,
+        );
     }
     let (with_memo, with_metrics) = decider(&config);
     let mut no_memo_config = config.clone();
@@ -72,8 +90,16 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
     let (without_memo, _) = decider(&no_memo_config);
 
     let keys = [
-        "leaderboard:weekly", "ref:countries", "country-codes", "profile:42", "settings:42",
-        "user:42", "/Products?b=2&a=1", "/products?a=1&b=2", "product:7", "anything",
+        "leaderboard:weekly",
+        "ref:countries",
+        "country-codes",
+        "profile:42",
+        "settings:42",
+        "user:42",
+        "/Products?b=2&a=1",
+        "/products?a=1&b=2",
+        "product:7",
+        "anything",
     ];
     let attribute_choices: [&[(&str, &str)]; 5] = [
         &[],
@@ -90,7 +116,11 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
         let op = *[Operation::Get, Operation::Set, Operation::Delete]
             .choose(&mut rng)
             .unwrap();
-        let key = format!("{}{}", keys.choose(&mut rng).unwrap(), rng.random_range(0..3));
+        let key = format!(
+            "{}{}",
+            keys.choose(&mut rng).unwrap(),
+            rng.random_range(0..3)
+        );
         let attributes: HashMap<String, String> = attribute_choices
             .choose(&mut rng)
             .unwrap()
@@ -177,7 +207,10 @@ async fn every_binding_sees_its_own_decisions() {
         assert_eq!(set_ttl(&mut world, "api", "k").await.0, 60_000);
     }
     // A rebind with another config starts from an empty memo.
-    admin.bind_policy(bind_with("2m", BindMode::Active, 0.0)).await.expect("rebind");
+    admin
+        .bind_policy(bind_with("2m", BindMode::Active, 0.0))
+        .await
+        .expect("rebind");
     for _ in 0..2 {
         assert_eq!(set_ttl(&mut world, "api", "k").await.0, 120_000);
     }
@@ -192,13 +225,22 @@ async fn every_binding_sees_its_own_decisions() {
         assert_eq!(set_ttl(&mut world, "api", "k").await.0, 60_000);
     }
     // A canary on every key decides with its own config.
-    admin.bind_policy(bind_with("3m", BindMode::Canary, 100.0)).await.expect("canary");
+    admin
+        .bind_policy(bind_with("3m", BindMode::Canary, 100.0))
+        .await
+        .expect("canary");
     for _ in 0..2 {
         assert_eq!(set_ttl(&mut world, "api", "k").await.0, 180_000);
     }
-    admin.bind_policy(bind_with("3m", BindMode::Canary, 0.0)).await.expect("no canary");
+    admin
+        .bind_policy(bind_with("3m", BindMode::Canary, 0.0))
+        .await
+        .expect("no canary");
     // A shadow decides beside the active binding and is never applied.
-    admin.bind_policy(bind_with("4m", BindMode::Shadow, 100.0)).await.expect("shadow");
+    admin
+        .bind_policy(bind_with("4m", BindMode::Shadow, 100.0))
+        .await
+        .expect("shadow");
     for _ in 0..3 {
         assert_eq!(set_ttl(&mut world, "api", "k").await.0, 60_000);
     }
@@ -232,7 +274,10 @@ async fn a_faulting_input_is_asked_again_not_remembered() {
 async fn a_time_of_day_decision_is_not_reused_past_its_boundary() {
     use std::time::{SystemTime, UNIX_EPOCH};
     // The next whole minute at least 3 s away is "opening time".
-    let now_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let opening_s = (now_s + 3).div_ceil(60) * 60;
     let hhmm = |s: u64| format!("{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60);
     let policy_config = json!({
@@ -240,16 +285,29 @@ async fn a_time_of_day_decision_is_not_reused_past_its_boundary() {
         "open_ttl": "1m", "closed_ttl": "30m",
     });
     let mut world = World::start_with(Backend::Memory, |config| {
-        bind(config, "hours", "business-hours", Some(policy_config), FailOpen);
+        bind(
+            config,
+            "hours",
+            "business-hours",
+            Some(policy_config),
+            FailOpen,
+        );
     })
     .await;
     let closed = set_ttl(&mut world, "hours", "k").await;
     assert_eq!(closed.0, 30 * 60_000, "before opening: {closed:?}");
     assert_eq!(set_ttl(&mut world, "hours", "k").await.0, 30 * 60_000);
-    assert!(world.gateway.counter("cachegw_policy_memo_hits") >= 1, "remembered before the boundary");
+    assert!(
+        world.gateway.counter("cachegw_policy_memo_hits") >= 1,
+        "remembered before the boundary"
+    );
     // Across the boundary (waiting on the clock itself, with a deadline).
     support::wait_until("opening time", Duration::from_secs(70), || async move {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() >= opening_s
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            >= opening_s
     })
     .await;
     assert_eq!(
