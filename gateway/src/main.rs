@@ -13,7 +13,7 @@ use gateway::{
     bench_stampede::{self, StampedeBenchArgs},
     config::{LogFormatConfig, Overrides, StoreKind},
     out, outln,
-    policy::tool,
+    policy::tool::{self, BenchMode},
     telemetry::{self, LogFormat},
 };
 
@@ -245,8 +245,13 @@ enum PolicyCommand {
         #[arg(long, default_value_t = 100_000)]
         calls: u64,
         /// Reuse one instance for every call instead of a fresh one each.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "memo")]
         reuse_instance: bool,
+        /// Time what a decision costs when the gateway's decision memo answers
+        /// it: one real call, then every call a memo hit. Fails if the policy
+        /// does not report the decision as reusable.
+        #[arg(long)]
+        memo: bool,
     },
 }
 
@@ -668,9 +673,15 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
             probe: args,
             calls,
             reuse_instance,
+            memo,
             ..
         } => {
-            let report = loaded.bench(&probe(args)?, *calls, *reuse_instance)?;
+            let mode = match (reuse_instance, memo) {
+                (true, _) => BenchMode::ReusedInstance,
+                (_, true) => BenchMode::Memo,
+                _ => BenchMode::Fresh,
+            };
+            let report = loaded.bench(&probe(args)?, *calls, mode)?;
             outln!("{}", serde_json::to_string_pretty(&report)?)?;
         }
         _ => unreachable!("remote commands are handled by policy_command"),

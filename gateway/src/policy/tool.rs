@@ -7,7 +7,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{
-    Decision, DecisionLimits, Fault, PolicyEngine, PolicyModule, engine::config_bytes, module_name,
+    Decision, DecisionLimits, Fault, Operation, PolicyEngine, PolicyModule,
+    engine::config_bytes,
+    memo::{DecisionMemo, MemoKey, MemoStats, Reuse},
+    module_name,
 };
 use crate::{
     api::proto::policy as pb,
@@ -37,6 +40,17 @@ pub enum ToolError {
     /// A bad argument.
     #[error("{0}")]
     Usage(String),
+}
+
+/// What `cachegw policy bench` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchMode {
+    /// A fresh instance per call, as the gateway calls a policy.
+    Fresh,
+    /// One instance for every call (no isolation: a lower bound).
+    ReusedInstance,
+    /// A decision the memo answers: key, look-up, copy.
+    Memo,
 }
 
 /// One request to decide on.
@@ -308,26 +322,83 @@ impl Loaded {
     }
 
     /// Runs `calls` decisions on `probe` and summarises latency and memory.
-    pub fn bench(&self, probe: &Probe, calls: u64, reuse: bool) -> Result<BenchReport, ToolError> {
+    pub fn bench(
+        &self,
+        probe: &Probe,
+        calls: u64,
+        mode: BenchMode,
+    ) -> Result<BenchReport, ToolError> {
         let rss_before = resident_kib();
         let mut histogram =
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
         let started = Instant::now();
         let mut faults: HashMap<&'static str, u64> = HashMap::new();
-        self.module
-            .measure(&self.input(probe), calls, reuse, |elapsed, fault| {
-                histogram.saturating_record((elapsed.as_nanos() as u64).max(1));
-                if let Some(fault) = fault {
-                    *faults.entry(fault.kind()).or_default() += 1;
+        let mut record = |elapsed: std::time::Duration, fault: Option<Fault>| {
+            histogram.saturating_record((elapsed.as_nanos() as u64).max(1));
+            if let Some(fault) = fault {
+                *faults.entry(fault.kind()).or_default() += 1;
+            }
+        };
+        let cannot =
+            |fault: Fault| ToolError::Usage(format!("the policy cannot be called: {fault}"));
+        match mode {
+            BenchMode::Fresh | BenchMode::ReusedInstance => self
+                .module
+                .measure(
+                    &self.input(probe),
+                    calls,
+                    mode == BenchMode::ReusedInstance,
+                    record,
+                )
+                .map_err(cannot)?,
+            BenchMode::Memo => {
+                // What `Decider::ask` does on a memo hit: the key, the look-up,
+                // the decision's copy.
+                let input = self.input(probe);
+                let wire = self.module.decide_blocking(&input).map_err(cannot)?;
+                let reuse = Reuse::of(wire.reuse.as_ref(), input.value_size);
+                if reuse == Reuse::Never {
+                    return Err(ToolError::Usage(
+                        "this decision is never reused: the module predates decision reuse, or \
+                         it read the clock or the value size without promising how long it holds"
+                            .into(),
+                    ));
                 }
-            })
-            .map_err(|fault| ToolError::Usage(format!("the policy cannot be called: {fault}")))?;
+                let decision =
+                    Decision::from_wire(wire, &self.namespace, &self.limits, self.module.label())
+                        .map_err(cannot)?;
+                let memo = DecisionMemo::new(1 << 20);
+                let stats = MemoStats::default();
+                let attributes = probe.attributes.clone();
+                let op = match probe.op {
+                    pb::Operation::Set => Operation::Set,
+                    pb::Operation::Delete => Operation::Delete,
+                    _ => Operation::Get,
+                };
+                let key = || MemoKey::new(1, op, &probe.namespace, &probe.key, &attributes);
+                memo.put(key(), &decision, reuse, input.now_unix_ms, &stats);
+                for _ in 0..calls {
+                    let started = Instant::now();
+                    let hit = memo.get(&key(), input.value_size, input.now_unix_ms);
+                    let elapsed = started.elapsed();
+                    std::hint::black_box(&hit);
+                    record(
+                        elapsed,
+                        hit.is_none().then(|| Fault::Output("memo miss".into())),
+                    );
+                }
+            }
+        }
         let elapsed = started.elapsed();
         let rss_after = resident_kib();
         let micros = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
         Ok(BenchReport {
             policy: self.module.label().to_string(),
-            mode: if reuse { "reuse" } else { "fresh" },
+            mode: match mode {
+                BenchMode::Fresh => "fresh",
+                BenchMode::ReusedInstance => "reuse",
+                BenchMode::Memo => "memo",
+            },
             calls,
             calls_per_sec: calls as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
             p50_us: micros(0.5),
