@@ -34,6 +34,8 @@
 //! - [`admin_cli`]: `cachegw policy push|list|bind|rollback --remote`, over the
 //!   `PolicyAdmin` API.
 //! - [`data_cli`]: `cachegw get|set|del|invalidate --remote`, over the data API.
+//! - [`policy_author`]: `cachegw policy new|build`, a policy crate of one's
+//!   own from nothing to a checked module.
 //! - [`cli_output`]: what the subcommands print, ending quietly when the
 //!   reader of a pipe has gone.
 
@@ -50,6 +52,7 @@ pub mod cli_output;
 pub mod config;
 pub mod data_cli;
 pub mod policy;
+pub mod policy_author;
 pub mod server;
 pub mod stats;
 pub mod store;

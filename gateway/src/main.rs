@@ -148,6 +148,40 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Create a policy crate of your own: a `decide` skeleton with a native
+    /// unit test, a README, the release profile a module needs, and the SDK
+    /// as a path dependency on this cachegw's checkout. docs/POLICY_GUIDE.md
+    /// goes from here to a live policy.
+    New {
+        /// The policy's name (lowercase letters, digits, `-`): the crate,
+        /// dist/NAME.wasm and the policy pushed to a gateway.
+        name: String,
+        /// Where to create it [default: ./NAME]; it must not exist, or be empty.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The policy SDK to depend on [default: policy-sdk in the checkout
+        /// this cachegw was built from].
+        #[arg(long, value_name = "DIR", env = "CACHEGW_POLICY_SDK")]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a policy crate to DIR/dist/NAME.wasm with whichever wasm
+    /// toolchain this machine has (rustup's wasm32-unknown-unknown target, or
+    /// Debian's rustc-web building std from source), then check it as
+    /// `policy check` does. Says what is missing when neither is there.
+    Build {
+        /// The policy crate.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// As root: install Debian's toolchain (rustc-web cargo-web
+        /// rust-web-src lld) with apt-get if no toolchain can build wasm.
+        #[arg(long)]
+        install: bool,
+        /// Cargo's target dir [default: DIR/target].
+        #[arg(long, value_name = "DIR", env = "CACHEGW_POLICY_TARGET_DIR")]
+        target_dir: Option<PathBuf>,
+        #[command(flatten)]
+        common: PolicyArgs,
+    },
     /// Validate a module: exports, ABI version, init on the config, and a dry
     /// run of a Get, a Set and a Delete. Prints a JSON report; exits 1 if
     /// anything is wrong.
@@ -592,6 +626,28 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             namespace,
             remote: args,
         } => remote::rollback(&args.target()?, &namespace, args.json).await,
+        PolicyCommand::New { name, dir, sdk } => {
+            let created = gateway::policy_author::new_crate(&name, dir.as_deref(), sdk.as_deref())?;
+            outln!(
+                "created {} (policy SDK: {})",
+                created.dir.display(),
+                created.sdk.display()
+            )?;
+            outln!(
+                "next: cd {} && cargo test && cachegw policy build",
+                created.dir.display()
+            )?;
+            Ok(())
+        }
+        PolicyCommand::Build {
+            dir,
+            install,
+            target_dir,
+            common,
+        } => {
+            let file = gateway::policy_author::build(&dir, install, target_dir.as_deref())?;
+            policy_tool(PolicyCommand::Check { file, common })
+        }
         PolicyCommand::Eval {
             remote: Some(address),
             version: Some(version),
