@@ -39,6 +39,7 @@ fn latency_histogram() -> Histogram {
 #[derive(Clone, Debug)]
 pub struct PolicyMetrics {
     calls: Family<PolicyLabels, Counter>,
+    instances: Family<PolicyLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     latency: Family<PolicyLabels, Histogram, fn() -> Histogram>,
     rollbacks: Family<PolicyLabels, Counter>,
@@ -62,6 +63,7 @@ impl PolicyMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             calls: Family::default(),
+            instances: Family::default(),
             faults: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             rollbacks: Family::default(),
@@ -123,6 +125,11 @@ impl PolicyMetrics {
             "cachegw_policy_calls",
             "Policy decisions asked for, by policy (name@version)",
             metrics.calls.clone(),
+        );
+        registry.register(
+            "cachegw_policy_instances",
+            "Policy instances created for decisions, by policy: one per call, except that the items of a batch request (MGet, MSet, Invalidate by keys) share one",
+            metrics.instances.clone(),
         );
         registry.register(
             "cachegw_policy_faults",
@@ -189,11 +196,22 @@ impl PolicyMetrics {
             .inc();
     }
 
-    pub(super) fn observe(&self, policy: &Arc<str>, elapsed: Duration, fault: Option<&Fault>) {
+    /// One policy call: its latency, its fault if any, and whether it
+    /// created an instance (`fresh`) or reused its batch's.
+    pub(super) fn observe(
+        &self,
+        policy: &Arc<str>,
+        elapsed: Duration,
+        fault: Option<&Fault>,
+        fresh: bool,
+    ) {
         let labels = PolicyLabels {
             policy: Arc::clone(policy),
         };
         self.calls.get_or_create(&labels).inc();
+        if fresh {
+            self.instances.get_or_create(&labels).inc();
+        }
         self.latency
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
