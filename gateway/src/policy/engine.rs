@@ -1,7 +1,9 @@
 //! The WebAssembly engine: one wasmtime `Engine` for the process, modules
 //! compiled once and checked against the ABI (docs/POLICY_ABI.md), and every
-//! call run in a fresh instance from the pooling allocator, under a CPU-time
-//! deadline and a memory cap, with no capability but a bounded log call.
+//! request's calls run in a fresh instance from the pooling allocator (the
+//! items of one batch request share one: [`PolicyModule::decide_reusing`]),
+//! each call under a CPU-time deadline and a memory cap, with no capability
+//! but a bounded log call.
 //!
 //! Calls run on wasmtime fibers (`call_async`), so a long call never holds a
 //! request worker: at every epoch tick (1 ms) the deadline callback charges
