@@ -35,6 +35,26 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+/// One policy version's call counters (shared by every binding of it).
+#[derive(Clone, Debug)]
+pub struct CallMetrics {
+    calls: Counter,
+    instances: Counter,
+    latency: Histogram,
+}
+
+impl CallMetrics {
+    /// One call: its latency, and whether it created an instance (`fresh`)
+    /// or used its batch's.
+    pub(super) fn observe(&self, elapsed: Duration, fresh: bool) {
+        self.calls.inc();
+        if fresh {
+            self.instances.inc();
+        }
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// Counters owned by the policy layer.
 #[derive(Clone, Debug)]
 pub struct PolicyMetrics {
@@ -196,32 +216,26 @@ impl PolicyMetrics {
             .inc();
     }
 
-    /// One policy call: its latency, its fault if any, and whether it
-    /// created an instance (`fresh`) or reused its batch's.
-    pub(super) fn observe(
-        &self,
-        policy: &Arc<str>,
-        elapsed: Duration,
-        fault: Option<&Fault>,
-        fresh: bool,
-    ) {
+    /// The call counters of policy version `policy`, to keep with a binding
+    /// so that its calls do no look-up by label.
+    pub(super) fn call_metrics(&self, policy: &Arc<str>) -> CallMetrics {
         let labels = PolicyLabels {
             policy: Arc::clone(policy),
         };
-        self.calls.get_or_create(&labels).inc();
-        if fresh {
-            self.instances.get_or_create(&labels).inc();
+        CallMetrics {
+            calls: self.calls.get_or_create(&labels).clone(),
+            instances: self.instances.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
         }
-        self.latency
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        if let Some(fault) = fault {
-            self.faults
-                .get_or_create(&FaultLabels {
-                    policy: Arc::clone(policy),
-                    kind: fault.kind(),
-                })
-                .inc();
-        }
+    }
+
+    /// A call of `policy` that faulted (counted by kind).
+    pub(super) fn fault(&self, policy: &Arc<str>, fault: &Fault) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                policy: Arc::clone(policy),
+                kind: fault.kind(),
+            })
+            .inc();
     }
 }

@@ -33,7 +33,7 @@ use tracing::warn;
 
 pub use self::engine::{Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
 use self::memo::{DecisionMemo, MemoKey, MemoStats, Reuse};
-pub use self::metrics::PolicyMetrics;
+pub use self::metrics::{CallMetrics, PolicyMetrics};
 pub use self::registry::{PolicyRegistry, RegistryError};
 use crate::{
     api::proto::policy as pb,
@@ -159,6 +159,8 @@ pub struct Binding {
     /// Whether its decisions may be memoised (`memo` in its config).
     memo: bool,
     memo_stats: OnceLock<MemoStats>,
+    /// Its version's call counters, resolved at its first call.
+    call_metrics: OnceLock<CallMetrics>,
 }
 
 /// Faults counted in a fixed window, for automatic rollback.
@@ -210,6 +212,7 @@ impl Binding {
             memo_id: memo::next_memo_id(),
             memo: true,
             memo_stats: OnceLock::new(),
+            call_metrics: OnceLock::new(),
             module,
             config,
             fallback,
@@ -441,12 +444,13 @@ impl Decider {
                 Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
                     .map(|decision| (decision, reuse))
             });
-        self.metrics.observe(
-            binding.module.label(),
-            started.elapsed(),
-            outcome.as_ref().err(),
-            fresh,
-        );
+        binding
+            .call_metrics
+            .get_or_init(|| self.metrics.call_metrics(binding.module.label()))
+            .observe(started.elapsed(), fresh);
+        if let Err(fault) = &outcome {
+            self.metrics.fault(binding.module.label(), fault);
+        }
         let (decision, reuse) = outcome?;
         if let Some((memo, key, stats)) = memo {
             memo.put(key, &decision, reuse, now_unix_ms, stats);
