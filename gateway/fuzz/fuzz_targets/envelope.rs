@@ -1,7 +1,7 @@
 //! The value envelope: bytes read back from the store (Redis is shared
 //! infrastructure; anything may sit under a key) must decode or be refused,
 //! never panic, in `Envelope::decode` and in the header-only readers the read
-//! path and the purge use (`times`, `mark_stale`, `carries_tag`). What decodes
+//! path and the purge use (`times`, `soft_purge`, `carries_tag`). What decodes
 //! re-encodes to the same bytes, and an envelope built from the input
 //! round-trips through encode and decode.
 
@@ -11,7 +11,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use gateway::cache::{
     Envelope, MAX_CONTENT_TYPE_BYTES, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES,
-    envelope::{self, FRESH_UNTIL_OFFSET},
+    envelope::{self, FRESH_UNTIL_OFFSET, SoftPurge},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -29,7 +29,7 @@ fn stored_bytes(data: &[u8]) {
     let now_ms = data.get(4..12).map_or(0, |word| {
         u64::from_le_bytes(word.try_into().expect("8 bytes")).wrapping_add(7)
     });
-    let marked = envelope::mark_stale(data, now_ms);
+    let purged = envelope::soft_purge(data, now_ms);
     let probe = data.get(31..).map(String::from_utf8_lossy);
     let carries = probe.as_deref().map(|tag| envelope::carries_tag(data, tag));
     let Ok(decoded) = decoded else {
@@ -53,27 +53,44 @@ fn stored_bytes(data: &[u8]) {
             data[2] == 2 && decoded.tags.iter().any(|t| *t == probe)
         );
     }
-    check_marked(&decoded, data, now_ms, marked);
+    check_purged(&decoded, data, now_ms, purged);
 }
 
-/// `mark_stale` moves "fresh until" back, and nothing else.
-fn check_marked(decoded: &Envelope, data: &[u8], now_ms: u64, marked: Option<Bytes>) {
-    if decoded.fresh_until_ms <= now_ms {
-        assert_eq!(marked, None, "already stale");
+/// A soft purge at `now_ms` leaves an entry created after it or no longer
+/// fresh alone, removes a fresh one without a stale window, and otherwise
+/// rewrites only its fresh and stale times: stale from the purge, for its
+/// stale window, not a millisecond longer.
+fn check_purged(decoded: &Envelope, data: &[u8], now_ms: u64, purged: SoftPurge) {
+    let window = decoded
+        .stale_until_ms
+        .saturating_sub(decoded.fresh_until_ms);
+    if decoded.created_at_ms > now_ms || decoded.fresh_until_ms <= now_ms {
+        assert_eq!(purged, SoftPurge::Untouched, "created later, or not fresh");
         return;
     }
-    let marked = marked.expect("a fresh entry can be marked stale");
-    assert_eq!(marked.len(), data.len());
-    assert_eq!(marked[..FRESH_UNTIL_OFFSET], data[..FRESH_UNTIL_OFFSET]);
-    assert_eq!(
-        marked[FRESH_UNTIL_OFFSET + 8..],
-        data[FRESH_UNTIL_OFFSET + 8..]
-    );
-    let stale = Envelope::decode(marked).expect("a marked envelope still decodes");
-    assert_eq!(stale.fresh_until_ms, now_ms.max(decoded.created_at_ms));
+    if window == 0 {
+        assert_eq!(purged, SoftPurge::Remove, "fresh, no stale window");
+        return;
+    }
+    let SoftPurge::Rewrite {
+        bytes,
+        stale_for_ms,
+    } = purged
+    else {
+        panic!("a fresh entry with a stale window is rewritten, not {purged:?}");
+    };
+    assert_eq!(stale_for_ms, window);
+    assert_eq!(bytes.len(), data.len());
+    let times_end = FRESH_UNTIL_OFFSET + 16;
+    assert_eq!(bytes[..FRESH_UNTIL_OFFSET], data[..FRESH_UNTIL_OFFSET]);
+    assert_eq!(bytes[times_end..], data[times_end..]);
+    let stale = Envelope::decode(bytes).expect("a purged envelope still decodes");
+    assert_eq!(stale.fresh_until_ms, now_ms);
+    assert_eq!(stale.stale_until_ms, now_ms.saturating_add(window));
     assert_eq!(
         Envelope {
             fresh_until_ms: decoded.fresh_until_ms,
+            stale_until_ms: decoded.stale_until_ms,
             ..stale
         },
         *decoded
@@ -127,5 +144,5 @@ fn round_trip(built: &Envelope) {
         assert!(envelope::carries_tag(&bytes, tag), "{tag:?}");
     }
     let now_ms = built.created_at_ms.saturating_add(1);
-    check_marked(built, &bytes, now_ms, envelope::mark_stale(&bytes, now_ms));
+    check_purged(built, &bytes, now_ms, envelope::soft_purge(&bytes, now_ms));
 }
