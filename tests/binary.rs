@@ -315,6 +315,66 @@ async fn the_load_tool_measures_gateway_and_redis_side_by_side() {
     }
 }
 
+/// `--op mget` sends MGETs of `--batch` keys (one MGET command straight at
+/// Redis), and `--distribution zipf` draws them by Zipf's law: every key
+/// drawn was populated, so every item of every batch hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_sends_mget_batches_of_zipf_distributed_keys() {
+    let world = World::start(Backend::Redis).await;
+    let redis_url = world.redis.as_ref().unwrap().url();
+    let gets_before = world.gateway.counter("cachegw_requests");
+    let output = tokio::process::Command::new(CACHEGW)
+        .args(["bench", "--target", "gateway,redis", "--op", "mget"])
+        .args(["--batch", "25", "--distribution", "zipf", "--keys", "300"])
+        .args(["--duration", "1s", "--warmup", "0s", "--concurrency", "4"])
+        .args(["--json", "--gateway", &world.gateway.endpoint()])
+        .args(["--redis", &redis_url])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rounds: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rounds = rounds.as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    for (round, target) in rounds.iter().zip(["gateway", "redis"]) {
+        assert_eq!(
+            (&round["target"], &round["op"]),
+            (&target.into(), &"mget".into())
+        );
+        assert!(round["requests"].as_u64().unwrap() > 10, "{round}");
+        assert_eq!(
+            (&round["errors"], &round["degraded"]),
+            (&0.into(), &0.into()),
+            "{round}"
+        );
+    }
+    // Each MGET's 25 items are counted as Gets by the gateway.
+    let mgets = rounds[0]["requests"].as_u64().unwrap();
+    let gets = world.gateway.counter("cachegw_requests") - gets_before;
+    assert!(
+        gets >= mgets * 25,
+        "{mgets} MGETs of 25 but {gets} requests counted"
+    );
+
+    let bad = tokio::process::Command::new(CACHEGW)
+        .args(["bench", "--distribution", "zipf", "--zipf-exponent=-1"])
+        .args([
+            "--gateway",
+            &world.gateway.endpoint(),
+            "--target",
+            "gateway",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--zipf-exponent"));
+}
+
 fn dist(name: &str) -> String {
     support::policy_module(name).display().to_string()
 }

@@ -15,7 +15,10 @@ use gateway::{
     },
     cache::NamespaceSettings,
     config::{Config, FallbackMode::FailOpen, StoreKind},
-    policy::{Decider, DecisionLimits, DecisionRequest, Operation, PolicyMetrics, PolicyRegistry},
+    policy::{
+        Decider, DecisionBatch, DecisionLimits, DecisionRequest, Operation, PolicyMetrics,
+        PolicyRegistry,
+    },
 };
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::json;
@@ -44,7 +47,8 @@ fn metric(registry: &prometheus_client::registry::Registry, name: &str) -> u64 {
 }
 
 /// 10 000 random requests, drawn from a small space so that many repeat,
-/// decided by the example policies with the memo and without: the same
+/// decided by the example policies with the memo and without, and as the
+/// items of batches of 100 (one instance per policy per batch): the same
 /// decisions, field for field, and the memo really answered most of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
@@ -110,6 +114,8 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
     ];
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut compared = 0;
+    const BATCH: usize = 100;
+    let mut batch = DecisionBatch::default();
     for _ in 0..10_000 {
         let (namespace, _, _) = policies.choose(&mut rng).unwrap();
         let settings = NamespaceSettings::new(namespace, &Default::default());
@@ -138,13 +144,25 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
                 0
             },
         };
-        let remembered = with_memo.decide(&settings, &request).await;
-        let asked = without_memo.decide(&settings, &request).await;
+        let remembered = with_memo.decide(&settings, &request, None).await;
+        let asked = without_memo.decide(&settings, &request, None).await;
+        // The same request as an item of a batch: decided in the instance
+        // the batch's earlier items used (issue 16, item 3).
+        if compared % BATCH == 0 {
+            batch = DecisionBatch::default();
+        }
+        let batched = without_memo
+            .decide(&settings, &request, Some(&mut batch))
+            .await;
         assert!(
             !asked.decided_by.starts_with("fail-"),
             "{namespace}/{key}: the policy faulted: {asked:?}"
         );
         assert_eq!(remembered, asked, "{namespace} {op:?} {key} {attributes:?}");
+        assert_eq!(
+            batched, asked,
+            "batched: {namespace} {op:?} {key} {attributes:?}"
+        );
         compared += 1;
     }
     let hits = metric(&with_metrics, "cachegw_policy_memo_hits");
@@ -187,7 +205,6 @@ async fn every_binding_sees_its_own_decisions() {
         .put_policy(PutPolicyRequest {
             name: "ttl-by-route".into(),
             module: module.into(),
-            ..Default::default()
         })
         .await
         .expect("put")

@@ -228,6 +228,7 @@ async fn counted(decider: &Decider, namespace: &str, key: &str) -> Vec<String> {
                 attributes: &attributes,
                 value_size: 0,
             },
+            None,
         )
         .await;
     assert!(

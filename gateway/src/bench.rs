@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use tonic::{
     service::interceptor::InterceptedService,
@@ -24,7 +25,8 @@ use tonic_health::pb::{
 };
 
 use crate::api::proto::v1::{
-    GetRequest, MSetRequest, Outcome, SetRequest, cache_client::CacheClient,
+    GetRequest, MGetRequest, MSetRequest, Outcome, SetRequest, cache_client::CacheClient,
+    m_get_result,
 };
 use crate::auth::BearerToken;
 use crate::{out, outln};
@@ -52,6 +54,20 @@ pub enum Mix {
     Set,
     /// GETs with `--set-percent` SETs among them.
     Mixed,
+    /// MGETs of `--batch` keys written beforehand (all hits); straight at
+    /// Redis, one MGET command.
+    Mget,
+}
+
+/// Which keys the requests pick among the `--keys` written beforehand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    /// Every key as likely as any other.
+    Uniform,
+    /// Zipf's law with `--zipf-exponent`: a few keys take most requests,
+    /// as in most caches' traffic.
+    Zipf,
 }
 
 /// Options of `cachegw bench`.
@@ -95,6 +111,15 @@ pub struct BenchArgs {
     /// Distinct keys, all written before the measured rounds.
     #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
+    /// How requests pick their keys.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub distribution: Distribution,
+    /// The exponent of `--distribution zipf` (0.99: the YCSB default).
+    #[arg(long, default_value_t = 0.99)]
+    pub zipf_exponent: f64,
+    /// Keys per MGET with `--op mget`.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
     /// Value size in bytes.
     #[arg(long, default_value_t = 128)]
     pub value_size: usize,
@@ -160,8 +185,40 @@ struct Workload {
     op: Mix,
     set_percent: u8,
     keys: usize,
+    pick: Pick,
+    batch: usize,
     namespace: String,
     value: Bytes,
+}
+
+/// Draws key indices in `0..keys` by the chosen distribution.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    Uniform(rand::distr::Uniform<usize>),
+    Zipf(rand_distr::Zipf<f64>),
+}
+
+impl Pick {
+    fn new(args: &BenchArgs) -> anyhow::Result<Self> {
+        Ok(match args.distribution {
+            Distribution::Uniform => Pick::Uniform(
+                rand::distr::Uniform::new(0, args.keys).context("--keys must be at least 1")?,
+            ),
+            Distribution::Zipf => Pick::Zipf(
+                rand_distr::Zipf::new(args.keys as f64, args.zipf_exponent).map_err(|err| {
+                    anyhow::anyhow!("bad --zipf-exponent {}: {err}", args.zipf_exponent)
+                })?,
+            ),
+        })
+    }
+
+    fn key(&self, rng: &mut impl rand::Rng) -> usize {
+        match self {
+            Pick::Uniform(uniform) => rng.sample(uniform),
+            // Ranks run from 1; rank 1 is the most frequent key.
+            Pick::Zipf(zipf) => (rng.sample(zipf) as usize).saturating_sub(1),
+        }
+    }
 }
 
 const REDIS_KEY_PREFIX: &str = "cachegw-bench:";
@@ -170,8 +227,49 @@ const REDIS_KEY_PREFIX: &str = "cachegw-bench:";
 type Lane = (Target, Option<String>, Vec<Driver>, Arc<Workload>);
 
 impl Driver {
-    async fn call(&mut self, work: &Workload, key: usize, set: bool) -> anyhow::Result<Answer> {
+    async fn call(&mut self, work: &Workload, keys: &[usize], set: bool) -> anyhow::Result<Answer> {
+        let key = keys[0];
         match self {
+            Driver::Gateway(client) if work.op == Mix::Mget => {
+                let response = client
+                    .m_get(MGetRequest {
+                        items: keys
+                            .iter()
+                            .map(|key| GetRequest {
+                                namespace: work.namespace.clone(),
+                                key: format!("k{key}"),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    })
+                    .await?
+                    .into_inner();
+                let all_hits = response.results.len() == keys.len()
+                    && response.results.iter().all(|result| {
+                        matches!(
+                            &result.result,
+                            Some(m_get_result::Result::Response(found))
+                                if found.outcome == Outcome::Hit as i32 && !found.degraded
+                        )
+                    });
+                Ok(if all_hits {
+                    Answer::Ok
+                } else {
+                    Answer::Degraded
+                })
+            }
+            Driver::Redis(connection) if work.op == Mix::Mget => {
+                let mut command = redis::cmd("MGET");
+                for key in keys {
+                    command.arg(format!("{REDIS_KEY_PREFIX}{key}"));
+                }
+                let values: Vec<Option<Bytes>> = command.query_async(connection).await?;
+                Ok(if values.iter().all(Option::is_some) {
+                    Answer::Ok
+                } else {
+                    Answer::Degraded
+                })
+            }
             Driver::Gateway(client) => {
                 if set {
                     let response = client
@@ -257,11 +355,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.namespace.is_empty() {
         bail!("--namespace needs at least one namespace");
     }
+    if args.op == Mix::Mget && args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let pick = Pick::new(&args)?;
     let workload = |namespace: &str| {
         Arc::new(Workload {
             op: args.op,
             set_percent: args.set_percent,
             keys: args.keys,
+            pick,
+            batch: if args.op == Mix::Mget { args.batch } else { 1 },
             namespace: namespace.to_owned(),
             value: Bytes::from(vec![b'v'; args.value_size]),
         })
@@ -453,21 +557,20 @@ async fn drive(
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut errors, mut degraded, mut first_error) = (0, 0, None);
-            // xorshift64*: cheap, deterministic per worker, good enough to spread keys.
-            let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ (worker as u64 + 1);
+            // Deterministic per worker, so rounds draw the same key sequences.
+            let mut rng = StdRng::seed_from_u64(0x9E37_79B9_7F4A_7C15 ^ (worker as u64 + 1));
+            let mut keys = vec![0; work.batch];
             while Instant::now() < stop {
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                let random = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
-                let key = (random % work.keys as u64) as usize;
+                for key in &mut keys {
+                    *key = work.pick.key(&mut rng);
+                }
                 let set = match work.op {
-                    Mix::Get => false,
+                    Mix::Get | Mix::Mget => false,
                     Mix::Set => true,
-                    Mix::Mixed => (random >> 32) % 100 < u64::from(work.set_percent),
+                    Mix::Mixed => rng.random_range(0..100) < work.set_percent,
                 };
                 let begun = Instant::now();
-                match driver.call(&work, key, set).await {
+                match driver.call(&work, &keys, set).await {
                     Ok(answer) => {
                         let micros = begun.elapsed().as_micros().max(1) as u64;
                         histogram.saturating_record(micros);

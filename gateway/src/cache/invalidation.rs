@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     config::InvalidationConfig,
-    policy::{Invalidation, Operation},
+    policy::{DecisionBatch, Invalidation, Operation},
     store::{Progress, PurgeMode, StorageKey, Store},
 };
 
@@ -396,6 +396,8 @@ impl Cache {
         match &command.target {
             Target::Keys(keys) => {
                 check_count("keys", keys.len())?;
+                // One policy instance for all the keys of the request.
+                let mut batch = DecisionBatch::default();
                 for key in keys {
                     let plan = self
                         .plan(
@@ -404,6 +406,7 @@ impl Cache {
                             key,
                             &command.attributes,
                             0,
+                            Some(&mut batch),
                         )
                         .await?;
                     if work.policy.is_empty() {

@@ -416,6 +416,7 @@ impl Cache {
                 &command.key,
                 &command.attributes,
                 0,
+                None,
             )
             .await?;
         match self

@@ -36,8 +36,8 @@ pub use self::near::{Change, NearCache, bus as near_bus};
 use crate::{
     config::Config,
     policy::{
-        Compression, Decider, Decision, DecisionLimits, DecisionRequest, Operation, PolicyMetrics,
-        PolicyRegistry,
+        Compression, Decider, Decision, DecisionBatch, DecisionLimits, DecisionRequest, Operation,
+        PolicyMetrics, PolicyRegistry,
     },
     store::{Fetched, StorageKey, Store, StoreError, WriteEntry, unix_millis},
 };
@@ -313,6 +313,7 @@ impl Cache {
                 &command.key,
                 &command.attributes,
                 0,
+                None,
             )
             .await
             .inspect_err(|_| self.metrics.rejected("get"))?;
@@ -378,7 +379,7 @@ impl Cache {
             .inspect_err(|_| self.metrics.rejected("set"))?;
         let fill_ms = granted_at.map_or(0, lease::fill_ms);
         let plan = self
-            .plan_write(&command, fill_ms)
+            .plan_write(&command, fill_ms, None)
             .await
             .inspect_err(|_| self.metrics.rejected("set"))?;
         let (written, lease) = match (&plan.entry, &command.lease_token) {
@@ -437,6 +438,7 @@ impl Cache {
                 &command.key,
                 &command.attributes,
                 0,
+                None,
             )
             .await
             .inspect_err(|_| self.metrics.rejected("delete"))?;
@@ -484,11 +486,20 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<GetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
+        // One policy instance per binding for the whole batch.
+        let mut batch = DecisionBatch::default();
         let mut plans: Vec<Result<Plan, RequestError>> = Vec::with_capacity(commands.len());
         for command in commands {
             plans.push(match command {
                 Ok(c) => self
-                    .plan(Operation::Get, &c.namespace, &c.key, &c.attributes, 0)
+                    .plan(
+                        Operation::Get,
+                        &c.namespace,
+                        &c.key,
+                        &c.attributes,
+                        0,
+                        Some(&mut batch),
+                    )
                     .await
                     .map(|mut plan| {
                         plan.allow_stale = c.allow_stale;
@@ -497,6 +508,7 @@ impl Cache {
                 Err(err) => Err(err),
             });
         }
+        drop(batch);
         // Near hits first; only the rest go to the store, in one round trip.
         let mut near_reads = Vec::with_capacity(plans.len());
         let mut near_hits = Vec::with_capacity(plans.len());
@@ -576,13 +588,16 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<SetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
+        let mut batch = DecisionBatch::default();
         let mut plans: Vec<Result<WritePlan, RequestError>> = Vec::with_capacity(commands.len());
         for command in commands {
             plans.push(match command {
-                Ok(command) => self.plan_write(&command, 0).await,
+                Ok(command) => self.plan_write(&command, 0, Some(&mut batch)).await,
                 Err(err) => Err(err),
             });
         }
+        // The instances go back to the pool before the store round trip.
+        drop(batch);
         let entries: Vec<WriteEntry> = plans
             .iter()
             .filter_map(|plan| plan.as_ref().ok()?.entry.clone())
@@ -675,7 +690,8 @@ impl Cache {
         Ok(())
     }
 
-    /// Resolves the namespace, checks the key and asks for a decision.
+    /// Resolves the namespace, checks the key and asks for a decision; the
+    /// items of a batch request share `batch` (see [`Decider::decide`]).
     async fn plan(
         &self,
         op: Operation,
@@ -683,6 +699,7 @@ impl Cache {
         key: &str,
         attributes: &Attributes,
         value_size: usize,
+        batch: Option<&mut DecisionBatch>,
     ) -> Result<Plan, RequestError> {
         let settings = self.namespaces.resolve(namespace)?;
         self.check_key(key)?;
@@ -697,6 +714,7 @@ impl Cache {
                     attributes,
                     value_size,
                 },
+                batch,
             )
             .await;
         Ok(Plan {
@@ -718,6 +736,7 @@ impl Cache {
         &self,
         command: &SetCommand,
         fill_ms: u32,
+        batch: Option<&mut DecisionBatch>,
     ) -> Result<WritePlan, RequestError> {
         let settings = self.namespaces.resolve(&command.namespace)?;
         if command.value.len() > settings.max_value_bytes {
@@ -747,6 +766,7 @@ impl Cache {
                 &command.key,
                 &command.attributes,
                 command.value.len(),
+                batch,
             )
             .await?;
         // Jitter spreads the expiry of entries written together.

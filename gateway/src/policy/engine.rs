@@ -1,7 +1,9 @@
 //! The WebAssembly engine: one wasmtime `Engine` for the process, modules
 //! compiled once and checked against the ABI (docs/POLICY_ABI.md), and every
-//! call run in a fresh instance from the pooling allocator, under a CPU-time
-//! deadline and a memory cap, with no capability but a bounded log call.
+//! request's calls run in a fresh instance from the pooling allocator (the
+//! items of one batch request share one: [`PolicyModule::decide_reusing`]),
+//! each call under a CPU-time deadline and a memory cap, with no capability
+//! but a bounded log call.
 //!
 //! Calls run on wasmtime fibers (`call_async`), so a long call never holds a
 //! request worker: at every epoch tick (1 ms) the deadline callback charges
@@ -304,14 +306,7 @@ impl PolicyEngine {
         yields: Yields,
         long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
     ) -> Store<HostState> {
-        let (long_calls, long_call) = match long_calls {
-            None => (None, LongCall::NotYet),
-            Some((permits, None)) => (Some(Arc::clone(permits)), LongCall::NotYet),
-            Some((permits, Some(permit))) => (
-                Some(Arc::clone(permits)),
-                LongCall::Holding { _permit: permit },
-            ),
-        };
+        let (long_calls, long_call) = long_call_state(long_calls);
         let mut store = Store::new(
             &self.engine,
             HostState {
@@ -335,6 +330,36 @@ impl PolicyEngine {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(at_tick);
         store
+    }
+}
+
+/// A call's binding permits and where it starts with them: holding the
+/// permit it waited for up front, or not yet asking.
+fn long_call_state(
+    long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
+) -> (Option<Arc<Semaphore>>, LongCall) {
+    match long_calls {
+        None => (None, LongCall::NotYet),
+        Some((permits, None)) => (Some(Arc::clone(permits)), LongCall::NotYet),
+        Some((permits, Some(permit))) => (
+            Some(Arc::clone(permits)),
+            LongCall::Holding { _permit: permit },
+        ),
+    }
+}
+
+/// An instance kept between the calls of one batch
+/// ([`PolicyModule::decide_reusing`]); dropping it returns its pool slot.
+pub struct LiveInstance {
+    store: Store<HostState>,
+    instance: wasmtime::Instance,
+}
+
+impl fmt::Debug for LiveInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveInstance")
+            .field("policy", &self.store.data().label)
+            .finish_non_exhaustive()
     }
 }
 
@@ -495,6 +520,23 @@ impl PolicyModule {
         input: &pb::PolicyInput,
         long_calls: &Arc<Semaphore>,
     ) -> Result<pb::PolicyDecision, Fault> {
+        self.decide_reusing(input, long_calls, None).await
+    }
+
+    /// [`decide`](Self::decide) in `live`'s instance if it holds one, else in
+    /// a fresh one that is left in `live` for the next call. The items of one
+    /// batch (MGet, MSet: one caller, one request) are decided this way, one
+    /// instantiation for all of them. Each call still has its own CPU and
+    /// wall deadline, memory cap and log budget; a call that faults takes its
+    /// instance with it (`live` is emptied), so the next item starts fresh.
+    /// With `None`, every call gets a fresh instance (the rule across
+    /// requests).
+    pub async fn decide_reusing(
+        &self,
+        input: &pb::PolicyInput,
+        long_calls: &Arc<Semaphore>,
+        live: Option<&mut Option<LiveInstance>>,
+    ) -> Result<pb::PolicyDecision, Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
         // Every permit held: this binding's calls are running long, so this
         // one waits its turn before it starts (without spending CPU).
@@ -514,6 +556,7 @@ impl PolicyModule {
                 &input.encode_to_vec(),
                 Yields::ToTokio,
                 Some((long_calls, permit)),
+                live,
             )
             .await?;
         decode_output(&output)
@@ -529,6 +572,7 @@ impl PolicyModule {
             &input.encode_to_vec(),
             Yields::Anywhere,
             None,
+            None,
         ))?;
         decode_output(&output)
     }
@@ -541,13 +585,21 @@ impl PolicyModule {
         let Some(init) = &exports.init else {
             return Ok(None);
         };
-        let output =
-            futures::executor::block_on(self.call(exports, init, config, Yields::Anywhere, None))?;
+        let output = futures::executor::block_on(self.call(
+            exports,
+            init,
+            config,
+            Yields::Anywhere,
+            None,
+            None,
+        ))?;
         init_verdict(&output)
     }
 
-    /// One call: instantiate, allocate, write the input, call, read the
-    /// output, all of it charged to the call's CPU budget.
+    /// One call: instantiate (unless `live` holds an instance), allocate,
+    /// write the input, call, read the output, all of it charged to the
+    /// call's CPU budget. With `live`, the instance is left there after a
+    /// call that succeeded.
     async fn call(
         &self,
         exports: &Exports,
@@ -555,18 +607,49 @@ impl PolicyModule {
         input: &[u8],
         yields: Yields,
         long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
+        mut live: Option<&mut Option<LiveInstance>>,
     ) -> Result<Vec<u8>, Fault> {
-        let meter = Arc::new(CpuMeter::default());
-        let mut store = self
-            .engine
-            .new_store(&self.label, Arc::clone(&meter), yields, long_calls);
+        let (mut store, instance) = match live.as_deref_mut().and_then(Option::take) {
+            Some(LiveInstance {
+                mut store,
+                instance,
+            }) => {
+                let (permits, long_call) = long_call_state(long_calls);
+                store.data_mut().restart(permits, long_call);
+                store.set_epoch_deadline(1);
+                (store, Some(instance))
+            }
+            None => {
+                let meter = Arc::new(CpuMeter::default());
+                let store = self
+                    .engine
+                    .new_store(&self.label, meter, yields, long_calls);
+                (store, None)
+            }
+        };
+        let meter = Arc::clone(&store.data().meter);
         let result = metered(&meter, async {
-            let instance = self.instance_pre.instantiate(&mut store)?;
-            store.data_mut().on_fiber = true;
-            invoke(&mut store, &instance, exports, entry, input).await
+            let instance = match instance {
+                Some(instance) => instance,
+                None => {
+                    let instance = self.instance_pre.instantiate(&mut store)?;
+                    store.data_mut().on_fiber = true;
+                    instance
+                }
+            };
+            let output = invoke(&mut store, &instance, exports, entry, input).await?;
+            Ok::<_, wasmtime::Error>((instance, output))
         })
         .await;
-        result.map_err(|err| fault_of(err, store.data()))
+        match result {
+            Ok((instance, output)) => {
+                if let Some(slot) = live {
+                    *slot = Some(LiveInstance { store, instance });
+                }
+                Ok(output)
+            }
+            Err(err) => Err(fault_of(err, store.data())),
+        }
     }
 
     /// Measures `calls` decisions on `input`, reporting each one's latency to
@@ -592,6 +675,7 @@ impl PolicyModule {
                     &input,
                     Yields::Anywhere,
                     None,
+                    None,
                 ))
                 .err();
                 record(started.elapsed(), fault);
@@ -609,7 +693,7 @@ impl PolicyModule {
         store.data_mut().on_fiber = true;
         for _ in 0..calls {
             let started = Instant::now();
-            store.data_mut().restart();
+            store.data_mut().restart(None, LongCall::NotYet);
             let outcome = futures::executor::block_on(metered(
                 &meter,
                 invoke(&mut store, &instance, exports, &exports.decide, &input),
@@ -957,10 +1041,16 @@ struct HostState {
 }
 
 impl HostState {
-    /// Starts a new call's budgets in a reused store (`policy bench --reuse`).
-    fn restart(&mut self) {
+    /// Starts a new call's budgets in a reused store: its own CPU and wall
+    /// deadlines, log budget and long-call standing (a batch's next item,
+    /// `policy bench --reuse-instance`).
+    fn restart(&mut self, long_calls: Option<Arc<Semaphore>>, long_call: LongCall) {
         self.started = Instant::now();
         self.log_calls = 0;
+        self.grew_at = None;
+        self.memory_capped = false;
+        self.long_calls = long_calls;
+        self.long_call = long_call;
         self.meter.spent_ns.store(0, Ordering::Relaxed);
         self.meter.poll_starts();
     }

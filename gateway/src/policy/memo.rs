@@ -117,7 +117,7 @@ impl DecisionMemo {
     pub fn new(max_bytes: u64) -> Self {
         let entries = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_key: &Box<[u8]>, entry: &Arc<Entry>| entry.weight)
+            .weigher(|_key, entry: &Arc<Entry>| entry.weight)
             .eviction_listener(|_key, entry: Arc<Entry>, cause| {
                 entry.stats.bytes.dec_by(i64::from(entry.weight));
                 if cause == RemovalCause::Size {
@@ -244,7 +244,7 @@ impl MemoKey {
         MemoKey(bytes.into_boxed_slice())
     }
 
-    fn bytes(&self) -> &Box<[u8]> {
+    fn bytes(&self) -> &[u8] {
         &self.0
     }
 }

@@ -35,10 +35,31 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+/// One policy version's call counters (shared by every binding of it).
+#[derive(Clone, Debug)]
+pub struct CallMetrics {
+    calls: Counter,
+    instances: Counter,
+    latency: Histogram,
+}
+
+impl CallMetrics {
+    /// One call: its latency, and whether it created an instance (`fresh`)
+    /// or used its batch's.
+    pub(super) fn observe(&self, elapsed: Duration, fresh: bool) {
+        self.calls.inc();
+        if fresh {
+            self.instances.inc();
+        }
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// Counters owned by the policy layer.
 #[derive(Clone, Debug)]
 pub struct PolicyMetrics {
     calls: Family<PolicyLabels, Counter>,
+    instances: Family<PolicyLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     latency: Family<PolicyLabels, Histogram, fn() -> Histogram>,
     rollbacks: Family<PolicyLabels, Counter>,
@@ -62,6 +83,7 @@ impl PolicyMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             calls: Family::default(),
+            instances: Family::default(),
             faults: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             rollbacks: Family::default(),
@@ -123,6 +145,11 @@ impl PolicyMetrics {
             "cachegw_policy_calls",
             "Policy decisions asked for, by policy (name@version)",
             metrics.calls.clone(),
+        );
+        registry.register(
+            "cachegw_policy_instances",
+            "Policy instances created for decisions, by policy: one per call, except that the items of a batch request (MGet, MSet, Invalidate by keys) share one",
+            metrics.instances.clone(),
         );
         registry.register(
             "cachegw_policy_faults",
@@ -189,21 +216,26 @@ impl PolicyMetrics {
             .inc();
     }
 
-    pub(super) fn observe(&self, policy: &Arc<str>, elapsed: Duration, fault: Option<&Fault>) {
+    /// The call counters of policy version `policy`, to keep with a binding
+    /// so that its calls do no look-up by label.
+    pub(super) fn call_metrics(&self, policy: &Arc<str>) -> CallMetrics {
         let labels = PolicyLabels {
             policy: Arc::clone(policy),
         };
-        self.calls.get_or_create(&labels).inc();
-        self.latency
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        if let Some(fault) = fault {
-            self.faults
-                .get_or_create(&FaultLabels {
-                    policy: Arc::clone(policy),
-                    kind: fault.kind(),
-                })
-                .inc();
+        CallMetrics {
+            calls: self.calls.get_or_create(&labels).clone(),
+            instances: self.instances.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
         }
+    }
+
+    /// A call of `policy` that faulted (counted by kind).
+    pub(super) fn fault(&self, policy: &Arc<str>, fault: &Fault) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                policy: Arc::clone(policy),
+                kind: fault.kind(),
+            })
+            .inc();
     }
 }

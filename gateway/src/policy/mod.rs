@@ -18,6 +18,7 @@ pub mod tool;
 pub mod watch;
 
 use std::{
+    fmt,
     path::{Path, PathBuf},
     sync::{
         Arc, OnceLock,
@@ -30,9 +31,9 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
-pub use self::engine::{Fault, LoadError, PolicyEngine, PolicyModule};
+pub use self::engine::{Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
 use self::memo::{DecisionMemo, MemoKey, MemoStats, Reuse};
-pub use self::metrics::PolicyMetrics;
+pub use self::metrics::{CallMetrics, PolicyMetrics};
 pub use self::registry::{PolicyRegistry, RegistryError};
 use crate::{
     api::proto::policy as pb,
@@ -161,6 +162,8 @@ pub struct Binding {
     /// Whether its decisions may be memoised (`memo` in its config).
     memo: bool,
     memo_stats: OnceLock<MemoStats>,
+    /// Its version's call counters, resolved at its first call.
+    call_metrics: OnceLock<CallMetrics>,
 }
 
 /// Faults counted in a fixed window, for automatic rollback.
@@ -212,6 +215,7 @@ impl Binding {
             memo_id: memo::next_memo_id(),
             memo: true,
             memo_stats: OnceLock::new(),
+            call_metrics: OnceLock::new(),
             module,
             image: None,
             config,
@@ -292,6 +296,49 @@ pub struct DecisionLimits {
     pub max_items: usize,
 }
 
+/// The policy instances the items of one batch request share: one per
+/// binding they reach (a batch may span namespaces, and a shadow version is a
+/// binding of its own). Dropped with the request, which returns the
+/// instances' pool slots.
+#[derive(Default)]
+pub struct DecisionBatch {
+    instances: Vec<(Arc<Binding>, Option<LiveInstance>)>,
+}
+
+impl DecisionBatch {
+    /// The slot for `binding`'s instance (empty until its first call).
+    fn instance_of(&mut self, binding: &Arc<Binding>) -> &mut Option<LiveInstance> {
+        let at = match self
+            .instances
+            .iter()
+            .position(|(bound, _)| Arc::ptr_eq(bound, binding))
+        {
+            Some(at) => at,
+            None => {
+                self.instances.push((Arc::clone(binding), None));
+                self.instances.len() - 1
+            }
+        };
+        &mut self.instances[at].1
+    }
+
+    /// How many policy instances the batch holds (for tests).
+    pub fn instances(&self) -> usize {
+        self.instances
+            .iter()
+            .filter(|(_, live)| live.is_some())
+            .count()
+    }
+}
+
+impl fmt::Debug for DecisionBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecisionBatch")
+            .field("instances", &self.instances())
+            .finish()
+    }
+}
+
 /// Turns requests into decisions: asks the namespace's policy, validates the
 /// answer, applies the fallback on any fault.
 pub struct Decider {
@@ -322,11 +369,14 @@ impl Decider {
         }
     }
 
-    /// Decides how `request` is cached in `namespace`.
+    /// Decides how `request` is cached in `namespace`. The items of one
+    /// batch pass the same `batch`, so that each policy they call is
+    /// instantiated once for all of them; a single request passes `None`.
     pub async fn decide(
         &self,
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
+        mut batch: Option<&mut DecisionBatch>,
     ) -> Decision {
         // The Arc this request holds keeps its version alive to the end of the
         // request, whatever is bound meanwhile.
@@ -336,13 +386,15 @@ impl Decider {
         else {
             return DefaultPolicy.decide(namespace, request.key);
         };
-        let outcome = self.ask(&route.binding, namespace, request).await;
+        let outcome = self
+            .ask(&route.binding, namespace, request, batch.as_deref_mut())
+            .await;
         let decision = match &outcome {
             Ok(decision) => decision.clone(),
             Err(fault) => self.fall_back(&route.binding, namespace, request, fault),
         };
         if let Some(shadow) = route.shadow.filter(|shadow| shadow.samples()) {
-            let candidate = self.ask(&shadow.binding, namespace, request).await;
+            let candidate = self.ask(&shadow.binding, namespace, request, batch).await;
             let difference = compare(request.key, &decision, &candidate);
             self.metrics
                 .shadowed(shadow.binding.module.label(), difference.is_some());
@@ -355,9 +407,10 @@ impl Decider {
     /// policy call, validated, measured, and kept if the policy allows.
     async fn ask(
         &self,
-        binding: &Binding,
+        binding: &Arc<Binding>,
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
+        batch: Option<&mut DecisionBatch>,
     ) -> Result<Decision, Fault> {
         let now_unix_ms = unix_millis();
         let memo = match &self.memo {
@@ -396,20 +449,24 @@ impl Decider {
             now_unix_ms,
             config: binding.config.clone(),
         };
+        let live = batch.map(|batch| batch.instance_of(binding));
+        let fresh = live.as_ref().is_none_or(|live| live.is_none());
         let outcome = binding
             .callee()
-            .decide(&input, &binding.long_calls)
+            .decide_reusing(&input, &binding.long_calls, live)
             .await
             .and_then(|wire| {
                 let reuse = Reuse::of(wire.reuse.as_ref(), input.value_size);
                 Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
                     .map(|decision| (decision, reuse))
             });
-        self.metrics.observe(
-            binding.module.label(),
-            started.elapsed(),
-            outcome.as_ref().err(),
-        );
+        binding
+            .call_metrics
+            .get_or_init(|| self.metrics.call_metrics(binding.module.label()))
+            .observe(started.elapsed(), fresh);
+        if let Err(fault) = &outcome {
+            self.metrics.fault(binding.module.label(), fault);
+        }
         let (decision, reuse) = outcome?;
         if let Some((memo, key, stats)) = memo {
             memo.put(key, &decision, reuse, now_unix_ms, stats);
