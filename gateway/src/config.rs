@@ -730,6 +730,13 @@ pub struct PolicyEngineConfig {
     /// decisions and bookkeeping, estimated): decisions a policy reports as
     /// reusable are answered from it without a call. 0 turns it off.
     pub memo_bytes: u64,
+    /// Pre-initialise every binding: run the policy's `cachegw_init` on the
+    /// binding's config once, snapshot that instance into an image (compiled
+    /// like a module), and start each call of the binding from the image, so
+    /// that no call parses the config again. Each call still gets a fresh
+    /// instance. A binding whose module cannot be snapshotted serves from the
+    /// module, with a warning.
+    pub preinit: bool,
     /// Long policy calls (past 2 ms of CPU) of one binding (one version bound
     /// to one namespace) that may run at once. This bounds the CPU one
     /// namespace's policy can take from its neighbours: a slow or looping
@@ -805,6 +812,7 @@ impl Default for PolicyEngineConfig {
             deadline: Duration::from_millis(5),
             wall_deadline: None,
             memo_bytes: 32 * 1024 * 1024,
+            preinit: true,
             max_concurrent_calls: std::thread::available_parallelism()
                 .map_or(1, |cores| cores.get().div_ceil(2)),
             memory_limit_bytes: 16 * 1024 * 1024,

@@ -286,6 +286,10 @@ enum PolicyCommand {
         /// does not report the decision as reusable.
         #[arg(long)]
         memo: bool,
+        /// Instantiate the module as loaded rather than its image
+        /// pre-initialised with --config (as with `policy.preinit = false`).
+        #[arg(long)]
+        no_preinit: bool,
     },
 }
 
@@ -693,7 +697,13 @@ fn policy_tool(command: PolicyCommand) -> anyhow::Result<()> {
         no_auth: true,
         ..Overrides::default()
     };
-    let config = Config::load(common.gateway_config.as_deref(), &tool_only)?;
+    let mut config = Config::load(common.gateway_config.as_deref(), &tool_only)?;
+    if let PolicyCommand::Bench {
+        no_preinit: true, ..
+    } = &command
+    {
+        config.policy.preinit = false;
+    }
     let policy_config = tool::parse_config(common.config.as_deref())?;
     let loaded = tool::Loaded::new(
         file,

@@ -14,8 +14,15 @@
 //! by a `Vec`, no raw pointer is ever dereferenced here: addresses only cross the boundary as
 //! integers. The host runs every call in a fresh instance, but the buffers are still released
 //! call by call so that a host reusing an instance sees flat memory.
+//!
+//! `cachegw_init` keeps the policy value it built, with the config bytes it was built from, in
+//! [`KEPT`]. A host that pre-initialises a binding snapshots the instance after `cachegw_init`
+//! and starts every decision from that snapshot, so [`decide_bytes`] finds the value there and
+//! skips `from_config` when the input carries the same config bytes. In an instance that never
+//! ran `cachegw_init` (or ran it on other bytes) it builds the value from the input as before:
+//! the answer is the same either way, only its cost differs.
 
-use std::cell::RefCell;
+use std::{any::Any, cell::RefCell};
 
 use prost::Message;
 
@@ -29,6 +36,15 @@ thread_local! {
     static PENDING: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// The last call's encoded output; replaced (and the previous one freed) by the next call.
     static OUTPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The policy the last successful `cachegw_init` built, and from which config.
+    static KEPT: RefCell<Option<Kept>> = const { RefCell::new(None) };
+}
+
+/// A policy value built by `cachegw_init`, for the decisions on the same config.
+struct Kept {
+    config: Vec<u8>,
+    /// The `P` of `init_bytes::<P>`; a decision for another type builds its own.
+    policy: Box<dyn Any>,
 }
 
 /// Reserves `len` zeroed bytes for the host to write into and returns their address, or 0 when
@@ -136,22 +152,37 @@ fn declined(message: String) -> Vec<u8> {
 /// or an error when the input does not decode, `P::from_config` rejects the config,
 /// `P::decide` declines, or the decision is invalid ([`Decision::to_wire`](crate::Decision::to_wire)).
 ///
+/// The policy is the one `cachegw_init` kept ([`KEPT`]) if it was built from the input's config
+/// bytes, else `P::from_config` of them.
+///
 /// The decision always carries `reuse`: what `decide` read of the clock and the value size
 /// (recorded by the [`Request`] it was given; `from_config` only sees the config bytes) and the
 /// policy's [`reusable_for`](crate::Decision::reusable_for) promise. An error carries nothing.
-pub fn decide_bytes<P: Policy>(input: &[u8]) -> Vec<u8> {
+pub fn decide_bytes<P: Policy + 'static>(input: &[u8]) -> Vec<u8> {
     let input = match proto::PolicyInput::decode(input) {
         Ok(input) => input,
         Err(err) => return declined(format!("cannot decode PolicyInput: {err}")),
     };
     let req = Request::from(input);
-    let policy = match P::from_config(req.config()) {
-        Ok(policy) => policy,
-        Err(err) => return declined(format!("config rejected: {err}")),
-    };
+    KEPT.with_borrow(|kept| {
+        let kept = kept
+            .as_ref()
+            .filter(|kept| kept.config == req.config())
+            .and_then(|kept| kept.policy.downcast_ref::<P>());
+        match kept {
+            Some(policy) => decide_with(policy, &req),
+            None => match P::from_config(req.config()) {
+                Ok(policy) => decide_with(&policy, &req),
+                Err(err) => declined(format!("config rejected: {err}")),
+            },
+        }
+    })
+}
+
+fn decide_with<P: Policy>(policy: &P, req: &Request) -> Vec<u8> {
     let decision = match policy
-        .decide(&req)
-        .and_then(|decision| decision.to_wire(&req))
+        .decide(req)
+        .and_then(|decision| decision.to_wire(req))
     {
         Ok(decision) => decision,
         Err(err) => return declined(err.to_string()),
@@ -162,17 +193,25 @@ pub fn decide_bytes<P: Policy>(input: &[u8]) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// Runs `P::from_config` on config bytes and returns the encoded `InitOutput`.
-pub fn init_bytes<P: Policy>(config: &[u8]) -> Vec<u8> {
-    let error = match P::from_config(config) {
-        Ok(_) => String::new(),
-        Err(err) => err.to_string(),
+/// Runs `P::from_config` on config bytes, keeps the policy it built for this instance's
+/// decisions on the same bytes ([`KEPT`]), and returns the encoded `InitOutput`.
+pub fn init_bytes<P: Policy + 'static>(config: &[u8]) -> Vec<u8> {
+    let (kept, error) = match P::from_config(config) {
+        Ok(policy) => (
+            Some(Kept {
+                config: config.to_vec(),
+                policy: Box::new(policy),
+            }),
+            String::new(),
+        ),
+        Err(err) => (None, err.to_string()),
     };
+    KEPT.set(kept);
     proto::InitOutput { error }.encode_to_vec()
 }
 
 /// `cachegw_decide` in terms of addresses: consumes the pending input, parks the output.
-pub fn decide_at<P: Policy>(address: usize, len: usize) -> (usize, usize) {
+pub fn decide_at<P: Policy + 'static>(address: usize, len: usize) -> (usize, usize) {
     let output = match take_input(address, len) {
         Ok(input) => decide_bytes::<P>(&input),
         Err(err) => declined(err),
@@ -181,7 +220,7 @@ pub fn decide_at<P: Policy>(address: usize, len: usize) -> (usize, usize) {
 }
 
 /// `cachegw_init` in terms of addresses: consumes the pending config, parks the output.
-pub fn init_at<P: Policy>(address: usize, len: usize) -> (usize, usize) {
+pub fn init_at<P: Policy + 'static>(address: usize, len: usize) -> (usize, usize) {
     let output = match take_input(address, len) {
         Ok(config) => init_bytes::<P>(&config),
         Err(err) => proto::InitOutput { error: err }.encode_to_vec(),
@@ -212,14 +251,14 @@ pub fn export_alloc(len: i32) -> i32 {
 }
 
 /// `cachegw_decide`.
-pub fn export_decide<P: Policy>(ptr: i32, len: i32) -> i64 {
+pub fn export_decide<P: Policy + 'static>(ptr: i32, len: i32) -> i64 {
     report_panics();
     let (address, len) = decide_at::<P>(ptr as u32 as usize, len as u32 as usize);
     pack(address as u32, len as u32)
 }
 
 /// `cachegw_init`.
-pub fn export_init<P: Policy>(ptr: i32, len: i32) -> i64 {
+pub fn export_init<P: Policy + 'static>(ptr: i32, len: i32) -> i64 {
     report_panics();
     let (address, len) = init_at::<P>(ptr as u32 as usize, len as u32 as usize);
     pack(address as u32, len as u32)
@@ -240,7 +279,7 @@ fn report_panics() {
 }
 
 /// Compile-time check used by [`export_policy!`](crate::export_policy) on every target.
-pub const fn assert_policy<P: Policy>() {}
+pub const fn assert_policy<P: Policy + 'static>() {}
 
 #[cfg(test)]
 mod tests {
@@ -510,5 +549,82 @@ mod tests {
         assert_eq!(out_len, 0, "an accepted config encodes an empty InitOutput");
         assert_eq!(host_read(out_address, out_len), Some(Vec::new()));
         assert_eq!(pending_buffers(), before);
+    }
+
+    thread_local! {
+        static FROM_CONFIG_CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Counts its `from_config` calls (on this thread); its config names its storage key.
+    #[derive(Default)]
+    struct Counted {
+        key: String,
+    }
+
+    impl Policy for Counted {
+        fn from_config(config: &[u8]) -> Result<Self, PolicyError> {
+            FROM_CONFIG_CALLS.set(FROM_CONFIG_CALLS.get() + 1);
+            match std::str::from_utf8(config) {
+                Ok("reject") | Err(_) => Err(PolicyError::new("rejected")),
+                Ok(key) => Ok(Self { key: key.into() }),
+            }
+        }
+
+        fn decide(&self, _req: &Request) -> Result<Decision, PolicyError> {
+            Ok(Decision::cache(&self.key))
+        }
+    }
+
+    fn decide_on(config: &str) -> String {
+        let input = proto::PolicyInput {
+            key: "k".into(),
+            config: config.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        match output(&decide_bytes::<Counted>(&input.encode_to_vec())) {
+            proto::policy_output::Result::Decision(decision) => decision.storage_key,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_decision_on_the_config_init_saw_uses_the_policy_init_built() {
+        init_bytes::<Counted>(b"kept");
+        assert_eq!(FROM_CONFIG_CALLS.get(), 1);
+        assert_eq!(decide_on("kept"), "kept");
+        assert_eq!(decide_on("kept"), "kept");
+        assert_eq!(FROM_CONFIG_CALLS.get(), 1, "decisions built no policy");
+    }
+
+    #[test]
+    fn a_decision_on_other_config_builds_its_own_policy() {
+        init_bytes::<Counted>(b"kept");
+        assert_eq!(decide_on("other"), "other");
+        assert_eq!(FROM_CONFIG_CALLS.get(), 2);
+        // Without init, every decision builds one.
+        KEPT.set(None);
+        assert_eq!(decide_on("kept"), "kept");
+        assert_eq!(FROM_CONFIG_CALLS.get(), 3);
+    }
+
+    #[test]
+    fn a_rejected_config_keeps_nothing() {
+        init_bytes::<Counted>(b"kept");
+        let rejected = proto::InitOutput::decode(&init_bytes::<Counted>(b"reject")[..]).unwrap();
+        assert_eq!(rejected.error, "rejected");
+        assert!(KEPT.with_borrow(Option::is_none));
+        assert_eq!(decide_on("kept"), "kept");
+        assert_eq!(FROM_CONFIG_CALLS.get(), 3);
+    }
+
+    #[test]
+    fn a_kept_policy_serves_only_its_own_type() {
+        init_bytes::<Reader>(b"7");
+        assert_eq!(
+            decide_on("7"),
+            "7",
+            "Counted built its own policy from the config"
+        );
+        assert_eq!(FROM_CONFIG_CALLS.get(), 1);
     }
 }

@@ -1,9 +1,11 @@
 //! Reading the binding's configuration bytes.
 //!
 //! The config is whatever the operator bound the policy with, verbatim; JSON by convention.
-//! It reaches the policy twice: once through the init export when the binding is created (so a
-//! bad config is rejected before the binding goes live) and again with every request, because
-//! each decision runs in a fresh instance that remembers nothing.
+//! It reaches the policy through the init export when the binding is created (so a bad config is
+//! rejected before the binding goes live) and again with every request, because each decision
+//! runs in a fresh instance. When that instance starts from the binding's pre-initialised image,
+//! the SDK decides with the policy the init export built from the same bytes instead of parsing
+//! them again.
 
 /// Whether a config is empty: no bytes, only whitespace, or the JSON `null` or `{}`.
 /// Policies treat an empty config as "use the built-in defaults".

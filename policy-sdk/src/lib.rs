@@ -148,8 +148,13 @@
 //! typically with [`config::from_json`] into a `#[serde(deny_unknown_fields)]` struct whose
 //! `Default` is the behaviour without config. The default implementation accepts only an empty
 //! config. The gateway calls it through the `cachegw_init` export when the binding is created,
-//! so a bad config is rejected before it goes live, and again before every decision: each call
-//! runs in a fresh instance that remembers nothing, so keep `from_config` cheap.
+//! so a bad config is rejected before it goes live. Each decision runs in a fresh instance; a
+//! gateway that pre-initialises bindings (`policy.preinit`, the default) starts every instance
+//! from a snapshot taken after `cachegw_init`, and the SDK decides with the policy value
+//! `cachegw_init` built there, so `from_config` runs once per binding. Elsewhere (a gateway
+//! without pre-initialisation, or a module it could not snapshot) it runs before every decision,
+//! so keep it cheap. Either way it must build the same policy from the same bytes, and `decide`
+//! must not rely on state it changes: the instance is discarded after the call.
 //!
 //! ## When things go wrong
 //! Returning `Err(`[`PolicyError`]`)` from `from_config` or `decide`, or returning an invalid
@@ -224,9 +229,10 @@ pub use request::{Operation, Request};
 pub trait Policy: Default {
     /// Builds the policy from the binding's config bytes (JSON by convention).
     ///
-    /// Called when the binding is created (an `Err` rejects the binding, with this message) and
-    /// again before each decision, since every call runs in a fresh instance: keep it cheap.
-    /// An `Err` at decision time applies the binding's fallback.
+    /// Called when the binding is created (an `Err` rejects the binding, with this message).
+    /// A gateway that pre-initialises the binding decides with that value in every call's fresh
+    /// instance; otherwise it is called again before each decision: keep it cheap. An `Err` at
+    /// decision time applies the binding's fallback.
     ///
     /// The default accepts an [empty](config::is_empty) config (no bytes, whitespace, `null`,
     /// `{}`) as `Self::default()` and rejects anything else, so that config given to a policy

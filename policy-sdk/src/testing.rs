@@ -123,7 +123,7 @@ impl RequestBuilder {
     }
 
     /// Runs this request through the same glue as the wasm export; see [`round_trip`].
-    pub fn round_trip<P: Policy>(&self) -> Outcome {
+    pub fn round_trip<P: Policy + 'static>(&self) -> Outcome {
         round_trip::<P>(&self.input)
     }
 }
@@ -181,7 +181,7 @@ impl Outcome {
 /// `cachegw_alloc` does, writes the bytes as the host does, decides, reads and decodes the
 /// `PolicyOutput`. Only the 32-bit address packing is left out (native addresses are 64-bit).
 /// A panic in the policy becomes [`Outcome::Trapped`].
-pub fn round_trip<P: Policy>(input: &proto::PolicyInput) -> Outcome {
+pub fn round_trip<P: Policy + 'static>(input: &proto::PolicyInput) -> Outcome {
     let bytes = input.encode_to_vec();
     let output = panic::catch_unwind(AssertUnwindSafe(|| {
         let address = abi::alloc(bytes.len());
@@ -206,7 +206,7 @@ pub fn round_trip<P: Policy>(input: &proto::PolicyInput) -> Outcome {
 
 /// Runs `config` through the glue `cachegw_init` uses: `Ok` if the policy accepts it, else the
 /// error the host would reject the binding with.
-pub fn init<P: Policy>(config: &[u8]) -> Result<(), String> {
+pub fn init<P: Policy + 'static>(config: &[u8]) -> Result<(), String> {
     let address = abi::alloc(config.len());
     assert!(
         abi::host_write(address, config),

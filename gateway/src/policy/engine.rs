@@ -18,6 +18,12 @@
 //! cores, at the lowest priority. A decision that takes microseconds reaches
 //! no tick, holds no permit and pays for none of this but a monotonic clock
 //! read per poll and an atomic load.
+//!
+//! A binding's calls may start from a pre-initialised image of its module
+//! instead of the module itself ([`preinit`]): still a fresh instance per
+//! call, under the same limits.
+
+mod preinit;
 
 use std::{
     fmt,
@@ -40,6 +46,7 @@ use wasmtime::{
     UpdateDeadline, ValType,
 };
 
+pub use self::preinit::{Preinit, PreinitError};
 use crate::{api::proto::policy as pb, config::PolicyEngineConfig};
 
 /// The ABI version this gateway speaks.
@@ -244,7 +251,20 @@ impl PolicyEngine {
             });
         }
         let started = Instant::now();
-        let module = Module::new(&self.engine, bytes)
+        // With `policy.preinit` the module is compiled as wizer instruments
+        // it (its memories and mutable globals exported too, nothing else
+        // changed), so that a binding's image is made from an instance of
+        // this compilation: one compilation per binding, the image's.
+        let image_source = if self.limits.preinit {
+            preinit::instrument(bytes)
+                .map(|instrumented| (Bytes::copy_from_slice(bytes), instrumented))
+        } else {
+            Err("policy.preinit is off".to_owned())
+        };
+        let compiled = image_source
+            .as_ref()
+            .map_or(bytes, |(_, instrumented)| instrumented.as_slice());
+        let module = Module::new(&self.engine, compiled)
             .map_err(|err| LoadError::Compile(format!("{err:#}")))?;
         check_imports(&module)?;
         let version = content_version(bytes);
@@ -261,6 +281,8 @@ impl PolicyEngine {
             instance_pre,
             exports: exports.clone().map_err(Fault::Abi),
             size: bytes.len(),
+            image_source: image_source.map(|(wasm, _)| wasm),
+            preinit: None,
         };
         if loaded.exports.is_ok()
             && let Err(fault) = loaded.check_abi_version()
@@ -391,7 +413,9 @@ impl Exports {
     }
 }
 
-/// A compiled policy, ready to be called.
+/// A compiled policy, ready to be called: a module as loaded, or a binding's
+/// pre-initialised image of one ([`PolicyModule::preinitialized`]), which
+/// has the same name, version and label.
 pub struct PolicyModule {
     engine: Arc<PolicyEngine>,
     name: Arc<str>,
@@ -400,6 +424,11 @@ pub struct PolicyModule {
     instance_pre: InstancePre<HostState>,
     exports: Result<Exports, Fault>,
     size: usize,
+    /// The module's bytes as loaded, which a binding's image is made from
+    /// (compiled instrumented), or why none can be.
+    image_source: Result<Bytes, String>,
+    /// What the image cost, on a pre-initialised image.
+    preinit: Option<Preinit>,
 }
 
 impl fmt::Debug for PolicyModule {
@@ -407,6 +436,7 @@ impl fmt::Debug for PolicyModule {
         f.debug_struct("PolicyModule")
             .field("label", &self.label)
             .field("size", &self.size)
+            .field("preinit", &self.preinit)
             .finish_non_exhaustive()
     }
 }
@@ -427,9 +457,14 @@ impl PolicyModule {
         &self.label
     }
 
-    /// Size of the module in bytes.
+    /// Size of the module in bytes (of the module as loaded, for an image).
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// What the image cost, if this is a pre-initialised image.
+    pub fn preinit(&self) -> Option<&Preinit> {
+        self.preinit.as_ref()
     }
 
     /// The limits its calls run under.
@@ -558,9 +593,7 @@ impl PolicyModule {
             None,
             None,
         ))?;
-        let output = pb::InitOutput::decode(output.as_slice())
-            .map_err(|err| Fault::Output(format!("not an InitOutput: {err}")))?;
-        Ok((!output.error.is_empty()).then_some(output.error))
+        init_verdict(&output)
     }
 
     /// One call: instantiate (unless `live` holds an instance), allocate,
@@ -686,6 +719,14 @@ pub fn decode_output(output: &[u8]) -> Result<pb::PolicyDecision, Fault> {
             "PolicyOutput carries neither decision nor error".into(),
         )),
     }
+}
+
+/// Reads the bytes `cachegw_init` returned: `Ok(None)` when the policy
+/// accepts the config, `Ok(Some(reason))` when it rejects it.
+fn init_verdict(output: &[u8]) -> Result<Option<String>, Fault> {
+    let output = pb::InitOutput::decode(output)
+        .map_err(|err| Fault::Output(format!("not an InitOutput: {err}")))?;
+    Ok((!output.error.is_empty()).then_some(output.error))
 }
 
 /// Allocates in the guest, writes `input`, calls `entry`, reads the output.

@@ -145,6 +145,9 @@ static DEFAULT_LABEL: std::sync::LazyLock<Arc<str>> =
 pub struct Binding {
     namespace: String,
     module: Arc<PolicyModule>,
+    /// The module pre-initialised with `config` (`policy.preinit`): what its
+    /// calls instantiate, when there is one.
+    image: Option<Arc<PolicyModule>>,
     config: Bytes,
     fallback: FallbackMode,
     fallback_label: Arc<str>,
@@ -214,6 +217,7 @@ impl Binding {
             memo_stats: OnceLock::new(),
             call_metrics: OnceLock::new(),
             module,
+            image: None,
             config,
             fallback,
             faults: AtomicU64::new(0),
@@ -229,6 +233,18 @@ impl Binding {
     /// The bound module.
     pub fn module(&self) -> &Arc<PolicyModule> {
         &self.module
+    }
+
+    /// Calls start from `image`, the module pre-initialised with this
+    /// binding's config ([`PolicyModule::preinitialized`]).
+    pub fn with_image(mut self, image: Arc<PolicyModule>) -> Self {
+        self.image = Some(image);
+        self
+    }
+
+    /// What its calls instantiate: its pre-initialised image, or the module.
+    pub fn callee(&self) -> &Arc<PolicyModule> {
+        self.image.as_ref().unwrap_or(&self.module)
     }
 
     /// The config bytes the policy receives.
@@ -436,7 +452,7 @@ impl Decider {
         let live = batch.map(|batch| batch.instance_of(binding));
         let fresh = live.as_ref().is_none_or(|live| live.is_none());
         let outcome = binding
-            .module
+            .callee()
             .decide_reusing(&input, &binding.long_calls, live)
             .await
             .and_then(|wire| {

@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, Weak},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,7 +17,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::{Binding, BindingError, LoadError, PolicyEngine, PolicyModule, engine, module_name};
+use super::{
+    Binding, BindingError, LoadError, PolicyEngine, PolicyModule,
+    engine::{self, PreinitError},
+    module_name,
+};
 use crate::{
     api::proto::policy as pb,
     config::{Config, FallbackMode, PolicyBindingConfig, PolicyEngineConfig},
@@ -197,6 +201,10 @@ pub struct PolicyRegistry {
     bindings: ArcSwap<HashMap<String, Arc<Binding>>>,
     candidates: ArcSwap<HashMap<String, Arc<Candidates>>>,
     history: Mutex<HashMap<String, Vec<Arc<Binding>>>>,
+    /// Pre-initialised images by module version and config, while a binding
+    /// holds them: a binding to a version and config that another binding
+    /// (active, candidate, or kept for rollback) already has shares its image.
+    images: Mutex<HashMap<(String, Bytes), Weak<PolicyModule>>>,
     rollbacks: Mutex<HashMap<String, RollbackEvent>>,
     publisher: OnceLock<super::sync::ChangeSender>,
     metrics: OnceLock<super::PolicyMetrics>,
@@ -224,6 +232,7 @@ impl PolicyRegistry {
             bindings: ArcSwap::from_pointee(HashMap::new()),
             candidates: ArcSwap::from_pointee(HashMap::new()),
             history: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
             rollbacks: Mutex::new(HashMap::new()),
             publisher: OnceLock::new(),
             metrics: OnceLock::new(),
@@ -321,7 +330,9 @@ impl PolicyRegistry {
         } else {
             let module = self.valid_version(version)?;
             self.check_binding(&module, &config)?;
-            Some(Arc::new(Binding::new(namespace, module, config, fallback)))
+            Some(Arc::new(
+                self.new_binding(namespace, module, config, fallback),
+            ))
         };
         self.candidates.rcu(|table| {
             let mut table = HashMap::clone(table);
@@ -656,7 +667,7 @@ impl PolicyRegistry {
     ) -> Result<Option<String>, RegistryError> {
         let module = self.valid_version(version)?;
         self.check_binding(&module, &config)?;
-        let binding = Binding::new(namespace, module, config, fallback);
+        let binding = self.new_binding(namespace, module, config, fallback);
         let previous = self.swap(namespace, Some(Arc::new(binding)));
         // Candidates were measured against the binding just replaced.
         self.candidates.rcu(|table| {
@@ -668,6 +679,57 @@ impl PolicyRegistry {
             self.publish(super::sync::Change::Binding(namespace.to_owned()));
         }
         Ok(previous.map(|binding| binding.module().version().to_owned()))
+    }
+
+    /// A binding of `module` with `config`. With `policy.preinit`, its calls
+    /// start from an image of the module pre-initialised with `config`, which
+    /// must pass the same dry run as the module (or the image another binding
+    /// of them has); a module that cannot be pre-initialised serves as it is,
+    /// with a warning.
+    fn new_binding(
+        &self,
+        namespace: &str,
+        module: Arc<PolicyModule>,
+        config: Bytes,
+        fallback: FallbackMode,
+    ) -> Binding {
+        let binding = Binding::new(namespace, module, config, fallback);
+        if !self.limits.preinit {
+            return binding;
+        }
+        let (module, config) = (binding.module(), binding.config());
+        let key = (module.version().to_owned(), config.clone());
+        if let Some(image) = lock(&self.images).get(&key).and_then(Weak::upgrade) {
+            return binding.with_image(image);
+        }
+        let image = match module.preinitialized(config) {
+            Ok(image) => image,
+            // Nothing to pre-initialise, or a module every call of which faults.
+            Err(PreinitError::NoInit | PreinitError::Abi(_)) => return binding,
+            Err(err) => {
+                warn!(namespace, policy = %module.label(), "binding not pre-initialised, its calls start from the module: {err}");
+                return binding;
+            }
+        };
+        if let Err(reason) = self.dry_run(&image, config) {
+            warn!(namespace, policy = %module.label(), "binding not pre-initialised, its calls start from the module: its pre-initialised image {reason}");
+            return binding;
+        }
+        if let Some(preinit) = image.preinit() {
+            info!(
+                namespace,
+                policy = %module.label(),
+                image_bytes = preinit.image_bytes,
+                preinit_ms = preinit.took.as_millis() as u64,
+                "binding pre-initialised"
+            );
+        }
+        let image = Arc::new(image);
+        let mut images = lock(&self.images);
+        images.retain(|_, held| held.strong_count() > 0);
+        images.insert(key, Arc::downgrade(&image));
+        drop(images);
+        binding.with_image(image)
     }
 
     /// The policy's init must accept `config`, and a dry run with it pass.
@@ -786,6 +848,7 @@ impl PolicyRegistry {
     ) -> Result<(), BindingError> {
         let module = self.load_file(field, &config.module)?;
         let config_bytes = engine::config_bytes(config.config.as_ref());
+        let mut healthy = true;
         match module.init(&config_bytes) {
             Ok(None) => {}
             Ok(Some(reason)) => {
@@ -796,14 +859,21 @@ impl PolicyRegistry {
                 });
             }
             Err(fault) => {
+                healthy = false;
                 warn!(policy = %module.label(), binding = field, "policy init {fault}; requests will use the fallback")
             }
         }
         if let Some(reason) = self.invalid_reason(module.version()) {
+            healthy = false;
             warn!(policy = %module.label(), binding = field, "policy fails validation: {reason}; requests will use the fallback");
         }
-        let binding =
-            Binding::new(namespace, module, config_bytes, config.fallback).with_memo(config.memo);
+        // A binding whose calls fault is not worth an image (nor a second warning).
+        let binding = if healthy {
+            self.new_binding(namespace, module, config_bytes, config.fallback)
+        } else {
+            Binding::new(namespace, module, config_bytes, config.fallback)
+        };
+        let binding = binding.with_memo(config.memo);
         self.replace(namespace, Some(Arc::new(binding)));
         Ok(())
     }

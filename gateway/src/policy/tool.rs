@@ -176,6 +176,9 @@ pub struct CheckReport {
     pub has_init: bool,
     /// What init said about the config.
     pub config: String,
+    /// Whether a binding's calls would start from an image pre-initialised
+    /// with the config (`policy.preinit`), or why not.
+    pub preinit: String,
     /// The dry run.
     pub probes: Vec<ProbeReport>,
     /// Everything passed.
@@ -185,6 +188,9 @@ pub struct CheckReport {
 /// A module loaded for the tools, with a namespace to validate decisions in.
 pub struct Loaded {
     module: PolicyModule,
+    /// The module pre-initialised with the config, as a binding's calls
+    /// instantiate it (`policy.preinit`), or why there is none.
+    image: Result<PolicyModule, String>,
     namespace: NamespaceSettings,
     limits: DecisionLimits,
     config: bytes::Bytes,
@@ -214,21 +220,36 @@ impl Loaded {
                 path: display,
                 source,
             })?;
+        let config = config_bytes(config);
+        let image = if engine.preinit {
+            module
+                .preinitialized(&config)
+                .map_err(|err| format!("not possible: {err}"))
+        } else {
+            Err("off (policy.preinit = false)".to_owned())
+        };
         Ok(Self {
             module,
+            image,
             namespace: NamespaceSettings::new("tool", &NamespaceConfig::default()),
             limits: DecisionLimits {
                 max_key_bytes,
                 max_ttl: engine.max_ttl,
                 max_items: engine.max_decision_items,
             },
-            config: config_bytes(config),
+            config,
         })
     }
 
     /// The loaded module.
     pub fn module(&self) -> &PolicyModule {
         &self.module
+    }
+
+    /// What a binding's calls instantiate: the pre-initialised image, or the
+    /// module.
+    fn callee(&self) -> &PolicyModule {
+        self.image.as_ref().unwrap_or(&self.module)
     }
 
     fn input(&self, probe: &Probe) -> pb::PolicyInput {
@@ -248,7 +269,7 @@ impl Loaded {
     /// Decides on `probe` and validates the decision as the gateway would.
     pub fn eval(&self, probe: &Probe) -> ProbeReport {
         let started = Instant::now();
-        let outcome = self.module.decide_blocking(&self.input(probe));
+        let outcome = self.callee().decide_blocking(&self.input(probe));
         let micros = started.elapsed().as_micros() as u64;
         let (decision, fault) = match &outcome {
             Ok(wire) => {
@@ -316,6 +337,16 @@ impl Loaded {
             abi: abi.map_or_else(|fault| fault.to_string(), |()| "ok (version 1)".to_owned()),
             has_init: self.module.has_init(),
             config,
+            preinit: match &self.image {
+                Ok(image) => image.preinit().map_or_else(String::new, |preinit| {
+                    format!(
+                        "an image of {} bytes, made in {} ms",
+                        preinit.image_bytes,
+                        preinit.took.as_millis()
+                    )
+                }),
+                Err(reason) => reason.clone(),
+            },
             probes,
             ok,
         }
@@ -343,7 +374,7 @@ impl Loaded {
             |fault: Fault| ToolError::Usage(format!("the policy cannot be called: {fault}"));
         match mode {
             BenchMode::Fresh | BenchMode::ReusedInstance => self
-                .module
+                .callee()
                 .measure(
                     &self.input(probe),
                     calls,
@@ -355,7 +386,7 @@ impl Loaded {
                 // What `Decider::ask` does on a memo hit: the key, the look-up,
                 // the decision's copy.
                 let input = self.input(probe);
-                let wire = self.module.decide_blocking(&input).map_err(cannot)?;
+                let wire = self.callee().decide_blocking(&input).map_err(cannot)?;
                 let reuse = Reuse::of(wire.reuse.as_ref(), input.value_size);
                 if reuse == Reuse::Never {
                     return Err(ToolError::Usage(
@@ -399,8 +430,10 @@ impl Loaded {
                 BenchMode::ReusedInstance => "reuse",
                 BenchMode::Memo => "memo",
             },
+            preinit: self.image.is_ok(),
             calls,
             calls_per_sec: calls as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+            mean_us: histogram.mean() / 1000.0,
             p50_us: micros(0.5),
             p99_us: micros(0.99),
             p999_us: micros(0.999),
@@ -418,10 +451,15 @@ pub struct BenchReport {
     pub policy: String,
     /// `fresh` (an instance per call, as served) or `reuse` (one instance).
     pub mode: &'static str,
+    /// Whether calls instantiated an image pre-initialised with the config
+    /// (`policy.preinit`; `check` says why not).
+    pub preinit: bool,
     /// Calls made.
     pub calls: u64,
     /// Throughput of one thread.
     pub calls_per_sec: f64,
+    /// Mean latency, µs.
+    pub mean_us: f64,
     /// Median latency, µs.
     pub p50_us: f64,
     /// 99th percentile, µs.
