@@ -114,6 +114,8 @@ pub struct RedisStore {
     generations: Generations,
     /// How long a tag purge's mark voids leases: the longest lease.
     lease_void_ttl: Duration,
+    /// How long a command may wait for Redis's reply (`redis.response_timeout`).
+    response_timeout: Duration,
 }
 
 /// Where connections come from.
@@ -214,6 +216,7 @@ impl RedisStore {
             epoch: Instant::now(),
             generations: Generations::default(),
             lease_void_ttl: max_lease_ttl,
+            response_timeout: config.response_timeout,
         })
     }
 
@@ -389,7 +392,7 @@ impl RedisStore {
                     debug!(cause = %err, lane = taken.index(), "retiring redis connection");
                     self.retire(&taken);
                 }
-                Err(command_error(err))
+                Err(command_error(err, self.response_timeout))
             }
         }
     }
@@ -1474,9 +1477,10 @@ fn is_out_of_memory(err: &RedisError) -> bool {
             .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == "OOM"))
 }
 
-fn command_error(err: RedisError) -> StoreError {
+/// `response_timeout`: what a timed-out command waited (`redis.response_timeout`).
+fn command_error(err: RedisError, response_timeout: Duration) -> StoreError {
     if err.is_timeout() {
-        StoreError::Timeout(Duration::ZERO)
+        StoreError::Timeout(response_timeout)
     } else if is_out_of_memory(&err) {
         StoreError::OutOfMemory(err.to_string())
     } else if is_connection_error(&err) {
