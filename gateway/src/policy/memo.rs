@@ -108,9 +108,16 @@ impl std::fmt::Debug for DecisionMemo {
     }
 }
 
-/// What one entry costs beyond its key and decision bytes (moka's node, the
-/// Arc, the entry's fields): an estimate, so the bound errs on the safe side.
-const ENTRY_OVERHEAD: usize = 160;
+/// What one entry costs beyond its key and decision bytes: moka's node,
+/// hash-table slot, access-order links and frequency sketch share, the Arc,
+/// the entry's fields. Calibrated on the gateway's resident memory (a full
+/// 32 MiB memo of ttl-by-route decisions: 754 bytes of RSS per entry;
+/// docs/BENCHMARKS.md, "The memo's memory"), so that `policy.memo_bytes`
+/// bounds what the memo really holds.
+const ENTRY_OVERHEAD: usize = 480;
+
+/// What the allocator adds to each heap allocation (its header, rounding).
+const ALLOCATION_OVERHEAD: usize = 16;
 
 impl DecisionMemo {
     /// A memo of at most `max_bytes` (0: none is kept).
@@ -156,7 +163,8 @@ impl DecisionMemo {
         else {
             return;
         };
-        let weight = input.0.len() + decision_bytes(decision) + ENTRY_OVERHEAD;
+        let weight =
+            input.0.len() + ALLOCATION_OVERHEAD + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
         stats.bytes.inc_by(i64::from(weight));
         self.entries.insert(
@@ -183,14 +191,21 @@ impl DecisionMemo {
 
 /// Heap bytes of a decision, roughly.
 fn decision_bytes(decision: &Decision) -> usize {
+    // Each string is an allocation, and so is each non-empty list of them.
     let strings = |items: &[String]| -> usize {
-        items
+        let list = if items.is_empty() {
+            0
+        } else {
+            ALLOCATION_OVERHEAD
+        };
+        list + items
             .iter()
-            .map(|item| item.len() + size_of::<String>())
-            .sum()
+            .map(|item| item.len() + size_of::<String>() + ALLOCATION_OVERHEAD)
+            .sum::<usize>()
     };
     size_of::<Decision>()
         + decision.key.len()
+        + ALLOCATION_OVERHEAD
         + strings(&decision.tags)
         + strings(&decision.invalidate.keys)
         + strings(&decision.invalidate.patterns)
