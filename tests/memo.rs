@@ -52,32 +52,7 @@ fn metric(registry: &prometheus_client::registry::Registry, name: &str) -> u64 {
 /// decisions, field for field, and the memo really answered most of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
-    let policies = [
-        (
-            "api",
-            "ttl-by-route",
-            json!({"rules": [{"prefix": "leaderboard:", "ttl": "60s"},
-                             {"glob": "ref:*", "ttl": "24h"},
-                             {"prefix": "country-codes", "ttl": "24h"}],
-                   "default_ttl": "5m"}),
-        ),
-        ("users", "user-profile", json!({"ttl": "5m"})),
-        (
-            "pages",
-            "tenant-keying",
-            json!({"vary": ["accept-language"]}),
-        ),
-        (
-            "catalog",
-            "surrogate-keys",
-            json!({"ttl": "10m", "stale": "1m"}),
-        ),
-        (
-            "hours",
-            "business-hours",
-            json!({"open": "08:00", "close": "18:00"}),
-        ),
-    ];
+    let policies = support::example_policies();
     let mut config = support::test_config(StoreKind::Memory, None);
     for (namespace, module, policy_config) in &policies {
         bind(

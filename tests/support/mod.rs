@@ -383,6 +383,38 @@ pub fn policy_module(name: &str) -> PathBuf {
     path
 }
 
+/// The example policies as policies/cachegw.toml binds them: (namespace,
+/// module, config).
+pub fn example_policies() -> [(&'static str, &'static str, serde_json::Value); 5] {
+    use serde_json::json;
+    [
+        (
+            "api",
+            "ttl-by-route",
+            json!({"rules": [{"prefix": "leaderboard:", "ttl": "60s"},
+                             {"glob": "ref:*", "ttl": "24h"},
+                             {"prefix": "country-codes", "ttl": "24h"}],
+                   "default_ttl": "5m"}),
+        ),
+        ("users", "user-profile", json!({"ttl": "5m"})),
+        (
+            "pages",
+            "tenant-keying",
+            json!({"vary": ["accept-language"]}),
+        ),
+        (
+            "catalog",
+            "surrogate-keys",
+            json!({"ttl": "10m", "stale": "1m"}),
+        ),
+        (
+            "hours",
+            "business-hours",
+            json!({"open": "08:00", "close": "18:00"}),
+        ),
+    ]
+}
+
 /// Binds `namespace` to the compiled policy `module` with a JSON `config`.
 pub fn bind(
     config: &mut Config,
