@@ -21,8 +21,17 @@
 //! One moka cache for the process, bounded by `policy.memo_bytes` (weighed by
 //! each entry's key and decision bytes), shared by every binding, so the bound
 //! holds however many bindings there are; bindings that go away age out.
+//!
+//! Inserting into a full memo costs: moka evicts an entry for each one kept.
+//! Where inputs never repeat, that cost bought nothing and made the memo a
+//! loss (0.75 of the same binding without it, docs/BENCHMARKS.md). So once
+//! the memo is full, a decision is kept only for an input seen recently: the
+//! [`Doorkeeper`] remembers a first sighting, and the second miss is kept.
+//! Until the memo is full everything is kept, so a working set fills it at
+//! once.
 
 use std::{
+    hash::BuildHasher,
     mem::size_of,
     sync::{
         Arc,
@@ -48,6 +57,53 @@ pub struct MemoStats {
     pub evictions: Counter,
     /// Bytes the binding's entries weigh now.
     pub bytes: Gauge,
+    /// Decisions not kept because the memo was full and their input was
+    /// seen for the first time lately (the [`Doorkeeper`]).
+    pub first_sightings: Counter,
+}
+
+/// Remembers which inputs missed lately, in a bitmap of hashes (two bits per
+/// input, a Bloom filter), so that a full memo keeps only decisions whose
+/// input repeats. Cleared whenever it has taken one input per 8 bits, which
+/// keeps false positives (a first sighting taken for a second) near 5% and
+/// makes "lately" the last `bits / 8` first sightings.
+struct Doorkeeper {
+    bits: Box<[AtomicU64]>,
+    /// Inputs taken since the last clear.
+    taken: AtomicU64,
+    hasher: std::hash::RandomState,
+}
+
+impl Doorkeeper {
+    /// A doorkeeper of `bits` bits (a power of two, at least 64).
+    fn new(bits: usize) -> Self {
+        debug_assert!(bits.is_power_of_two() && bits >= 64);
+        Self {
+            bits: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            taken: AtomicU64::new(0),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// Whether `input` was seen since the last clear; remembers it.
+    fn seen_before(&self, input: &[u8]) -> bool {
+        let hash = self.hasher.hash_one(input);
+        let mask = self.bits.len() * 64 - 1;
+        let mut seen = true;
+        for half in [hash as u32, (hash >> 32) as u32] {
+            let bit = half as usize & mask;
+            let word = &self.bits[bit / 64];
+            let flag = 1 << (bit % 64);
+            seen &= word.fetch_or(flag, Ordering::Relaxed) & flag != 0;
+        }
+        if !seen && self.taken.fetch_add(1, Ordering::Relaxed) + 1 >= (self.bits.len() * 8) as u64 {
+            self.taken.store(0, Ordering::Relaxed);
+            for word in &self.bits {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        seen
+    }
 }
 
 /// Whether a decision may be kept, and for how long.
@@ -97,6 +153,8 @@ struct Entry {
 /// The process's decision memo.
 pub struct DecisionMemo {
     entries: Cache<Box<[u8]>, Arc<Entry>>,
+    capacity: u64,
+    doorkeeper: Doorkeeper,
 }
 
 impl std::fmt::Debug for DecisionMemo {
@@ -132,7 +190,14 @@ impl DecisionMemo {
                 }
             })
             .build();
-        Self { entries }
+        // One bit per 64 bytes of memo: ~8 bits per entry the memo can hold
+        // (~770 bytes each), 64 KiB of bitmap for the default 32 MiB.
+        let bits = (max_bytes / 64).clamp(1 << 12, 1 << 26).next_power_of_two() as usize;
+        Self {
+            entries,
+            capacity: max_bytes,
+            doorkeeper: Doorkeeper::new(bits),
+        }
     }
 
     /// The decision kept for `input`, if there is one that still holds at
@@ -163,6 +228,12 @@ impl DecisionMemo {
         else {
             return;
         };
+        // Full (to within 1/16, as moka last counted): keep only what repeats.
+        let full = self.entries.weighted_size() >= self.capacity - self.capacity / 16;
+        if full && !self.doorkeeper.seen_before(input.bytes()) {
+            stats.first_sightings.inc();
+            return;
+        }
         let weight =
             input.0.len() + ALLOCATION_OVERHEAD + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
@@ -456,24 +527,78 @@ mod tests {
         assert_eq!(memo.get(&key(), 7, 2_000), None, "Never is not kept");
     }
 
+    fn keep(memo: &DecisionMemo, key: &str, stats: &MemoStats) -> MemoKey {
+        let input = MemoKey::new(1, Operation::Get, "ns", key, &Attributes::new());
+        let forever = Reuse::For {
+            promise: None,
+            value_size: None,
+        };
+        memo.put(input.clone(), &decision(key), forever, 1_000, stats);
+        input
+    }
+
+    #[test]
+    fn a_full_memo_keeps_a_decision_at_its_inputs_second_miss() {
+        let memo = DecisionMemo::new(256 * 1024);
+        let stats = MemoStats::default();
+        // Until it is full, every decision is kept at once.
+        let first = keep(&memo, "early", &stats);
+        assert!(memo.get(&first, 0, 1_000).is_some());
+        let mut filled = 0;
+        while memo.bytes() < memo.capacity - memo.capacity / 16 {
+            keep(&memo, &format!("fill-{filled}"), &stats);
+            filled += 1;
+        }
+        assert_eq!(
+            stats.first_sightings.get(),
+            0,
+            "nothing refused while filling"
+        );
+
+        // Full: a new input's first miss is only remembered ...
+        let input = keep(&memo, "newcomer", &stats);
+        assert_eq!(memo.get(&input, 0, 1_000), None);
+        assert_eq!(stats.first_sightings.get(), 1);
+        // ... and its second miss is kept.
+        keep(&memo, "newcomer", &stats);
+        assert!(memo.get(&input, 0, 1_000).is_some());
+        assert_eq!(stats.first_sightings.get(), 1);
+    }
+
+    #[test]
+    fn the_doorkeeper_forgets_once_it_has_taken_its_share() {
+        let doorkeeper = Doorkeeper::new(1 << 12);
+        assert!(!doorkeeper.seen_before(b"a"));
+        assert!(doorkeeper.seen_before(b"a"));
+        // 512 first sightings (bits / 8) clear it: "a" is new again.
+        let mut fresh = 0;
+        for i in 0..2_000 {
+            if !doorkeeper.seen_before(format!("k{i}").as_bytes()) {
+                fresh += 1;
+            }
+            if fresh == 512 {
+                break;
+            }
+        }
+        assert!(!doorkeeper.seen_before(b"a"), "cleared after bits / 8");
+    }
+
     #[test]
     fn the_memo_stays_within_its_bytes_under_a_million_distinct_keys() {
         let bound = 256 * 1024;
         let memo = DecisionMemo::new(bound);
         let stats = MemoStats::default();
         for i in 0..1_000_000 {
+            // Twice each: a full memo keeps an input's decision at its second miss.
             let key = format!("key-{i}");
-            memo.put(
-                MemoKey::new(1, Operation::Get, "ns", &key, &Attributes::new()),
-                &decision(&key),
-                Reuse::For {
-                    promise: None,
-                    value_size: None,
-                },
-                1_000,
-                &stats,
-            );
+            keep(&memo, &key, &stats);
+            keep(&memo, &key, &stats);
         }
+        assert!(
+            stats.first_sightings.get() > 900_000,
+            "{} first sightings",
+            stats.first_sightings.get()
+        );
         let held = memo.bytes();
         assert!(held <= bound, "{held} bytes held, bound {bound}");
         assert!(held > bound / 2, "the memo is used: {held} bytes");

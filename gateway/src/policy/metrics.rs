@@ -71,6 +71,7 @@ pub struct PolicyMetrics {
     memo_misses: Family<MemoLabels, Counter>,
     memo_evictions: Family<MemoLabels, Counter>,
     memo_bytes: Family<MemoLabels, Gauge>,
+    memo_first_sightings: Family<MemoLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +96,7 @@ impl PolicyMetrics {
             memo_misses: Family::default(),
             memo_evictions: Family::default(),
             memo_bytes: Family::default(),
+            memo_first_sightings: Family::default(),
         };
         registry.register(
             "cachegw_policy_memo_hits",
@@ -115,6 +117,11 @@ impl PolicyMetrics {
             "cachegw_policy_memo_bytes",
             "Bytes a binding's memoised decisions weigh (estimated)",
             metrics.memo_bytes.clone(),
+        );
+        registry.register(
+            "cachegw_policy_memo_first_sightings",
+            "Decisions not memoised because the memo was full and their input had not missed lately (the input's next miss is memoised)",
+            metrics.memo_first_sightings.clone(),
         );
         registry.register(
             "cachegw_policy_bindings",
@@ -181,6 +188,7 @@ impl PolicyMetrics {
             misses: self.memo_misses.get_or_create(&labels).clone(),
             evictions: self.memo_evictions.get_or_create(&labels).clone(),
             bytes: self.memo_bytes.get_or_create(&labels).clone(),
+            first_sightings: self.memo_first_sightings.get_or_create(&labels).clone(),
         }
     }
 
