@@ -92,6 +92,14 @@ fn random_input(rng: &mut StdRng, namespace: &str, config: &Bytes) -> pb::Policy
             attributes.insert(name.to_string(), values.choose(rng).unwrap().to_string());
         }
     }
+    // Now and then an input larger than an image's reserved input buffer
+    // (8 KiB), which its call then allocates as a module's would.
+    if rng.random_bool(0.05) {
+        attributes.insert(
+            "x-padding".into(),
+            "p".repeat(rng.random_range(8_000..12_000)),
+        );
+    }
     let op = *[
         pb::Operation::Get,
         pb::Operation::Set,
@@ -115,7 +123,8 @@ fn random_input(rng: &mut StdRng, namespace: &str, config: &Bytes) -> pb::Policy
 }
 
 /// For each example policy, 1 500 random requests decided by the module as
-/// loaded and by the binding's pre-initialised image: the same bytes.
+/// loaded and by the binding's pre-initialised image: the same bytes, for
+/// inputs written into the image's reserved buffer and for larger ones.
 #[test]
 fn the_example_policies_decide_the_same_from_the_image_and_from_the_module() {
     let _alone = ONE_AT_A_TIME.blocking_lock();
@@ -124,9 +133,14 @@ fn the_example_policies_decide_the_same_from_the_image_and_from_the_module() {
     for namespace in ["api", "users", "pages", "catalog"] {
         let binding = registry.active(namespace).expect("bound");
         let image = binding.callee();
+        let preinit = image.preinit();
         assert!(
-            image.preinit().is_some(),
+            preinit.is_some(),
             "{namespace}: the binding has no pre-initialised image"
+        );
+        assert!(
+            preinit.and_then(|preinit| preinit.input_buffer).is_some(),
+            "{namespace}: the image reserved no input buffer"
         );
         for _ in 0..1_500 {
             let input = random_input(&mut rng, namespace, binding.config());

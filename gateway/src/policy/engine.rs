@@ -46,7 +46,7 @@ use wasmtime::{
     UpdateDeadline, ValType,
 };
 
-pub use self::preinit::{Preinit, PreinitError};
+pub use self::preinit::{InputBuffer, Preinit, PreinitError};
 use crate::{api::proto::policy as pb, config::PolicyEngineConfig};
 
 /// The ABI version this gateway speaks.
@@ -629,15 +629,26 @@ impl PolicyModule {
         };
         let meter = Arc::clone(&store.data().meter);
         let result = metered(&meter, async {
-            let instance = match instance {
-                Some(instance) => instance,
+            let (instance, reserved) = match instance {
+                Some(instance) => (instance, None),
                 None => {
                     let instance = self.instance_pre.instantiate(&mut store)?;
                     store.data_mut().on_fiber = true;
-                    instance
+                    // A fresh instance of an image starts with its input
+                    // buffer pending; only a decision uses it.
+                    let reserved = self
+                        .preinit
+                        .as_ref()
+                        .and_then(|preinit| preinit.input_buffer)
+                        .filter(|buffer| {
+                            std::ptr::eq(entry, &exports.decide)
+                                && input.len() <= buffer.capacity as usize
+                        })
+                        .map(|buffer| buffer.address);
+                    (instance, reserved)
                 }
             };
-            let output = invoke(&mut store, &instance, exports, entry, input).await?;
+            let output = invoke(&mut store, &instance, exports, entry, input, reserved).await?;
             Ok::<_, wasmtime::Error>((instance, output))
         })
         .await;
@@ -696,7 +707,14 @@ impl PolicyModule {
             store.data_mut().restart(None, LongCall::NotYet);
             let outcome = futures::executor::block_on(metered(
                 &meter,
-                invoke(&mut store, &instance, exports, &exports.decide, &input),
+                invoke(
+                    &mut store,
+                    &instance,
+                    exports,
+                    &exports.decide,
+                    &input,
+                    None,
+                ),
             ));
             let fault = outcome.err().map(|err| fault_of(err, store.data()));
             record(started.elapsed(), fault);
@@ -729,33 +747,54 @@ fn init_verdict(output: &[u8]) -> Result<Option<String>, Fault> {
     Ok((!output.error.is_empty()).then_some(output.error))
 }
 
-/// Allocates in the guest, writes `input`, calls `entry`, reads the output.
+/// Reserves `len` bytes with the instance's `cachegw_alloc`; their address.
+async fn reserve(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::Instance,
+    exports: &Exports,
+    len: u32,
+) -> wasmtime::Result<u32> {
+    let alloc = export_func(store, instance, &exports.alloc)?.typed::<i32, i32>(&*store)?;
+    let len = i32::try_from(len).map_err(|_| OutputError("input too large".into()))?;
+    match alloc.call_async(&mut *store, len).await? {
+        0 => Err(OutputError("cachegw_alloc returned 0".into()).into()),
+        ptr => Ok(ptr as u32),
+    }
+}
+
+fn export_func(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::Instance,
+    export: &ModuleExport,
+) -> wasmtime::Result<wasmtime::Func> {
+    instance
+        .get_module_export(&mut *store, export)
+        .and_then(|export| export.into_func())
+        .ok_or_else(|| wasmtime::Error::msg("function export vanished"))
+}
+
+/// Writes `input` into the instance (at `reserved`, a buffer the image
+/// holds pending, or else where `cachegw_alloc` says), calls `entry`, reads
+/// the output.
 async fn invoke(
     store: &mut Store<HostState>,
     instance: &wasmtime::Instance,
     exports: &Exports,
     entry: &ModuleExport,
     input: &[u8],
+    reserved: Option<u32>,
 ) -> wasmtime::Result<Vec<u8>> {
     let memory = instance
         .get_module_export(&mut *store, &exports.memory)
         .and_then(|export| export.into_memory())
         .ok_or_else(|| wasmtime::Error::msg("memory export vanished"))?;
-    let mut func = |export: &ModuleExport| {
-        instance
-            .get_module_export(&mut *store, export)
-            .and_then(|export| export.into_func())
-            .ok_or_else(|| wasmtime::Error::msg("function export vanished"))
-    };
-    let (alloc, entry) = (func(&exports.alloc)?, func(entry)?);
-    let alloc = alloc.typed::<i32, i32>(&*store)?;
-    let entry = entry.typed::<(i32, i32), i64>(&*store)?;
+    let entry = export_func(store, instance, entry)?.typed::<(i32, i32), i64>(&*store)?;
 
     let len = i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
-    let ptr = alloc.call_async(&mut *store, len).await?;
-    if ptr == 0 {
-        return Err(OutputError("cachegw_alloc returned 0".into()).into());
-    }
+    let ptr = match reserved {
+        Some(address) => address as i32,
+        None => reserve(store, instance, exports, len as u32).await? as i32,
+    };
     memory
         .write(&mut *store, ptr as u32 as usize, input)
         .map_err(|_| OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory")))?;

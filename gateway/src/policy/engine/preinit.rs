@@ -28,7 +28,7 @@ use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
 use super::{
     CpuMeter, Exports, Fault, HostState, PolicyModule, Yields, fault_of, init_verdict, invoke,
-    metered,
+    metered, reserve,
 };
 
 /// `wasm` with its memories and mutable globals exported under wizer's
@@ -50,7 +50,25 @@ pub struct Preinit {
     /// Instrumenting, compiling, running `cachegw_init`, snapshotting and
     /// compiling the image.
     pub took: Duration,
+    /// A buffer `cachegw_alloc` reserved just before the snapshot, so that
+    /// every instance of the image starts with it pending: a decision whose
+    /// input fits is written there and needs no `cachegw_alloc` call.
+    pub input_buffer: Option<InputBuffer>,
 }
+
+/// Where an image's reserved input buffer lies ([`Preinit::input_buffer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputBuffer {
+    /// Its address in the image's memory.
+    pub address: u32,
+    /// Its length: inputs up to this many bytes use it.
+    pub capacity: u32,
+}
+
+/// The input buffer an image reserves: a `PolicyInput` of a 1 KiB key with
+/// a few attributes and a config of a few KiB fits; a larger one is
+/// allocated by its call as without an image.
+const INPUT_BUFFER_BYTES: u32 = 8 * 1024;
 
 /// Why a module could not be pre-initialised (its calls then start from the
 /// module itself, as without pre-initialisation).
@@ -115,7 +133,7 @@ impl PolicyModule {
         let initialised = futures::executor::block_on(metered(&meter, async {
             let instance = self.instance_pre.instantiate(&mut store)?;
             store.data_mut().on_fiber = true;
-            let output = invoke(&mut store, &instance, exports, init, config).await?;
+            let output = invoke(&mut store, &instance, exports, init, config, None).await?;
             Ok::<_, wasmtime::Error>((instance, output))
         }));
         let (instance, output) =
@@ -123,6 +141,16 @@ impl PolicyModule {
         if let Some(reason) = init_verdict(&output).map_err(PreinitError::Init)? {
             return Err(PreinitError::Rejected(reason));
         }
+        // A module that cannot spare the bytes just gets no buffer.
+        let input_buffer = futures::executor::block_on(metered(
+            &meter,
+            reserve(&mut store, &instance, exports, INPUT_BUFFER_BYTES),
+        ))
+        .ok()
+        .map(|address| InputBuffer {
+            address,
+            capacity: INPUT_BUFFER_BYTES,
+        });
 
         // As in `instrument`: a broken assertion costs the image, not the bind.
         let snapshot = catch_unwind(AssertUnwindSafe(|| {
@@ -162,6 +190,7 @@ impl PolicyModule {
             preinit: Some(Preinit {
                 image_bytes: snapshot.len(),
                 took: started.elapsed(),
+                input_buffer,
             }),
         })
     }
