@@ -152,7 +152,7 @@ struct Entry {
 
 /// The process's decision memo.
 pub struct DecisionMemo {
-    entries: Cache<Box<[u8]>, Arc<Entry>>,
+    entries: Cache<Box<[u8]>, Arc<Entry>, foldhash::fast::RandomState>,
     capacity: u64,
     doorkeeper: Doorkeeper,
 }
@@ -189,7 +189,7 @@ impl DecisionMemo {
                     entry.stats.evictions.inc();
                 }
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         // One bit per 64 bytes of memo: ~8 bits per entry the memo can hold
         // (~770 bytes each), 64 KiB of bitmap for the default 32 MiB.
         let bits = (max_bytes / 64).clamp(1 << 12, 1 << 26).next_power_of_two() as usize;
@@ -299,8 +299,18 @@ impl MemoKey {
         key: &str,
         attributes: &Attributes,
     ) -> Self {
-        let mut names: Vec<(&String, &String)> = attributes.iter().collect();
-        names.sort_unstable();
+        // Most requests carry no attribute or one: no list to sort then.
+        let sorted: Vec<(&String, &String)>;
+        let first: Option<(&String, &String)>;
+        let names: &[(&String, &String)] = if attributes.len() > 1 {
+            let mut all: Vec<_> = attributes.iter().collect();
+            all.sort_unstable();
+            sorted = all;
+            &sorted
+        } else {
+            first = attributes.iter().next();
+            first.as_slice()
+        };
         let size = 8
             + 1
             + 8 * (2 + 2 * names.len())
