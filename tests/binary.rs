@@ -437,6 +437,36 @@ fn policy_check_passes_good_modules_and_explains_bad_ones() {
     );
 }
 
+/// `policy bench` times decisions the way the gateway makes them (a fresh
+/// instance of the binding's image per call) and says what they cost in
+/// CPU, not only in latency.
+#[test]
+fn policy_bench_reports_latency_and_cpu_per_call() {
+    let config = r#"{"rules":[{"prefix":"leaderboard:","ttl":"60s"}],"default_ttl":"5m"}"#;
+    let (code, report, stderr) = run_policy_tool(&[
+        "bench",
+        &dist("ttl-by-route"),
+        "--key",
+        "leaderboard:weekly",
+        "--config",
+        config,
+        "--calls",
+        "3000",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(report["mode"], "fresh", "{report}");
+    assert_eq!(report["preinit"], true, "{report}");
+    assert_eq!(report["calls"], 3000, "{report}");
+    assert_eq!(report["faults"], serde_json::json!({}), "{report}");
+    let p50 = report["p50_us"].as_f64().unwrap();
+    let cpu = report["cpu_us_per_call"].as_f64().unwrap();
+    let wall = 1e6 / report["calls_per_sec"].as_f64().unwrap();
+    assert!(p50 > 0.0, "{report}");
+    // One thread makes the calls: their CPU is some of the wall time they
+    // took (the epoch ticker adds next to nothing), never all of it twice.
+    assert!(cpu > 0.0 && cpu < wall * 1.5, "{report}");
+}
+
 #[test]
 fn policy_eval_prints_the_decision() {
     let (code, report, stderr) = run_policy_tool(&[

@@ -360,6 +360,7 @@ impl Loaded {
         mode: BenchMode,
     ) -> Result<BenchReport, ToolError> {
         let rss_before = resident_kib();
+        let cpu_before = process_cpu();
         let mut histogram =
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
         let started = Instant::now();
@@ -421,6 +422,7 @@ impl Loaded {
             }
         }
         let elapsed = started.elapsed();
+        let cpu = process_cpu().saturating_sub(cpu_before);
         let rss_after = resident_kib();
         let micros = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
         Ok(BenchReport {
@@ -437,6 +439,7 @@ impl Loaded {
             p50_us: micros(0.5),
             p99_us: micros(0.99),
             p999_us: micros(0.999),
+            cpu_us_per_call: cpu.as_secs_f64() * 1e6 / calls.max(1) as f64,
             rss_before_kib: rss_before,
             rss_after_kib: rss_after,
             faults,
@@ -466,12 +469,22 @@ pub struct BenchReport {
     pub p99_us: f64,
     /// 99.9th percentile, µs.
     pub p999_us: f64,
+    /// This process's CPU time (user and system, every thread) over the
+    /// run, per call, µs: what the gateway's `perf stat -e task-clock`
+    /// would charge the calls, resetting the instances' memory included.
+    pub cpu_us_per_call: f64,
     /// Resident memory before, KiB (Linux).
     pub rss_before_kib: Option<u64>,
     /// Resident memory after, KiB (Linux).
     pub rss_after_kib: Option<u64>,
     /// Calls that faulted, by kind (they are timed too).
     pub faults: HashMap<&'static str, u64>,
+}
+
+/// CPU time this process has used (every thread, user and system).
+fn process_cpu() -> std::time::Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// This process's resident set size, from /proc (Linux only).
