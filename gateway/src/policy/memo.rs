@@ -18,11 +18,13 @@
 //! - Faults are never kept (only validated decisions are), so a fault is
 //!   retried by the next identical request.
 //!
-//! One moka cache for the process, bounded by `policy.memo_bytes` (weighed by
-//! each entry's key and decision bytes), shared by every binding, so the bound
-//! holds however many bindings there are; bindings that go away age out.
+//! One cache for the process (quick_cache: S3-FIFO eviction, and a read is a
+//! shard read-lock and a flag, with no per-read bookkeeping to drain), bounded
+//! by `policy.memo_bytes` (weighed by each entry's key and decision bytes and
+//! its overhead), shared by every binding, so the bound holds however many
+//! bindings there are; bindings that go away age out.
 //!
-//! Inserting into a full memo costs: moka evicts an entry for each one kept.
+//! Inserting into a full memo costs: an entry is evicted for each one kept.
 //! Where inputs never repeat, that cost bought nothing and made the memo a
 //! loss (0.75 of the same binding without it, docs/BENCHMARKS.md). So once
 //! the memo is full, a decision is kept only for an input seen recently: the
@@ -40,8 +42,8 @@ use std::{
     time::Duration,
 };
 
-use moka::{notification::RemovalCause, sync::Cache};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use quick_cache::{Lifecycle, Weighter, sync::Cache};
 
 use super::{Decision, Operation, pb};
 use crate::cache::Attributes;
@@ -150,9 +152,39 @@ struct Entry {
     stats: MemoStats,
 }
 
+/// An entry weighs what it was weighed at when kept.
+#[derive(Clone)]
+struct ByWeight;
+
+impl Weighter<Box<[u8]>, Arc<Entry>> for ByWeight {
+    fn weight(&self, _key: &Box<[u8]>, entry: &Arc<Entry>) -> u64 {
+        u64::from(entry.weight)
+    }
+}
+
+/// Counts the entries the byte bound pushes out, by binding.
+#[derive(Clone)]
+struct CountEvictions;
+
+impl Lifecycle<Box<[u8]>, Arc<Entry>> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _key: Box<[u8]>, entry: Arc<Entry>) {
+        entry.stats.evictions.inc();
+    }
+}
+
+/// A binding's bytes count its entries until the last reference to one is
+/// gone, however it left the memo (evicted, replaced, the memo dropped).
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.stats.bytes.dec_by(i64::from(self.weight));
+    }
+}
+
 /// The process's decision memo.
 pub struct DecisionMemo {
-    entries: Cache<Box<[u8]>, Arc<Entry>, foldhash::fast::RandomState>,
+    entries: Cache<Box<[u8]>, Arc<Entry>, ByWeight, foldhash::fast::RandomState, CountEvictions>,
     capacity: u64,
     doorkeeper: Doorkeeper,
 }
@@ -160,19 +192,20 @@ pub struct DecisionMemo {
 impl std::fmt::Debug for DecisionMemo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DecisionMemo")
-            .field("entries", &self.entries.entry_count())
-            .field("bytes", &self.entries.weighted_size())
+            .field("entries", &self.entries.len())
+            .field("bytes", &self.entries.weight())
             .finish()
     }
 }
 
-/// What one entry costs beyond its key and decision bytes: moka's node,
-/// hash-table slot, access-order links and frequency sketch share, the Arc,
-/// the entry's fields. Calibrated on the gateway's resident memory (a full
-/// 32 MiB memo of ttl-by-route decisions: 754 bytes of RSS per entry;
-/// docs/BENCHMARKS.md, "The memo's memory"), so that `policy.memo_bytes`
-/// bounds what the memo really holds.
-const ENTRY_OVERHEAD: usize = 480;
+/// What one entry costs beyond its key and decision bytes: the cache's slot
+/// and hash-table index, the Arc, the entry's fields. Calibrated on the
+/// gateway's resident memory under a million distinct keys: entries weighed
+/// with 480 here (moka's figure) held 0.71 of `memo_bytes` in quick_cache,
+/// ~548 bytes of RSS per ttl-by-route entry against 770 weighed
+/// (docs/BENCHMARKS.md, "The memo's memory, with the doorkeeper"), so that
+/// `policy.memo_bytes` bounds what the memo really holds.
+const ENTRY_OVERHEAD: usize = 256;
 
 /// What the allocator adds to each heap allocation (its header, rounding).
 const ALLOCATION_OVERHEAD: usize = 16;
@@ -180,16 +213,15 @@ const ALLOCATION_OVERHEAD: usize = 16;
 impl DecisionMemo {
     /// A memo of at most `max_bytes` (0: none is kept).
     pub fn new(max_bytes: u64) -> Self {
-        let entries = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_key, entry: &Arc<Entry>| entry.weight)
-            .eviction_listener(|_key, entry: Arc<Entry>, cause| {
-                entry.stats.bytes.dec_by(i64::from(entry.weight));
-                if cause == RemovalCause::Size {
-                    entry.stats.evictions.inc();
-                }
-            })
-            .build_with_hasher(foldhash::fast::RandomState::default());
+        let entries = Cache::with(
+            usize::try_from(max_bytes / 770)
+                .unwrap_or(usize::MAX)
+                .max(16),
+            max_bytes,
+            ByWeight,
+            foldhash::fast::RandomState::default(),
+            CountEvictions,
+        );
         // One bit per 64 bytes of memo: ~8 bits per entry the memo can hold
         // (~770 bytes each), 64 KiB of bitmap for the default 32 MiB.
         let bits = (max_bytes / 64).clamp(1 << 12, 1 << 26).next_power_of_two() as usize;
@@ -228,8 +260,8 @@ impl DecisionMemo {
         else {
             return;
         };
-        // Full (to within 1/16, as moka last counted): keep only what repeats.
-        let full = self.entries.weighted_size() >= self.capacity - self.capacity / 16;
+        // Full (to within 1/16): keep only what repeats.
+        let full = self.entries.weight() >= self.capacity - self.capacity / 16;
         if full && !self.doorkeeper.seen_before(input.bytes()) {
             stats.first_sightings.inc();
             return;
@@ -255,8 +287,7 @@ impl DecisionMemo {
 
     /// Bytes held now (after pending maintenance).
     pub fn bytes(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.weighted_size()
+        self.entries.weight()
     }
 }
 
