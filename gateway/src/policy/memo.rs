@@ -214,7 +214,7 @@ impl DecisionMemo {
     /// A memo of at most `max_bytes` (0: none is kept).
     pub fn new(max_bytes: u64) -> Self {
         let entries = Cache::with(
-            usize::try_from(max_bytes / 770)
+            usize::try_from(max_bytes / 550)
                 .unwrap_or(usize::MAX)
                 .max(16),
             max_bytes,
@@ -223,7 +223,7 @@ impl DecisionMemo {
             CountEvictions,
         );
         // One bit per 64 bytes of memo: ~8 bits per entry the memo can hold
-        // (~770 bytes each), 64 KiB of bitmap for the default 32 MiB.
+        // (~550 bytes each), 64 KiB of bitmap for the default 32 MiB.
         let bits = (max_bytes / 64).clamp(1 << 12, 1 << 26).next_power_of_two() as usize;
         Self {
             entries,
