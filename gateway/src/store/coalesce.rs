@@ -194,10 +194,8 @@ mod tests {
     async fn an_error_reaches_every_read_of_the_round() {
         let rounds = ReadRounds::default();
         let failing = |_| async { Err(StoreError::Command("boom".to_owned())) };
-        let (a, b) = tokio::join!(
-            rounds.read(&key("a"), failing),
-            rounds.read(&key("b"), failing)
-        );
+        let (a, b) = (key("a"), key("b"));
+        let (a, b) = tokio::join!(rounds.read(&a, failing), rounds.read(&b, failing));
         assert!(matches!(a, Err(StoreError::Command(_))));
         assert!(matches!(b, Err(StoreError::Command(_))));
     }
@@ -206,8 +204,9 @@ mod tests {
     async fn reads_waiting_on_a_dropped_leader_read_alone() {
         let rounds = ReadRounds::default();
         let never = |_| std::future::pending();
-        let leader = rounds.read(&key("leader"), never);
-        let follower = rounds.read(&key("follower"), |keys| async { Ok(echo(keys)) });
+        let (leader, follower) = (key("leader"), key("follower"));
+        let leader = rounds.read(&leader, never);
+        let follower = rounds.read(&follower, |keys| async { Ok(echo(keys)) });
         // The leader gives up (its deadline) while the follower waits on it.
         let (led, followed) = tokio::join!(
             tokio::time::timeout(Duration::from_millis(20), leader),
