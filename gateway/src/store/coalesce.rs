@@ -11,8 +11,9 @@
 //! turns into "after every task ready now has run and the I/O driver was
 //! polled", so the Gets decoded from the same HTTP/2 reads join its queue
 //! meanwhile; then it reads them all in one call (for Redis, one pipeline
-//! with the same generation checks as an MGet) and hands each its answer.
-//! A read that finds a round led already only waits for it.
+//! with the same generation checks as an MGet) and hands each its answer; a
+//! key asked for more than once in a round is read once. A read that finds a
+//! round led already only waits for it.
 //!
 //! Cancel-safety: a leader dropped before it took its round (its deadline
 //! passed) closes the round, and a leader dropped after it took it drops the
@@ -20,6 +21,7 @@
 //! closed and read on their own, within their own deadlines.
 
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{Mutex, PoisonError},
 };
@@ -87,18 +89,29 @@ impl ReadRounds {
         };
         tokio::task::yield_now().await;
         let joined = leading.close();
+        // A hot key is read once per round, however many Gets of it joined:
+        // they were all in flight together, so one read answers them all.
         let mut keys = Vec::with_capacity(joined.len() + 1);
         keys.push(key.clone());
-        keys.extend(joined.iter().map(|waiting| waiting.key.clone()));
+        let mut positions: HashMap<&StorageKey, usize> = HashMap::new();
+        positions.insert(key, 0);
+        let slots: Vec<usize> = joined
+            .iter()
+            .map(|waiting| {
+                *positions.entry(&waiting.key).or_insert_with(|| {
+                    keys.push(waiting.key.clone());
+                    keys.len() - 1
+                })
+            })
+            .collect();
         match read_all(keys).await {
             Ok(fetched) => {
-                let mut fetched = fetched.into_iter();
-                let own = fetched.next().unwrap_or_default();
-                for (waiting, fetched) in joined.into_iter().zip(fetched) {
+                for (waiting, slot) in joined.into_iter().zip(slots) {
+                    let answer = fetched.get(slot).cloned().unwrap_or_default();
                     // A read that stopped waiting (its deadline passed) is gone.
-                    let _ = waiting.answer.send(Ok(fetched));
+                    let _ = waiting.answer.send(Ok(answer));
                 }
-                Ok(own)
+                Ok(fetched.into_iter().next().unwrap_or_default())
             }
             Err(err) => {
                 for waiting in joined {
@@ -188,6 +201,26 @@ mod tests {
             assert_eq!(value, Bytes::from(format!("k{i}")));
         }
         assert_eq!(calls.load(Ordering::Relaxed), 1, "one round for all eight");
+    }
+
+    #[tokio::test]
+    async fn a_key_asked_for_twice_in_a_round_is_read_once() {
+        let rounds = ReadRounds::default();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let read_all = |keys: Vec<StorageKey>| {
+            asked.lock().unwrap().push(keys.len());
+            async move { Ok(echo(keys)) }
+        };
+        let (hot, cold) = (key("hot"), key("cold"));
+        let (a, b, c) = tokio::join!(
+            rounds.read(&hot, read_all),
+            rounds.read(&cold, read_all),
+            rounds.read(&hot, read_all)
+        );
+        assert_eq!(a.unwrap().value, Some(Bytes::from("hot")));
+        assert_eq!(b.unwrap().value, Some(Bytes::from("cold")));
+        assert_eq!(c.unwrap().value, Some(Bytes::from("hot")));
+        assert_eq!(*asked.lock().unwrap(), [2], "one round of two keys");
     }
 
     #[tokio::test]
