@@ -73,7 +73,7 @@ struct Doorkeeper {
     bits: Box<[AtomicU64]>,
     /// Inputs taken since the last clear.
     taken: AtomicU64,
-    hasher: std::hash::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Doorkeeper {
@@ -83,7 +83,7 @@ impl Doorkeeper {
         Self {
             bits: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
             taken: AtomicU64::new(0),
-            hasher: std::hash::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -203,7 +203,7 @@ impl std::fmt::Debug for DecisionMemo {
 /// gateway's resident memory under a million distinct keys: entries weighed
 /// with 480 here (moka's figure) held 0.71 of `memo_bytes` in quick_cache,
 /// ~548 bytes of RSS per ttl-by-route entry against 770 weighed
-/// (docs/BENCHMARKS.md, "The memo's memory, with the doorkeeper"), so that
+/// (docs/BENCHMARKS.md, "The memo on quick_cache"), so that
 /// `policy.memo_bytes` bounds what the memo really holds.
 const ENTRY_OVERHEAD: usize = 256;
 
