@@ -1240,3 +1240,103 @@ async fn redis_store_failed_invalidations_say_why() {
         "{metrics}"
     );
 }
+
+/// Concurrent Gets share one Redis pipeline (gateway/src/store/coalesce.rs)
+/// and keep the generation guarantee: once a flush on one gateway is
+/// acknowledged, no Get that starts afterwards on another gateway serves an
+/// entry from before it, however many Gets are in flight together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gathered_gets_never_serve_a_namespace_flushed_on_another_gateway() {
+    const SPACE: &str = "gathered";
+    let redis = support::RedisServer::start().await;
+    let config = || support::test_config(gateway::config::StoreKind::Redis, Some(redis.url()));
+    let writer = support::TestGateway::start(config()).await;
+    let reader = support::TestGateway::start(config()).await;
+    let mut write = writer.client().await;
+    for i in 0..32 {
+        write
+            .set(SetRequest {
+                namespace: SPACE.into(),
+                key: format!("k{i}"),
+                value: b"old".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .expect("set");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(Instant, bool)>::new()));
+    let mut readers = Vec::new();
+    for task in 0..32 {
+        let (stop, seen, mut client) =
+            (Arc::clone(&stop), Arc::clone(&seen), reader.client().await);
+        readers.push(tokio::spawn(async move {
+            let mut i = task;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let answer = client
+                    .get(GetRequest {
+                        namespace: SPACE.into(),
+                        key: format!("k{}", i % 32),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                let hit = answer.outcome == Outcome::Hit as i32;
+                assert!(!hit || answer.value == b"old".as_slice(), "{answer:?}");
+                seen.lock().unwrap().push((started, hit));
+                i += 7;
+            }
+        }));
+    }
+    let count = |since: Option<Instant>| {
+        let seen = seen.lock().unwrap();
+        seen.iter()
+            .filter(|(started, _)| since.is_none_or(|since| *started > since))
+            .count()
+    };
+    let count = &count;
+    wait_until("Gets in flight", Duration::from_secs(30), || async move {
+        count(None) >= 300
+    })
+    .await;
+    invalidate(&mut write, SPACE, Target::WholeNamespace(true), false).await;
+    let acknowledged = Instant::now();
+    wait_until(
+        "Gets after the flush",
+        Duration::from_secs(30),
+        || async move { count(Some(acknowledged)) >= 300 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for task in readers {
+        task.await.expect("reader");
+    }
+    let seen = seen.lock().unwrap();
+    let hits_before = seen.iter().filter(|(_, hit)| *hit).count();
+    assert!(hits_before > 0, "the entries were served before the flush");
+    let served_after = seen
+        .iter()
+        .filter(|(started, hit)| *started > acknowledged && *hit)
+        .count();
+    assert_eq!(
+        served_after, 0,
+        "Gets started after the flush served old entries"
+    );
+
+    // They were gathered: fewer namespace-state reads than entry reads.
+    let mut connection = redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let calls = |command: &str| -> u64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(calls("hmget") < calls("get"), "{info}");
+}

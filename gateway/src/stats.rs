@@ -30,6 +30,27 @@ pub struct RecentStats {
     series: Mutex<HashMap<SeriesKey, Arc<Mutex<Series>>>>,
 }
 
+/// One namespace and operation's recent statistics, resolved once.
+#[derive(Debug, Clone)]
+pub struct SeriesHandle(Arc<Mutex<Series>>);
+
+impl SeriesHandle {
+    /// Records one request.
+    pub fn record(&self, outcome: &'static str, latency: Duration) {
+        let mut series = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        series.advance(Instant::now());
+        let bucket = series.current();
+        *bucket.outcomes.entry(outcome).or_default() += 1;
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        bucket
+            .latency
+            .saturating_record(micros.clamp(1, MAX_LATENCY_MICROS));
+    }
+}
+
 /// A namespace label and an operation.
 type SeriesKey = (Arc<str>, &'static str);
 
@@ -128,27 +149,21 @@ impl RecentStats {
         outcome: &'static str,
         latency: Duration,
     ) {
-        let series = {
-            let mut table = self
-                .series
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            Arc::clone(
-                table
-                    .entry((Arc::clone(namespace), op))
-                    .or_insert_with(|| Arc::new(Mutex::new(Series::new(Instant::now())))),
-            )
-        };
-        let mut series = series
+        self.series(namespace, op).record(outcome, latency);
+    }
+
+    /// The series of `namespace` and `op`, to record into without looking it
+    /// up again (series are never removed).
+    pub fn series(&self, namespace: &Arc<str>, op: &'static str) -> SeriesHandle {
+        let mut table = self
+            .series
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        series.advance(Instant::now());
-        let bucket = series.current();
-        *bucket.outcomes.entry(outcome).or_default() += 1;
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        bucket
-            .latency
-            .saturating_record(micros.clamp(1, MAX_LATENCY_MICROS));
+        SeriesHandle(Arc::clone(
+            table
+                .entry((Arc::clone(namespace), op))
+                .or_insert_with(|| Arc::new(Mutex::new(Series::new(Instant::now())))),
+        ))
     }
 
     /// The last minute, per namespace and operation, sorted by namespace then

@@ -3,12 +3,26 @@
 //! Logs go to stderr as text or JSON lines, filtered by `CACHEGW_LOG` (or
 //! `RUST_LOG`; default `info`). Every RPC runs in a `request` span (op,
 //! namespace, outcome, deciding policy version), so its log lines carry them.
+//! The outcome and the policy are recorded once the request is answered, and
+//! only when something reads them: a `debug` filter, or span export.
 //! With the `otel` cargo feature and an OTLP endpoint, the spans are also
 //! exported over OTLP/gRPC.
 
-use std::io::IsTerminal;
+use std::{
+    io::IsTerminal,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// Spans go to an OTLP endpoint (set once by [`init`]).
+static SPANS_EXPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether request spans are exported, so that fields recorded into them
+/// are read even when no log line shows them.
+pub fn spans_exported() -> bool {
+    SPANS_EXPORTED.load(Ordering::Relaxed)
+}
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +91,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
         registry
             .with(tracing_opentelemetry::layer().with_tracer(tracer))
             .init();
+        SPANS_EXPORTED.store(true, Ordering::Relaxed);
         Ok(TelemetryGuard {
             provider: Some(provider),
         })

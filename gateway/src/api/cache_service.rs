@@ -77,10 +77,14 @@ impl CacheApi {
                 Status::from(err)
             })?;
             let answer = run(command, deadline).await?;
-            let span = tracing::Span::current();
-            span.record("outcome", answer.outcome());
-            span.record("policy", answer.policy());
-            tracing::debug!("request answered");
+            // Formatting the fields into the span costs every request, and
+            // only a debug log of the answer or an exported span reads them.
+            if tracing::enabled!(tracing::Level::DEBUG) || crate::telemetry::spans_exported() {
+                let span = tracing::Span::current();
+                span.record("outcome", answer.outcome());
+                span.record("policy", answer.policy());
+                tracing::debug!("request answered");
+            }
             Ok(Response::new(answer.into()))
         }
         .instrument(span)

@@ -1,9 +1,13 @@
 //! The cache layer's metrics: request outcomes, rejected requests, store
 //! errors, undecodable entries and invalidation jobs.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
-use std::time::Duration;
+use arc_swap::ArcSwap;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -17,7 +21,10 @@ use prometheus_client::{
 };
 
 use super::{GetResult, LeaseState, MetricNamespace, Outcome};
-use crate::{stats::RecentStats, store::StoreError};
+use crate::{
+    stats::{RecentStats, SeriesHandle},
+    store::StoreError,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -77,6 +84,21 @@ pub struct CacheMetrics {
     jobs_running: Gauge,
     leases: Family<LeaseLabels, Counter>,
     lease_waiters: Gauge,
+    /// Each namespace's Get metrics, resolved at its first Get.
+    gets: Arc<ArcSwap<HashMap<Arc<str>, Arc<GetMeters>>>>,
+}
+
+/// Outcomes a Get is counted under.
+const GET_OUTCOMES: [&str; 6] = ["degraded", "bypass", "coalesced", "hit", "miss", "stale"];
+
+/// One namespace's Get metrics, looked up by label once instead of on every
+/// Get (a label look-up hashes the labels under the family's lock). The
+/// outcome counters are created at their first use, as the families would.
+#[derive(Debug)]
+struct GetMeters {
+    outcomes: [OnceLock<Counter>; GET_OUTCOMES.len()],
+    latency: Histogram,
+    recent: SeriesHandle,
 }
 
 /// Counts a request as in flight until dropped.
@@ -107,6 +129,7 @@ impl CacheMetrics {
             jobs_running: Gauge::default(),
             leases: Family::default(),
             lease_waiters: Gauge::default(),
+            gets: Arc::default(),
         };
         registry.register(
             "cachegw_request_seconds",
@@ -184,14 +207,53 @@ impl CacheMetrics {
         latency: Duration,
     ) {
         let outcome = match (result.degraded, bypass, result.outcome) {
-            (true, _, _) => "degraded",
-            (false, true, _) => "bypass",
-            (false, false, Outcome::Hit) if result.lease == LeaseState::Coalesced => "coalesced",
-            (false, false, Outcome::Hit) => "hit",
-            (false, false, Outcome::Miss) => "miss",
-            (false, false, Outcome::Stale) => "stale",
+            (true, _, _) => 0,
+            (false, true, _) => 1,
+            (false, false, Outcome::Hit) if result.lease == LeaseState::Coalesced => 2,
+            (false, false, Outcome::Hit) => 3,
+            (false, false, Outcome::Miss) => 4,
+            (false, false, Outcome::Stale) => 5,
         };
-        self.request("get", namespace, outcome, latency);
+        let meters = self.get_meters(namespace);
+        meters.outcomes[outcome]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        op: "get",
+                        namespace: Arc::clone(namespace),
+                        outcome: GET_OUTCOMES[outcome],
+                    })
+                    .clone()
+            })
+            .inc();
+        meters.latency.observe(latency.as_secs_f64());
+        meters.recent.record(GET_OUTCOMES[outcome], latency);
+    }
+
+    /// The Get metrics of `namespace`, resolved at its first Get.
+    fn get_meters(&self, namespace: &MetricNamespace) -> Arc<GetMeters> {
+        if let Some(meters) = self.gets.load().get(namespace) {
+            return Arc::clone(meters);
+        }
+        let meters = Arc::new(GetMeters {
+            outcomes: Default::default(),
+            latency: self
+                .latency
+                .get_or_create(&LatencyLabels {
+                    op: "get",
+                    namespace: Arc::clone(namespace),
+                })
+                .clone(),
+            recent: self.recent.series(namespace, "get"),
+        });
+        self.gets.rcu(|known| {
+            let mut known = HashMap::clone(known);
+            known
+                .entry(Arc::clone(namespace))
+                .or_insert_with(|| Arc::clone(&meters));
+            known
+        });
+        self.get_meters(namespace)
     }
 
     pub(super) fn lease(&self, namespace: &MetricNamespace, outcome: &'static str) {

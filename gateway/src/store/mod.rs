@@ -10,6 +10,7 @@
 //! purges and soft purges; the cache layer encodes and decodes it.
 
 pub(crate) mod batch;
+mod coalesce;
 mod expiring;
 mod generations;
 pub mod glob;
@@ -162,7 +163,7 @@ impl Progress {
 
 /// Why a store operation failed. Every variant means "the store could not
 /// answer"; the cache layer turns them into degraded responses.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// No connection could be had in time (pool exhausted, connect failed).
     #[error("store unavailable: {0}")]

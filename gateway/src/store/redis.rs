@@ -56,6 +56,7 @@ use super::{
     Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
     WriteEntry,
     batch::{Batch, Handle, Lua},
+    coalesce::ReadRounds,
     generations::{Generations, NamespaceState},
     layout, unix_millis,
 };
@@ -112,6 +113,8 @@ pub struct RedisStore {
     health_check_interval: Option<Duration>,
     epoch: Instant,
     generations: Generations,
+    /// Single-key reads gathered into shared pipelines.
+    reads: ReadRounds,
     /// How long a tag purge's mark voids leases: the longest lease.
     lease_void_ttl: Duration,
     /// How long a command may wait for Redis's reply (`redis.response_timeout`).
@@ -215,6 +218,7 @@ impl RedisStore {
                 .then_some(config.health_check_interval),
             epoch: Instant::now(),
             generations: Generations::default(),
+            reads: ReadRounds::default(),
             lease_void_ttl: max_lease_ttl,
             response_timeout: config.response_timeout,
         })
@@ -1015,28 +1019,10 @@ impl<'a> TagIndexing<'a> {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
-        // The hot path: `read` for one key, without its bookkeeping.
-        let namespace = key.namespace();
-        let mut guess = self.generations.get(namespace);
-        for _ in 0..GENERATION_ATTEMPTS {
-            let mut batch = Batch::new();
-            Self::read_state(&mut batch, namespace);
-            let mut get = redis::cmd("GET");
-            get.arg(layout::entry_key(namespace, guess.generation, key.key()));
-            batch.group().add(get);
-            let mut replies = self.exec(batch).await?.into_iter();
-            let state = self.learn(namespace, replies.next())?;
-            let value: Option<Bytes> = parse(replies.next())?;
-            if state.generation == guess.generation {
-                return Ok(Fetched {
-                    value,
-                    stale_before_ms: state.stale_before_ms,
-                });
-            }
-            guess = state;
-        }
-        // Never an entry from a generation that was flushed.
-        Ok(Fetched::default())
+        // Concurrent Gets share one pipeline: see `coalesce`.
+        self.reads
+            .read(key, |keys| async move { self.read(&keys).await })
+            .await
     }
 
     async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
