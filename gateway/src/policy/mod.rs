@@ -389,9 +389,9 @@ impl Decider {
         let outcome = self
             .ask(&route.binding, namespace, request, batch.as_deref_mut())
             .await;
-        let decision = match &outcome {
-            Ok(decision) => decision.clone(),
-            Err(fault) => self.fall_back(&route.binding, namespace, request, fault),
+        let decision = match outcome {
+            Ok(decision) => decision,
+            Err(fault) => self.fall_back(&route.binding, namespace, request, &fault),
         };
         if let Some(shadow) = route.shadow.filter(|shadow| shadow.samples()) {
             let candidate = self.ask(&shadow.binding, namespace, request, batch).await;
