@@ -826,7 +826,13 @@ impl RedisStore {
     /// Reads `keys` (one round trip on a standalone Redis, one per slot
     /// concurrently on a cluster) from their namespaces' current generations;
     /// keys whose generation moved meanwhile are read again.
+    ///
+    /// On a standalone Redis a namespace's keys go as one MGET: one command
+    /// for Redis to dispatch and one reply for the connection to parse,
+    /// instead of one of each per key. On a cluster every entry key has a
+    /// slot of its own, so each is its own GET.
     async fn read(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
+        let one_mget_per_namespace = matches!(self.backend, Backend::Standalone { .. });
         let mut results: Vec<Option<Fetched>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         for _ in 0..GENERATION_ATTEMPTS {
@@ -839,12 +845,31 @@ impl RedisStore {
             for namespace in &namespaces {
                 Self::read_state(&mut batch, namespace);
             }
-            for &i in &pending {
+            let entry_key = |i: usize| {
                 let key = &keys[i];
                 let generation = guesses[position(&namespaces, key.namespace())].generation;
-                let mut get = redis::cmd("GET");
-                get.arg(layout::entry_key(key.namespace(), generation, key.key()));
-                batch.group().add(get);
+                layout::entry_key(key.namespace(), generation, key.key())
+            };
+            // The keys in the order their values come back.
+            let mut asked: Vec<usize> = Vec::with_capacity(pending.len());
+            if one_mget_per_namespace {
+                for namespace in &namespaces {
+                    let mut mget = redis::cmd("MGET");
+                    for &i in &pending {
+                        if *keys[i].namespace() == **namespace {
+                            mget.arg(entry_key(i));
+                            asked.push(i);
+                        }
+                    }
+                    batch.group().add(mget);
+                }
+            } else {
+                for &i in &pending {
+                    let mut get = redis::cmd("GET");
+                    get.arg(entry_key(i));
+                    batch.group().add(get);
+                    asked.push(i);
+                }
             }
             let mut replies = self.exec(batch).await?.into_iter();
             let mut states = Vec::with_capacity(namespaces.len());
@@ -852,9 +877,26 @@ impl RedisStore {
                 let state = self.learn(namespace, replies.next())?;
                 states.push((state, state.generation == guess.generation));
             }
+            let values: Vec<Option<Bytes>> = if one_mget_per_namespace {
+                let mut values = Vec::with_capacity(asked.len());
+                for _ in &namespaces {
+                    values.extend(parse::<Vec<Option<Bytes>>>(replies.next())?);
+                }
+                values
+            } else {
+                replies
+                    .map(|reply| parse(Some(reply)))
+                    .collect::<Result<_, _>>()?
+            };
+            if values.len() != asked.len() {
+                return Err(StoreError::Command(format!(
+                    "{} values for {} keys read",
+                    values.len(),
+                    asked.len()
+                )));
+            }
             let mut still_pending = Vec::new();
-            for &i in &pending {
-                let value: Option<Bytes> = parse(replies.next())?;
+            for (i, value) in asked.into_iter().zip(values) {
                 let (state, current) = states[position(&namespaces, keys[i].namespace())];
                 if current {
                     results[i] = Some(Fetched {
