@@ -459,7 +459,7 @@ impl Cache {
         let invalidation = if degraded {
             InvalidationReport::default()
         } else {
-            self.write_side_effects(&plan.namespace, &plan.decision.invalidate)
+            self.write_side_effects(plan.key.namespace(), &plan.decision.invalidate)
                 .await
         };
         let outcome = match (degraded, plan.decision.bypass, deleted) {
@@ -651,7 +651,7 @@ impl Cache {
         let invalidation = if degraded || lease == LeaseWrite::Voided {
             InvalidationReport::default()
         } else {
-            self.write_side_effects(&plan.read.namespace, &plan.read.decision.invalidate)
+            self.write_side_effects(plan.read.key.namespace(), &plan.read.decision.invalidate)
                 .await
         };
         let outcome = match (degraded, plan.read.decision.bypass, lease) {
@@ -719,7 +719,6 @@ impl Cache {
             .await;
         Ok(Plan {
             key: scoped_key(namespace, &decision.key),
-            namespace: namespace.to_owned(),
             metric: settings.label(),
             max_value_bytes: settings.max_value_bytes,
             compress_min_bytes: settings.compress_min_bytes,
@@ -986,8 +985,8 @@ type MetricNamespace = Arc<str>;
 
 /// What a request will do, decided before the store is touched.
 struct Plan {
+    /// The entry's key, namespace included.
     key: StorageKey,
-    namespace: String,
     metric: MetricNamespace,
     max_value_bytes: usize,
     compress_min_bytes: usize,
