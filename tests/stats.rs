@@ -316,3 +316,71 @@ async fn on_a_cluster_the_facts_total_every_primary_and_warnings_name_them() {
         "the warning names the two unbounded primaries, not the bounded one: {unbounded}"
     );
 }
+
+/// An MGet's items are counted one by one, each under its own namespace and
+/// outcome, although a batch is counted at once: interleaved namespaces,
+/// hits and misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mget_counts_every_item_under_its_namespace_and_outcome() {
+    use gateway::api::proto::v1::{GetRequest, MGetRequest};
+    const OTHER: &str = "elsewhere"; // admitted by the template: `_default`
+    let redis = RedisServer::start().await;
+    let mut world = world(Some(redis)).await;
+    for key in ["a", "b"] {
+        assert!(world.set(NAMESPACE, key, b"value").await.stored);
+    }
+    assert!(world.set(OTHER, "a", b"value").await.stored);
+    let items = [
+        (NAMESPACE, "a"),
+        (OTHER, "a"),
+        (NAMESPACE, "b"),
+        (NAMESPACE, "absent"),
+        (OTHER, "absent"),
+        (OTHER, "absent too"),
+        (NAMESPACE, "a"),
+    ]
+    .map(|(namespace, key)| GetRequest {
+        namespace: namespace.into(),
+        key: key.into(),
+        ..Default::default()
+    });
+    let got = world
+        .client
+        .m_get(MGetRequest {
+            items: items.to_vec(),
+        })
+        .await
+        .expect("mget")
+        .into_inner();
+    assert_eq!(got.results.len(), items.len());
+
+    let stats = stats(&world.gateway).await;
+    for (name, hits, misses) in [(NAMESPACE, 3, 1), ("_default", 1, 2)] {
+        let get = namespace(&stats, name)
+            .ops
+            .iter()
+            .find(|op| op.op == "get")
+            .unwrap_or_else(|| panic!("no Gets in {name}: {stats:#?}"));
+        assert_eq!(get.requests, hits + misses, "{name}: {get:?}");
+        assert_eq!(
+            (get.outcomes["hit"], get.outcomes["miss"]),
+            (hits, misses),
+            "{name}: {get:?}"
+        );
+    }
+    let metrics = world.gateway.metrics.encode();
+    for (name, outcome, count) in [
+        (NAMESPACE, "hit", 3),
+        (NAMESPACE, "miss", 1),
+        ("_default", "hit", 1),
+        ("_default", "miss", 2),
+    ] {
+        let series = format!(
+            r#"cachegw_requests_total{{op="get",namespace="{name}",outcome="{outcome}"}} {count}"#
+        );
+        assert!(
+            metrics.lines().any(|line| line == series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+}

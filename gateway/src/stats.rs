@@ -35,19 +35,21 @@ pub struct RecentStats {
 pub struct SeriesHandle(Arc<Mutex<Series>>);
 
 impl SeriesHandle {
-    /// Records one request.
-    pub fn record(&self, outcome: &'static str, latency: Duration) {
+    /// Records requests, each with its outcome and latency, under one lock.
+    pub fn record_all(&self, requests: impl IntoIterator<Item = (&'static str, Duration)>) {
         let mut series = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         series.advance(Instant::now());
         let bucket = series.current();
-        *bucket.outcomes.entry(outcome).or_default() += 1;
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        bucket
-            .latency
-            .saturating_record(micros.clamp(1, MAX_LATENCY_MICROS));
+        for (outcome, latency) in requests {
+            *bucket.outcomes.entry(outcome).or_default() += 1;
+            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+            bucket
+                .latency
+                .saturating_record(micros.clamp(1, MAX_LATENCY_MICROS));
+        }
     }
 }
 
@@ -149,7 +151,7 @@ impl RecentStats {
         outcome: &'static str,
         latency: Duration,
     ) {
-        self.series(namespace, op).record(outcome, latency);
+        self.series(namespace, op).record_all([(outcome, latency)]);
     }
 
     /// The series of `namespace` and `op`, to record into without looking it

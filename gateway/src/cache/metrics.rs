@@ -101,6 +101,52 @@ struct GetMeters {
     recent: SeriesHandle,
 }
 
+/// Where a Get's outcome is counted, an index into [`GET_OUTCOMES`].
+fn get_outcome_index(result: &GetResult, bypass: bool) -> usize {
+    match (result.degraded, bypass, result.outcome) {
+        (true, _, _) => 0,
+        (false, true, _) => 1,
+        (false, false, Outcome::Hit) if result.lease == LeaseState::Coalesced => 2,
+        (false, false, Outcome::Hit) => 3,
+        (false, false, Outcome::Miss) => 4,
+        (false, false, Outcome::Stale) => 5,
+    }
+}
+
+/// A batch's Get outcomes, gathered item by item and counted at once by
+/// [`CacheMetrics::get_outcomes`].
+#[derive(Debug, Default)]
+pub(super) struct GetTally {
+    /// Items of one namespace in a row share a run.
+    runs: Vec<TallyRun>,
+}
+
+#[derive(Debug)]
+struct TallyRun {
+    namespace: MetricNamespace,
+    gets: Vec<(usize, Duration)>,
+}
+
+impl GetTally {
+    /// Adds one item's outcome.
+    pub(super) fn add(
+        &mut self,
+        namespace: &MetricNamespace,
+        result: &GetResult,
+        bypass: bool,
+        latency: Duration,
+    ) {
+        let outcome = (get_outcome_index(result, bypass), latency);
+        match self.runs.last_mut() {
+            Some(run) if run.namespace == *namespace => run.gets.push(outcome),
+            _ => self.runs.push(TallyRun {
+                namespace: Arc::clone(namespace),
+                gets: vec![outcome],
+            }),
+        }
+    }
+}
+
 /// Counts a request as in flight until dropped.
 pub(crate) struct InFlight(Gauge);
 
@@ -206,28 +252,52 @@ impl CacheMetrics {
         bypass: bool,
         latency: Duration,
     ) {
-        let outcome = match (result.degraded, bypass, result.outcome) {
-            (true, _, _) => 0,
-            (false, true, _) => 1,
-            (false, false, Outcome::Hit) if result.lease == LeaseState::Coalesced => 2,
-            (false, false, Outcome::Hit) => 3,
-            (false, false, Outcome::Miss) => 4,
-            (false, false, Outcome::Stale) => 5,
-        };
+        let outcome = get_outcome_index(result, bypass);
         let meters = self.get_meters(namespace);
-        meters.outcomes[outcome]
-            .get_or_init(|| {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        op: "get",
-                        namespace: Arc::clone(namespace),
-                        outcome: GET_OUTCOMES[outcome],
-                    })
-                    .clone()
-            })
-            .inc();
+        self.get_counter(&meters, namespace, outcome).inc();
         meters.latency.observe(latency.as_secs_f64());
-        meters.recent.record(GET_OUTCOMES[outcome], latency);
+        meters.recent.record_all([(GET_OUTCOMES[outcome], latency)]);
+    }
+
+    /// Counts a batch's Gets (an MGet's items): each namespace's meters are
+    /// resolved, its counters added to and its recent window locked once per
+    /// run of items, not once per item.
+    pub(super) fn get_outcomes(&self, tally: GetTally) {
+        for run in tally.runs {
+            let meters = self.get_meters(&run.namespace);
+            let mut counts = [0u64; GET_OUTCOMES.len()];
+            for &(outcome, latency) in &run.gets {
+                counts[outcome] += 1;
+                meters.latency.observe(latency.as_secs_f64());
+            }
+            for (outcome, &count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+                self.get_counter(&meters, &run.namespace, outcome)
+                    .inc_by(count);
+            }
+            meters.recent.record_all(
+                run.gets
+                    .iter()
+                    .map(|&(outcome, latency)| (GET_OUTCOMES[outcome], latency)),
+            );
+        }
+    }
+
+    /// The counter of `outcome` among `namespace`'s Gets, created at its first use.
+    fn get_counter<'m>(
+        &self,
+        meters: &'m GetMeters,
+        namespace: &MetricNamespace,
+        outcome: usize,
+    ) -> &'m Counter {
+        meters.outcomes[outcome].get_or_init(|| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    op: "get",
+                    namespace: Arc::clone(namespace),
+                    outcome: GET_OUTCOMES[outcome],
+                })
+                .clone()
+        })
     }
 
     /// The Get metrics of `namespace`, resolved at its first Get.

@@ -30,6 +30,7 @@ pub use self::invalidation::{InvalidateCommand, InvalidationJobs, JobSnapshot, J
 use self::lease::{Fills, Freshness};
 pub use self::lease::{LeaseAsk, LeaseState, LeaseWrite, ReleaseCommand};
 pub use self::metrics::CacheMetrics;
+use self::metrics::GetTally;
 pub use self::namespace::{NamespaceSettings, Namespaces, validate_namespace_name};
 use self::near::Ticket;
 pub use self::near::{Change, NearCache, bus as near_bus};
@@ -537,6 +538,7 @@ impl Cache {
                 .map(Vec::into_iter)
         };
         let mut results = Vec::with_capacity(plans.len());
+        let mut tally = GetTally::default();
         for ((plan, near), near_hit) in plans.into_iter().zip(&near_reads).zip(near_hits) {
             let plan = match plan {
                 Ok(plan) => plan,
@@ -568,7 +570,7 @@ impl Cache {
                     ),
                 }
             };
-            self.metrics.get_outcome(
+            tally.add(
                 &plan.metric,
                 &result,
                 plan.decision.bypass,
@@ -576,6 +578,7 @@ impl Cache {
             );
             results.push(Ok(result));
         }
+        self.metrics.get_outcomes(tally);
         Ok(results)
     }
 
