@@ -1,4 +1,4 @@
-//! The in-process store: a moka cache bounded by the bytes of its keys and
+//! The in-process store: a cache bounded by the bytes of its keys and
 //! values, with each entry's own expiry ([`ExpiringEntries`], the type the
 //! near-cache uses too). It lets the gateway run where there
 //! is no Redis (development, single-node deployments); entries live only as
@@ -8,8 +8,8 @@
 //! and generations behave identically. There is no tag index: a tag purge
 //! walks the namespace's entries and checks each envelope's tag section, which
 //! is exact by construction and costs O(entries in the store), fine at the
-//! sizes an in-process store holds. Every write goes through moka's per-key
-//! compute lock, so a purge's read-check-write of one entry never races a
+//! sizes an in-process store holds. Every write goes through the per-key
+//! compute lock ([`ExpiringEntries::compute`]), so a purge's read-check-write of one entry never races a
 //! concurrent Set of the same key.
 
 use std::{
@@ -20,12 +20,11 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use moka::ops::compute::{CompResult, Op};
 
 use super::{
     Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
     WriteEntry,
-    expiring::{Expiring, ExpiringEntries},
+    expiring::{Computed, Expiring, ExpiringEntries, Op},
     generations::{Generations, NamespaceState},
     glob, layout, unix_millis,
 };
@@ -99,9 +98,9 @@ impl MemoryStore {
         }
     }
 
-    /// Bytes currently accounted for (after pending maintenance has run).
-    pub async fn weighted_size(&self) -> u64 {
-        self.entries.weighted_size().await
+    /// Bytes currently accounted for.
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.weighted_size()
     }
 
     fn lease_key(&self, key: &StorageKey) -> Bytes {
@@ -147,7 +146,7 @@ impl MemoryStore {
                 _ => Op::Nop,
             })
             .await;
-        matches!(result, CompResult::Removed(_) | CompResult::ReplacedWith(_))
+        matches!(result, Computed::Removed | Computed::Replaced)
     }
 
     /// Purges every entry of the namespace's current generation whose key
@@ -187,7 +186,7 @@ impl Store for MemoryStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
         let (physical, state) = self.physical(key);
         Ok(Fetched {
-            value: self.entries.get(&physical).await.map(|stored| stored.value),
+            value: self.entries.get(&physical).map(|stored| stored.value),
             stale_before_ms: state.stale_before_ms,
         })
     }
@@ -310,7 +309,7 @@ impl Store for MemoryStore {
         // Under the lease lock, no leased write can land between this check
         // and the grant.
         let (physical, _) = self.physical(key);
-        let current = self.entries.get(&physical).await.map(|stored| stored.value);
+        let current = self.entries.get(&physical).map(|stored| stored.value);
         let times = current.as_deref().and_then(envelope::times);
         match (wanted, times) {
             (LeaseCondition::Unfilled { stale_before_ms }, Some(times))
@@ -637,7 +636,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let used = store.weighted_size().await;
+        let used = store.weighted_size();
         assert!(used <= budget, "used {used} of {budget}");
         assert!(used > budget / 2, "evicted far too much: {used}");
     }

@@ -30,7 +30,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub(crate) use self::expiring::{Expiring, ExpiringEntries, Weighed};
+pub(crate) use self::expiring::{Computed, Expiring, ExpiringEntries, Op, Weighed};
 pub use self::guard::{GuardMetrics, GuardedStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;

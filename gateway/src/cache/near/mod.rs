@@ -40,7 +40,6 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use moka::ops::compute::{CompResult, Op};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -50,7 +49,7 @@ use prometheus_client::{
 use crate::{
     config::NearCacheConfig,
     policy::Invalidation,
-    store::{Expiring, ExpiringEntries, Fetched, StorageKey, Weighed},
+    store::{Computed, Expiring, ExpiringEntries, Fetched, Op, StorageKey, Weighed},
 };
 
 pub use self::bus::Bus;
@@ -201,7 +200,6 @@ impl NearCache {
         let found = self
             .entries
             .get(&entry_key(key.namespace(), key.key()))
-            .await
             .filter(|entry| self.is_current(key.namespace(), entry.value.born));
         if found.is_none() {
             self.metrics.lookup_outcome("miss");
@@ -271,7 +269,7 @@ impl NearCache {
             })
             .await;
         match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => {
+            Computed::Inserted | Computed::Replaced => {
                 self.metrics.fills.inc();
             }
             _ => {
@@ -280,7 +278,7 @@ impl NearCache {
         }
         self.metrics
             .bytes
-            .set(gauge_value(self.entries.approximate_bytes()));
+            .set(gauge_value(self.entries.weighted_size()));
     }
 
     /// Applies `change` here, then announces it to the other gateways (when
@@ -324,7 +322,7 @@ impl NearCache {
         }
         self.metrics
             .bytes
-            .set(gauge_value(self.entries.approximate_bytes()));
+            .set(gauge_value(self.entries.weighted_size()));
     }
 
     /// Applies a change another gateway announced.
