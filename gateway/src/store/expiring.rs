@@ -171,7 +171,7 @@ where
             EntryResult::Vacant(guard) => match decide.take().map(|decide| decide(None)) {
                 Some(Op::Put(entry)) => match guard.insert(entry) {
                     Ok(()) => Computed::Inserted,
-                    // Heavier than the whole cache: never held.
+                    // The placeholder went meanwhile (a `clear`): nothing was written.
                     Err(_) => Computed::Unchanged,
                 },
                 // Dropping the guard lets the key's other computes go on.
