@@ -375,6 +375,61 @@ async fn the_load_tool_sends_mget_batches_of_zipf_distributed_keys() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--zipf-exponent"));
 }
 
+/// `--rate` sends on a schedule instead of as fast as answers come back: at 400
+/// requests/s for one second, four workers send about 400 Gets (never more
+/// than the schedule holds), where closed loop they send thousands. A rate
+/// that is not a positive number is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_sends_on_an_open_loop_schedule_with_rate() {
+    let world = World::start(Backend::Memory).await;
+    let bench = |extra: &[&str]| {
+        let mut command = tokio::process::Command::new(CACHEGW);
+        command
+            .args(["bench", "--target", "gateway", "--keys", "50"])
+            .args(["--duration", "1s", "--warmup", "0s", "--concurrency", "4"])
+            .args(["--json", "--gateway", &world.gateway.endpoint()])
+            .args(extra);
+        command.output()
+    };
+    let run = |output: std::process::Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let rounds: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        rounds[0].clone()
+    };
+    let paced = run(bench(&["--rate", "400"]).await.unwrap());
+    let requests = paced["requests"].as_u64().unwrap();
+    assert!(
+        (100..=404).contains(&requests),
+        "400/s for 1 s sent {requests}: {paced}"
+    );
+    assert_eq!(paced["rate"], 400.0, "{paced}");
+    assert_eq!(
+        (&paced["errors"], &paced["degraded"]),
+        (&0.into(), &0.into())
+    );
+
+    let unpaced = run(bench(&[]).await.unwrap());
+    assert!(
+        unpaced["requests"].as_u64().unwrap() > 404,
+        "closed loop is not held to a schedule: {unpaced}"
+    );
+    assert!(unpaced.get("rate").is_none(), "{unpaced}");
+
+    for bad in ["--rate=0", "--rate=-5", "--rate=NaN"] {
+        let output = bench(&[bad]).await.unwrap();
+        assert_eq!(output.status.code(), Some(1), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("--rate"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 fn dist(name: &str) -> String {
     support::policy_module(name).display().to_string()
 }

@@ -1313,22 +1313,23 @@ async fn gathered_gets_never_serve_a_namespace_flushed_on_another_gateway() {
     for task in readers {
         task.await.expect("reader");
     }
-    let seen = seen.lock().unwrap();
-    let hits_before = seen.iter().filter(|(_, hit)| *hit).count();
-    assert!(hits_before > 0, "the entries were served before the flush");
-    let served_after = seen
-        .iter()
-        .filter(|(started, hit)| *started > acknowledged && *hit)
-        .count();
-    assert_eq!(
-        served_after, 0,
-        "Gets started after the flush served old entries"
-    );
-
+    // The lock is released before the next await.
+    let answered = {
+        let seen = seen.lock().unwrap();
+        let hits_before = seen.iter().filter(|(_, hit)| *hit).count();
+        assert!(hits_before > 0, "the entries were served before the flush");
+        let served_after = seen
+            .iter()
+            .filter(|(started, hit)| *started > acknowledged && *hit)
+            .count();
+        assert_eq!(
+            served_after, 0,
+            "Gets started after the flush served old entries"
+        );
+        seen.len() as u64
+    };
     // They were gathered: fewer reads of entries (one MGET, or one GET per
     // key on a cluster, per round) than Gets answered.
-    let answered = seen.len() as u64;
-    drop(seen);
     let mut connection = redis.connection().await;
     let info: String = redis::cmd("INFO")
         .arg("commandstats")

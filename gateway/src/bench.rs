@@ -3,6 +3,10 @@
 //! and, in the same run, the same GETs straight at Redis (redis-rs, the same
 //! number of multiplexed connections), so the gateway's cost is measured as a
 //! ratio on one machine at one moment.
+//!
+//! Closed loop by default (each worker sends its next request when the last
+//! one is answered: the peak rate); with `--rate`, open loop (requests leave
+//! on a fixed schedule: latency at a chosen load, e.g. half of the peak).
 
 use std::{
     fmt::Write as _,
@@ -87,9 +91,18 @@ pub struct BenchArgs {
     /// The Redis the gateway uses, for the direct comparison.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
-    /// Requests in flight at any time.
+    /// Requests in flight at any time (with `--rate`: at most).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Open loop at this many requests per second in all (MGETs count as one
+    /// each): the --concurrency workers take turns on one even schedule, and
+    /// a request that leaves late because every worker was still waiting for
+    /// an answer counts its latency from when it was due, so a slow server
+    /// cannot hide its queue by slowing the sender (coordinated omission).
+    /// Departures are grouped by the runtime's 1 ms timer. Without it: closed
+    /// loop, each worker sending as soon as its last answer came (the peak).
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
     /// HTTP/2 channels to the gateway (and connections to Redis).
     #[arg(long, default_value_t = 4)]
     pub channels: usize,
@@ -149,8 +162,12 @@ pub struct RoundResult {
     pub namespace: Option<String>,
     /// Operation mix.
     pub op: Mix,
-    /// Requests in flight.
+    /// Requests in flight (with `rate`: at most).
     pub concurrency: usize,
+    /// The open-loop schedule, requests per second (`--rate`); absent: closed
+    /// loop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
     /// Channels/connections.
     pub channels: usize,
     /// Completed requests.
@@ -358,6 +375,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.op == Mix::Mget && args.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--rate must be a number of requests per second above 0, not {rate}");
+    }
     let pick = Pick::new(&args)?;
     let workload = |namespace: &str| {
         Arc::new(Workload {
@@ -418,8 +440,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     let mut results = Vec::new();
     for _ in 0..args.rounds {
         for (target, namespace, drivers, work) in &lanes {
-            let _ = drive(drivers, work, args.concurrency, args.warmup).await;
-            let measured = drive(drivers, work, args.concurrency, args.duration).await;
+            let load = Load {
+                concurrency: args.concurrency,
+                rate: args.rate,
+            };
+            let _ = drive(drivers, work, load, args.warmup).await;
+            let measured = drive(drivers, work, load, args.duration).await;
             let mut result = measured.into_result(*target, &args);
             result.namespace = namespace.clone();
             results.push(result);
@@ -527,6 +553,7 @@ impl Measured {
             namespace: None,
             op: args.op,
             concurrency: args.concurrency,
+            rate: args.rate,
             channels: args.channels,
             requests,
             errors: self.errors,
@@ -539,18 +566,41 @@ impl Measured {
     }
 }
 
-/// Keeps `concurrency` requests in flight for `duration`, spread round-robin
-/// over `drivers`, and records each request's latency in microseconds.
+/// How requests leave: `concurrency` workers, back to back or on a schedule.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    concurrency: usize,
+    /// Requests per second in all, open loop; `None`: closed loop.
+    rate: Option<f64>,
+}
+
+impl Load {
+    /// When `worker`'s requests are due on the open-loop schedule: its first,
+    /// then every `interval`. The workers' turns interleave, so together they
+    /// send one request every `1 / rate`.
+    fn schedule(&self, worker: usize, started: Instant) -> Option<(Instant, Duration)> {
+        self.rate.map(|rate| {
+            let gap = Duration::from_secs_f64(1.0 / rate);
+            (started + gap * worker as u32, gap * self.concurrency as u32)
+        })
+    }
+}
+
+/// Sends requests for `duration` from `load.concurrency` workers spread
+/// round-robin over `drivers`, and records each request's latency in
+/// microseconds: from when it was sent (closed loop), or from when it was due
+/// if it left late (open loop).
 async fn drive(
     drivers: &[Driver],
     work: &Arc<Workload>,
-    concurrency: usize,
+    load: Load,
     duration: Duration,
 ) -> Measured {
     let started = Instant::now();
     let stop = started + duration;
-    let mut tasks = Vec::with_capacity(concurrency);
-    for worker in 0..concurrency {
+    let mut tasks = Vec::with_capacity(load.concurrency);
+    for worker in 0..load.concurrency {
+        let mut schedule = load.schedule(worker, started);
         let mut driver = drivers[worker % drivers.len()].clone();
         let work = Arc::clone(work);
         tasks.push(tokio::spawn(async move {
@@ -560,7 +610,30 @@ async fn drive(
             // Deterministic per worker, so rounds draw the same key sequences.
             let mut rng = StdRng::seed_from_u64(0x9E37_79B9_7F4A_7C15 ^ (worker as u64 + 1));
             let mut keys = vec![0; work.batch];
-            while Instant::now() < stop {
+            loop {
+                // Open loop: wait for this worker's turn. A worker that is
+                // behind (its last answer came after this request was due)
+                // counts from when it was due; one that slept counts from
+                // when the timer woke it, whose lateness is the sender's.
+                let due = match &mut schedule {
+                    None => None,
+                    Some((next, interval)) => {
+                        let due = *next;
+                        *next += *interval;
+                        if due >= stop {
+                            break;
+                        }
+                        if Instant::now() < due {
+                            tokio::time::sleep_until(due.into()).await;
+                            None
+                        } else {
+                            Some(due)
+                        }
+                    }
+                };
+                if due.is_none() && Instant::now() >= stop {
+                    break;
+                }
                 for key in &mut keys {
                     *key = work.pick.key(&mut rng);
                 }
@@ -569,7 +642,7 @@ async fn drive(
                     Mix::Set => true,
                     Mix::Mixed => rng.random_range(0..100) < work.set_percent,
                 };
-                let begun = Instant::now();
+                let begun = due.unwrap_or_else(Instant::now);
                 match driver.call(&work, &keys, set).await {
                     Ok(answer) => {
                         let micros = begun.elapsed().as_micros().max(1) as u64;
@@ -618,6 +691,12 @@ fn label(result: &RoundResult) -> String {
 
 fn render(results: &[RoundResult]) -> String {
     let mut out = String::new();
+    if let Some(rate) = results.first().and_then(|r| r.rate) {
+        let _ = writeln!(
+            out,
+            "open loop: {rate} requests/s scheduled; a request sent late counts from when it was due"
+        );
+    }
     let _ = writeln!(
         out,
         "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8}",
