@@ -140,6 +140,13 @@ pub struct BenchArgs {
     /// rounds (to compare, say, a policy-bound namespace with a default one).
     #[arg(long, value_delimiter = ',', default_value = "bench")]
     pub namespace: Vec<String>,
+    /// Which keys the rounds draw: runs with the same seed draw the same keys,
+    /// round by round (every target and namespace of a round the same ones);
+    /// warm-ups and rounds draw keys of their own. Give separate runs that
+    /// are to be compared the same seed, and repeated runs different ones, so
+    /// that they do not replay keys an earlier run just read.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Do not write the keys first (the store may be down: measuring the
     /// degraded path, e.g. with the circuit breaker open).
     #[arg(long)]
@@ -438,14 +445,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
         }
     }
     let mut results = Vec::new();
-    for _ in 0..args.rounds {
+    for round in (0..args.rounds as u64).map(|round| args.seed.wrapping_add(round)) {
         for (target, namespace, drivers, work) in &lanes {
             let load = Load {
                 concurrency: args.concurrency,
                 rate: args.rate,
             };
-            let _ = drive(drivers, work, load, args.warmup).await;
-            let measured = drive(drivers, work, load, args.duration).await;
+            // Every lane of a round draws the same keys; the warm-up and
+            // each round draw keys of their own, so a round does not replay
+            // the keys its warm-up (or the round before) just read.
+            let _ = drive(
+                drivers,
+                work,
+                load,
+                args.warmup,
+                Draws::new(round, Phase::Warmup),
+            )
+            .await;
+            let measured = drive(
+                drivers,
+                work,
+                load,
+                args.duration,
+                Draws::new(round, Phase::Measured),
+            )
+            .await;
             let mut result = measured.into_result(*target, &args);
             result.namespace = namespace.clone();
             results.push(result);
@@ -566,6 +590,38 @@ impl Measured {
     }
 }
 
+/// Which stretch of a run a key sequence is for.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Warmup,
+    Measured,
+}
+
+/// The key sequences of one stretch of a run: deterministic, the same for
+/// every lane of a round (so targets and namespaces read the same keys),
+/// different between stretches and between a stretch's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Draws(u64);
+
+impl Draws {
+    fn new(round: u64, phase: Phase) -> Self {
+        Self(
+            round
+                .wrapping_mul(2)
+                .wrapping_add(matches!(phase, Phase::Measured) as u64),
+        )
+    }
+
+    /// The random source of `worker`'s requests.
+    fn rng(self, worker: usize) -> StdRng {
+        StdRng::seed_from_u64(
+            0x9E37_79B9_7F4A_7C15
+                ^ (worker as u64 + 1)
+                ^ self.0.wrapping_mul(0xD1B5_4A32_D192_ED03),
+        )
+    }
+}
+
 /// How requests leave: `concurrency` workers, back to back or on a schedule.
 #[derive(Debug, Clone, Copy)]
 struct Load {
@@ -595,6 +651,7 @@ async fn drive(
     work: &Arc<Workload>,
     load: Load,
     duration: Duration,
+    draws: Draws,
 ) -> Measured {
     let started = Instant::now();
     let stop = started + duration;
@@ -607,8 +664,7 @@ async fn drive(
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut errors, mut degraded, mut first_error) = (0, 0, None);
-            // Deterministic per worker, so rounds draw the same key sequences.
-            let mut rng = StdRng::seed_from_u64(0x9E37_79B9_7F4A_7C15 ^ (worker as u64 + 1));
+            let mut rng = draws.rng(worker);
             let mut keys = vec![0; work.batch];
             loop {
                 // Open loop: wait for this worker's turn. A worker that is
@@ -777,4 +833,32 @@ fn render(results: &[RoundResult]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_keys(draws: Draws, worker: usize) -> Vec<u32> {
+        let mut rng = draws.rng(worker);
+        (0..32).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn lanes_of_a_round_share_keys_and_stretches_do_not() {
+        let measured = Draws::new(3, Phase::Measured);
+        assert_eq!(
+            first_keys(measured, 5),
+            first_keys(Draws::new(3, Phase::Measured), 5)
+        );
+        for other in [
+            Draws::new(3, Phase::Warmup),
+            Draws::new(2, Phase::Measured),
+            Draws::new(4, Phase::Warmup),
+        ] {
+            assert_ne!(other, measured);
+            assert_ne!(first_keys(other, 5), first_keys(measured, 5), "{other:?}");
+        }
+        assert_ne!(first_keys(measured, 5), first_keys(measured, 6));
+    }
 }
