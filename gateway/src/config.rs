@@ -785,6 +785,11 @@ pub struct PolicyEngineConfig {
     /// policies skips compiling them. Remove the key to turn caching off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compile_cache_dir: Option<std::path::PathBuf>,
+    /// Write `/tmp/perf-<pid>.map`, naming the compiled code of every policy
+    /// loaded, so that `perf record` and `perf report` on the gateway (or on
+    /// `cachegw policy bench`) attribute time to the policies' own functions
+    /// instead of anonymous addresses. For profiling: the file only grows.
+    pub perf_map: bool,
     /// A directory of `.wasm` policies to watch: each file is loaded as a
     /// version named after it, and when it changes every namespace bound to a
     /// module of that name moves to the new version (validated first; a
@@ -827,6 +832,7 @@ impl Default for PolicyEngineConfig {
             sync_through_redis: true,
             sync_catch_up: Duration::from_secs(30),
             compile_cache_dir: Some(std::env::temp_dir().join("cachegw-compiled-policies")),
+            perf_map: false,
             watch_dir: None,
             watch_interval: Duration::from_millis(250),
         }
