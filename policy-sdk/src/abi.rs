@@ -167,7 +167,7 @@ pub fn decide_bytes<P: Policy + 'static>(input: &[u8]) -> Vec<u8> {
     KEPT.with_borrow(|kept| {
         let kept = kept
             .as_ref()
-            .filter(|kept| kept.config == req.config())
+            .filter(|kept| same_bytes(&kept.config, req.config()))
             .and_then(|kept| kept.policy.downcast_ref::<P>());
         match kept {
             Some(policy) => decide_with(policy, &req),
@@ -177,6 +177,21 @@ pub fn decide_bytes<P: Policy + 'static>(input: &[u8]) -> Vec<u8> {
             },
         }
     })
+}
+
+/// `a == b`, eight bytes at a time. On wasm32 a slice comparison is compiler_builtins' `memcmp`,
+/// a loop over single bytes; comparing the input's config with the kept one that way was a
+/// fifth of ttl-by-route's own time per decision (docs/BENCHMARKS.md, "The floor").
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let ((a_words, a_tail), (b_words, b_tail)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    a_words
+        .iter()
+        .zip(b_words)
+        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
+        && a_tail == b_tail
 }
 
 fn decide_with<P: Policy>(policy: &P, req: &Request) -> Vec<u8> {
@@ -415,6 +430,21 @@ mod tests {
         let five_minutes = "300000";
         assert_eq!(reuse_of("now", five_minutes), reuse(true, false, 300_000));
         assert_eq!(reuse_of("k", five_minutes), reuse(false, false, 300_000));
+    }
+
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let base: Vec<u8> = (0..40u8).collect();
+        for len in 0..=base.len() {
+            let a = &base[..len];
+            assert!(same_bytes(a, a), "{len}");
+            assert!(!same_bytes(a, &base[..len.saturating_sub(1)]) || len == 0);
+            for at in 0..len {
+                let mut b = a.to_vec();
+                b[at] ^= 0x80;
+                assert!(!same_bytes(a, &b), "len {len}, byte {at} differs");
+            }
+        }
     }
 
     #[test]
