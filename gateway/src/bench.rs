@@ -444,32 +444,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
             }
         }
     }
+    let load = Load {
+        concurrency: args.concurrency,
+        rate: args.rate,
+    };
     let mut results = Vec::new();
     for round in (0..args.rounds as u64).map(|round| args.seed.wrapping_add(round)) {
         for (target, namespace, drivers, work) in &lanes {
-            let load = Load {
-                concurrency: args.concurrency,
-                rate: args.rate,
-            };
             // Every lane of a round draws the same keys; the warm-up and
             // each round draw keys of their own, so a round does not replay
             // the keys its warm-up (or the round before) just read.
-            let _ = drive(
-                drivers,
-                work,
-                load,
-                args.warmup,
-                Draws::new(round, Phase::Warmup),
-            )
-            .await;
-            let measured = drive(
-                drivers,
-                work,
-                load,
-                args.duration,
-                Draws::new(round, Phase::Measured),
-            )
-            .await;
+            let run =
+                |duration, phase| drive(drivers, work, load, duration, Draws::new(round, phase));
+            let _ = run(args.warmup, Phase::Warmup).await;
+            let measured = run(args.duration, Phase::Measured).await;
             let mut result = measured.into_result(*target, &args);
             result.namespace = namespace.clone();
             results.push(result);
