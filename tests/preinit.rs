@@ -290,12 +290,24 @@ async fn decisions_on_a_preinitialised_binding_do_not_parse_the_config() {
         config: Bytes::from_static(br#"{"label":"two"}"#),
         ..Default::default()
     };
-    let decision = binding.callee().decide_blocking(&other).expect("decides");
-    assert_eq!(decision.tags, ["from_config:2", "label:two"]);
-    assert_eq!(
-        log.take_lines_with("from_config ran (2 in this instance)"),
-        1
+    assert!(
+        binding.callee().recycles(),
+        "calls recycle instances (policy.recycle_instances is on by default)"
     );
+    for _ in 0..3 {
+        // In a recycled instance too: it starts from the image again, so
+        // the count never reaches 3 and the label is the input's.
+        let decision = binding.callee().decide_blocking(&other).expect("decides");
+        assert_eq!(decision.tags, ["from_config:2", "label:two"]);
+        assert_eq!(
+            log.take_lines_with("from_config ran (2 in this instance)"),
+            1
+        );
+        assert_eq!(
+            counted(&preinitialised, "counted", "key:0").await,
+            ["from_config:1", "label:one"]
+        );
+    }
 
     let config = counter_config(false);
     let registry = Arc::new(PolicyRegistry::from_config(&config).expect("bindings load"));

@@ -737,6 +737,15 @@ pub struct PolicyEngineConfig {
     /// instance. A binding whose module cannot be snapshotted serves from the
     /// module, with a warning.
     pub preinit: bool,
+    /// Keep a binding's instances between calls and put each one back to
+    /// the exact state a new instance starts in after every call (its
+    /// memory's written pages, found with Linux's `PAGEMAP_SCAN`, and its
+    /// globals), instead of creating and tearing down an instance per call.
+    /// Only for modules whose whole state is their memory and globals (what
+    /// wizer can snapshot); a call that faults or grows its memory drops
+    /// its instance. Off, or on a kernel without `PAGEMAP_SCAN` (before
+    /// Linux 6.7): a new instance per call.
+    pub recycle_instances: bool,
     /// Long policy calls (past 2 ms of CPU) of one binding (one version bound
     /// to one namespace) that may run at once. This bounds the CPU one
     /// namespace's policy can take from its neighbours: a slow or looping
@@ -818,6 +827,7 @@ impl Default for PolicyEngineConfig {
             wall_deadline: None,
             memo_bytes: 32 * 1024 * 1024,
             preinit: true,
+            recycle_instances: true,
             max_concurrent_calls: std::thread::available_parallelism()
                 .map_or(1, |cores| cores.get().div_ceil(2)),
             memory_limit_bytes: 16 * 1024 * 1024,

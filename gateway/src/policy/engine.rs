@@ -1,7 +1,7 @@
 //! The WebAssembly engine: one wasmtime `Engine` for the process, modules
 //! compiled once and checked against the ABI (docs/POLICY_ABI.md), and every
-//! request's calls run in a fresh instance from the pooling allocator (the
-//! items of one batch request share one: [`PolicyModule::decide_reusing`]),
+//! request's calls run in a fresh instance (the items of one batch request
+//! share one: [`PolicyModule::decide_reusing`]),
 //! each call under a CPU-time deadline and a memory cap, with no capability
 //! but a bounded log call.
 //!
@@ -21,9 +21,12 @@
 //!
 //! A binding's calls may start from a pre-initialised image of its module
 //! instead of the module itself ([`preinit`]): still a fresh instance per
-//! call, under the same limits.
+//! call, under the same limits. "Fresh" is a state, not an allocation: a
+//! call may run in a recycled instance ([`recycle`]), one kept from an
+//! earlier call and put back to exactly the state a new instance starts in.
 
 mod preinit;
+mod recycle;
 
 use std::{
     fmt,
@@ -47,6 +50,7 @@ use wasmtime::{
 };
 
 pub use self::preinit::{InputBuffer, Preinit, PreinitError};
+use self::recycle::{IdleBudget, Recyclable, Recycler};
 use crate::{api::proto::policy as pb, config::PolicyEngineConfig};
 
 /// The ABI version this gateway speaks.
@@ -149,6 +153,11 @@ pub struct PolicyEngine {
     limits: PolicyEngineConfig,
     wall_deadline: Duration,
     ticker_stop: Arc<AtomicBool>,
+    /// Whether calls recycle instances (`policy.recycle_instances`, and the
+    /// kernel can say which pages a call wrote).
+    recycling: bool,
+    /// Pool slots kept instances may hold, across modules.
+    idle: Arc<IdleBudget>,
 }
 
 impl Drop for PolicyEngine {
@@ -229,18 +238,44 @@ impl PolicyEngine {
             })
             .map_err(|err| LoadError::Compile(format!("cannot start the epoch ticker: {err}")))?;
 
+        let recycling = limits.recycle_instances && recycle::available();
+        if limits.recycle_instances && !recycling {
+            warn!(
+                "policy.recycle_instances is on, but this kernel does not answer PAGEMAP_SCAN \
+                 (Linux 6.7+): every call instantiates its module"
+            );
+        }
         Ok(Self {
             engine,
             linker,
             limits: limits.clone(),
             wall_deadline: limits.wall_deadline(),
             ticker_stop,
+            recycling,
+            idle: IdleBudget::new(limits.max_instances),
         })
     }
 
     /// The limits calls run under.
     pub fn limits(&self) -> &PolicyEngineConfig {
         &self.limits
+    }
+
+    /// Whether calls run in recycled instances where a module allows it
+    /// (`policy.recycle_instances`, on a kernel with `PAGEMAP_SCAN`).
+    pub fn recycling(&self) -> bool {
+        self.recycling
+    }
+
+    /// A recycler for `module`'s instances, if recycling is on and the
+    /// module (compiled as wizer instruments it) allows it.
+    /// `wasm` is what `module` was compiled from.
+    fn recycler_for(&self, module: &Module, wasm: &[u8]) -> Option<Recycler> {
+        if !self.recycling {
+            return None;
+        }
+        Recyclable::of(module, wasm)
+            .map(|recyclable| Recycler::new(recyclable, Arc::clone(&self.idle)))
     }
 
     /// Compiles `bytes` and checks its imports. A module with a wrong ABI
@@ -254,19 +289,23 @@ impl PolicyEngine {
             });
         }
         let started = Instant::now();
-        // With `policy.preinit` the module is compiled as wizer instruments
-        // it (its memories and mutable globals exported too, nothing else
-        // changed), so that a binding's image is made from an instance of
-        // this compilation: one compilation per binding, the image's.
-        let image_source = if self.limits.preinit {
+        // With `policy.preinit` or `policy.recycle_instances` the module is
+        // compiled as wizer instruments it (its memories and mutable globals
+        // exported too, nothing else changed): a binding's image is made
+        // from an instance of this compilation (one compilation per binding,
+        // the image's), and a recycled instance is reset through those
+        // exports. A module wizer refuses is compiled as it is.
+        let instrumented = if self.limits.preinit || self.recycling {
             preinit::instrument(bytes)
-                .map(|instrumented| (Bytes::copy_from_slice(bytes), instrumented))
         } else {
             Err("policy.preinit is off".to_owned())
         };
-        let compiled = image_source
-            .as_ref()
-            .map_or(bytes, |(_, instrumented)| instrumented.as_slice());
+        let image_source = match &instrumented {
+            _ if !self.limits.preinit => Err("policy.preinit is off".to_owned()),
+            Ok(_) => Ok(Bytes::copy_from_slice(bytes)),
+            Err(reason) => Err(reason.clone()),
+        };
+        let compiled = instrumented.as_ref().map_or(bytes, Vec::as_slice);
         let module = Module::new(&self.engine, compiled)
             .map_err(|err| LoadError::Compile(format!("{err:#}")))?;
         check_imports(&module)?;
@@ -284,13 +323,17 @@ impl PolicyEngine {
             instance_pre,
             exports: exports.clone().map_err(Fault::Abi),
             size: bytes.len(),
-            image_source: image_source.map(|(wasm, _)| wasm),
+            image_source,
             preinit: None,
+            recycler: None,
         };
         if loaded.exports.is_ok()
             && let Err(fault) = loaded.check_abi_version()
         {
             loaded.exports = Err(fault);
+        }
+        if loaded.exports.is_ok() {
+            loaded.recycler = self.recycler_for(&module, compiled);
         }
         info!(
             policy = %loaded.label,
@@ -432,6 +475,8 @@ pub struct PolicyModule {
     image_source: Result<Bytes, String>,
     /// What the image cost, on a pre-initialised image.
     preinit: Option<Preinit>,
+    /// Its kept instances, when its calls recycle them.
+    recycler: Option<Recycler>,
 }
 
 impl fmt::Debug for PolicyModule {
@@ -473,6 +518,17 @@ impl PolicyModule {
     /// The limits its calls run under.
     pub fn limits(&self) -> &PolicyEngineConfig {
         &self.engine.limits
+    }
+
+    /// Whether its calls run in recycled instances (reset to their starting
+    /// state after each call) rather than new ones.
+    pub fn recycles(&self) -> bool {
+        self.recycler.is_some()
+    }
+
+    /// Instances kept idle for its next calls.
+    pub fn idle_instances(&self) -> usize {
+        self.recycler.as_ref().map_or(0, Recycler::idle)
     }
 
     /// Whether the module implements the ABI (exports, signatures, version).
@@ -612,15 +668,21 @@ impl PolicyModule {
         long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
         mut live: Option<&mut Option<LiveInstance>>,
     ) -> Result<Vec<u8>, Fault> {
-        let (mut store, instance) = match live.as_deref_mut().and_then(Option::take) {
-            Some(LiveInstance {
-                mut store,
-                instance,
-            }) => {
+        // A batch's instance, else (for a call of its own) a recycled one.
+        let reused = match live.as_deref_mut() {
+            Some(slot) => slot.take().map(|live| (live.store, live.instance, false)),
+            None => self
+                .recycler
+                .as_ref()
+                .and_then(Recycler::take)
+                .map(|kept| (kept.store, kept.instance, true)),
+        };
+        let (mut store, instance) = match reused {
+            Some((mut store, instance, starting)) => {
                 let (permits, long_call) = long_call_state(long_calls);
-                store.data_mut().restart(permits, long_call);
+                store.data_mut().restart(yields, permits, long_call);
                 store.set_epoch_deadline(1);
-                (store, Some(instance))
+                (store, Some((instance, starting)))
             }
             None => {
                 let meter = Arc::new(CpuMeter::default());
@@ -633,22 +695,21 @@ impl PolicyModule {
         let meter = Arc::clone(&store.data().meter);
         let result = metered(&meter, async {
             let (instance, reserved) = match instance {
-                Some(instance) => (instance, None),
+                // A recycled instance is in its starting state (its input
+                // buffer pending); a batch's has run a call already.
+                Some((instance, starting)) => (
+                    instance,
+                    starting
+                        .then(|| self.reserved_input(exports, entry, input))
+                        .flatten(),
+                ),
                 None => {
                     let instance = self.instance_pre.instantiate(&mut store)?;
                     store.data_mut().on_fiber = true;
-                    // A fresh instance of an image starts with its input
-                    // buffer pending; only a decision uses it.
-                    let reserved = self
-                        .preinit
-                        .as_ref()
-                        .and_then(|preinit| preinit.input_buffer)
-                        .filter(|buffer| {
-                            std::ptr::eq(entry, &exports.decide)
-                                && input.len() <= buffer.capacity as usize
-                        })
-                        .map(|buffer| buffer.address);
-                    (instance, reserved)
+                    if let Some(recycler) = &self.recycler {
+                        recycler.note_start(&mut store, &instance);
+                    }
+                    (instance, self.reserved_input(exports, entry, input))
                 }
             };
             let output = invoke(&mut store, &instance, exports, entry, input, reserved).await?;
@@ -657,13 +718,28 @@ impl PolicyModule {
         .await;
         match result {
             Ok((instance, output)) => {
-                if let Some(slot) = live {
-                    *slot = Some(LiveInstance { store, instance });
+                match (live, &self.recycler) {
+                    (Some(slot), _) => *slot = Some(LiveInstance { store, instance }),
+                    (None, Some(recycler)) => recycler.recycle(store, instance),
+                    (None, None) => {}
                 }
                 Ok(output)
             }
             Err(err) => Err(fault_of(err, store.data())),
         }
+    }
+
+    /// Where an instance in its starting state takes `input` for `entry`
+    /// without a `cachegw_alloc` call: an image's pending input buffer, for
+    /// a decision whose input fits.
+    fn reserved_input(&self, exports: &Exports, entry: &ModuleExport, input: &[u8]) -> Option<u32> {
+        self.preinit
+            .as_ref()
+            .and_then(|preinit| preinit.input_buffer)
+            .filter(|buffer| {
+                std::ptr::eq(entry, &exports.decide) && input.len() <= buffer.capacity as usize
+            })
+            .map(|buffer| buffer.address)
     }
 
     /// Measures `calls` decisions on `input`, reporting each one's latency to
@@ -707,7 +783,7 @@ impl PolicyModule {
         store.data_mut().on_fiber = true;
         for _ in 0..calls {
             let started = Instant::now();
-            store.data_mut().restart(None, LongCall::NotYet);
+            store.data_mut().restart(Yields::Anywhere, None, LongCall::NotYet);
             let outcome = futures::executor::block_on(metered(
                 &meter,
                 invoke(
@@ -1084,9 +1160,11 @@ struct HostState {
 
 impl HostState {
     /// Starts a new call's budgets in a reused store: its own CPU and wall
-    /// deadlines, log budget and long-call standing (a batch's next item,
-    /// `policy bench --reuse-instance`).
-    fn restart(&mut self, long_calls: Option<Arc<Semaphore>>, long_call: LongCall) {
+    /// deadlines, log budget, way of yielding and long-call standing (a
+    /// batch's next item, a recycled instance, `policy bench
+    /// --reuse-instance`).
+    fn restart(&mut self, yields: Yields, long_calls: Option<Arc<Semaphore>>, long_call: LongCall) {
+        self.yields = yields;
         self.started = Instant::now();
         self.log_calls = 0;
         self.grew_at = None;

@@ -155,7 +155,7 @@ impl PolicyMetrics {
         );
         registry.register(
             "cachegw_policy_instances",
-            "Policy instances created for decisions, by policy: one per call, except that the items of a batch request (MGet, MSet, Invalidate by keys) share one",
+            "Fresh policy instances decisions started in (new, or recycled: put back to a new one's state), by policy: one per call, except that the items of a batch request (MGet, MSet, Invalidate by keys) share one",
             metrics.instances.clone(),
         );
         registry.register(

@@ -171,7 +171,14 @@ impl PolicyModule {
                 limit,
             });
         }
-        let image = Module::new(&engine.engine, &snapshot)
+        // Instrumented again when its instances are to be recycled: the
+        // snapshot no longer exports the globals a reset writes back.
+        let recycled_image = engine
+            .recycling
+            .then(|| instrument(&snapshot).ok())
+            .flatten();
+        let compiled = recycled_image.as_deref().unwrap_or(&snapshot);
+        let image = Module::new(&engine.engine, compiled)
             .map_err(|err| PreinitError::Compile(format!("{err:#}")))?;
         let instance_pre = engine
             .linker
@@ -192,6 +199,7 @@ impl PolicyModule {
                 took: started.elapsed(),
                 input_buffer,
             }),
+            recycler: engine.recycler_for(&image, compiled),
         })
     }
 }
