@@ -45,8 +45,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Level, debug, error, info, trace, warn};
 use wasmtime::{
     Caller, Config, Enabled, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker,
-    Module, ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store, StoreContextMut, Trap,
-    UpdateDeadline, ValType,
+    Memory, Module, ModuleExport, PoolingAllocationConfig, ResourceLimiter, Store, StoreContextMut,
+    Trap, TypedFunc, UpdateDeadline, ValType,
 };
 
 pub use self::preinit::{InputBuffer, Preinit, PreinitError};
@@ -399,6 +399,37 @@ fn long_call_state(
 pub struct LiveInstance {
     store: Store<HostState>,
     instance: wasmtime::Instance,
+    handles: Handles,
+}
+
+/// An instance's exports as handles of its store, resolved once per
+/// instance (a batch's and a recycled instance keep theirs), so that a call
+/// looks nothing up by name or index.
+#[derive(Clone)]
+struct Handles {
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    decide: TypedFunc<(i32, i32), i64>,
+}
+
+impl Handles {
+    fn resolve(
+        store: &mut Store<HostState>,
+        instance: &wasmtime::Instance,
+        exports: &Exports,
+    ) -> wasmtime::Result<Handles> {
+        let memory = instance
+            .get_module_export(&mut *store, &exports.memory)
+            .and_then(|export| export.into_memory())
+            .ok_or_else(|| wasmtime::Error::msg("memory export vanished"))?;
+        let alloc = export_func(store, instance, &exports.alloc)?.typed(&*store)?;
+        let decide = export_func(store, instance, &exports.decide)?.typed(&*store)?;
+        Ok(Handles {
+            memory,
+            alloc,
+            decide,
+        })
+    }
 }
 
 impl fmt::Debug for LiveInstance {
@@ -670,19 +701,21 @@ impl PolicyModule {
     ) -> Result<Vec<u8>, Fault> {
         // A batch's instance, else (for a call of its own) a recycled one.
         let reused = match live.as_deref_mut() {
-            Some(slot) => slot.take().map(|live| (live.store, live.instance, false)),
+            Some(slot) => slot
+                .take()
+                .map(|live| (live.store, live.instance, live.handles, None)),
             None => self
                 .recycler
                 .as_ref()
                 .and_then(Recycler::take)
-                .map(|kept| (kept.store, kept.instance, true)),
+                .map(|kept| (kept.store, kept.instance, kept.handles, Some(kept.globals))),
         };
         let (mut store, instance) = match reused {
-            Some((mut store, instance, starting)) => {
+            Some((mut store, instance, handles, globals)) => {
                 let (permits, long_call) = long_call_state(long_calls);
                 store.data_mut().restart(yields, permits, long_call);
                 store.set_epoch_deadline(1);
-                (store, Some((instance, starting)))
+                (store, Some((instance, handles, globals)))
             }
             None => {
                 let meter = Arc::new(CpuMeter::default());
@@ -694,33 +727,47 @@ impl PolicyModule {
         };
         let meter = Arc::clone(&store.data().meter);
         let result = metered(&meter, async {
-            let (instance, reserved) = match instance {
+            let (instance, handles, globals, reserved) = match instance {
                 // A recycled instance is in its starting state (its input
                 // buffer pending); a batch's has run a call already.
-                Some((instance, starting)) => (
-                    instance,
-                    starting
+                Some((instance, handles, globals)) => {
+                    let reserved = globals
+                        .is_some()
                         .then(|| self.reserved_input(exports, entry, input))
-                        .flatten(),
-                ),
+                        .flatten();
+                    (instance, handles, globals, reserved)
+                }
                 None => {
                     let instance = self.instance_pre.instantiate(&mut store)?;
                     store.data_mut().on_fiber = true;
+                    let handles = Handles::resolve(&mut store, &instance, exports)?;
                     if let Some(recycler) = &self.recycler {
                         recycler.note_start(&mut store, &instance);
                     }
-                    (instance, self.reserved_input(exports, entry, input))
+                    let reserved = self.reserved_input(exports, entry, input);
+                    (instance, handles, None, reserved)
                 }
             };
-            let output = invoke(&mut store, &instance, exports, entry, input, reserved).await?;
-            Ok::<_, wasmtime::Error>((instance, output))
+            let function = if std::ptr::eq(entry, &exports.decide) {
+                handles.decide.clone()
+            } else {
+                export_func(&mut store, &instance, entry)?.typed(&store)?
+            };
+            let output = invoke(&mut store, &handles, &function, input, reserved).await?;
+            Ok::<_, wasmtime::Error>((instance, handles, globals, output))
         })
         .await;
         match result {
-            Ok((instance, output)) => {
+            Ok((instance, handles, globals, output)) => {
                 match (live, &self.recycler) {
-                    (Some(slot), _) => *slot = Some(LiveInstance { store, instance }),
-                    (None, Some(recycler)) => recycler.recycle(store, instance),
+                    (Some(slot), _) => {
+                        *slot = Some(LiveInstance {
+                            store,
+                            instance,
+                            handles,
+                        })
+                    }
+                    (None, Some(recycler)) => recycler.recycle(store, instance, handles, globals),
                     (None, None) => {}
                 }
                 Ok(output)
@@ -781,19 +828,14 @@ impl PolicyModule {
             .instantiate(&mut store)
             .map_err(|err| fault_of(err, store.data()))?;
         store.data_mut().on_fiber = true;
+        let handles = Handles::resolve(&mut store, &instance, exports)
+            .map_err(|err| fault_of(err, store.data()))?;
         for _ in 0..calls {
             let started = Instant::now();
             store.data_mut().restart(Yields::Anywhere, None, LongCall::NotYet);
             let outcome = futures::executor::block_on(metered(
                 &meter,
-                invoke(
-                    &mut store,
-                    &instance,
-                    exports,
-                    &exports.decide,
-                    &input,
-                    None,
-                ),
+                invoke(&mut store, &handles, &handles.decide, &input, None),
             ));
             let fault = outcome.err().map(|err| fault_of(err, store.data()));
             record(started.elapsed(), fault);
@@ -827,15 +869,9 @@ fn init_verdict(output: &[u8]) -> Result<Option<String>, Fault> {
 }
 
 /// Reserves `len` bytes with the instance's `cachegw_alloc`; their address.
-async fn reserve(
-    store: &mut Store<HostState>,
-    instance: &wasmtime::Instance,
-    exports: &Exports,
-    len: u32,
-) -> wasmtime::Result<u32> {
-    let alloc = export_func(store, instance, &exports.alloc)?.typed::<i32, i32>(&*store)?;
+async fn reserve(store: &mut Store<HostState>, handles: &Handles, len: u32) -> wasmtime::Result<u32> {
     let len = i32::try_from(len).map_err(|_| OutputError("input too large".into()))?;
-    match alloc.call_async(&mut *store, len).await? {
+    match handles.alloc.call_async(&mut *store, len).await? {
         0 => Err(OutputError("cachegw_alloc returned 0".into()).into()),
         ptr => Ok(ptr as u32),
     }
@@ -857,22 +893,16 @@ fn export_func(
 /// the output.
 async fn invoke(
     store: &mut Store<HostState>,
-    instance: &wasmtime::Instance,
-    exports: &Exports,
-    entry: &ModuleExport,
+    handles: &Handles,
+    entry: &TypedFunc<(i32, i32), i64>,
     input: &[u8],
     reserved: Option<u32>,
 ) -> wasmtime::Result<Vec<u8>> {
-    let memory = instance
-        .get_module_export(&mut *store, &exports.memory)
-        .and_then(|export| export.into_memory())
-        .ok_or_else(|| wasmtime::Error::msg("memory export vanished"))?;
-    let entry = export_func(store, instance, entry)?.typed::<(i32, i32), i64>(&*store)?;
-
+    let memory = handles.memory;
     let len = i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
     let ptr = match reserved {
         Some(address) => address as i32,
-        None => reserve(store, instance, exports, len as u32).await? as i32,
+        None => reserve(store, handles, len as u32).await? as i32,
     };
     memory
         .write(&mut *store, ptr as u32 as usize, input)

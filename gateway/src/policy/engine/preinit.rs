@@ -27,8 +27,8 @@ use wasmtime::{Instance, Module, Store, Val};
 use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
 use super::{
-    CpuMeter, Exports, Fault, HostState, PolicyModule, Yields, fault_of, init_verdict, invoke,
-    metered, reserve,
+    CpuMeter, Exports, Fault, Handles, HostState, PolicyModule, Yields, export_func, fault_of,
+    init_verdict, invoke, metered, reserve,
 };
 
 /// `wasm` with its memories and mutable globals exported under wizer's
@@ -133,10 +133,12 @@ impl PolicyModule {
         let initialised = futures::executor::block_on(metered(&meter, async {
             let instance = self.instance_pre.instantiate(&mut store)?;
             store.data_mut().on_fiber = true;
-            let output = invoke(&mut store, &instance, exports, init, config, None).await?;
-            Ok::<_, wasmtime::Error>((instance, output))
+            let handles = Handles::resolve(&mut store, &instance, exports)?;
+            let init = export_func(&mut store, &instance, init)?.typed(&store)?;
+            let output = invoke(&mut store, &handles, &init, config, None).await?;
+            Ok::<_, wasmtime::Error>((instance, handles, output))
         }));
-        let (instance, output) =
+        let (instance, handles, output) =
             initialised.map_err(|err| PreinitError::Init(fault_of(err, store.data())))?;
         if let Some(reason) = init_verdict(&output).map_err(PreinitError::Init)? {
             return Err(PreinitError::Rejected(reason));
@@ -144,7 +146,7 @@ impl PolicyModule {
         // A module that cannot spare the bytes just gets no buffer.
         let input_buffer = futures::executor::block_on(metered(
             &meter,
-            reserve(&mut store, &instance, exports, INPUT_BUFFER_BYTES),
+            reserve(&mut store, &handles, INPUT_BUFFER_BYTES),
         ))
         .ok()
         .map(|address| InputBuffer {

@@ -29,9 +29,9 @@ use std::{
     },
 };
 
-use wasmtime::{Global, Instance, Memory, Module, Store, Val};
+use wasmtime::{Global, Instance, Module, Store, Val};
 
-use super::HostState;
+use super::{Handles, HostState};
 
 /// The instrumented export naming a module's only memory.
 const MEMORY_EXPORT: &str = "__wizer_memory_0";
@@ -117,12 +117,13 @@ fn starting_memory(wasm: &[u8]) -> Option<Box<[u8]>> {
     memory.map(Vec::into_boxed_slice)
 }
 
-/// An instance between calls, with the handles its reset needs.
+/// An instance between calls, with its handles: those its calls use, and
+/// its mutable globals, which its reset writes back.
 pub(super) struct Kept {
     pub(super) store: Store<HostState>,
     pub(super) instance: Instance,
-    memory: Memory,
-    globals: Vec<Global>,
+    pub(super) handles: Handles,
+    pub(super) globals: Vec<Global>,
 }
 
 /// One compiled module's kept instances.
@@ -203,7 +204,7 @@ impl Recycler {
         if self.starting_globals.get().is_some() {
             return;
         }
-        let Some((_, globals)) = self.handles(store, instance) else {
+        let Some(globals) = self.globals(store, instance) else {
             return;
         };
         let values = globals.iter().map(|global| global.get(&mut *store)).collect();
@@ -213,11 +214,18 @@ impl Recycler {
     /// Puts an instance whose call ended well back to its starting state and
     /// keeps it for the next call, or drops it: when its memory grew, when
     /// the reset cannot be done, or when enough instances are idle.
-    pub(super) fn recycle(&self, mut store: Store<HostState>, instance: Instance) {
+    /// `globals` are its globals' handles, if it was kept before.
+    pub(super) fn recycle(
+        &self,
+        mut store: Store<HostState>,
+        instance: Instance,
+        handles: Handles,
+        globals: Option<Vec<Global>>,
+    ) {
         let Some(globals_at_start) = self.starting_globals.get() else {
             return;
         };
-        let Some((memory, globals)) = self.handles(&mut store, &instance) else {
+        let Some(globals) = globals.or_else(|| self.globals(&mut store, &instance)) else {
             return;
         };
         if self.idle.lock().expect("never poisoned").len() >= self.max_idle
@@ -228,7 +236,7 @@ impl Recycler {
         let mut kept = Kept {
             store,
             instance,
-            memory,
+            handles,
             globals,
         };
         match reset(&mut kept, &self.recyclable.memory, globals_at_start) {
@@ -240,19 +248,12 @@ impl Recycler {
         }
     }
 
-    fn handles(
-        &self,
-        store: &mut Store<HostState>,
-        instance: &Instance,
-    ) -> Option<(Memory, Vec<Global>)> {
-        let memory = instance.get_memory(&mut *store, MEMORY_EXPORT)?;
-        let globals = self
-            .recyclable
+    fn globals(&self, store: &mut Store<HostState>, instance: &Instance) -> Option<Vec<Global>> {
+        self.recyclable
             .globals
             .iter()
             .map(|name| instance.get_global(&mut *store, name))
-            .collect::<Option<Vec<_>>>()?;
-        Some((memory, globals))
+            .collect()
     }
 }
 
@@ -267,7 +268,8 @@ impl Drop for Recycler {
 /// that holds private data gets the starting bytes, every global its
 /// starting value.
 fn reset(kept: &mut Kept, memory_at_start: &[u8], globals_at_start: &[Val]) -> Result<(), String> {
-    let data = kept.memory.data_mut(&mut kept.store);
+    // The module has one memory (`Recyclable::of`): the one its calls use.
+    let data = kept.handles.memory.data_mut(&mut kept.store);
     if data.len() != memory_at_start.len() {
         return Err(format!(
             "its memory grew from {} to {} bytes",
