@@ -453,6 +453,11 @@ fn policy_check_passes_good_modules_and_explains_bad_ones() {
     assert_eq!(report["ok"], true);
     assert_eq!(report["abi"], "ok (version 1)");
     assert_eq!(report["probes"].as_array().unwrap().len(), 3);
+    let recycled = report["recycled"].as_str().unwrap();
+    assert!(
+        recycled.starts_with("yes") || recycled.contains("PAGEMAP_SCAN"),
+        "{report}"
+    );
 
     for (module, words) in [
         ("hostile-abi", "returned 999"),
@@ -468,6 +473,10 @@ fn policy_check_passes_good_modules_and_explains_bad_ones() {
     let (code, report, _) = run_policy_tool(&["check", &dist("hostile-loop")]);
     assert_eq!(code, Some(1));
     assert_eq!(report["probes"][0]["fault"]["kind"], "timeout", "{report}");
+    assert!(
+        report["recycled"].as_str().unwrap().starts_with("no:"),
+        "a call that times out drops its instance: {report}"
+    );
 
     let (code, report, _) = run_policy_tool(&[
         "check",
@@ -511,6 +520,7 @@ fn policy_bench_reports_latency_and_cpu_per_call() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(report["mode"], "fresh", "{report}");
     assert_eq!(report["preinit"], true, "{report}");
+    assert!(report["recycled"].is_boolean(), "{report}");
     assert_eq!(report["calls"], 3000, "{report}");
     assert_eq!(report["faults"], serde_json::json!({}), "{report}");
     let p50 = report["p50_us"].as_f64().unwrap();

@@ -268,12 +268,22 @@ impl PolicyEngine {
     }
 
     /// A recycler for `module`'s instances, if recycling is on and the
-    /// module (compiled as wizer instruments it) allows it.
-    /// `wasm` is what `module` was compiled from.
-    fn recycler_for(&self, module: &Module, wasm: &[u8]) -> Option<Recycler> {
+    /// module allows it, or why not. `wasm` is what `module` was compiled
+    /// from: wizer's instrumentation of the module as loaded, or why that
+    /// failed.
+    fn recycler_for(
+        &self,
+        module: &Module,
+        wasm: Result<&[u8], &str>,
+    ) -> Result<Recycler, String> {
         if !self.recycling {
-            return None;
+            return Err(if self.limits.recycle_instances {
+                "this kernel does not answer PAGEMAP_SCAN (Linux 6.7+)".to_owned()
+            } else {
+                "off (policy.recycle_instances = false)".to_owned()
+            });
         }
+        let wasm = wasm.map_err(|reason| format!("its state cannot be reset: {reason}"))?;
         Recyclable::of(module, wasm)
             .map(|recyclable| Recycler::new(recyclable, Arc::clone(&self.idle)))
     }
@@ -325,7 +335,7 @@ impl PolicyEngine {
             size: bytes.len(),
             image_source,
             preinit: None,
-            recycler: None,
+            recycler: Err("it does not implement the ABI".to_owned()),
         };
         if loaded.exports.is_ok()
             && let Err(fault) = loaded.check_abi_version()
@@ -333,7 +343,10 @@ impl PolicyEngine {
             loaded.exports = Err(fault);
         }
         if loaded.exports.is_ok() {
-            loaded.recycler = self.recycler_for(&module, compiled);
+            loaded.recycler = self.recycler_for(
+                &module,
+                instrumented.as_deref().map_err(String::as_str),
+            );
         }
         info!(
             policy = %loaded.label,
@@ -506,8 +519,8 @@ pub struct PolicyModule {
     image_source: Result<Bytes, String>,
     /// What the image cost, on a pre-initialised image.
     preinit: Option<Preinit>,
-    /// Its kept instances, when its calls recycle them.
-    recycler: Option<Recycler>,
+    /// Its kept instances, when its calls recycle them, or why they do not.
+    recycler: Result<Recycler, String>,
 }
 
 impl fmt::Debug for PolicyModule {
@@ -554,7 +567,12 @@ impl PolicyModule {
     /// Whether its calls run in recycled instances (reset to their starting
     /// state after each call) rather than new ones.
     pub fn recycles(&self) -> bool {
-        self.recycler.is_some()
+        self.recycler.is_ok()
+    }
+
+    /// Why its calls do not recycle instances, if they do not.
+    pub fn not_recycled(&self) -> Option<&str> {
+        self.recycler.as_ref().err().map(String::as_str)
     }
 
     /// Instances kept idle for its next calls.
@@ -707,6 +725,7 @@ impl PolicyModule {
             None => self
                 .recycler
                 .as_ref()
+                .ok()
                 .and_then(Recycler::take)
                 .map(|kept| (kept.store, kept.instance, kept.handles, Some(kept.globals))),
         };
@@ -741,7 +760,7 @@ impl PolicyModule {
                     let instance = self.instance_pre.instantiate(&mut store)?;
                     store.data_mut().on_fiber = true;
                     let handles = Handles::resolve(&mut store, &instance, exports)?;
-                    if let Some(recycler) = &self.recycler {
+                    if let Ok(recycler) = &self.recycler {
                         recycler.note_start(&mut store, &instance);
                     }
                     let reserved = self.reserved_input(exports, entry, input);
@@ -759,7 +778,7 @@ impl PolicyModule {
         .await;
         match result {
             Ok((instance, handles, globals, output)) => {
-                match (live, &self.recycler) {
+                match (live, self.recycler.as_ref().ok()) {
                     (Some(slot), _) => {
                         *slot = Some(LiveInstance {
                             store,

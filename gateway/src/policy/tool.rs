@@ -179,6 +179,10 @@ pub struct CheckReport {
     /// Whether a binding's calls would start from an image pre-initialised
     /// with the config (`policy.preinit`), or why not.
     pub preinit: String,
+    /// Whether a binding's calls run in recycled instances
+    /// (`policy.recycle_instances`: kept, and put back to a new instance's
+    /// state after each call), or why not.
+    pub recycled: String,
     /// The dry run.
     pub probes: Vec<ProbeReport>,
     /// Everything passed.
@@ -330,6 +334,17 @@ impl Loaded {
         })
         .collect();
         let ok = abi.is_ok() && config_ok && probes.iter().all(|probe| probe.fault.is_none());
+        let callee = self.callee();
+        let recycled = match callee.not_recycled() {
+            Some(reason) => format!("no: {reason}"),
+            None if callee.idle_instances() > 0 => {
+                "yes: each call runs in a kept instance, put back to a new one's state after it"
+                    .to_owned()
+            }
+            None => "no: its probe calls faulted or grew its memory, and such a call drops its \
+                     instance"
+                .to_owned(),
+        };
         CheckReport {
             policy: self.module.name().to_owned(),
             version: self.module.version().to_owned(),
@@ -347,6 +362,7 @@ impl Loaded {
                 }),
                 Err(reason) => reason.clone(),
             },
+            recycled,
             probes,
             ok,
         }
@@ -433,6 +449,7 @@ impl Loaded {
                 BenchMode::Memo => "memo",
             },
             preinit: self.image.is_ok(),
+            recycled: mode == BenchMode::Fresh && self.callee().recycles(),
             calls,
             calls_per_sec: calls as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
             mean_us: histogram.mean() / 1000.0,
@@ -457,6 +474,9 @@ pub struct BenchReport {
     /// Whether calls instantiated an image pre-initialised with the config
     /// (`policy.preinit`; `check` says why not).
     pub preinit: bool,
+    /// Whether calls ran in recycled instances (`fresh` mode with
+    /// `policy.recycle_instances`; `check` says why not).
+    pub recycled: bool,
     /// Calls made.
     pub calls: u64,
     /// Throughput of one thread.

@@ -175,10 +175,11 @@ impl PolicyModule {
         }
         // Instrumented again when its instances are to be recycled: the
         // snapshot no longer exports the globals a reset writes back.
-        let recycled_image = engine
-            .recycling
-            .then(|| instrument(&snapshot).ok())
-            .flatten();
+        let recycled_image = if engine.recycling {
+            instrument(&snapshot)
+        } else {
+            Err("recycling is off".to_owned())
+        };
         let compiled = recycled_image.as_deref().unwrap_or(&snapshot);
         let image = Module::new(&engine.engine, compiled)
             .map_err(|err| PreinitError::Compile(format!("{err:#}")))?;
@@ -201,7 +202,7 @@ impl PolicyModule {
                 took: started.elapsed(),
                 input_buffer,
             }),
-            recycler: engine.recycler_for(&image, compiled),
+            recycler: engine.recycler_for(&image, recycled_image.as_deref().map_err(String::as_str)),
         })
     }
 }

@@ -51,9 +51,8 @@ impl Recyclable {
     /// instrumentation of a module), can be recycled: exactly one memory
     /// (`__wizer_memory_0`, no `__wizer_memory_1`), no start function (what
     /// an instance starts with is then the module's data, nothing run), and
-    /// data at constant offsets. `None` for a module that was not
-    /// instrumented, or one that breaks any of these.
-    pub(super) fn of(module: &Module, wasm: &[u8]) -> Option<Recyclable> {
+    /// data at constant offsets. Else why not.
+    pub(super) fn of(module: &Module, wasm: &[u8]) -> Result<Recyclable, String> {
         let mut memories = 0;
         let mut globals = Vec::new();
         for export in module.exports() {
@@ -64,12 +63,13 @@ impl Recyclable {
             }
         }
         if memories != 1 || module.get_export(MEMORY_EXPORT).is_none() {
-            return None;
+            return Err(format!("it has {memories} memories, not one"));
         }
-        Some(Recyclable {
-            globals,
-            memory: starting_memory(wasm)?,
-        })
+        let memory = starting_memory(wasm).ok_or(
+            "what its memory starts with is not its data alone (a start function, or data at an \
+             offset that is not a constant)",
+        )?;
+        Ok(Recyclable { globals, memory })
     }
 }
 
