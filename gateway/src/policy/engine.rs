@@ -271,11 +271,7 @@ impl PolicyEngine {
     /// module allows it, or why not. `wasm` is what `module` was compiled
     /// from: wizer's instrumentation of the module as loaded, or why that
     /// failed.
-    fn recycler_for(
-        &self,
-        module: &Module,
-        wasm: Result<&[u8], &str>,
-    ) -> Result<Recycler, String> {
+    fn recycler_for(&self, module: &Module, wasm: Result<&[u8], &str>) -> Result<Recycler, String> {
         if !self.recycling {
             return Err(if self.limits.recycle_instances {
                 "this kernel does not answer PAGEMAP_SCAN (Linux 6.7+)".to_owned()
@@ -343,10 +339,8 @@ impl PolicyEngine {
             loaded.exports = Err(fault);
         }
         if loaded.exports.is_ok() {
-            loaded.recycler = self.recycler_for(
-                &module,
-                instrumented.as_deref().map_err(String::as_str),
-            );
+            loaded.recycler =
+                self.recycler_for(&module, instrumented.as_deref().map_err(String::as_str));
         }
         info!(
             policy = %loaded.label,
@@ -851,7 +845,9 @@ impl PolicyModule {
             .map_err(|err| fault_of(err, store.data()))?;
         for _ in 0..calls {
             let started = Instant::now();
-            store.data_mut().restart(Yields::Anywhere, None, LongCall::NotYet);
+            store
+                .data_mut()
+                .restart(Yields::Anywhere, None, LongCall::NotYet);
             let outcome = futures::executor::block_on(metered(
                 &meter,
                 invoke(&mut store, &handles, &handles.decide, &input, None),
@@ -888,7 +884,11 @@ fn init_verdict(output: &[u8]) -> Result<Option<String>, Fault> {
 }
 
 /// Reserves `len` bytes with the instance's `cachegw_alloc`; their address.
-async fn reserve(store: &mut Store<HostState>, handles: &Handles, len: u32) -> wasmtime::Result<u32> {
+async fn reserve(
+    store: &mut Store<HostState>,
+    handles: &Handles,
+    len: u32,
+) -> wasmtime::Result<u32> {
     let len = i32::try_from(len).map_err(|_| OutputError("input too large".into()))?;
     match handles.alloc.call_async(&mut *store, len).await? {
         0 => Err(OutputError("cachegw_alloc returned 0".into()).into()),

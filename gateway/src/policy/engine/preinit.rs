@@ -202,7 +202,8 @@ impl PolicyModule {
                 took: started.elapsed(),
                 input_buffer,
             }),
-            recycler: engine.recycler_for(&image, recycled_image.as_deref().map_err(String::as_str)),
+            recycler: engine
+                .recycler_for(&image, recycled_image.as_deref().map_err(String::as_str)),
         })
     }
 }

@@ -19,8 +19,9 @@
 //! A call that faulted, that grew the memory, or whose reset fails drops its
 //! instance instead; the next call instantiates a new one.
 
+#[cfg(target_os = "linux")]
+use std::fs::File;
 use std::{
-    fs::File,
     io,
     ops::Range,
     sync::{
@@ -86,7 +87,10 @@ fn starting_memory(wasm: &[u8]) -> Option<Box<[u8]>> {
             Payload::MemorySection(section) => {
                 let ty = section.into_iter().next()?.ok()?;
                 let page = 1u64 << ty.page_size_log2.unwrap_or(16);
-                memory = Some(vec![0; usize::try_from(ty.initial.checked_mul(page)?).ok()?]);
+                memory = Some(vec![
+                    0;
+                    usize::try_from(ty.initial.checked_mul(page)?).ok()?
+                ]);
             }
             Payload::DataSection(section) => {
                 let memory = memory.as_mut()?;
@@ -207,7 +211,10 @@ impl Recycler {
         let Some(globals) = self.globals(store, instance) else {
             return;
         };
-        let values = globals.iter().map(|global| global.get(&mut *store)).collect();
+        let values = globals
+            .iter()
+            .map(|global| global.get(&mut *store))
+            .collect();
         let _ = self.starting_globals.set(values);
     }
 
@@ -300,6 +307,7 @@ pub(super) fn available() -> bool {
 /// and neither a file's page (the image's, as the module's instances map
 /// it) nor the shared zero page. A page no call wrote is one of those, or
 /// not there at all.
+#[cfg(target_os = "linux")]
 fn written_pages(base: u64, len: usize, mut each: impl FnMut(Range<usize>)) -> io::Result<()> {
     static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
     let pagemap = PAGEMAP
@@ -320,7 +328,18 @@ fn written_pages(base: u64, len: usize, mut each: impl FnMut(Range<usize>)) -> i
     }
 }
 
+/// Elsewhere than Linux no kernel says which pages were written: instances
+/// are never recycled.
+#[cfg(not(target_os = "linux"))]
+fn written_pages(_: u64, _: usize, _: impl FnMut(Range<usize>)) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "PAGEMAP_SCAN is Linux's",
+    ))
+}
+
 /// The `PAGEMAP_SCAN` ioctl: the gateway's one use of `unsafe`.
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 mod pagemap_scan {
     use std::{fs::File, io, mem::MaybeUninit, ops::Range, os::fd::AsRawFd};
@@ -376,7 +395,7 @@ mod pagemap_scan {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 #[allow(unsafe_code)]
 mod tests {
     use std::sync::Arc;
@@ -461,7 +480,11 @@ mod tests {
         }
         // Growing its memory: the decision stands, the instance goes.
         assert_eq!(key(&input(200)), Ok("k111".into()));
-        assert_eq!(module.idle_instances(), 0, "an instance that grew is dropped");
+        assert_eq!(
+            module.idle_instances(),
+            0,
+            "an instance that grew is dropped"
+        );
         assert_eq!(key(&input(10)), Ok("k111".into()));
         assert_eq!(module.idle_instances(), 1);
         // A trap: the instance goes too, and the next call starts fresh.
