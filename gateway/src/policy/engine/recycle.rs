@@ -406,7 +406,7 @@ mod tests {
     use crate::{
         api::proto::policy as pb,
         config::PolicyEngineConfig,
-        policy::engine::{Fault, PolicyEngine},
+        policy::engine::{Fault, PolicyEngine, PolicyModule},
     };
 
     /// A policy whose every call changes its state, and whose decision shows
@@ -452,6 +452,21 @@ mod tests {
             .expect("a key that long")
     }
 
+    /// `STATEFUL`, loaded in an engine of its own with recycling on or off.
+    fn stateful(recycle_instances: bool) -> PolicyModule {
+        let engine = Arc::new(
+            PolicyEngine::new(&PolicyEngineConfig {
+                compile_cache_dir: None,
+                recycle_instances,
+                ..PolicyEngineConfig::default()
+            })
+            .unwrap(),
+        );
+        engine
+            .load("stateful", &wat::parse_str(STATEFUL).unwrap())
+            .unwrap()
+    }
+
     /// Every call of a recycled instance starts from the state a new
     /// instance starts in (memory, data and zero pages, globals); a call that
     /// grows the memory or faults takes its instance with it.
@@ -461,16 +476,7 @@ mod tests {
             eprintln!("PAGEMAP_SCAN is not available here: instances are never recycled");
             return;
         }
-        let engine = Arc::new(
-            PolicyEngine::new(&PolicyEngineConfig {
-                compile_cache_dir: None,
-                ..PolicyEngineConfig::default()
-            })
-            .unwrap(),
-        );
-        let module = engine
-            .load("stateful", &wat::parse_str(STATEFUL).unwrap())
-            .unwrap();
+        let module = stateful(true);
         assert!(module.recycles());
         let key = |input: &pb::PolicyInput| module.decide_blocking(input).map(|d| d.storage_key);
 
@@ -494,17 +500,7 @@ mod tests {
         assert_eq!(module.idle_instances(), 1);
 
         // Off: a new instance per call, and the same decisions.
-        let engine = Arc::new(
-            PolicyEngine::new(&PolicyEngineConfig {
-                compile_cache_dir: None,
-                recycle_instances: false,
-                ..PolicyEngineConfig::default()
-            })
-            .unwrap(),
-        );
-        let module = engine
-            .load("stateful", &wat::parse_str(STATEFUL).unwrap())
-            .unwrap();
+        let module = stateful(false);
         assert!(!module.recycles());
         for _ in 0..3 {
             assert_eq!(
