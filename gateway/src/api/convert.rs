@@ -81,7 +81,7 @@ impl From<GetResult> for pb::GetResponse {
             ttl_remaining_ms: millis(result.ttl_remaining),
             degraded: result.degraded,
             content_type: result.content_type,
-            policy: result.policy.to_string(),
+            policy: String::from(&*result.policy),
             lease: lease_state(result.lease) as i32,
             lease_token: result.lease_token,
         }
@@ -119,7 +119,7 @@ impl From<SetResult> for pb::SetResponse {
             stored: result.stored,
             ttl_ms: millis(result.ttl),
             degraded: result.degraded,
-            policy: result.policy.to_string(),
+            policy: String::from(&*result.policy),
             invalidated: result.invalidation.removed,
             invalidation_error: result.invalidation.error,
             lease: match result.lease {
@@ -136,7 +136,7 @@ impl From<DeleteResult> for pb::DeleteResponse {
         pb::DeleteResponse {
             deleted: result.deleted,
             degraded: result.degraded,
-            policy: result.policy.to_string(),
+            policy: String::from(&*result.policy),
             invalidated: result.invalidation.removed,
             invalidation_error: result.invalidation.error,
         }

@@ -786,7 +786,7 @@ impl Cache {
                 created_at_ms: now,
                 fresh_until_ms: fresh_until,
                 stale_until_ms: fresh_until.saturating_add(millis(decision.stale_window)),
-                tags: decision.tags.clone(),
+                tags: decision.tags.to_vec(),
                 fill_ms,
                 content_type: command.content_type.clone(),
                 compressed,

@@ -235,12 +235,52 @@ impl DecisionMemo {
     /// The decision kept for `input`, if there is one that still holds at
     /// `now_unix_ms` for a value of `value_size` bytes.
     pub fn get(&self, input: &MemoKey, value_size: u64, now_unix_ms: u64) -> Option<Decision> {
-        let entry = self.entries.get(input.bytes())?;
-        let expired = entry
-            .until_unix_ms
-            .is_some_and(|until| now_unix_ms >= until);
+        self.look_up(input.bytes(), value_size, || now_unix_ms)
+    }
+
+    /// [`get`](Self::get) for one request to the binding `memo_id`, without
+    /// building a [`MemoKey`]: its bytes are laid out in a buffer this thread
+    /// keeps, so a hit allocates nothing but the decision's key. The clock is
+    /// read (`now_unix_ms`) only for an entry that carries a promise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recall(
+        &self,
+        memo_id: u64,
+        op: Operation,
+        namespace: &str,
+        key: &str,
+        attributes: &Attributes,
+        value_size: u64,
+        now_unix_ms: impl FnOnce() -> u64,
+    ) -> Option<Decision> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|bytes| {
+            MemoKey::lay_out(bytes, memo_id, op, namespace, key, attributes);
+            let decision = self.look_up(bytes, value_size, now_unix_ms);
+            // A rare long input does not keep its buffer's size for the thread's life.
+            if bytes.capacity() > 4096 {
+                *bytes = Vec::new();
+            }
+            decision
+        })
+    }
+
+    fn look_up(
+        &self,
+        input: &[u8],
+        value_size: u64,
+        now_unix_ms: impl FnOnce() -> u64,
+    ) -> Option<Decision> {
+        let entry = self.entries.get(input)?;
         let other_size = entry.value_size.is_some_and(|size| size != value_size);
-        (!expired && !other_size).then(|| entry.decision.clone())
+        let expired = || {
+            entry
+                .until_unix_ms
+                .is_some_and(|until| now_unix_ms() >= until)
+        };
+        (!other_size && !expired()).then(|| entry.decision.clone())
     }
 
     /// Keeps `decision`, made at `decided_at_unix_ms` (the `now_unix_ms` the
@@ -330,6 +370,20 @@ impl MemoKey {
         key: &str,
         attributes: &Attributes,
     ) -> Self {
+        let mut bytes = Vec::new();
+        Self::lay_out(&mut bytes, memo_id, op, namespace, key, attributes);
+        MemoKey(bytes.into_boxed_slice())
+    }
+
+    /// Writes the key's bytes into `bytes` (cleared first).
+    fn lay_out(
+        bytes: &mut Vec<u8>,
+        memo_id: u64,
+        op: Operation,
+        namespace: &str,
+        key: &str,
+        attributes: &Attributes,
+    ) {
         // Most requests carry no attribute or one: no list to sort then.
         let sorted: Vec<(&String, &String)>;
         let first: Option<(&String, &String)>;
@@ -351,7 +405,8 @@ impl MemoKey {
                 .iter()
                 .map(|(name, value)| name.len() + value.len())
                 .sum::<usize>();
-        let mut bytes = Vec::with_capacity(size);
+        bytes.clear();
+        bytes.reserve_exact(size);
         bytes.extend_from_slice(&memo_id.to_le_bytes());
         bytes.push(match op {
             Operation::Get => 0,
@@ -368,7 +423,6 @@ impl MemoKey {
             field(name);
             field(value);
         }
-        MemoKey(bytes.into_boxed_slice())
     }
 
     fn bytes(&self) -> &[u8] {

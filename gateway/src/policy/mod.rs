@@ -65,7 +65,7 @@ pub enum Compression {
 }
 
 /// Entries a write invalidates, inside its namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Invalidation {
     /// Exact keys.
     pub keys: Vec<String>,
@@ -75,10 +75,50 @@ pub struct Invalidation {
     pub tags: Vec<String>,
 }
 
+/// Most decisions invalidate nothing: cloning one (a memo hit does) then
+/// skips the three lists.
+impl Clone for Invalidation {
+    fn clone(&self) -> Self {
+        if self.is_empty() {
+            return Self::default();
+        }
+        Self {
+            keys: self.keys.clone(),
+            patterns: self.patterns.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
 impl Invalidation {
     /// Nothing to invalidate.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.patterns.is_empty() && self.tags.is_empty()
+    }
+}
+
+/// A decision's tags. Shared, so that a decision the memo hands out again
+/// carries them without copying each one; none takes no allocation.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tags(Option<Arc<[String]>>);
+
+impl From<Vec<String>> for Tags {
+    fn from(tags: Vec<String>) -> Self {
+        Tags((!tags.is_empty()).then(|| tags.into()))
+    }
+}
+
+impl std::ops::Deref for Tags {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Tags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -95,7 +135,7 @@ pub struct Decision {
     /// How long after that it may still be served stale.
     pub stale_window: Duration,
     /// Tags attached to a written entry.
-    pub tags: Vec<String>,
+    pub tags: Tags,
     /// Skip the store for this request.
     pub bypass: bool,
     /// How to treat the value's bytes.
@@ -126,7 +166,7 @@ impl DefaultPolicy {
             fresh_ttl: namespace.default_ttl,
             ttl_jitter: Duration::ZERO,
             stale_window: Duration::ZERO,
-            tags: Vec::new(),
+            tags: Tags::default(),
             bypass: false,
             compression: Compression::Auto,
             invalidate: Invalidation::default(),
@@ -412,29 +452,46 @@ impl Decider {
         request: &DecisionRequest<'_>,
         batch: Option<&mut DecisionBatch>,
     ) -> Result<Decision, Fault> {
-        let now_unix_ms = unix_millis();
         let memo = match &self.memo {
             Some(memo) if binding.memo => {
-                let key = MemoKey::new(
+                let stats = binding.memo_stats.get_or_init(|| {
+                    self.metrics
+                        .memo_stats(binding.module.label(), &binding.namespace)
+                });
+                let recalled = memo.recall(
                     binding.memo_id,
                     request.op,
                     request.namespace,
                     request.key,
                     request.attributes,
+                    request.value_size as u64,
+                    unix_millis,
                 );
-                let stats = binding.memo_stats.get_or_init(|| {
-                    self.metrics
-                        .memo_stats(binding.module.label(), &binding.namespace)
-                });
-                if let Some(decision) = memo.get(&key, request.value_size as u64, now_unix_ms) {
+                if let Some(decision) = recalled {
                     stats.hits.inc();
                     return Ok(decision);
                 }
                 stats.misses.inc();
-                Some((memo, key, stats))
+                Some((memo, stats))
             }
             _ => None,
         };
+        // Boxed: a call's future is large, and a memo hit should not carry
+        // (and move) it.
+        Box::pin(self.call(binding, namespace, request, batch, memo)).await
+    }
+
+    /// A policy call for one decision, validated, measured, and kept in
+    /// `memo` if the policy allows.
+    async fn call(
+        &self,
+        binding: &Arc<Binding>,
+        namespace: &NamespaceSettings,
+        request: &DecisionRequest<'_>,
+        batch: Option<&mut DecisionBatch>,
+        memo: Option<(&DecisionMemo, &MemoStats)>,
+    ) -> Result<Decision, Fault> {
+        let now_unix_ms = unix_millis();
         let started = Instant::now();
         let input = pb::PolicyInput {
             op: match request.op {
@@ -468,7 +525,14 @@ impl Decider {
             self.metrics.fault(binding.module.label(), fault);
         }
         let (decision, reuse) = outcome?;
-        if let Some((memo, key, stats)) = memo {
+        if let Some((memo, stats)) = memo {
+            let key = MemoKey::new(
+                binding.memo_id,
+                request.op,
+                request.namespace,
+                request.key,
+                request.attributes,
+            );
             memo.put(key, &decision, reuse, now_unix_ms, stats);
         }
         Ok(decision)
@@ -602,7 +666,7 @@ impl Decision {
             fresh_ttl,
             ttl_jitter: Duration::from_millis(wire.ttl_jitter_ms),
             stale_window: Duration::from_millis(wire.stale_window_ms),
-            tags: wire.tags,
+            tags: wire.tags.into(),
             bypass: wire.bypass,
             compression: match pb::CompressionHint::try_from(wire.compression) {
                 Ok(pb::CompressionHint::Never) => Compression::Never,
