@@ -233,7 +233,7 @@ async fn counted(decider: &Decider, namespace: &str, key: &str) -> Vec<String> {
         !decision.decided_by.starts_with("fail-"),
         "the policy faulted: {decision:?}"
     );
-    decision.tags
+    decision.tags.to_vec()
 }
 
 /// Config-counter bound to `counted` with the label `one`, the memo off (so
