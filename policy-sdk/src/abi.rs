@@ -12,12 +12,15 @@
 //!
 //! Because inputs come back as the `Vec`s they were handed out as, and outputs stay owned
 //! by a `Vec`, no raw pointer is ever dereferenced here: addresses only cross the boundary as
-//! integers. The host runs every call in a fresh instance, but the buffers are still released
-//! call by call so that a host reusing an instance sees flat memory.
+//! integers. The host runs every call in a fresh instance (or one put back to its starting
+//! state), but a host reusing an instance still sees flat memory: a consumed input buffer is kept
+//! for the next `cachegw_alloc` ([`SPARE`]), and every output is encoded into the one
+//! [`OUTPUT`] buffer, which `cachegw_init` leaves room in, so that the decisions of a
+//! pre-initialised image allocate neither.
 //!
 //! `cachegw_init` keeps the policy value it built, with the config bytes it was built from, in
 //! [`KEPT`]. A host that pre-initialises a binding snapshots the instance after `cachegw_init`
-//! and starts every decision from that snapshot, so [`decide_bytes`] finds the value there and
+//! and starts every decision from that snapshot, so [`decide_into`] finds the value there and
 //! skips `from_config` when the input carries the same config bytes. In an instance that never
 //! ran `cachegw_init` (or ran it on other bytes) it builds the value from the input as before:
 //! the answer is the same either way, only its cost differs.
@@ -34,8 +37,13 @@ pub const ABI_VERSION: i32 = 1;
 thread_local! {
     /// Buffers handed out by `cachegw_alloc` and not yet consumed by a call.
     static PENDING: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    /// The last call's encoded output; replaced (and the previous one freed) by the next call.
+    /// The last call's encoded output; overwritten by the next call, which encodes into the
+    /// same buffer (`cachegw_init` leaves room in it, so that a pre-initialised image's
+    /// decisions allocate no output).
     static OUTPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A consumed input buffer, kept for the next `cachegw_alloc` that fits in it (a batch's
+    /// calls in one instance then allocate no input).
+    static SPARE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// The policy the last successful `cachegw_init` built, and from which config.
     static KEPT: RefCell<Option<Kept>> = const { RefCell::new(None) };
 }
@@ -51,7 +59,8 @@ struct Kept {
 /// memory is exhausted (the host treats 0 as a fault). Zero-length requests get one byte so
 /// that every pending buffer has a distinct address.
 pub fn alloc(len: usize) -> usize {
-    let mut buffer = Vec::new();
+    let mut buffer = SPARE.take();
+    buffer.clear();
     if buffer.try_reserve_exact(len.max(1)).is_err() {
         return 0;
     }
@@ -92,13 +101,23 @@ fn take_input(address: usize, len: usize) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Parks `output` until the next call and returns its address and length.
-fn hold_output(output: Vec<u8>) -> (usize, usize) {
-    OUTPUT.with(|held| {
-        let mut held = held.borrow_mut();
-        *held = output;
+/// Runs `encode` on the output buffer (emptied first), which holds the result until the next
+/// call; returns its address and length.
+fn hold_output(encode: impl FnOnce(&mut Vec<u8>)) -> (usize, usize) {
+    OUTPUT.with_borrow_mut(|held| {
+        held.clear();
+        encode(held);
         (held.as_ptr() as usize, held.len())
     })
+}
+
+/// Keeps a consumed input buffer for the next [`alloc`], unless a larger one is kept already.
+fn keep_spare(buffer: Vec<u8>) {
+    SPARE.with_borrow_mut(|spare| {
+        if buffer.capacity() > spare.capacity() {
+            *spare = buffer;
+        }
+    });
 }
 
 /// Emulates the host writing `bytes` at `address` (native round trips only). False if
@@ -141,16 +160,25 @@ pub(crate) fn pending_buffers() -> usize {
     PENDING.with(|pending| pending.borrow().len())
 }
 
-fn declined(message: String) -> Vec<u8> {
-    proto::PolicyOutput {
-        result: Some(proto::policy_output::Result::Error(message)),
-    }
-    .encode_to_vec()
+fn declined(message: String, out: &mut Vec<u8>) {
+    encode(
+        &proto::PolicyOutput {
+            result: Some(proto::policy_output::Result::Error(message)),
+        },
+        out,
+    );
 }
 
-/// Runs `P` on an encoded `PolicyInput` and returns the encoded `PolicyOutput`: the decision,
-/// or an error when the input does not decode, `P::from_config` rejects the config,
-/// `P::decide` declines, or the decision is invalid ([`Decision::to_wire`](crate::Decision::to_wire)).
+/// Appends `message` to `out` (which grows as needed, so encoding cannot fail).
+fn encode(message: &impl Message, out: &mut Vec<u8>) {
+    out.reserve(message.encoded_len());
+    message.encode_raw(out);
+}
+
+/// Runs `P` on an encoded `PolicyInput` and appends the encoded `PolicyOutput` to `out`: the
+/// decision, or an error when the input does not decode, `P::from_config` rejects the config,
+/// `P::decide` declines, or the decision is invalid
+/// ([`Decision::to_wire`](crate::Decision::to_wire)).
 ///
 /// The policy is the one `cachegw_init` kept ([`KEPT`]) if it was built from the input's config
 /// bytes, else `P::from_config` of them.
@@ -158,10 +186,10 @@ fn declined(message: String) -> Vec<u8> {
 /// The decision always carries `reuse`: what `decide` read of the clock and the value size
 /// (recorded by the [`Request`] it was given; `from_config` only sees the config bytes) and the
 /// policy's [`reusable_for`](crate::Decision::reusable_for) promise. An error carries nothing.
-pub fn decide_bytes<P: Policy + 'static>(input: &[u8]) -> Vec<u8> {
+fn decide_into<P: Policy + 'static>(input: &[u8], out: &mut Vec<u8>) {
     let input = match proto::PolicyInput::decode(input) {
         Ok(input) => input,
-        Err(err) => return declined(format!("cannot decode PolicyInput: {err}")),
+        Err(err) => return declined(format!("cannot decode PolicyInput: {err}"), out),
     };
     let req = Request::from(input);
     KEPT.with_borrow(|kept| {
@@ -170,10 +198,10 @@ pub fn decide_bytes<P: Policy + 'static>(input: &[u8]) -> Vec<u8> {
             .filter(|kept| same_bytes(&kept.config, req.config()))
             .and_then(|kept| kept.policy.downcast_ref::<P>());
         match kept {
-            Some(policy) => decide_with(policy, &req),
+            Some(policy) => decide_with(policy, &req, out),
             None => match P::from_config(req.config()) {
-                Ok(policy) => decide_with(&policy, &req),
-                Err(err) => declined(format!("config rejected: {err}")),
+                Ok(policy) => decide_with(&policy, &req, out),
+                Err(err) => declined(format!("config rejected: {err}"), out),
             },
         }
     })
@@ -194,18 +222,20 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
         && a_tail == b_tail
 }
 
-fn decide_with<P: Policy>(policy: &P, req: &Request) -> Vec<u8> {
+fn decide_with<P: Policy>(policy: &P, req: &Request, out: &mut Vec<u8>) {
     let decision = match policy
         .decide(req)
-        .and_then(|decision| decision.to_wire(req))
+        .and_then(|decision| decision.into_wire(req))
     {
         Ok(decision) => decision,
-        Err(err) => return declined(err.to_string()),
+        Err(err) => return declined(err.to_string(), out),
     };
-    proto::PolicyOutput {
-        result: Some(proto::policy_output::Result::Decision(decision)),
-    }
-    .encode_to_vec()
+    encode(
+        &proto::PolicyOutput {
+            result: Some(proto::policy_output::Result::Decision(decision)),
+        },
+        out,
+    );
 }
 
 /// Runs `P::from_config` on config bytes, keeps the policy it built for this instance's
@@ -227,12 +257,19 @@ pub fn init_bytes<P: Policy + 'static>(config: &[u8]) -> Vec<u8> {
 
 /// `cachegw_decide` in terms of addresses: consumes the pending input, parks the output.
 pub fn decide_at<P: Policy + 'static>(address: usize, len: usize) -> (usize, usize) {
-    let output = match take_input(address, len) {
-        Ok(input) => decide_bytes::<P>(&input),
-        Err(err) => declined(err),
-    };
-    hold_output(output)
+    let input = take_input(address, len);
+    let held = hold_output(|out| match &input {
+        Ok(input) => decide_into::<P>(input, out),
+        Err(err) => declined(err.clone(), out),
+    });
+    if let Ok(input) = input {
+        keep_spare(input);
+    }
+    held
 }
+
+/// Room left in the output buffer by `cachegw_init`: more than an ordinary decision encodes to.
+const OUTPUT_ROOM: usize = 1024;
 
 /// `cachegw_init` in terms of addresses: consumes the pending config, parks the output.
 pub fn init_at<P: Policy + 'static>(address: usize, len: usize) -> (usize, usize) {
@@ -240,7 +277,10 @@ pub fn init_at<P: Policy + 'static>(address: usize, len: usize) -> (usize, usize
         Ok(config) => init_bytes::<P>(&config),
         Err(err) => proto::InitOutput { error: err }.encode_to_vec(),
     };
-    hold_output(output)
+    hold_output(|out| {
+        out.reserve(OUTPUT_ROOM.max(output.len()));
+        out.extend_from_slice(&output);
+    })
 }
 
 /// Packs an output address and length into the `i64` the entry points return: address in the
@@ -300,6 +340,13 @@ pub const fn assert_policy<P: Policy + 'static>() {}
 mod tests {
     use super::*;
     use crate::{Decision, PolicyError};
+
+    /// [`decide_into`] a new buffer.
+    fn decide_bytes<P: Policy + 'static>(input: &[u8]) -> Vec<u8> {
+        let mut output = Vec::new();
+        decide_into::<P>(input, &mut output);
+        output
+    }
 
     #[derive(Default)]
     struct Echo;
@@ -536,6 +583,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn consecutive_calls_reuse_the_input_and_output_buffers() {
+        let bytes = input("again");
+        let call = || {
+            let address = alloc(bytes.len());
+            assert!(host_write(address, &bytes));
+            let (out_address, out_len) = decide_at::<Echo>(address, bytes.len());
+            match output(&host_read(out_address, out_len).unwrap()) {
+                proto::policy_output::Result::Decision(d) => assert_eq!(d.storage_key, "again"),
+                other => panic!("{other:?}"),
+            }
+            (address, out_address)
+        };
+        let first = call();
+        assert_eq!(
+            SPARE.with_borrow(|spare| spare.as_ptr() as usize),
+            first.0,
+            "the consumed input is kept"
+        );
+        assert_eq!(call(), first, "the second call allocated new buffers");
+        // A larger input than the spare gets a buffer of its own, and then stays the spare.
+        let long = proto::PolicyInput {
+            key: "k".repeat(4096),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let address = alloc(long.len());
+        assert!(host_write(address, &long));
+        decide_at::<Echo>(address, long.len());
+        assert_eq!(alloc(8), address);
+    }
+
+    #[test]
+    fn init_leaves_room_for_a_decision_in_the_output_buffer() {
+        let address = alloc(0);
+        init_at::<Echo>(address, 0);
+        let room = OUTPUT.with_borrow(Vec::capacity);
+        assert!(room >= OUTPUT_ROOM, "{room}");
+        let bytes = input("fits");
+        let address = alloc(bytes.len());
+        assert!(host_write(address, &bytes));
+        decide_at::<Echo>(address, bytes.len());
+        assert_eq!(
+            OUTPUT.with_borrow(Vec::capacity),
+            room,
+            "the output was reallocated"
+        );
     }
 
     #[test]
