@@ -209,17 +209,21 @@ fn decide_into<P: Policy + 'static>(input: &[u8], out: &mut Vec<u8>) {
 
 /// `a == b`, eight bytes at a time. On wasm32 a slice comparison is compiler_builtins' `memcmp`,
 /// a loop over single bytes; comparing the input's config with the kept one that way was a
-/// fifth of ttl-by-route's own time per decision (docs/BENCHMARKS.md, "The floor").
+/// fifth of ttl-by-route's own time per decision (docs/BENCHMARKS.md, "The floor"). The last
+/// (partial) word is compared as the slices' last eight bytes, overlapping the one before.
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let ((a_words, a_tail), (b_words, b_tail)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    let (Some(a_last), Some(b_last)) = (a.last_chunk::<8>(), b.last_chunk::<8>()) else {
+        return a == b;
+    };
+    let ((a_words, _), (b_words, _)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
     a_words
         .iter()
         .zip(b_words)
         .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
-        && a_tail == b_tail
+        && u64::from_ne_bytes(*a_last) == u64::from_ne_bytes(*b_last)
 }
 
 fn decide_with<P: Policy>(policy: &P, req: &Request, out: &mut Vec<u8>) {

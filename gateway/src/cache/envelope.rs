@@ -158,6 +158,17 @@ impl Envelope {
 
     /// Decodes stored bytes; the value shares `bytes`' buffer (no copy).
     pub fn decode(bytes: Bytes) -> Result<Envelope, EnvelopeError> {
+        Self::decode_keeping(bytes, true)
+    }
+
+    /// [`decode`](Self::decode) for a read, which has no use for the tags:
+    /// the tag section is checked as there, but `tags` is left empty, so that
+    /// a tagged entry's read copies none of them.
+    pub fn decode_untagged(bytes: Bytes) -> Result<Envelope, EnvelopeError> {
+        Self::decode_keeping(bytes, false)
+    }
+
+    fn decode_keeping(bytes: Bytes, keep_tags: bool) -> Result<Envelope, EnvelopeError> {
         let version = check_header(&bytes)?;
         let u64_at = |offset: usize| {
             let mut word = [0u8; 8];
@@ -176,13 +187,15 @@ impl Envelope {
             (Vec::new(), 0, FIXED_LEN)
         } else {
             let section = tag_section(&bytes).ok_or(EnvelopeError::BadTags)?;
-            let tags = Tags(section)
-                .map(|tag| {
-                    tag.and_then(|tag| std::str::from_utf8(tag).ok())
-                        .map(str::to_owned)
-                        .ok_or(EnvelopeError::BadTags)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut tags = Vec::new();
+            for tag in Tags(section) {
+                let tag = tag
+                    .and_then(|tag| std::str::from_utf8(tag).ok())
+                    .ok_or(EnvelopeError::BadTags)?;
+                if keep_tags {
+                    tags.push(tag.to_owned());
+                }
+            }
             let fill_at = FIXED_LEN + 2 + section.len();
             let fill_ms = bytes
                 .get(fill_at..fill_at + 4)
@@ -428,7 +441,13 @@ mod tests {
         let with = |index: usize, byte: u8| {
             let mut bytes = good.clone();
             bytes[index] = byte;
-            Envelope::decode(Bytes::from(bytes))
+            let decoded = Envelope::decode(Bytes::from(bytes.clone()));
+            assert_eq!(
+                Envelope::decode_untagged(Bytes::from(bytes)).err(),
+                decoded.clone().err(),
+                "a read checks what decode checks (byte {index} = {byte})"
+            );
+            decoded
         };
         assert_eq!(with(2, 9), Err(EnvelopeError::UnsupportedVersion(9)));
         assert_eq!(with(3, 0b100), Err(EnvelopeError::UnknownFlags(0b100)));
@@ -449,6 +468,20 @@ mod tests {
             with(FIXED_LEN + 3, 0xFF),
             Err(EnvelopeError::BadTags),
             "not UTF-8"
+        );
+    }
+
+    #[test]
+    fn a_read_decodes_everything_but_the_tags() {
+        let envelope = sample(b"value");
+        assert!(!envelope.tags.is_empty());
+        let read = Envelope::decode_untagged(envelope.encode()).unwrap();
+        assert_eq!(
+            read,
+            Envelope {
+                tags: Vec::new(),
+                ..envelope
+            }
         );
     }
 

@@ -835,7 +835,7 @@ impl Cache {
         let Some(bytes) = stored.value else {
             return miss();
         };
-        let envelope = match Envelope::decode(bytes) {
+        let envelope = match Envelope::decode_untagged(bytes) {
             Ok(envelope) => envelope,
             Err(err) => {
                 self.metrics.envelope_error(&plan.metric, "undecodable");
