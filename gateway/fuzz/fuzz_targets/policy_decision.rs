@@ -47,7 +47,7 @@ fn check(decision: &Decision, limits: &DecisionLimits) {
     assert!(decision.early_refresh_beta.is_finite() && decision.early_refresh_beta >= 0.0);
     let invalidate = &decision.invalidate;
     for items in [
-        &decision.tags,
+        &decision.tags[..],
         &invalidate.keys,
         &invalidate.patterns,
         &invalidate.tags,
@@ -59,7 +59,7 @@ fn check(decision: &Decision, limits: &DecisionLimits) {
                 .all(|item| !item.is_empty() && item.len() <= limits.max_key_bytes)
         );
     }
-    for tags in [&decision.tags, &invalidate.tags] {
+    for tags in [&decision.tags[..], &invalidate.tags] {
         assert!(tags.iter().all(|tag| tag.len() <= MAX_TAG_BYTES));
     }
     let section: usize = decision.tags.iter().map(|tag| 1 + tag.len()).sum();
@@ -71,7 +71,7 @@ fn check(decision: &Decision, limits: &DecisionLimits) {
         fresh_until_ms: u64::try_from(decision.fresh_ttl.as_millis()).expect("bounded"),
         stale_until_ms: u64::try_from((decision.fresh_ttl + decision.stale_window).as_millis())
             .expect("bounded"),
-        tags: decision.tags.clone(),
+        tags: decision.tags.to_vec(),
         fill_ms: 0,
         content_type: String::new(),
         compressed: false,
@@ -79,6 +79,6 @@ fn check(decision: &Decision, limits: &DecisionLimits) {
     };
     assert_eq!(
         Envelope::decode(entry.encode()).map(|e| e.tags),
-        Ok(decision.tags.clone())
+        Ok(decision.tags.to_vec())
     );
 }
