@@ -385,7 +385,7 @@ impl Decision {
             tags: self.tags,
             bypass: self.bypass,
             compression: self.compression.to_wire() as i32,
-            invalidate: has_invalidations.then(|| proto::Invalidation {
+            invalidate: has_invalidations.then_some(proto::Invalidation {
                 keys: self.invalidate_keys,
                 patterns: self.invalidate_patterns,
                 tags: self.invalidate_tags,
