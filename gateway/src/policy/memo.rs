@@ -150,6 +150,8 @@ struct Entry {
     value_size: Option<u64>,
     weight: u32,
     stats: MemoStats,
+    /// The memo's [`DecisionMemo::held`].
+    held: Arc<AtomicU64>,
 }
 
 /// An entry weighs what it was weighed at when kept.
@@ -179,6 +181,8 @@ impl Lifecycle<Box<[u8]>, Arc<Entry>> for CountEvictions {
 impl Drop for Entry {
     fn drop(&mut self) {
         self.stats.bytes.dec_by(i64::from(self.weight));
+        self.held
+            .fetch_sub(u64::from(self.weight), Ordering::Relaxed);
     }
 }
 
@@ -187,6 +191,10 @@ pub struct DecisionMemo {
     entries: Cache<Box<[u8]>, Arc<Entry>, ByWeight, foldhash::fast::RandomState, CountEvictions>,
     capacity: u64,
     doorkeeper: Doorkeeper,
+    /// Bytes of the entries alive now, counted as they are kept and dropped: whether the memo
+    /// is full, asked on every miss, without quick_cache's `weight()`, which takes every
+    /// shard's lock.
+    held: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for DecisionMemo {
@@ -229,6 +237,7 @@ impl DecisionMemo {
             entries,
             capacity: max_bytes,
             doorkeeper: Doorkeeper::new(bits),
+            held: Arc::default(),
         }
     }
 
@@ -301,7 +310,7 @@ impl DecisionMemo {
             return;
         };
         // Full (to within 1/16): keep only what repeats.
-        let full = self.entries.weight() >= self.capacity - self.capacity / 16;
+        let full = self.held.load(Ordering::Relaxed) >= self.capacity - self.capacity / 16;
         if full && !self.doorkeeper.seen_before(input.bytes()) {
             stats.first_sightings.inc();
             return;
@@ -310,6 +319,7 @@ impl DecisionMemo {
             input.0.len() + ALLOCATION_OVERHEAD + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
         stats.bytes.inc_by(i64::from(weight));
+        self.held.fetch_add(u64::from(weight), Ordering::Relaxed);
         self.entries.insert(
             input.0,
             Arc::new(Entry {
@@ -321,6 +331,7 @@ impl DecisionMemo {
                 value_size,
                 weight,
                 stats: stats.clone(),
+                held: Arc::clone(&self.held),
             }),
         );
     }
@@ -706,6 +717,11 @@ mod tests {
             stats.bytes.get() as u64,
             held,
             "per-binding bytes follow the memo's"
+        );
+        assert_eq!(
+            memo.held.load(Ordering::Relaxed),
+            held,
+            "the memo's own count follows quick_cache's weight"
         );
     }
 }
