@@ -45,7 +45,7 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use quick_cache::{Lifecycle, Weighter, sync::Cache};
 
-use super::{Decision, Operation, pb};
+use super::{Decision, DecisionRequest, Operation, pb};
 use crate::cache::Attributes;
 
 /// A binding's share of the memo's metrics, resolved once per binding.
@@ -247,27 +247,22 @@ impl DecisionMemo {
         self.look_up(input.bytes(), value_size, || now_unix_ms)
     }
 
-    /// [`get`](Self::get) for one request to the binding `memo_id`, without
+    /// [`get`](Self::get) for `request` to the binding `memo_id`, without
     /// building a [`MemoKey`]: its bytes are laid out in a buffer this thread
     /// keeps, so a hit allocates nothing but the decision's key. The clock is
     /// read (`now_unix_ms`) only for an entry that carries a promise.
-    #[allow(clippy::too_many_arguments)]
     pub fn recall(
         &self,
         memo_id: u64,
-        op: Operation,
-        namespace: &str,
-        key: &str,
-        attributes: &Attributes,
-        value_size: u64,
+        request: &DecisionRequest<'_>,
         now_unix_ms: impl FnOnce() -> u64,
     ) -> Option<Decision> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         SCRATCH.with_borrow_mut(|bytes| {
-            MemoKey::lay_out(bytes, memo_id, op, namespace, key, attributes);
-            let decision = self.look_up(bytes, value_size, now_unix_ms);
+            MemoKey::lay_out_request(bytes, memo_id, request);
+            let decision = self.look_up(bytes, request.value_size as u64, now_unix_ms);
             // A rare long input does not keep its buffer's size for the thread's life.
             if bytes.capacity() > 4096 {
                 *bytes = Vec::new();
@@ -384,6 +379,24 @@ impl MemoKey {
         let mut bytes = Vec::new();
         Self::lay_out(&mut bytes, memo_id, op, namespace, key, attributes);
         MemoKey(bytes.into_boxed_slice())
+    }
+
+    /// The key of `request` to the binding `memo_id`.
+    pub fn of(memo_id: u64, request: &DecisionRequest<'_>) -> Self {
+        let mut bytes = Vec::new();
+        Self::lay_out_request(&mut bytes, memo_id, request);
+        MemoKey(bytes.into_boxed_slice())
+    }
+
+    fn lay_out_request(bytes: &mut Vec<u8>, memo_id: u64, request: &DecisionRequest<'_>) {
+        Self::lay_out(
+            bytes,
+            memo_id,
+            request.op,
+            request.namespace,
+            request.key,
+            request.attributes,
+        );
     }
 
     /// Writes the key's bytes into `bytes` (cleared first).

@@ -458,16 +458,7 @@ impl Decider {
                     self.metrics
                         .memo_stats(binding.module.label(), &binding.namespace)
                 });
-                let recalled = memo.recall(
-                    binding.memo_id,
-                    request.op,
-                    request.namespace,
-                    request.key,
-                    request.attributes,
-                    request.value_size as u64,
-                    unix_millis,
-                );
-                if let Some(decision) = recalled {
+                if let Some(decision) = memo.recall(binding.memo_id, request, unix_millis) {
                     stats.hits.inc();
                     return Ok(decision);
                 }
@@ -526,13 +517,7 @@ impl Decider {
         }
         let (decision, reuse) = outcome?;
         if let Some((memo, stats)) = memo {
-            let key = MemoKey::new(
-                binding.memo_id,
-                request.op,
-                request.namespace,
-                request.key,
-                request.attributes,
-            );
+            let key = MemoKey::of(binding.memo_id, request);
             memo.put(key, &decision, reuse, now_unix_ms, stats);
         }
         Ok(decision)
