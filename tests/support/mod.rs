@@ -101,22 +101,34 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
+        let log_path = self.dir.path().join("redis-server.log");
+        let log = std::fs::File::create(&log_path).expect("create the redis-server log");
         let child = Command::new(redis_server_binary())
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.extra_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("share the redis-server log"))
+            .stderr(log)
             .spawn()
             .expect("spawn redis-server");
+        // Kept before waiting, so that a failed wait still kills it on drop.
         self.child = Some(child);
         let url = self.url();
+        let port = self.port;
+        let child = self.child.as_mut().expect("just spawned");
         wait_until(
             "redis-server to answer PING",
             Duration::from_secs(10),
             || {
+                // A server that exited will never answer: say why, now.
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "redis-server on port {port} exited ({status}) before answering PING:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
                 let url = url.clone();
                 async move { ping(&url).await }
             },
@@ -638,6 +650,11 @@ impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize) -> Self {
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
+            // The cluster bus listens on its own port. Left to itself, Redis
+            // takes the client port + 10000 and refuses to start when that
+            // passes 65535, which a fifth of the ephemeral range (32768-60999)
+            // does: name a free port for it instead.
+            let bus_port = free_port().to_string();
             nodes.push(
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -646,6 +663,8 @@ impl RedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "1000",
+                    "--cluster-port",
+                    &bus_port,
                 ])
                 .await,
             );
