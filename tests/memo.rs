@@ -10,8 +10,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use gateway::{
     api::proto::v1::{
-        BindMode, BindPolicyRequest, FallbackMode as PbFallback, PutPolicyRequest, RollbackRequest,
-        SetRequest,
+        BindMode, BindPolicyRequest, FallbackMode as PbFallback, MSetRequest, PutPolicyRequest,
+        RollbackRequest, SetRequest, m_set_result,
     },
     cache::NamespaceSettings,
     config::{Config, FallbackMode::FailOpen, StoreKind},
@@ -91,6 +91,7 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
     let mut compared = 0;
     const BATCH: usize = 100;
     let mut batch = DecisionBatch::default();
+    let mut memo_batch = DecisionBatch::default();
     for _ in 0..10_000 {
         let (namespace, _, _) = policies.choose(&mut rng).unwrap();
         let settings = NamespaceSettings::new(namespace, &Default::default());
@@ -125,9 +126,15 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
         // the batch's earlier items used (issue 16, item 3).
         if compared % BATCH == 0 {
             batch = DecisionBatch::default();
+            memo_batch = DecisionBatch::default();
         }
         let batched = without_memo
             .decide(&settings, &request, Some(&mut batch))
+            .await;
+        // And through the memo, as a batch's item: a hit from the routes
+        // the batch resolved at its first item.
+        let batched_remembered = with_memo
+            .decide(&settings, &request, Some(&mut memo_batch))
             .await;
         assert!(
             !asked.decided_by.starts_with("fail-"),
@@ -138,8 +145,13 @@ async fn the_example_policies_decide_the_same_with_and_without_the_memo() {
             batched, asked,
             "batched: {namespace} {op:?} {key} {attributes:?}"
         );
+        assert_eq!(
+            batched_remembered, asked,
+            "batched, with the memo: {namespace} {op:?} {key} {attributes:?}"
+        );
         compared += 1;
     }
+    drop(memo_batch);
     let hits = metric(&with_metrics, "cachegw_policy_memo_hits");
     let calls = metric(&with_metrics, "cachegw_policy_calls");
     eprintln!("{compared} decisions compared; memo: {hits} hits, {calls} policy calls");
@@ -238,6 +250,87 @@ async fn every_binding_sees_its_own_decisions() {
     }
     let hits = world.gateway.counter("cachegw_policy_memo_hits");
     assert!(hits >= 5, "the memo answered {hits} decisions");
+}
+
+/// The items of a batch resolve their namespace once and are routed key by
+/// key: with a canary on half the keys, each item of an MSet is decided by
+/// the binding a single Set of its key gets. Their memo hits are counted
+/// once per batch, and exactly: a second MSet of the same 200 keys adds 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_routes_each_item_by_its_key_and_counts_its_hits() {
+    let rules = |ttl: &str| json!({"rules": [], "default_ttl": ttl});
+    let mut world = World::start_with(Backend::Memory, |config| {
+        bind(config, "api", "ttl-by-route", Some(rules("1m")), FailOpen);
+    })
+    .await;
+    let mut admin = world.gateway.admin().await;
+    let module = std::fs::read(policy_module("ttl-by-route")).unwrap();
+    let version = admin
+        .put_policy(PutPolicyRequest {
+            name: "ttl-by-route".into(),
+            module: module.into(),
+        })
+        .await
+        .expect("put")
+        .into_inner()
+        .version;
+    admin
+        .bind_policy(BindPolicyRequest {
+            namespace: "api".into(),
+            version,
+            config_json: rules("3m").to_string(),
+            fallback: PbFallback::FailOpen as i32,
+            mode: BindMode::Canary as i32,
+            percent: 50.0,
+        })
+        .await
+        .expect("canary");
+
+    let keys: Vec<String> = (0..200).map(|i| format!("item:{i}")).collect();
+    let mut single = Vec::new();
+    for key in &keys {
+        single.push(set_ttl(&mut world, "api", key).await.0);
+    }
+    let canaried = single.iter().filter(|&&ttl| ttl == 180_000).count();
+    assert!(
+        (50..150).contains(&canaried),
+        "the canary took {canaried} of 200 keys"
+    );
+    let m_set = |world: &mut World| {
+        let request = MSetRequest {
+            items: keys
+                .iter()
+                .map(|key| SetRequest {
+                    namespace: "api".into(),
+                    key: key.clone(),
+                    value: b"v".to_vec().into(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let mut client = world.client.clone();
+        async move { client.m_set(request).await.expect("mset").into_inner() }
+    };
+    let hits_before = world.gateway.counter("cachegw_policy_memo_hits");
+    let batched = m_set(&mut world).await;
+    let ttls: Vec<u64> = batched
+        .results
+        .iter()
+        .map(|result| match &result.result {
+            Some(m_set_result::Result::Response(set)) => set.ttl_ms,
+            other => panic!("an item failed: {other:?}"),
+        })
+        .collect();
+    assert_eq!(ttls, single, "each item decided as a single Set of its key");
+    // The singles left every decision in the memo: the batch's 200 items are
+    // 200 hits, counted when the batch is done.
+    let hits_after = world.gateway.counter("cachegw_policy_memo_hits");
+    assert_eq!(hits_after - hits_before, 200);
+    m_set(&mut world).await;
+    assert_eq!(
+        world.gateway.counter("cachegw_policy_memo_hits") - hits_after,
+        200
+    );
 }
 
 /// A decision that faulted is not remembered: the next identical request

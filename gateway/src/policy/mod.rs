@@ -20,6 +20,7 @@ pub mod watch;
 use std::{
     fmt,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -34,7 +35,7 @@ use tracing::warn;
 pub use self::engine::{Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
 use self::memo::{DecisionMemo, MemoKey, MemoStats, Reuse};
 pub use self::metrics::{CallMetrics, PolicyMetrics};
-pub use self::registry::{PolicyRegistry, RegistryError};
+pub use self::registry::{PolicyRegistry, RegistryError, Routes};
 use crate::{
     api::proto::policy as pb,
     cache::{Attributes, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES, NamespaceSettings},
@@ -336,37 +337,30 @@ pub struct DecisionLimits {
     pub max_items: usize,
 }
 
-/// The policy instances the items of one batch request share: one per
-/// binding they reach (a batch may span namespaces, and a shadow version is a
-/// binding of its own). Dropped with the request, which returns the
-/// instances' pool slots.
+/// What the items of one batch request share: each namespace's routes,
+/// resolved at its first item, and one policy instance per binding they reach
+/// (a batch may span namespaces, and a shadow version is a binding of its
+/// own). Its memo hits are counted once, when it is dropped with the request,
+/// which also returns the instances' pool slots. A batch sees each namespace's
+/// bindings as they were at its first item there: a rebind or an automatic
+/// rollback during the batch applies from the next request.
 #[derive(Default)]
 pub struct DecisionBatch {
-    instances: Vec<(Arc<Binding>, Option<LiveInstance>)>,
+    routes: Vec<(Box<str>, Option<Routes>)>,
+    bindings: BatchBindings,
 }
 
-impl DecisionBatch {
-    /// The slot for `binding`'s instance (empty until its first call).
-    fn instance_of(&mut self, binding: &Arc<Binding>) -> &mut Option<LiveInstance> {
-        let at = match self
-            .instances
-            .iter()
-            .position(|(bound, _)| Arc::ptr_eq(bound, binding))
-        {
-            Some(at) => at,
-            None => {
-                self.instances.push((Arc::clone(binding), None));
-                self.instances.len() - 1
-            }
-        };
-        &mut self.instances[at].1
-    }
+/// How many namespaces a batch keeps the routes of; items of any further
+/// namespace look theirs up each time.
+const BATCH_ROUTES: usize = 8;
 
+impl DecisionBatch {
     /// How many policy instances the batch holds (for tests).
     pub fn instances(&self) -> usize {
-        self.instances
+        self.bindings
+            .0
             .iter()
-            .filter(|(_, live)| live.is_some())
+            .filter(|slot| slot.live.is_some())
             .count()
     }
 }
@@ -374,9 +368,65 @@ impl DecisionBatch {
 impl fmt::Debug for DecisionBatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DecisionBatch")
+            .field("namespaces", &self.routes.len())
             .field("instances", &self.instances())
             .finish()
     }
+}
+
+/// The bindings a batch reached, each with its instance and memo hits.
+#[derive(Default)]
+struct BatchBindings(Vec<BatchBinding>);
+
+struct BatchBinding {
+    binding: Arc<Binding>,
+    /// Empty until the batch's first call to this binding.
+    live: Option<LiveInstance>,
+    /// Memo hits not yet added to the binding's counter.
+    memo_hits: u64,
+}
+
+impl BatchBindings {
+    /// `binding`'s slot (made at its first use).
+    fn slot(&mut self, binding: &Arc<Binding>) -> &mut BatchBinding {
+        let at = match self
+            .0
+            .iter()
+            .position(|slot| Arc::ptr_eq(&slot.binding, binding))
+        {
+            Some(at) => at,
+            None => {
+                self.0.push(BatchBinding {
+                    binding: Arc::clone(binding),
+                    live: None,
+                    memo_hits: 0,
+                });
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at]
+    }
+}
+
+/// A batch's hits reach the counters in one add per binding, not one per
+/// item: the counter is a cache line every core writes.
+impl Drop for BatchBindings {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            if let Some(stats) = slot.binding.memo_stats.get()
+                && slot.memo_hits > 0
+            {
+                stats.hits.inc_by(slot.memo_hits);
+            }
+        }
+    }
+}
+
+/// What [`Decider::ask`] has: a remembered decision, or a policy call to
+/// await.
+enum Asked<F> {
+    Remembered(Decision),
+    Calling(Pin<Box<F>>),
 }
 
 /// Turns requests into decisions: asks the namespace's policy, validates the
@@ -416,25 +466,60 @@ impl Decider {
         &self,
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
-        mut batch: Option<&mut DecisionBatch>,
+        batch: Option<&mut DecisionBatch>,
     ) -> Decision {
-        // The Arc this request holds keeps its version alive to the end of the
-        // request, whatever is bound meanwhile.
-        let Some(route) =
-            self.registry
-                .route(request.namespace, namespace.is_template(), request.key)
-        else {
-            return DefaultPolicy.decide(namespace, request.key);
+        let template = namespace.is_template();
+        let single;
+        let resolved;
+        let ((binding, shadow), mut bindings) = match batch {
+            // The Arc this request holds keeps its version alive to the end
+            // of the request, whatever is bound meanwhile.
+            None => {
+                single = self
+                    .registry
+                    .route(request.namespace, template, request.key);
+                let Some(route) = &single else {
+                    return DefaultPolicy.decide(namespace, request.key);
+                };
+                ((&route.binding, route.shadow.as_ref()), None)
+            }
+            // A batch resolves each namespace once and routes its items by key.
+            Some(DecisionBatch { routes, bindings }) => {
+                let routes = match routes
+                    .iter()
+                    .position(|(name, _)| **name == *request.namespace)
+                {
+                    Some(at) => &routes[at].1,
+                    None if routes.len() < BATCH_ROUTES => {
+                        let found = self.registry.routes(request.namespace, template);
+                        routes.push((request.namespace.into(), found));
+                        &routes[routes.len() - 1].1
+                    }
+                    None => {
+                        resolved = self.registry.routes(request.namespace, template);
+                        &resolved
+                    }
+                };
+                let Some(routes) = routes else {
+                    return DefaultPolicy.decide(namespace, request.key);
+                };
+                (routes.for_key(request.key), Some(bindings))
+            }
         };
-        let outcome = self
-            .ask(&route.binding, namespace, request, batch.as_deref_mut())
-            .await;
-        let decision = match outcome {
-            Ok(decision) => decision,
-            Err(fault) => self.fall_back(&route.binding, namespace, request, &fault),
+        // A memo hit is answered here, without entering (and moving the
+        // decision out of) another future.
+        let decision = match self.ask(binding, namespace, request, bindings.as_deref_mut()) {
+            Asked::Remembered(decision) => decision,
+            Asked::Calling(call) => match call.await {
+                Ok(decision) => decision,
+                Err(fault) => self.fall_back(binding, namespace, request, &fault),
+            },
         };
-        if let Some(shadow) = route.shadow.filter(|shadow| shadow.samples()) {
-            let candidate = self.ask(&shadow.binding, namespace, request, batch).await;
+        if let Some(shadow) = shadow.filter(|shadow| shadow.samples()) {
+            let candidate = match self.ask(&shadow.binding, namespace, request, bindings) {
+                Asked::Remembered(decision) => Ok(decision),
+                Asked::Calling(call) => call.await,
+            };
             let difference = compare(request.key, &decision, &candidate);
             self.metrics
                 .shadowed(shadow.binding.module.label(), difference.is_some());
@@ -444,14 +529,16 @@ impl Decider {
     }
 
     /// One decision: from the memo if it holds one for this input, else a
-    /// policy call, validated, measured, and kept if the policy allows.
-    async fn ask(
-        &self,
-        binding: &Arc<Binding>,
-        namespace: &NamespaceSettings,
-        request: &DecisionRequest<'_>,
-        batch: Option<&mut DecisionBatch>,
-    ) -> Result<Decision, Fault> {
+    /// policy call (to await), validated, measured, and kept if the policy
+    /// allows. A batch's hits are counted in its `batch` slot.
+    fn ask<'a>(
+        &'a self,
+        binding: &'a Arc<Binding>,
+        namespace: &'a NamespaceSettings,
+        request: &'a DecisionRequest<'a>,
+        batch: Option<&'a mut BatchBindings>,
+    ) -> Asked<impl Future<Output = Result<Decision, Fault>> + 'a> {
+        let slot = batch.map(|batch| batch.slot(binding));
         let memo = match &self.memo {
             Some(memo) if binding.memo => {
                 let stats = binding.memo_stats.get_or_init(|| {
@@ -459,17 +546,23 @@ impl Decider {
                         .memo_stats(binding.module.label(), &binding.namespace)
                 });
                 if let Some(decision) = memo.recall(binding.memo_id, request, unix_millis) {
-                    stats.hits.inc();
-                    return Ok(decision);
+                    match slot {
+                        Some(slot) => slot.memo_hits += 1,
+                        None => {
+                            stats.hits.inc();
+                        }
+                    }
+                    return Asked::Remembered(decision);
                 }
                 stats.misses.inc();
                 Some((memo, stats))
             }
             _ => None,
         };
-        // Boxed: a call's future is large, and a memo hit should not carry
-        // (and move) it.
-        Box::pin(self.call(binding, namespace, request, batch, memo)).await
+        let live = slot.map(|slot| &mut slot.live);
+        // Boxed: a call's future is large, and the futures that hold this
+        // one (a request's) should not carry it when the memo answers.
+        Asked::Calling(Box::pin(self.call(binding, namespace, request, live, memo)))
     }
 
     /// A policy call for one decision, validated, measured, and kept in
@@ -479,7 +572,7 @@ impl Decider {
         binding: &Arc<Binding>,
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
-        batch: Option<&mut DecisionBatch>,
+        live: Option<&mut Option<LiveInstance>>,
         memo: Option<(&DecisionMemo, &MemoStats)>,
     ) -> Result<Decision, Fault> {
         let now_unix_ms = unix_millis();
@@ -497,7 +590,6 @@ impl Decider {
             now_unix_ms,
             config: binding.config.clone(),
         };
-        let live = batch.map(|batch| batch.instance_of(binding));
         let fresh = live.as_ref().is_none_or(|live| live.is_none());
         let outcome = binding
             .callee()

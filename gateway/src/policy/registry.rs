@@ -85,6 +85,38 @@ pub struct Route {
     pub shadow: Option<Arc<Shadow>>,
 }
 
+/// A namespace's bindings as one batch sees them: resolved once, routed per
+/// key by [`Routes::for_key`].
+#[derive(Debug)]
+pub struct Routes {
+    active: Arc<Binding>,
+    candidates: Option<Arc<Candidates>>,
+}
+
+impl Routes {
+    /// The binding that decides `key` and the shadow watching, borrowed: what
+    /// [`PolicyRegistry::route`] answers for the same key, without a clone.
+    pub fn for_key(&self, key: &str) -> (&Arc<Binding>, Option<&Arc<Shadow>>) {
+        pick(&self.active, self.candidates.as_deref(), key)
+    }
+}
+
+/// The active binding, or a canary for its share of the keys; the shadow.
+fn pick<'a>(
+    active: &'a Arc<Binding>,
+    candidates: Option<&'a Candidates>,
+    key: &str,
+) -> (&'a Arc<Binding>, Option<&'a Arc<Shadow>>) {
+    let Some(candidates) = candidates else {
+        return (active, None);
+    };
+    let binding = match &candidates.canary {
+        Some(canary) if stable_bucket(key) < canary.basis_points => &canary.binding,
+        _ => active,
+    };
+    (binding, candidates.shadow.as_ref())
+}
+
 /// The kinds of candidate binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CandidateKind {
@@ -273,26 +305,39 @@ impl PolicyRegistry {
     /// for its share of keys), and the shadow candidate watching, if any.
     pub fn route(&self, namespace: &str, template: bool, key: &str) -> Option<Route> {
         let table = self.bindings.load();
-        let (resolved, active) = match table.get_key_value(namespace) {
-            Some((resolved, active)) => (resolved.as_str(), active),
-            None if template => (TEMPLATE_KEY, table.get(TEMPLATE_KEY)?),
-            None => return None,
-        };
+        let (resolved, active) = Self::resolve(&table, namespace, template)?;
         let candidates = self.candidates.load();
-        let Some(candidates) = candidates.get(resolved) else {
-            return Some(Route {
-                binding: Arc::clone(active),
-                shadow: None,
-            });
-        };
-        let binding = match &candidates.canary {
-            Some(canary) if stable_bucket(key) < canary.basis_points => Arc::clone(&canary.binding),
-            _ => Arc::clone(active),
-        };
+        let (binding, shadow) = pick(active, candidates.get(resolved).map(|c| &**c), key);
         Some(Route {
-            binding,
-            shadow: candidates.shadow.clone(),
+            binding: Arc::clone(binding),
+            shadow: shadow.cloned(),
         })
+    }
+
+    /// Everything bound to `namespace` now, for the items of one batch to
+    /// route by key without looking the namespace up again
+    /// ([`Routes::for_key`]).
+    pub fn routes(&self, namespace: &str, template: bool) -> Option<Routes> {
+        let table = self.bindings.load();
+        let (resolved, active) = Self::resolve(&table, namespace, template)?;
+        Some(Routes {
+            active: Arc::clone(active),
+            candidates: self.candidates.load().get(resolved).cloned(),
+        })
+    }
+
+    /// The binding table's name for `namespace` (itself, or the template's)
+    /// and its active binding.
+    fn resolve<'t>(
+        table: &'t HashMap<String, Arc<Binding>>,
+        namespace: &str,
+        template: bool,
+    ) -> Option<(&'t str, &'t Arc<Binding>)> {
+        match table.get_key_value(namespace) {
+            Some((resolved, active)) => Some((resolved.as_str(), active)),
+            None if template => Some((TEMPLATE_KEY, table.get(TEMPLATE_KEY)?)),
+            None => None,
+        }
     }
 
     /// Installs (or, with `basis_points == 0`, removes) a canary or shadow
