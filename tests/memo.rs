@@ -11,7 +11,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use gateway::{
     api::proto::v1::{
         BindMode, BindPolicyRequest, FallbackMode as PbFallback, MSetRequest, PutPolicyRequest,
-        RollbackRequest, SetRequest, m_set_result,
+        RollbackRequest, SetRequest, m_set_result, policy_admin_client::PolicyAdminClient,
     },
     cache::NamespaceSettings,
     config::{Config, FallbackMode::FailOpen, StoreKind},
@@ -23,6 +23,7 @@ use gateway::{
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::json;
 use support::{Backend, World, bind, policy_module};
+use tonic::transport::Channel;
 
 /// A decider over `config`'s bindings, as the gateway builds it.
 fn decider(config: &Config) -> (Decider, prometheus_client::registry::Registry) {
@@ -176,13 +177,16 @@ async fn set_ttl(world: &mut World, namespace: &str, key: &str) -> (u64, String)
     (set.ttl_ms, set.policy)
 }
 
-/// Each binding has its own memo: a rebind with another config, a rollback,
-/// a canary and a shadow each see their own version's decisions, never one
-/// remembered for another.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_binding_sees_its_own_decisions() {
-    let rules = |ttl: &str| json!({"rules": [], "default_ttl": ttl});
-    let mut world = World::start_with(Backend::Memory, |config| {
+/// ttl-by-route's config with no rules: every key gets `ttl`.
+fn rules(ttl: &str) -> serde_json::Value {
+    json!({"rules": [], "default_ttl": ttl})
+}
+
+/// A gateway whose `api` namespace is bound to ttl-by-route with `rules("1m")`,
+/// its admin client, and the module's version as PutPolicy stored it (for
+/// rebinds, canaries and shadows with other configs).
+async fn api_on_ttl_by_route() -> (World, PolicyAdminClient<Channel>, String) {
+    let world = World::start_with(Backend::Memory, |config| {
         bind(config, "api", "ttl-by-route", Some(rules("1m")), FailOpen);
     })
     .await;
@@ -197,6 +201,15 @@ async fn every_binding_sees_its_own_decisions() {
         .expect("put")
         .into_inner()
         .version;
+    (world, admin, version)
+}
+
+/// Each binding has its own memo: a rebind with another config, a rollback,
+/// a canary and a shadow each see their own version's decisions, never one
+/// remembered for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_binding_sees_its_own_decisions() {
+    let (mut world, mut admin, version) = api_on_ttl_by_route().await;
     let bind_with = |ttl: &str, mode: BindMode, percent: f64| BindPolicyRequest {
         namespace: "api".into(),
         version: version.clone(),
@@ -258,22 +271,7 @@ async fn every_binding_sees_its_own_decisions() {
 /// once per batch, and exactly: a second MSet of the same 200 keys adds 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_routes_each_item_by_its_key_and_counts_its_hits() {
-    let rules = |ttl: &str| json!({"rules": [], "default_ttl": ttl});
-    let mut world = World::start_with(Backend::Memory, |config| {
-        bind(config, "api", "ttl-by-route", Some(rules("1m")), FailOpen);
-    })
-    .await;
-    let mut admin = world.gateway.admin().await;
-    let module = std::fs::read(policy_module("ttl-by-route")).unwrap();
-    let version = admin
-        .put_policy(PutPolicyRequest {
-            name: "ttl-by-route".into(),
-            module: module.into(),
-        })
-        .await
-        .expect("put")
-        .into_inner()
-        .version;
+    let (mut world, mut admin, version) = api_on_ttl_by_route().await;
     admin
         .bind_policy(BindPolicyRequest {
             namespace: "api".into(),
