@@ -96,7 +96,11 @@ impl Doorkeeper {
             let bit = half as usize & mask;
             let word = &self.bits[bit / 64];
             let flag = 1 << (bit % 64);
-            seen &= word.fetch_or(flag, Ordering::Relaxed) & flag != 0;
+            // A set bit is only read: the word is a cache line both cores
+            // probe, and a write would take it from the other.
+            if word.load(Ordering::Relaxed) & flag == 0 {
+                seen &= word.fetch_or(flag, Ordering::Relaxed) & flag != 0;
+            }
         }
         if !seen && self.taken.fetch_add(1, Ordering::Relaxed) + 1 >= (self.bits.len() * 8) as u64 {
             self.taken.store(0, Ordering::Relaxed);
@@ -149,7 +153,7 @@ struct Entry {
     until_unix_ms: Option<u64>,
     value_size: Option<u64>,
     weight: u32,
-    stats: MemoStats,
+    stats: Arc<MemoStats>,
     /// The memo's [`DecisionMemo::held`].
     held: Arc<AtomicU64>,
 }
@@ -184,6 +188,21 @@ impl Drop for Entry {
         self.held
             .fetch_sub(u64::from(self.weight), Ordering::Relaxed);
     }
+}
+
+/// A look-up that found no decision: what the memo will do with the one the
+/// policy is about to make. Decided at the look-up, from the bytes it laid
+/// out, so a miss lays its input out once and a decision the full memo will
+/// not keep costs no key at all.
+#[derive(Debug)]
+pub struct Miss(Admission);
+
+#[derive(Debug)]
+enum Admission {
+    /// Keep it under this input, if the policy allows.
+    Keep(MemoKey),
+    /// The memo is full and this input was not seen lately.
+    FirstSighting,
 }
 
 /// The process's decision memo.
@@ -241,6 +260,21 @@ impl DecisionMemo {
         }
     }
 
+    /// Whether the memo is full (to within 1/16), so that it keeps only
+    /// what repeats.
+    fn full(&self) -> bool {
+        self.held.load(Ordering::Relaxed) >= self.capacity - self.capacity / 16
+    }
+
+    /// What a miss on the input laid out in `bytes` will do with its decision.
+    fn admit(&self, bytes: &[u8]) -> Miss {
+        Miss(if self.full() && !self.doorkeeper.seen_before(bytes) {
+            Admission::FirstSighting
+        } else {
+            Admission::Keep(MemoKey(Box::from(bytes)))
+        })
+    }
+
     /// The decision kept for `input`, if there is one that still holds at
     /// `now_unix_ms` for a value of `value_size` bytes.
     pub fn get(&self, input: &MemoKey, value_size: u64, now_unix_ms: u64) -> Option<Decision> {
@@ -250,19 +284,22 @@ impl DecisionMemo {
     /// [`get`](Self::get) for `request` to the binding `memo_id`, without
     /// building a [`MemoKey`]: its bytes are laid out in a buffer this thread
     /// keeps, so a hit allocates nothing but the decision's key. The clock is
-    /// read (`now_unix_ms`) only for an entry that carries a promise.
+    /// read (`now_unix_ms`) only for an entry that carries a promise. A miss
+    /// says what [`keep`](Self::keep) will do with the decision to come.
     pub fn recall(
         &self,
         memo_id: u64,
         request: &DecisionRequest<'_>,
         now_unix_ms: impl FnOnce() -> u64,
-    ) -> Option<Decision> {
+    ) -> Result<Decision, Miss> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         SCRATCH.with_borrow_mut(|bytes| {
             MemoKey::lay_out_request(bytes, memo_id, request);
-            let decision = self.look_up(bytes, request.value_size as u64, now_unix_ms);
+            let decision = self
+                .look_up(bytes, request.value_size as u64, now_unix_ms)
+                .ok_or_else(|| self.admit(bytes));
             // A rare long input does not keep its buffer's size for the thread's life.
             if bytes.capacity() > 4096 {
                 *bytes = Vec::new();
@@ -288,14 +325,34 @@ impl DecisionMemo {
     }
 
     /// Keeps `decision`, made at `decided_at_unix_ms` (the `now_unix_ms` the
-    /// policy saw), for `input`, as `reuse` allows.
+    /// policy saw), for `input`, as `reuse` allows; a full memo only for an
+    /// input seen lately.
     pub fn put(
         &self,
         input: MemoKey,
         decision: &Decision,
         reuse: Reuse,
         decided_at_unix_ms: u64,
-        stats: &MemoStats,
+        stats: &Arc<MemoStats>,
+    ) {
+        let miss = if self.full() && !self.doorkeeper.seen_before(input.bytes()) {
+            Miss(Admission::FirstSighting)
+        } else {
+            Miss(Admission::Keep(input))
+        };
+        self.keep(miss, decision, reuse, decided_at_unix_ms, stats);
+    }
+
+    /// Keeps the decision a [`recall`](Self::recall) missed, made at
+    /// `decided_at_unix_ms` (the `now_unix_ms` the policy saw), as `reuse`
+    /// allows and the miss admitted.
+    pub fn keep(
+        &self,
+        miss: Miss,
+        decision: &Decision,
+        reuse: Reuse,
+        decided_at_unix_ms: u64,
+        stats: &Arc<MemoStats>,
     ) {
         let Reuse::For {
             promise,
@@ -304,12 +361,13 @@ impl DecisionMemo {
         else {
             return;
         };
-        // Full (to within 1/16): keep only what repeats.
-        let full = self.held.load(Ordering::Relaxed) >= self.capacity - self.capacity / 16;
-        if full && !self.doorkeeper.seen_before(input.bytes()) {
-            stats.first_sightings.inc();
-            return;
-        }
+        let input = match miss.0 {
+            Admission::Keep(input) => input,
+            Admission::FirstSighting => {
+                stats.first_sightings.inc();
+                return;
+            }
+        };
         let weight =
             input.0.len() + ALLOCATION_OVERHEAD + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
@@ -325,7 +383,7 @@ impl DecisionMemo {
                 }),
                 value_size,
                 weight,
-                stats: stats.clone(),
+                stats: Arc::clone(stats),
                 held: Arc::clone(&self.held),
             }),
         );
@@ -378,13 +436,6 @@ impl MemoKey {
     ) -> Self {
         let mut bytes = Vec::new();
         Self::lay_out(&mut bytes, memo_id, op, namespace, key, attributes);
-        MemoKey(bytes.into_boxed_slice())
-    }
-
-    /// The key of `request` to the binding `memo_id`.
-    pub fn of(memo_id: u64, request: &DecisionRequest<'_>) -> Self {
-        let mut bytes = Vec::new();
-        Self::lay_out_request(&mut bytes, memo_id, request);
         MemoKey(bytes.into_boxed_slice())
     }
 
@@ -581,7 +632,7 @@ mod tests {
     #[test]
     fn a_kept_decision_holds_for_its_promise_and_its_value_size_only() {
         let memo = DecisionMemo::new(1 << 20);
-        let stats = MemoStats::default();
+        let stats = Arc::new(MemoStats::default());
         let key = || MemoKey::new(1, Operation::Set, "ns", "k", &Attributes::new());
         memo.put(
             key(),
@@ -646,7 +697,7 @@ mod tests {
         assert_eq!(memo.get(&key(), 7, 2_000), None, "Never is not kept");
     }
 
-    fn keep(memo: &DecisionMemo, key: &str, stats: &MemoStats) -> MemoKey {
+    fn keep(memo: &DecisionMemo, key: &str, stats: &Arc<MemoStats>) -> MemoKey {
         let input = MemoKey::new(1, Operation::Get, "ns", key, &Attributes::new());
         let forever = Reuse::For {
             promise: None,
@@ -659,7 +710,7 @@ mod tests {
     #[test]
     fn a_full_memo_keeps_a_decision_at_its_inputs_second_miss() {
         let memo = DecisionMemo::new(256 * 1024);
-        let stats = MemoStats::default();
+        let stats = Arc::new(MemoStats::default());
         // Until it is full, every decision is kept at once.
         let first = keep(&memo, "early", &stats);
         assert!(memo.get(&first, 0, 1_000).is_some());
@@ -685,6 +736,54 @@ mod tests {
     }
 
     #[test]
+    fn a_miss_decides_at_the_look_up_what_its_decision_will_do() {
+        let memo = DecisionMemo::new(256 * 1024);
+        let stats = Arc::new(MemoStats::default());
+        let forever = Reuse::For {
+            promise: None,
+            value_size: None,
+        };
+        let attributes = Attributes::new();
+        let request = |key| DecisionRequest {
+            op: Operation::Get,
+            namespace: "ns",
+            key,
+            attributes: &attributes,
+            value_size: 0,
+        };
+        let recall = |key| memo.recall(1, &request(key), || 1_000);
+
+        // Not full: a miss keeps its decision, under the key `get` finds it by.
+        let miss = recall("early").expect_err("nothing kept yet");
+        memo.keep(miss, &decision("early"), forever, 1_000, &stats);
+        assert_eq!(recall("early").ok().map(|d| d.key), Some("early".to_owned()));
+        let input = MemoKey::new(1, Operation::Get, "ns", "early", &attributes);
+        assert!(memo.get(&input, 0, 1_000).is_some());
+
+        let mut filled = 0;
+        while !memo.full() {
+            keep(&memo, &format!("fill-{filled}"), &stats);
+            filled += 1;
+        }
+        // Full: a decision that may not be reused is not a first sighting ...
+        let miss = recall("never").expect_err("not kept");
+        memo.keep(miss, &decision("never"), Reuse::Never, 1_000, &stats);
+        assert_eq!(stats.first_sightings.get(), 0);
+        // ... a reusable one's first miss is remembered, not kept ...
+        let miss = recall("newcomer").expect_err("not kept");
+        memo.keep(miss, &decision("newcomer"), forever, 1_000, &stats);
+        assert_eq!(stats.first_sightings.get(), 1);
+        // ... and its second is kept.
+        let miss = recall("newcomer").expect_err("not kept yet");
+        memo.keep(miss, &decision("newcomer"), forever, 1_000, &stats);
+        assert_eq!(
+            recall("newcomer").ok().map(|d| d.key),
+            Some("newcomer".to_owned())
+        );
+        assert_eq!(stats.first_sightings.get(), 1);
+    }
+
+    #[test]
     fn the_doorkeeper_forgets_once_it_has_taken_its_share() {
         let doorkeeper = Doorkeeper::new(1 << 12);
         assert!(!doorkeeper.seen_before(b"a"));
@@ -706,7 +805,7 @@ mod tests {
     fn the_memo_stays_within_its_bytes_under_a_million_distinct_keys() {
         let bound = 256 * 1024;
         let memo = DecisionMemo::new(bound);
-        let stats = MemoStats::default();
+        let stats = Arc::new(MemoStats::default());
         for i in 0..1_000_000 {
             // Twice each: a full memo keeps an input's decision at its second miss.
             let key = format!("key-{i}");

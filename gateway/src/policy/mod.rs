@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tracing::warn;
 
 pub use self::engine::{Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
-use self::memo::{DecisionMemo, MemoKey, MemoStats, Reuse};
+use self::memo::{DecisionMemo, MemoStats, Miss, Reuse};
 pub use self::metrics::{CallMetrics, PolicyMetrics};
 pub use self::registry::{PolicyRegistry, RegistryError, Routes};
 use crate::{
@@ -202,7 +202,7 @@ pub struct Binding {
     memo_id: u64,
     /// Whether its decisions may be memoised (`memo` in its config).
     memo: bool,
-    memo_stats: OnceLock<MemoStats>,
+    memo_stats: OnceLock<Arc<MemoStats>>,
     /// Its version's call counters, resolved at its first call.
     call_metrics: OnceLock<CallMetrics>,
 }
@@ -307,7 +307,7 @@ impl Binding {
     /// Its memo's counters (cumulative for this version in this namespace),
     /// once a request has used it.
     pub fn memo_stats(&self) -> Option<&MemoStats> {
-        self.memo_stats.get()
+        self.memo_stats.get().map(|stats| &**stats)
     }
 }
 
@@ -542,20 +542,26 @@ impl Decider {
         let memo = match &self.memo {
             Some(memo) if binding.memo => {
                 let stats = binding.memo_stats.get_or_init(|| {
-                    self.metrics
-                        .memo_stats(binding.module.label(), &binding.namespace)
+                    Arc::new(
+                        self.metrics
+                            .memo_stats(binding.module.label(), &binding.namespace),
+                    )
                 });
-                if let Some(decision) = memo.recall(binding.memo_id, request, unix_millis) {
-                    match slot {
-                        Some(slot) => slot.memo_hits += 1,
-                        None => {
-                            stats.hits.inc();
+                match memo.recall(binding.memo_id, request, unix_millis) {
+                    Ok(decision) => {
+                        match slot {
+                            Some(slot) => slot.memo_hits += 1,
+                            None => {
+                                stats.hits.inc();
+                            }
                         }
+                        return Asked::Remembered(decision);
                     }
-                    return Asked::Remembered(decision);
+                    Err(miss) => {
+                        stats.misses.inc();
+                        Some((memo, stats, miss))
+                    }
                 }
-                stats.misses.inc();
-                Some((memo, stats))
             }
             _ => None,
         };
@@ -573,7 +579,7 @@ impl Decider {
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
         live: Option<&mut Option<LiveInstance>>,
-        memo: Option<(&DecisionMemo, &MemoStats)>,
+        memo: Option<(&DecisionMemo, &Arc<MemoStats>, Miss)>,
     ) -> Result<Decision, Fault> {
         let now_unix_ms = unix_millis();
         let started = Instant::now();
@@ -608,9 +614,8 @@ impl Decider {
             self.metrics.fault(binding.module.label(), fault);
         }
         let (decision, reuse) = outcome?;
-        if let Some((memo, stats)) = memo {
-            let key = MemoKey::of(binding.memo_id, request);
-            memo.put(key, &decision, reuse, now_unix_ms, stats);
+        if let Some((memo, stats, miss)) = memo {
+            memo.keep(miss, &decision, reuse, now_unix_ms, stats);
         }
         Ok(decision)
     }
