@@ -756,7 +756,10 @@ mod tests {
         // Not full: a miss keeps its decision, under the key `get` finds it by.
         let miss = recall("early").expect_err("nothing kept yet");
         memo.keep(miss, &decision("early"), forever, 1_000, &stats);
-        assert_eq!(recall("early").ok().map(|d| d.key), Some("early".to_owned()));
+        assert_eq!(
+            recall("early").ok().map(|d| d.key),
+            Some("early".to_owned())
+        );
         let input = MemoKey::new(1, Operation::Get, "ns", "early", &attributes);
         assert!(memo.get(&input, 0, 1_000).is_some());
 
