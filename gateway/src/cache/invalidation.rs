@@ -415,11 +415,17 @@ impl Cache {
                     if plan.decision.bypass {
                         continue;
                     }
-                    let decided = plan.decision.invalidate;
                     work.invalidation.keys.push(plan.decision.key);
-                    work.invalidation.keys.extend(decided.keys);
-                    work.invalidation.patterns.extend(decided.patterns);
-                    work.invalidation.tags.extend(decided.tags);
+                    if let Some(decided) = plan.decision.invalidate {
+                        let Invalidation {
+                            keys,
+                            patterns,
+                            tags,
+                        } = *decided;
+                        work.invalidation.keys.extend(keys);
+                        work.invalidation.patterns.extend(patterns);
+                        work.invalidation.tags.extend(tags);
+                    }
                 }
             }
             Target::Pattern(pattern) => {

@@ -460,7 +460,7 @@ impl Cache {
         let invalidation = if degraded {
             InvalidationReport::default()
         } else {
-            self.write_side_effects(plan.key.namespace(), &plan.decision.invalidate)
+            self.write_side_effects(plan.key.namespace(), plan.decision.invalidation())
                 .await
         };
         let outcome = match (degraded, plan.decision.bypass, deleted) {
@@ -654,7 +654,7 @@ impl Cache {
         let invalidation = if degraded || lease == LeaseWrite::Voided {
             InvalidationReport::default()
         } else {
-            self.write_side_effects(plan.read.key.namespace(), &plan.read.decision.invalidate)
+            self.write_side_effects(plan.read.key.namespace(), plan.read.decision.invalidation())
                 .await
         };
         let outcome = match (degraded, plan.read.decision.bypass, lease) {

@@ -45,7 +45,7 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use quick_cache::{Lifecycle, Weighter, sync::Cache};
 
-use super::{Decision, DecisionRequest, Operation, pb};
+use super::{Decision, DecisionRequest, Invalidation, Operation, pb};
 use crate::cache::Attributes;
 
 /// A binding's share of the memo's metrics, resolved once per binding.
@@ -413,9 +413,13 @@ fn decision_bytes(decision: &Decision) -> usize {
         + decision.key.len()
         + ALLOCATION_OVERHEAD
         + strings(&decision.tags)
-        + strings(&decision.invalidate.keys)
-        + strings(&decision.invalidate.patterns)
-        + strings(&decision.invalidate.tags)
+        + decision.invalidate.as_deref().map_or(0, |lists| {
+            size_of::<Invalidation>()
+                + ALLOCATION_OVERHEAD
+                + strings(&lists.keys)
+                + strings(&lists.patterns)
+                + strings(&lists.tags)
+        })
 }
 
 /// The canonical bytes of what a policy may read of a request, but the
