@@ -45,7 +45,7 @@ fn check(decision: &Decision, limits: &DecisionLimits) {
     assert!(decision.stale_window <= limits.max_ttl);
     assert!(decision.ttl_jitter <= limits.max_ttl);
     assert!(decision.early_refresh_beta.is_finite() && decision.early_refresh_beta >= 0.0);
-    let invalidate = &decision.invalidate;
+    let invalidate = decision.invalidation();
     for items in [
         &decision.tags[..],
         &invalidate.keys,
