@@ -266,13 +266,11 @@ impl DecisionMemo {
         self.held.load(Ordering::Relaxed) >= self.capacity - self.capacity / 16
     }
 
-    /// What a miss on the input laid out in `bytes` will do with its decision.
-    fn admit(&self, bytes: &[u8]) -> Miss {
-        Miss(if self.full() && !self.doorkeeper.seen_before(bytes) {
-            Admission::FirstSighting
-        } else {
-            Admission::Keep(MemoKey(Box::from(bytes)))
-        })
+    /// Whether the memo is full and the input laid out in `bytes` was not
+    /// seen lately, so that its decision is not kept (the doorkeeper now
+    /// remembers it).
+    fn first_sighting(&self, bytes: &[u8]) -> bool {
+        self.full() && !self.doorkeeper.seen_before(bytes)
     }
 
     /// The decision kept for `input`, if there is one that still holds at
@@ -299,7 +297,13 @@ impl DecisionMemo {
             MemoKey::lay_out_request(bytes, memo_id, request);
             let decision = self
                 .look_up(bytes, request.value_size as u64, now_unix_ms)
-                .ok_or_else(|| self.admit(bytes));
+                .ok_or_else(|| {
+                    Miss(if self.first_sighting(bytes) {
+                        Admission::FirstSighting
+                    } else {
+                        Admission::Keep(MemoKey(Box::from(bytes.as_slice())))
+                    })
+                });
             // A rare long input does not keep its buffer's size for the thread's life.
             if bytes.capacity() > 4096 {
                 *bytes = Vec::new();
@@ -335,11 +339,11 @@ impl DecisionMemo {
         decided_at_unix_ms: u64,
         stats: &Arc<MemoStats>,
     ) {
-        let miss = if self.full() && !self.doorkeeper.seen_before(input.bytes()) {
-            Miss(Admission::FirstSighting)
+        let miss = Miss(if self.first_sighting(input.bytes()) {
+            Admission::FirstSighting
         } else {
-            Miss(Admission::Keep(input))
-        };
+            Admission::Keep(input)
+        });
         self.keep(miss, decision, reuse, decided_at_unix_ms, stats);
     }
 
