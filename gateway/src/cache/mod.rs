@@ -37,8 +37,8 @@ pub use self::near::{Change, NearCache, bus as near_bus};
 use crate::{
     config::Config,
     policy::{
-        Compression, Decider, Decision, DecisionBatch, DecisionLimits, DecisionRequest, Operation,
-        PolicyMetrics, PolicyRegistry,
+        Compression, Decider, Decision, DecisionBatch, DecisionLimits, DecisionRequest, Label,
+        Operation, PolicyMetrics, PolicyRegistry,
     },
     store::{Fetched, StorageKey, Store, StoreError, WriteEntry, unix_millis},
 };
@@ -114,7 +114,7 @@ pub struct GetResult {
     /// The store could not answer in time: this miss is made up.
     pub degraded: bool,
     /// Who decided how this request is cached.
-    pub policy: Arc<str>,
+    pub policy: Label,
     /// What became of the lease request.
     pub lease: LeaseState,
     /// With [`LeaseState::Granted`]: the token to fill with.
@@ -122,14 +122,14 @@ pub struct GetResult {
 }
 
 impl GetResult {
-    fn miss(degraded: bool, policy: &Arc<str>) -> Self {
+    fn miss(degraded: bool, policy: &Label) -> Self {
         GetResult {
             outcome: Outcome::Miss,
             value: Bytes::new(),
             ttl_remaining: Duration::ZERO,
             content_type: String::new(),
             degraded,
-            policy: Arc::clone(policy),
+            policy: policy.clone(),
             lease: LeaseState::NotRequested,
             lease_token: String::new(),
         }
@@ -155,7 +155,7 @@ pub struct SetResult {
     /// The store could not answer in time: nothing was written.
     pub degraded: bool,
     /// Who decided how this request is cached.
-    pub policy: Arc<str>,
+    pub policy: Label,
     /// The decision's invalidations, run after the write.
     pub invalidation: InvalidationReport,
     /// What became of the lease token.
@@ -170,7 +170,7 @@ pub struct DeleteResult {
     /// The store could not answer in time: nothing was removed.
     pub degraded: bool,
     /// Who decided how this request is cached.
-    pub policy: Arc<str>,
+    pub policy: Label,
     /// The decision's invalidations, run after the delete.
     pub invalidation: InvalidationReport,
 }
@@ -876,7 +876,7 @@ impl Cache {
             value,
             content_type: envelope.content_type,
             degraded: false,
-            policy: Arc::clone(policy),
+            policy: policy.clone(),
             lease: LeaseState::NotRequested,
             lease_token: String::new(),
         };

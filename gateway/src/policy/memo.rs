@@ -19,8 +19,12 @@
 //!   retried by the next identical request.
 //!
 //! One cache for the process (quick_cache: S3-FIFO eviction, and a read is a
-//! shard read-lock and a flag, with no per-read bookkeeping to drain), bounded
-//! by `policy.memo_bytes` (weighed by each entry's key and decision bytes and
+//! shard read-lock and a flag, with no per-read bookkeeping to drain). A hit
+//! writes almost nothing that another core reads: the read lock is one of the
+//! shard's per-thread locks (quick_cache's `sharded-lock`), and the entry is
+//! copied out, not shared by reference count; only a decision's tags are
+//! (gateway/benches/memo.rs measures a hit on one core and on all of them).
+//! The cache is bounded by `policy.memo_bytes` (weighed by each entry's key and decision bytes and
 //! its overhead), shared by every binding, so the bound holds however many
 //! bindings there are; bindings that go away age out.
 //!
@@ -33,10 +37,11 @@
 //! once.
 
 use std::{
+    collections::HashMap,
     hash::BuildHasher,
     mem::size_of,
     sync::{
-        Arc,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -146,6 +151,11 @@ impl Reuse {
     }
 }
 
+/// A kept decision. Held by value, not behind an `Arc`: a hit copies the
+/// entry out under its shard's read lock, and a copy touches nothing shared,
+/// where an `Arc`'s reference count is a cache line that every core hitting
+/// the same entry would write in turn (gateway/benches/memo.rs).
+#[derive(Clone)]
 struct Entry {
     decision: Decision,
     /// The end of the policy's promise, in Unix ms: it runs from the
@@ -153,40 +163,67 @@ struct Entry {
     until_unix_ms: Option<u64>,
     value_size: Option<u64>,
     weight: u32,
-    stats: Arc<MemoStats>,
-    /// The memo's [`DecisionMemo::held`].
-    held: Arc<AtomicU64>,
+    /// Its binding's counters: an index into [`Series`].
+    series: u32,
 }
 
 /// An entry weighs what it was weighed at when kept.
 #[derive(Clone)]
 struct ByWeight;
 
-impl Weighter<Box<[u8]>, Arc<Entry>> for ByWeight {
-    fn weight(&self, _key: &Box<[u8]>, entry: &Arc<Entry>) -> u64 {
+impl Weighter<Box<[u8]>, Entry> for ByWeight {
+    fn weight(&self, _key: &Box<[u8]>, entry: &Entry) -> u64 {
         u64::from(entry.weight)
     }
 }
 
-/// Counts the entries the byte bound pushes out, by binding.
-#[derive(Clone)]
-struct CountEvictions;
+/// The bindings' counters, one set per series (policy version and
+/// namespace, as the metric families count them; bounded as they are).
+/// Entries name theirs by index, so a hit copies four bytes.
+#[derive(Default)]
+struct Series {
+    ids: Mutex<HashMap<(Arc<str>, String), u32>>,
+    stats: RwLock<Vec<Arc<MemoStats>>>,
+}
 
-impl Lifecycle<Box<[u8]>, Arc<Entry>> for CountEvictions {
+/// Accounts for every entry that leaves the memo: quick_cache hands each one
+/// here, whether the byte bound pushed it out, a newer decision for the same
+/// input replaced it, or it was too heavy to keep at all. It leaves its
+/// binding's bytes and the memo's.
+#[derive(Clone)]
+struct Departures {
+    series: Arc<Series>,
+    /// The memo's [`DecisionMemo::held`].
+    held: Arc<AtomicU64>,
+}
+
+impl Lifecycle<Box<[u8]>, Entry> for Departures {
     type RequestState = ();
 
-    fn on_evict(&self, _: &mut (), _key: Box<[u8]>, entry: Arc<Entry>) {
-        entry.stats.evictions.inc();
+    fn on_evict(&self, _: &mut (), _key: Box<[u8]>, entry: Entry) {
+        self.held
+            .fetch_sub(u64::from(entry.weight), Ordering::Relaxed);
+        let all = self.series.stats.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(stats) = all.get(entry.series as usize) {
+            stats.evictions.inc();
+            stats.bytes.dec_by(i64::from(entry.weight));
+        }
     }
 }
 
-/// A binding's bytes count its entries until the last reference to one is
-/// gone, however it left the memo (evicted, replaced, the memo dropped).
-impl Drop for Entry {
-    fn drop(&mut self) {
-        self.stats.bytes.dec_by(i64::from(self.weight));
-        self.held
-            .fetch_sub(u64::from(self.weight), Ordering::Relaxed);
+/// A binding's share of the memo: its counters, and the series its entries
+/// name ([`DecisionMemo::series`]).
+#[derive(Debug, Clone)]
+pub struct MemoSeries {
+    id: u32,
+    stats: Arc<MemoStats>,
+}
+
+impl std::ops::Deref for MemoSeries {
+    type Target = MemoStats;
+
+    fn deref(&self) -> &MemoStats {
+        &self.stats
     }
 }
 
@@ -207,13 +244,14 @@ enum Admission {
 
 /// The process's decision memo.
 pub struct DecisionMemo {
-    entries: Cache<Box<[u8]>, Arc<Entry>, ByWeight, foldhash::fast::RandomState, CountEvictions>,
+    entries: Cache<Box<[u8]>, Entry, ByWeight, foldhash::fast::RandomState, Departures>,
     capacity: u64,
     doorkeeper: Doorkeeper,
     /// Bytes of the entries alive now, counted as they are kept and dropped: whether the memo
     /// is full, asked on every miss, without quick_cache's `weight()`, which takes every
     /// shard's lock.
     held: Arc<AtomicU64>,
+    series: Arc<Series>,
 }
 
 impl std::fmt::Debug for DecisionMemo {
@@ -226,12 +264,13 @@ impl std::fmt::Debug for DecisionMemo {
 }
 
 /// What one entry costs beyond its key and decision bytes: the cache's slot
-/// and hash-table index, the Arc, the entry's fields. Calibrated on the
-/// gateway's resident memory under a million distinct keys: entries weighed
-/// with 480 here (moka's figure) held 0.71 of `memo_bytes` in quick_cache,
-/// ~548 bytes of RSS per ttl-by-route entry against 770 weighed
-/// (docs/BENCHMARKS.md, "The memo on quick_cache"), so that
-/// `policy.memo_bytes` bounds what the memo really holds.
+/// and hash-table index, the entry's fields. Calibrated on the gateway's
+/// resident memory under a million distinct keys, when an entry was a slot
+/// holding an `Arc` to a separate allocation: entries weighed with 480 here
+/// (moka's figure) held 0.71 of `memo_bytes` in quick_cache, ~548 bytes of
+/// RSS per ttl-by-route entry against 770 weighed (docs/BENCHMARKS.md, "The
+/// memo on quick_cache"), so that `policy.memo_bytes` bounds what the memo
+/// really holds. An entry held in its slot costs no more than that.
 const ENTRY_OVERHEAD: usize = 256;
 
 /// What the allocator adds to each heap allocation (its header, rounding).
@@ -240,6 +279,8 @@ const ALLOCATION_OVERHEAD: usize = 16;
 impl DecisionMemo {
     /// A memo of at most `max_bytes` (0: none is kept).
     pub fn new(max_bytes: u64) -> Self {
+        let held = Arc::<AtomicU64>::default();
+        let series = Arc::<Series>::default();
         let entries = Cache::with(
             usize::try_from(max_bytes / 550)
                 .unwrap_or(usize::MAX)
@@ -247,7 +288,10 @@ impl DecisionMemo {
             max_bytes,
             ByWeight,
             foldhash::fast::RandomState::default(),
-            CountEvictions,
+            Departures {
+                series: Arc::clone(&series),
+                held: Arc::clone(&held),
+            },
         );
         // One bit per 64 bytes of memo: ~8 bits per entry the memo can hold
         // (~550 bytes each), 64 KiB of bitmap for the default 32 MiB.
@@ -256,8 +300,34 @@ impl DecisionMemo {
             entries,
             capacity: max_bytes,
             doorkeeper: Doorkeeper::new(bits),
-            held: Arc::default(),
+            held,
+            series,
         }
+    }
+
+    /// The series of `policy` (a version's label) in `namespace`: its
+    /// counters (`make`, the first time), under the index its entries carry.
+    pub fn series(
+        &self,
+        policy: &Arc<str>,
+        namespace: &str,
+        make: impl FnOnce() -> MemoStats,
+    ) -> MemoSeries {
+        let mut ids = self.ids();
+        let key = (Arc::clone(policy), namespace.to_owned());
+        let mut all = self.series.stats.write().unwrap_or_else(|e| e.into_inner());
+        let id = *ids.entry(key).or_insert_with(|| {
+            all.push(Arc::new(make()));
+            u32::try_from(all.len() - 1).expect("fewer than 2^32 series")
+        });
+        MemoSeries {
+            id,
+            stats: Arc::clone(&all[id as usize]),
+        }
+    }
+
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, String), u32>> {
+        self.series.ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the memo is full (to within 1/16), so that it keeps only
@@ -325,7 +395,7 @@ impl DecisionMemo {
                 .until_unix_ms
                 .is_some_and(|until| now_unix_ms() >= until)
         };
-        (!other_size && !expired()).then(|| entry.decision.clone())
+        (!other_size && !expired()).then_some(entry.decision)
     }
 
     /// Keeps `decision`, made at `decided_at_unix_ms` (the `now_unix_ms` the
@@ -337,14 +407,14 @@ impl DecisionMemo {
         decision: &Decision,
         reuse: Reuse,
         decided_at_unix_ms: u64,
-        stats: &Arc<MemoStats>,
+        series: &MemoSeries,
     ) {
         let miss = Miss(if self.first_sighting(input.bytes()) {
             Admission::FirstSighting
         } else {
             Admission::Keep(input)
         });
-        self.keep(miss, decision, reuse, decided_at_unix_ms, stats);
+        self.keep(miss, decision, reuse, decided_at_unix_ms, series);
     }
 
     /// Keeps the decision a [`recall`](Self::recall) missed, made at
@@ -356,7 +426,7 @@ impl DecisionMemo {
         decision: &Decision,
         reuse: Reuse,
         decided_at_unix_ms: u64,
-        stats: &Arc<MemoStats>,
+        series: &MemoSeries,
     ) {
         let Reuse::For {
             promise,
@@ -368,18 +438,18 @@ impl DecisionMemo {
         let input = match miss.0 {
             Admission::Keep(input) => input,
             Admission::FirstSighting => {
-                stats.first_sightings.inc();
+                series.first_sightings.inc();
                 return;
             }
         };
         let weight =
             input.0.len() + ALLOCATION_OVERHEAD + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
-        stats.bytes.inc_by(i64::from(weight));
+        series.bytes.inc_by(i64::from(weight));
         self.held.fetch_add(u64::from(weight), Ordering::Relaxed);
         self.entries.insert(
             input.0,
-            Arc::new(Entry {
+            Entry {
                 decision: decision.clone(),
                 until_unix_ms: promise.map(|promise| {
                     decided_at_unix_ms
@@ -387,9 +457,8 @@ impl DecisionMemo {
                 }),
                 value_size,
                 weight,
-                stats: Arc::clone(stats),
-                held: Arc::clone(&self.held),
-            }),
+                series: series.id,
+            },
         );
     }
 
@@ -528,7 +597,7 @@ mod tests {
             &crate::cache::NamespaceSettings::new("ns", &Default::default()),
             key,
         );
-        decision.decided_by = Arc::from("p@1");
+        decision.decided_by = "p@1".into();
         decision
     }
 
@@ -640,7 +709,7 @@ mod tests {
     #[test]
     fn a_kept_decision_holds_for_its_promise_and_its_value_size_only() {
         let memo = DecisionMemo::new(1 << 20);
-        let stats = Arc::new(MemoStats::default());
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
         let key = || MemoKey::new(1, Operation::Set, "ns", "k", &Attributes::new());
         memo.put(
             key(),
@@ -705,7 +774,7 @@ mod tests {
         assert_eq!(memo.get(&key(), 7, 2_000), None, "Never is not kept");
     }
 
-    fn keep(memo: &DecisionMemo, key: &str, stats: &Arc<MemoStats>) -> MemoKey {
+    fn keep(memo: &DecisionMemo, key: &str, stats: &MemoSeries) -> MemoKey {
         let input = MemoKey::new(1, Operation::Get, "ns", key, &Attributes::new());
         let forever = Reuse::For {
             promise: None,
@@ -718,7 +787,7 @@ mod tests {
     #[test]
     fn a_full_memo_keeps_a_decision_at_its_inputs_second_miss() {
         let memo = DecisionMemo::new(256 * 1024);
-        let stats = Arc::new(MemoStats::default());
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
         // Until it is full, every decision is kept at once.
         let first = keep(&memo, "early", &stats);
         assert!(memo.get(&first, 0, 1_000).is_some());
@@ -746,7 +815,7 @@ mod tests {
     #[test]
     fn a_miss_decides_at_the_look_up_what_its_decision_will_do() {
         let memo = DecisionMemo::new(256 * 1024);
-        let stats = Arc::new(MemoStats::default());
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
         let forever = Reuse::For {
             promise: None,
             value_size: None,
@@ -795,6 +864,30 @@ mod tests {
     }
 
     #[test]
+    fn every_entry_that_leaves_is_accounted_to_its_series() {
+        let memo = DecisionMemo::new(1 << 20);
+        let label: Arc<str> = Arc::from("p@1");
+        let a = memo.series(&label, "a", MemoStats::default);
+        let a_again = memo.series(&label, "a", || unreachable!("one series per name"));
+        let b = memo.series(&label, "b", MemoStats::default);
+        assert_eq!(a.id, a_again.id);
+        assert_ne!(a.id, b.id);
+
+        keep(&memo, "k", &a);
+        let one = a.bytes.get();
+        assert!(one > 0);
+        // The same input kept again: the newer decision replaces the older,
+        // whose bytes leave with it.
+        keep(&memo, "k", &a_again);
+        assert_eq!(a.bytes.get(), one);
+        assert_eq!(a.evictions.get(), 1, "the replaced entry");
+        keep(&memo, "j", &b);
+        assert_eq!(b.evictions.get(), 0);
+        assert_eq!((a.bytes.get() + b.bytes.get()) as u64, memo.bytes());
+        assert_eq!(memo.held.load(Ordering::Relaxed), memo.bytes());
+    }
+
+    #[test]
     fn the_doorkeeper_forgets_once_it_has_taken_its_share() {
         let doorkeeper = Doorkeeper::new(1 << 12);
         assert!(!doorkeeper.seen_before(b"a"));
@@ -816,7 +909,7 @@ mod tests {
     fn the_memo_stays_within_its_bytes_under_a_million_distinct_keys() {
         let bound = 256 * 1024;
         let memo = DecisionMemo::new(bound);
-        let stats = Arc::new(MemoStats::default());
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
         for i in 0..1_000_000 {
             // Twice each: a full memo keeps an input's decision at its second miss.
             let key = format!("key-{i}");

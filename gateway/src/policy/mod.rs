@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tracing::warn;
 
 pub use self::engine::{Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
-use self::memo::{DecisionMemo, MemoStats, Miss, Reuse};
+use self::memo::{DecisionMemo, MemoSeries, MemoStats, Miss, Reuse};
 pub use self::metrics::{CallMetrics, PolicyMetrics};
 pub use self::registry::{PolicyRegistry, RegistryError, Routes};
 use crate::{
@@ -139,8 +139,15 @@ pub struct Decision {
     pub near_cache_ttl: Duration,
     /// Who decided: `default`, `name@version`, or `fail-open:name@version` /
     /// `fail-closed:name@version` when the fallback did.
-    pub decided_by: Arc<str>,
+    pub decided_by: Label,
 }
+
+/// Who decided how a request is cached, as responses and logs name it.
+/// Inline up to 24 bytes, which every label but a long policy name's fits:
+/// a decision handed out again (a memo hit, the default policy's) copies it,
+/// where a shared reference count would be one more cache line that every
+/// core writes on every request (gateway/benches/memo.rs).
+pub type Label = compact_str::CompactString;
 
 impl Decision {
     /// What a successful write invalidates (empty lists for nothing).
@@ -172,13 +179,12 @@ impl DefaultPolicy {
             invalidate: None,
             early_refresh_beta: 0.0,
             near_cache_ttl: Duration::ZERO,
-            decided_by: Arc::clone(&DEFAULT_LABEL),
+            decided_by: DEFAULT_LABEL,
         }
     }
 }
 
-static DEFAULT_LABEL: std::sync::LazyLock<Arc<str>> =
-    std::sync::LazyLock::new(|| Arc::from("default"));
+const DEFAULT_LABEL: Label = Label::const_new("default");
 
 /// A namespace's policy: the module, its config and its fallback mode.
 #[derive(Debug)]
@@ -190,7 +196,7 @@ pub struct Binding {
     image: Option<Arc<PolicyModule>>,
     config: Bytes,
     fallback: FallbackMode,
-    fallback_label: Arc<str>,
+    fallback_label: Label,
     faults: AtomicU64,
     window: FaultWindow,
     /// `policy.max_concurrent_calls` permits for calls that run past their
@@ -201,7 +207,7 @@ pub struct Binding {
     memo_id: u64,
     /// Whether its decisions may be memoised (`memo` in its config).
     memo: bool,
-    memo_stats: OnceLock<Arc<MemoStats>>,
+    memo_stats: OnceLock<MemoSeries>,
     /// Its version's call counters, resolved at its first call.
     call_metrics: OnceLock<CallMetrics>,
 }
@@ -250,7 +256,7 @@ impl Binding {
         };
         Self {
             namespace: namespace.to_owned(),
-            fallback_label: Arc::from(format!("{mode}:{}", module.label())),
+            fallback_label: compact_str::format_compact!("{mode}:{}", module.label()),
             long_calls: Arc::new(Semaphore::new(module.limits().max_concurrent_calls)),
             memo_id: memo::next_memo_id(),
             memo: true,
@@ -541,10 +547,10 @@ impl Decider {
         let memo = match &self.memo {
             Some(memo) if binding.memo => {
                 let stats = binding.memo_stats.get_or_init(|| {
-                    Arc::new(
-                        self.metrics
-                            .memo_stats(binding.module.label(), &binding.namespace),
-                    )
+                    let (policy, namespace) = (binding.module.label(), &binding.namespace);
+                    memo.series(policy, namespace, || {
+                        self.metrics.memo_stats(policy, namespace)
+                    })
                 });
                 match memo.recall(binding.memo_id, request, unix_millis) {
                     Ok(decision) => {
@@ -578,7 +584,7 @@ impl Decider {
         namespace: &NamespaceSettings,
         request: &DecisionRequest<'_>,
         live: Option<&mut Option<LiveInstance>>,
-        memo: Option<(&DecisionMemo, &Arc<MemoStats>, Miss)>,
+        memo: Option<(&DecisionMemo, &MemoSeries, Miss)>,
     ) -> Result<Decision, Fault> {
         let now_unix_ms = unix_millis();
         let started = Instant::now();
@@ -653,7 +659,7 @@ impl Decider {
         }
         let mut decision = DefaultPolicy.decide(namespace, request.key);
         decision.bypass = binding.fallback == FallbackMode::FailClosed;
-        decision.decided_by = Arc::clone(&binding.fallback_label);
+        decision.decided_by = binding.fallback_label.clone();
         decision
     }
 }
@@ -664,7 +670,7 @@ impl Decision {
         wire: pb::PolicyDecision,
         namespace: &NamespaceSettings,
         limits: &DecisionLimits,
-        decided_by: &Arc<str>,
+        decided_by: &str,
     ) -> Result<Decision, Fault> {
         let invalid = |reason: String| Err(Fault::Invalid(reason));
         if wire.storage_key.is_empty() {
@@ -764,7 +770,7 @@ impl Decision {
             },
             early_refresh_beta: wire.early_refresh_beta,
             near_cache_ttl: Duration::from_millis(wire.near_cache_ttl_ms),
-            decided_by: Arc::clone(decided_by),
+            decided_by: Label::from(decided_by),
         })
     }
 }

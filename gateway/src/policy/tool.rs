@@ -416,7 +416,7 @@ impl Loaded {
                     Decision::from_wire(wire, &self.namespace, &self.limits, self.module.label())
                         .map_err(cannot)?;
                 let memo = DecisionMemo::new(1 << 20);
-                let stats = std::sync::Arc::new(MemoStats::default());
+                let stats = memo.series(self.module.label(), "", MemoStats::default);
                 let attributes = probe.attributes.clone();
                 let op = match probe.op {
                     pb::Operation::Set => Operation::Set,
