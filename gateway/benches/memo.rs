@@ -64,10 +64,11 @@ fn options() -> Options {
 fn main() {
     let options = options();
     let memo = Arc::new(DecisionMemo::new(256 << 20));
-    let stats = memo.series(&Arc::from("ttl-by-route@1"), "api", MemoStats::default);
+    // A version label as the gateway makes them: name@ and 12 hex digits of its hash.
+    let label = Label::intern("ttl-by-route@9f633f8fa51d");
+    let stats = memo.series(&Arc::from(label.as_str()), "api", MemoStats::default);
     let attributes = Attributes::new();
     let namespace = NamespaceSettings::new("api", &Default::default());
-    let label = Label::from("ttl-by-route@1");
     let keys: Arc<[String]> = (0..options.keys)
         .map(|i| format!("/users/{i}/profile"))
         .collect();
@@ -83,7 +84,7 @@ fn main() {
             .recall(1, &request(key), || 0)
             .expect_err("an empty memo has nothing");
         let mut decision = DefaultPolicy.decide(&namespace, key);
-        decision.decided_by = label.clone();
+        decision.decided_by = label;
         let forever = Reuse::For {
             promise: None,
             value_size: None,

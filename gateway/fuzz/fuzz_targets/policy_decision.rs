@@ -8,14 +8,14 @@
 
 #![no_main]
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use gateway::{
     Config,
     api::proto::policy as pb,
     cache::{Envelope, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES, NamespaceSettings},
-    policy::{Decision, DecisionLimits, engine},
+    policy::{Decision, DecisionLimits, Label, engine},
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -32,8 +32,8 @@ fuzz_target!(|data: &[u8]| {
         max_items: config.policy.max_decision_items,
     };
     let namespace = NamespaceSettings::new("fuzz", &Default::default());
-    let decided_by: Arc<str> = Arc::from("fuzz@0");
-    let Ok(decision) = Decision::from_wire(wire, &namespace, &limits, &decided_by) else {
+    let decided_by = Label::intern("fuzz@0");
+    let Ok(decision) = Decision::from_wire(wire, &namespace, &limits, decided_by) else {
         return;
     };
     check(&decision, &limits);

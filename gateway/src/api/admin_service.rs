@@ -408,7 +408,7 @@ impl policy_admin_server::PolicyAdmin for AdminApi {
             let (decision, fault) = match outcome {
                 Ok(wire) => {
                     let valid =
-                        Decision::from_wire(wire.clone(), &namespace, &limits, module.label());
+                        Decision::from_wire(wire.clone(), &namespace, &limits, module.decided_by());
                     (Some(wire), valid.err())
                 }
                 Err(fault) => (None, Some(fault)),

@@ -122,14 +122,14 @@ pub struct GetResult {
 }
 
 impl GetResult {
-    fn miss(degraded: bool, policy: &Label) -> Self {
+    fn miss(degraded: bool, policy: Label) -> Self {
         GetResult {
             outcome: Outcome::Miss,
             value: Bytes::new(),
             ttl_remaining: Duration::ZERO,
             content_type: String::new(),
             degraded,
-            policy: policy.clone(),
+            policy,
             lease: LeaseState::NotRequested,
             lease_token: String::new(),
         }
@@ -329,7 +329,7 @@ impl Cache {
             None => None,
         };
         let (found, freshness) = if plan.decision.bypass {
-            let miss = GetResult::miss(false, &plan.decision.decided_by);
+            let miss = GetResult::miss(false, plan.decision.decided_by);
             (miss, Freshness::default())
         } else if let Some(hit) = near_hit {
             hit
@@ -343,7 +343,7 @@ impl Cache {
                     found
                 }
                 Err(err) => {
-                    let miss = GetResult::miss(true, &plan.decision.decided_by);
+                    let miss = GetResult::miss(true, plan.decision.decided_by);
                     let miss = self.degraded("get", &plan.metric, &err, miss);
                     (miss, Freshness::default())
                 }
@@ -549,7 +549,7 @@ impl Cache {
                 }
             };
             let result = if plan.decision.bypass {
-                GetResult::miss(false, &plan.decision.decided_by)
+                GetResult::miss(false, plan.decision.decided_by)
             } else if let Some(found) = near_hit {
                 lease::without_stale(found, plan.allow_stale)
             } else {
@@ -566,7 +566,7 @@ impl Cache {
                         "get",
                         &plan.metric,
                         err,
-                        GetResult::miss(true, &plan.decision.decided_by),
+                        GetResult::miss(true, plan.decision.decided_by),
                     ),
                 }
             };
@@ -826,7 +826,7 @@ impl Cache {
     /// What stored bytes mean for a Get, and what the lease protocol needs
     /// to know of them.
     fn read_entry(&self, stored: Fetched, plan: &Plan) -> (GetResult, Freshness) {
-        let policy = &plan.decision.decided_by;
+        let policy = plan.decision.decided_by;
         let unread = Freshness {
             stale_before_ms: stored.stale_before_ms,
             ..Freshness::default()
@@ -876,7 +876,7 @@ impl Cache {
             value,
             content_type: envelope.content_type,
             degraded: false,
-            policy: policy.clone(),
+            policy,
             lease: LeaseState::NotRequested,
             lease_token: String::new(),
         };

@@ -326,6 +326,7 @@ impl PolicyEngine {
             name: Arc::from(name),
             version: Arc::from(version.as_str()),
             label: Arc::from(format!("{name}@{version}").as_str()),
+            decided_by: super::Label::intern(&format!("{name}@{version}")),
             instance_pre,
             exports: exports.clone().map_err(Fault::Abi),
             size: bytes.len(),
@@ -505,6 +506,8 @@ pub struct PolicyModule {
     name: Arc<str>,
     version: Arc<str>,
     label: Arc<str>,
+    /// The label again, as decisions carry it.
+    decided_by: super::Label,
     instance_pre: InstancePre<HostState>,
     exports: Result<Exports, Fault>,
     size: usize,
@@ -541,6 +544,11 @@ impl PolicyModule {
     /// `name@version`, as logs and responses show it.
     pub fn label(&self) -> &Arc<str> {
         &self.label
+    }
+
+    /// `name@version`, as its decisions carry it.
+    pub fn decided_by(&self) -> super::Label {
+        self.decided_by
     }
 
     /// Size of the module in bytes (of the module as loaded, for an image).

@@ -597,7 +597,7 @@ mod tests {
             &crate::cache::NamespaceSettings::new("ns", &Default::default()),
             key,
         );
-        decision.decided_by = "p@1".into();
+        decision.decided_by = crate::policy::Label::intern("p@1");
         decision
     }
 

@@ -142,12 +142,60 @@ pub struct Decision {
     pub decided_by: Label,
 }
 
-/// Who decided how a request is cached, as responses and logs name it.
-/// Inline up to 24 bytes, which every label but a long policy name's fits:
-/// a decision handed out again (a memo hit, the default policy's) copies it,
-/// where a shared reference count would be one more cache line that every
-/// core writes on every request (gateway/benches/memo.rs).
-pub type Label = compact_str::CompactString;
+/// Who decided how a request is cached, as responses and logs name it:
+/// `default`, `name@version`, `fail-open:name@version`. Interned for the
+/// process's life, one per policy version and fallback mode loaded (a few
+/// dozen bytes each), so that a decision carries a plain reference: a
+/// decision handed out again (a memo hit, the default policy's) copies it,
+/// where a shared reference count would be a cache line that every core
+/// writes on every request (gateway/benches/memo.rs).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Label(&'static str);
+
+impl Label {
+    /// The default policy's.
+    pub const DEFAULT: Label = Label("default");
+
+    /// The label that reads `text`: the same one for the same text.
+    pub fn intern(text: &str) -> Label {
+        static INTERNED: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let mut interned = INTERNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(&known) = interned.get(text) {
+            return Label(known);
+        }
+        let text: &'static str = Box::leak(text.into());
+        interned.insert(text);
+        Label(text)
+    }
+
+    /// Its text.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Label {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
 
 impl Decision {
     /// What a successful write invalidates (empty lists for nothing).
@@ -179,12 +227,10 @@ impl DefaultPolicy {
             invalidate: None,
             early_refresh_beta: 0.0,
             near_cache_ttl: Duration::ZERO,
-            decided_by: DEFAULT_LABEL,
+            decided_by: Label::DEFAULT,
         }
     }
 }
-
-const DEFAULT_LABEL: Label = Label::const_new("default");
 
 /// A namespace's policy: the module, its config and its fallback mode.
 #[derive(Debug)]
@@ -256,7 +302,7 @@ impl Binding {
         };
         Self {
             namespace: namespace.to_owned(),
-            fallback_label: compact_str::format_compact!("{mode}:{}", module.label()),
+            fallback_label: Label::intern(&format!("{mode}:{}", module.label())),
             long_calls: Arc::new(Semaphore::new(module.limits().max_concurrent_calls)),
             memo_id: memo::next_memo_id(),
             memo: true,
@@ -608,7 +654,7 @@ impl Decider {
             .await
             .and_then(|wire| {
                 let reuse = Reuse::of(wire.reuse.as_ref(), input.value_size);
-                Decision::from_wire(wire, namespace, &self.limits, binding.module.label())
+                Decision::from_wire(wire, namespace, &self.limits, binding.module.decided_by())
                     .map(|decision| (decision, reuse))
             });
         binding
@@ -659,7 +705,7 @@ impl Decider {
         }
         let mut decision = DefaultPolicy.decide(namespace, request.key);
         decision.bypass = binding.fallback == FallbackMode::FailClosed;
-        decision.decided_by = binding.fallback_label.clone();
+        decision.decided_by = binding.fallback_label;
         decision
     }
 }
@@ -670,7 +716,7 @@ impl Decision {
         wire: pb::PolicyDecision,
         namespace: &NamespaceSettings,
         limits: &DecisionLimits,
-        decided_by: &str,
+        decided_by: Label,
     ) -> Result<Decision, Fault> {
         let invalid = |reason: String| Err(Fault::Invalid(reason));
         if wire.storage_key.is_empty() {
@@ -770,7 +816,7 @@ impl Decision {
             },
             early_refresh_beta: wire.early_refresh_beta,
             near_cache_ttl: Duration::from_millis(wire.near_cache_ttl_ms),
-            decided_by: Label::from(decided_by),
+            decided_by,
         })
     }
 }
@@ -888,4 +934,23 @@ fn unix_millis() -> u64 {
         .map_or(0, |elapsed| {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Label;
+
+    #[test]
+    fn a_label_is_interned_once_per_text() {
+        let text = format!("interned@{}", std::process::id());
+        let first = Label::intern(&text);
+        let again = Label::intern(&text.clone());
+        assert_eq!(first.as_str(), text);
+        assert!(
+            std::ptr::eq(first.as_str(), again.as_str()),
+            "the same text is not leaked twice"
+        );
+        assert_ne!(Label::intern("other@1"), first);
+        assert_eq!(Label::DEFAULT.to_string(), "default");
+    }
 }

@@ -683,7 +683,7 @@ impl PolicyRegistry {
             module
                 .decide_blocking(&input)
                 .and_then(|wire| {
-                    super::Decision::from_wire(wire, &namespace, &limits, module.label())
+                    super::Decision::from_wire(wire, &namespace, &limits, module.decided_by())
                 })
                 .map_err(|fault| format!("failed its dry run: the {name} probe {fault}"))?;
         }

@@ -281,7 +281,7 @@ impl Loaded {
                     wire.clone(),
                     &self.namespace,
                     &self.limits,
-                    self.module.label(),
+                    self.module.decided_by(),
                 );
                 (
                     Some(DecisionView::from(wire)),
@@ -412,9 +412,13 @@ impl Loaded {
                             .into(),
                     ));
                 }
-                let decision =
-                    Decision::from_wire(wire, &self.namespace, &self.limits, self.module.label())
-                        .map_err(cannot)?;
+                let decision = Decision::from_wire(
+                    wire,
+                    &self.namespace,
+                    &self.limits,
+                    self.module.decided_by(),
+                )
+                .map_err(cannot)?;
                 let memo = DecisionMemo::new(1 << 20);
                 let stats = memo.series(self.module.label(), "", MemoStats::default);
                 let attributes = probe.attributes.clone();

@@ -193,6 +193,7 @@ impl PolicyModule {
             name: Arc::clone(&self.name),
             version: Arc::clone(&self.version),
             label: Arc::clone(&self.label),
+            decided_by: self.decided_by,
             instance_pre,
             exports: Ok(exports),
             size: self.size,
