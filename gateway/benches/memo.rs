@@ -85,67 +85,144 @@ fn main() {
             .expect_err("an empty memo has nothing");
         let mut decision = DefaultPolicy.decide(&namespace, key);
         decision.decided_by = label;
-        let forever = Reuse::For {
-            promise: None,
-            value_size: None,
-        };
-        memo.keep(miss, &decision, forever, 0, &stats);
+        memo.keep(miss, &decision, FOREVER, 0, &stats);
     }
 
     let cores = thread::available_parallelism().map_or(2, |n| n.get());
     println!(
-        "memo recall, hot set of {} keys, {} s per run",
+        "memo hits: recall from a hot set of {} keys, {} s per run",
         options.keys, options.seconds
     );
     for threads in [1, cores] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let start = Arc::new(Barrier::new(threads + 1));
-        let workers: Vec<_> = (0..threads)
-            .map(|worker| {
-                let (memo, keys, stop, start) = (
-                    Arc::clone(&memo),
-                    Arc::clone(&keys),
-                    Arc::clone(&stop),
-                    Arc::clone(&start),
-                );
-                thread::spawn(move || {
-                    let attributes = Attributes::new();
-                    let mut recalls = 0u64;
-                    let mut at = worker * 7919;
-                    start.wait();
-                    let began = Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        for _ in 0..256 {
-                            at = (at + 1) % keys.len();
-                            let request = DecisionRequest {
-                                op: Operation::Get,
-                                namespace: "api",
-                                key: &keys[at],
-                                attributes: &attributes,
-                                value_size: 0,
-                            };
-                            let decision = memo.recall(1, &request, || 0).expect("a hit");
-                            std::hint::black_box(decision);
-                        }
-                        recalls += 256;
-                    }
-                    (recalls, began.elapsed())
-                })
-            })
-            .collect();
-        start.wait();
-        thread::sleep(Duration::from_secs(options.seconds));
-        stop.store(true, Ordering::Relaxed);
-        let results: Vec<_> = workers
-            .into_iter()
-            .map(|worker| worker.join().expect("a worker"))
-            .collect();
-        let recalls: u64 = results.iter().map(|(recalls, _)| recalls).sum();
-        let busy: Duration = results.iter().map(|(_, busy)| *busy).sum();
-        println!(
-            "{threads} thread(s): {:>7.1} ns per recall per thread, {:>6.2} M recalls/s in all",
-            busy.as_nanos() as f64 / recalls as f64,
-            recalls as f64 / results[0].1.as_secs_f64() / 1e6,
-        );
+        let (memo, keys) = (Arc::clone(&memo), Arc::clone(&keys));
+        let (recalls, busy) = run(threads, options.seconds, move |worker| {
+            let attributes = Attributes::new();
+            let mut at = worker * 7919;
+            let memo = Arc::clone(&memo);
+            let keys = Arc::clone(&keys);
+            move || {
+                at = (at + 1) % keys.len();
+                let request = DecisionRequest {
+                    op: Operation::Get,
+                    namespace: "api",
+                    key: &keys[at],
+                    attributes: &attributes,
+                    value_size: 0,
+                };
+                std::hint::black_box(memo.recall(1, &request, || 0).expect("a hit"));
+            }
+        });
+        report(threads, "recall", recalls, busy);
     }
+
+    // Misses that keep their decision in a full memo: what the memo costs a
+    // Zipf-like load, where every kept decision pushes an older one out.
+    let full = Arc::new(DecisionMemo::new(4 << 20));
+    let stats = full.series(&Arc::from(label.as_str()), "api", MemoStats::default);
+    let decision = {
+        let mut decision = DefaultPolicy.decide(&namespace, "/users/0/profile");
+        decision.decided_by = label;
+        decision
+    };
+    let attributes = Attributes::new();
+    for n in 0..100_000 {
+        let key = format!("/fill/{n}");
+        let request = DecisionRequest {
+            op: Operation::Get,
+            namespace: "api",
+            key: &key,
+            attributes: &attributes,
+            value_size: 0,
+        };
+        if let Err(miss) = full.recall(1, &request, || 0) {
+            full.keep(miss, &decision, FOREVER, 0, &stats);
+        }
+    }
+    println!(
+        "memo keeps: new inputs, each looked up and kept twice, into a full 4 MiB memo, {} s per run",
+        options.seconds
+    );
+    for threads in [1, cores] {
+        let (full, stats, decision) = (Arc::clone(&full), stats.clone(), decision.clone());
+        let (keeps, busy) = run(threads, options.seconds, move |worker| {
+            let attributes = Attributes::new();
+            let mut key = String::new();
+            let mut n = 0u64;
+            let (full, stats, decision) = (Arc::clone(&full), stats.clone(), decision.clone());
+            move || {
+                use std::fmt::Write;
+                n += 1;
+                key.clear();
+                write!(key, "/users/{worker}-{n}/profile").expect("a String takes it");
+                let request = DecisionRequest {
+                    op: Operation::Get,
+                    namespace: "api",
+                    key: &key,
+                    attributes: &attributes,
+                    value_size: 0,
+                };
+                // Twice: a full memo keeps a decision at its input's second miss
+                // (or its first, for the doorkeeper's few false positives).
+                for _ in 0..2 {
+                    if let Err(miss) = full.recall(1, &request, || 0) {
+                        full.keep(miss, &decision, FOREVER, 0, &stats);
+                    }
+                }
+            }
+        });
+        report(threads, "new input", keeps, busy);
+    }
+}
+
+const FOREVER: Reuse = Reuse::For {
+    promise: None,
+    value_size: None,
+};
+
+/// Runs `threads` workers for `seconds`, each calling the operation its
+/// `make` returns as often as it can; the operations done and the time the
+/// workers were busy, in all.
+fn run<M, O>(threads: usize, seconds: u64, make: M) -> (u64, Duration)
+where
+    M: Fn(usize) -> O,
+    O: FnMut() + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|worker| {
+            let mut op = make(worker);
+            let (stop, start) = (Arc::clone(&stop), Arc::clone(&start));
+            thread::spawn(move || {
+                let mut done = 0u64;
+                start.wait();
+                let began = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..256 {
+                        op();
+                    }
+                    done += 256;
+                }
+                (done, began.elapsed())
+            })
+        })
+        .collect();
+    start.wait();
+    thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    workers
+        .into_iter()
+        .map(|worker| worker.join().expect("a worker"))
+        .fold((0, Duration::ZERO), |(done, busy), (more, took)| {
+            (done + more, busy + took)
+        })
+}
+
+fn report(threads: usize, what: &str, done: u64, busy: Duration) {
+    let per_thread = busy / threads as u32;
+    println!(
+        "{threads} thread(s): {:>7.1} ns per {what} per thread, {:>6.2} M/s in all",
+        busy.as_nanos() as f64 / done as f64,
+        done as f64 / per_thread.as_secs_f64() / 1e6,
+    );
 }
