@@ -72,16 +72,9 @@ fn main() {
     let keys: Arc<[String]> = (0..options.keys)
         .map(|i| format!("/users/{i}/profile"))
         .collect();
-    let request = |key| DecisionRequest {
-        op: Operation::Get,
-        namespace: "api",
-        key,
-        attributes: &attributes,
-        value_size: 0,
-    };
     for key in keys.iter() {
         let miss = memo
-            .recall(1, &request(key), || 0)
+            .recall(1, &get(key, &attributes), || 0)
             .expect_err("an empty memo has nothing");
         let mut decision = DefaultPolicy.decide(&namespace, key);
         decision.decided_by = label;
@@ -94,21 +87,13 @@ fn main() {
         options.keys, options.seconds
     );
     for threads in [1, cores] {
-        let (memo, keys) = (Arc::clone(&memo), Arc::clone(&keys));
-        let (recalls, busy) = run(threads, options.seconds, move |worker| {
+        let (recalls, busy) = run(threads, options.seconds, |worker| {
             let attributes = Attributes::new();
             let mut at = worker * 7919;
-            let memo = Arc::clone(&memo);
-            let keys = Arc::clone(&keys);
+            let (memo, keys) = (Arc::clone(&memo), Arc::clone(&keys));
             move || {
                 at = (at + 1) % keys.len();
-                let request = DecisionRequest {
-                    op: Operation::Get,
-                    namespace: "api",
-                    key: &keys[at],
-                    attributes: &attributes,
-                    value_size: 0,
-                };
+                let request = get(&keys[at], &attributes);
                 std::hint::black_box(memo.recall(1, &request, || 0).expect("a hit"));
             }
         });
@@ -124,17 +109,9 @@ fn main() {
         decision.decided_by = label;
         decision
     };
-    let attributes = Attributes::new();
     for n in 0..100_000 {
         let key = format!("/fill/{n}");
-        let request = DecisionRequest {
-            op: Operation::Get,
-            namespace: "api",
-            key: &key,
-            attributes: &attributes,
-            value_size: 0,
-        };
-        if let Err(miss) = full.recall(1, &request, || 0) {
+        if let Err(miss) = full.recall(1, &get(&key, &attributes), || 0) {
             full.keep(miss, &decision, FOREVER, 0, &stats);
         }
     }
@@ -143,8 +120,7 @@ fn main() {
         options.seconds
     );
     for threads in [1, cores] {
-        let (full, stats, decision) = (Arc::clone(&full), stats.clone(), decision.clone());
-        let (keeps, busy) = run(threads, options.seconds, move |worker| {
+        let (keeps, busy) = run(threads, options.seconds, |worker| {
             let attributes = Attributes::new();
             let mut key = String::new();
             let mut n = 0u64;
@@ -154,13 +130,7 @@ fn main() {
                 n += 1;
                 key.clear();
                 write!(key, "/users/{worker}-{n}/profile").expect("a String takes it");
-                let request = DecisionRequest {
-                    op: Operation::Get,
-                    namespace: "api",
-                    key: &key,
-                    attributes: &attributes,
-                    value_size: 0,
-                };
+                let request = get(&key, &attributes);
                 // Twice: a full memo keeps a decision at its input's second miss
                 // (or its first, for the doorkeeper's few false positives).
                 for _ in 0..2 {
@@ -171,6 +141,17 @@ fn main() {
             }
         });
         report(threads, "new input", keeps, busy);
+    }
+}
+
+/// A Get of `key` in the namespace `api`.
+fn get<'a>(key: &'a str, attributes: &'a Attributes) -> DecisionRequest<'a> {
+    DecisionRequest {
+        op: Operation::Get,
+        namespace: "api",
+        key,
+        attributes,
+        value_size: 0,
     }
 }
 

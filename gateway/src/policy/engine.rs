@@ -321,12 +321,13 @@ impl PolicyEngine {
             .instantiate_pre(&module)
             .map_err(|err| LoadError::Imports(format!("{err:#}")))?;
         let exports = Exports::find(&module);
+        let label = format!("{name}@{version}");
         let mut loaded = PolicyModule {
             engine: Arc::clone(self),
             name: Arc::from(name),
             version: Arc::from(version.as_str()),
-            label: Arc::from(format!("{name}@{version}").as_str()),
-            decided_by: super::Label::intern(&format!("{name}@{version}")),
+            label: Arc::from(label.as_str()),
+            decided_by: super::Label::intern(&label),
             instance_pre,
             exports: exports.clone().map_err(Fault::Abi),
             size: bytes.len(),

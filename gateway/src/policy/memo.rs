@@ -24,9 +24,10 @@
 //! shard's per-thread locks (quick_cache's `sharded-lock`), and the entry is
 //! copied out, not shared by reference count; only a decision's tags are
 //! (gateway/benches/memo.rs measures a hit on one core and on all of them).
-//! The cache is bounded by `policy.memo_bytes` (weighed by each entry's key and decision bytes and
-//! its overhead), shared by every binding, so the bound holds however many
-//! bindings there are; bindings that go away age out.
+//! The cache is bounded by `policy.memo_bytes` (weighed by each entry's key
+//! and decision bytes and its overhead), shared by every binding, so the
+//! bound holds however many bindings there are; bindings that go away age
+//! out.
 //!
 //! Inserting into a full memo costs: an entry is evicted for each one kept.
 //! Where inputs never repeat, that cost bought nothing and made the memo a
@@ -41,7 +42,7 @@ use std::{
     hash::BuildHasher,
     mem::size_of,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -182,8 +183,8 @@ impl Weighter<Box<[u8]>, Entry> for ByWeight {
 /// Entries name theirs by index, so a hit copies four bytes.
 #[derive(Default)]
 struct Series {
-    ids: Mutex<HashMap<(Arc<str>, String), u32>>,
-    stats: RwLock<Vec<Arc<MemoStats>>>,
+    ids: HashMap<(Arc<str>, String), u32>,
+    stats: Vec<Arc<MemoStats>>,
 }
 
 /// Accounts for every entry that leaves the memo: quick_cache hands each one
@@ -192,7 +193,7 @@ struct Series {
 /// binding's bytes and the memo's.
 #[derive(Clone)]
 struct Departures {
-    series: Arc<Series>,
+    series: Arc<RwLock<Series>>,
     /// The memo's [`DecisionMemo::held`].
     held: Arc<AtomicU64>,
 }
@@ -203,8 +204,8 @@ impl Lifecycle<Box<[u8]>, Entry> for Departures {
     fn on_evict(&self, _: &mut (), _key: Box<[u8]>, entry: Entry) {
         self.held
             .fetch_sub(u64::from(entry.weight), Ordering::Relaxed);
-        let all = self.series.stats.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(stats) = all.get(entry.series as usize) {
+        let series = self.series.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(stats) = series.stats.get(entry.series as usize) {
             stats.evictions.inc();
             stats.bytes.dec_by(i64::from(entry.weight));
         }
@@ -251,7 +252,7 @@ pub struct DecisionMemo {
     /// is full, asked on every miss, without quick_cache's `weight()`, which takes every
     /// shard's lock.
     held: Arc<AtomicU64>,
-    series: Arc<Series>,
+    series: Arc<RwLock<Series>>,
 }
 
 impl std::fmt::Debug for DecisionMemo {
@@ -280,7 +281,7 @@ impl DecisionMemo {
     /// A memo of at most `max_bytes` (0: none is kept).
     pub fn new(max_bytes: u64) -> Self {
         let held = Arc::<AtomicU64>::default();
-        let series = Arc::<Series>::default();
+        let series = Arc::<RwLock<Series>>::default();
         let entries = Cache::with(
             usize::try_from(max_bytes / 550)
                 .unwrap_or(usize::MAX)
@@ -313,21 +314,18 @@ impl DecisionMemo {
         namespace: &str,
         make: impl FnOnce() -> MemoStats,
     ) -> MemoSeries {
-        let mut ids = self.ids();
-        let key = (Arc::clone(policy), namespace.to_owned());
-        let mut all = self.series.stats.write().unwrap_or_else(|e| e.into_inner());
-        let id = *ids.entry(key).or_insert_with(|| {
-            all.push(Arc::new(make()));
-            u32::try_from(all.len() - 1).expect("fewer than 2^32 series")
-        });
+        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
+        let Series { ids, stats } = &mut *series;
+        let id = *ids
+            .entry((Arc::clone(policy), namespace.to_owned()))
+            .or_insert_with(|| {
+                stats.push(Arc::new(make()));
+                u32::try_from(stats.len() - 1).expect("fewer than 2^32 series")
+            });
         MemoSeries {
             id,
-            stats: Arc::clone(&all[id as usize]),
+            stats: Arc::clone(&stats[id as usize]),
         }
-    }
-
-    fn ids(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, String), u32>> {
-        self.series.ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the memo is full (to within 1/16), so that it keeps only
