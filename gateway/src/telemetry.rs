@@ -1,10 +1,10 @@
 //! Logs and traces: the `tracing` subscriber the binary installs.
 //!
 //! Logs go to stderr as text or JSON lines, filtered by `CACHEGW_LOG` (or
-//! `RUST_LOG`; default `info`). Every RPC runs in a `request` span (op,
-//! namespace, outcome, deciding policy version), so its log lines carry them.
-//! The outcome and the policy are recorded once the request is answered, and
-//! only when something reads them: a `debug` filter, or span export.
+//! `RUST_LOG`; default `info`). Where something reads them, a `debug` filter
+//! or span export, every RPC runs in a `request` span (op, namespace, outcome,
+//! deciding policy version), so its log lines carry them; at `info` none is
+//! opened (see `api::cache_service`).
 //! With the `otel` cargo feature and an OTLP endpoint, the spans are also
 //! exported over OTLP/gRPC.
 

@@ -25,6 +25,22 @@ use crate::{
     config::Right,
 };
 
+/// Opens a request's `request` span with `fields`, where something reads it:
+/// at `debug` for the log, at `info` when spans are exported. Opening a span
+/// costs every request the formatting of its fields, which the log layer does
+/// then whether or not a line of the request is ever written (~7% of a Get's
+/// instructions, docs/BENCHMARKS.md); the warnings a request can raise name
+/// their namespace themselves.
+macro_rules! request_span {
+    ($($fields:tt)*) => {
+        if crate::telemetry::spans_exported() {
+            tracing::info_span!("request", $($fields)*)
+        } else {
+            tracing::debug_span!("request", $($fields)*)
+        }
+    };
+}
+
 /// The data API over a [`Cache`].
 #[derive(Clone)]
 pub struct CacheApi {
@@ -41,9 +57,9 @@ impl CacheApi {
     /// The shape of every single-item RPC: count it in flight, read the
     /// client's deadline, convert the request (counting a rejection), run it
     /// through the cache, convert the answer — all inside a `request` span
-    /// carrying the op, the namespace, and once known the outcome and the
-    /// policy version that decided, so every log line of the request says
-    /// which one it was.
+    /// (where something reads it: [`request_span!`]) carrying the op, the
+    /// namespace, and once known the outcome and the policy version that
+    /// decided, so every log line of the request says which one it was.
     async fn unary<In, Command, Answer, Out, Run, Running>(
         &self,
         op: &'static str,
@@ -57,8 +73,7 @@ impl CacheApi {
         Running: Future<Output = Result<Answer, RequestError>>,
         Answer: Into<Out> + Traced,
     {
-        let span = tracing::info_span!(
-            "request",
+        let span = request_span!(
             op,
             namespace = request.get_ref().namespace(),
             outcome = Empty,
@@ -241,48 +256,56 @@ impl cache_server::Cache for CacheApi {
         .await
     }
 
-    #[tracing::instrument(name = "request", skip_all, fields(op = "mget", items = request.get_ref().items.len()))]
     async fn m_get(&self, request: Request<MGetRequest>) -> Result<Response<MGetResponse>, Status> {
-        let _in_flight = self.metrics.in_flight();
-        self.authorize("mget", &request, |caller, batch| {
-            batch
+        let span = request_span!(op = "mget", items = request.get_ref().items.len());
+        async move {
+            let _in_flight = self.metrics.in_flight();
+            self.authorize("mget", &request, |caller, batch| {
+                batch
+                    .items
+                    .iter()
+                    .try_for_each(|item| caller.authorize(&item.namespace, Right::Read))
+            })?;
+            let deadline = client_deadline(&request);
+            let commands = request
+                .into_inner()
                 .items
-                .iter()
-                .try_for_each(|item| caller.authorize(&item.namespace, Right::Read))
-        })?;
-        let deadline = client_deadline(&request);
-        let commands = request
-            .into_inner()
-            .items
-            .into_iter()
-            .map(TryInto::try_into)
-            .collect();
-        let results = self.cache.get_many(commands, deadline).await?;
-        Ok(Response::new(MGetResponse {
-            results: results.into_iter().map(Into::into).collect(),
-        }))
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect();
+            let results = self.cache.get_many(commands, deadline).await?;
+            Ok(Response::new(MGetResponse {
+                results: results.into_iter().map(Into::into).collect(),
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "request", skip_all, fields(op = "mset", items = request.get_ref().items.len()))]
     async fn m_set(&self, request: Request<MSetRequest>) -> Result<Response<MSetResponse>, Status> {
-        let _in_flight = self.metrics.in_flight();
-        self.authorize("mset", &request, |caller, batch| {
-            batch
+        let span = request_span!(op = "mset", items = request.get_ref().items.len());
+        async move {
+            let _in_flight = self.metrics.in_flight();
+            self.authorize("mset", &request, |caller, batch| {
+                batch
+                    .items
+                    .iter()
+                    .try_for_each(|item| caller.authorize(&item.namespace, Right::Write))
+            })?;
+            let deadline = client_deadline(&request);
+            let commands = request
+                .into_inner()
                 .items
-                .iter()
-                .try_for_each(|item| caller.authorize(&item.namespace, Right::Write))
-        })?;
-        let deadline = client_deadline(&request);
-        let commands = request
-            .into_inner()
-            .items
-            .into_iter()
-            .map(TryInto::try_into)
-            .collect();
-        let results = self.cache.set_many(commands, deadline).await?;
-        Ok(Response::new(MSetResponse {
-            results: results.into_iter().map(Into::into).collect(),
-        }))
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect();
+            let results = self.cache.set_many(commands, deadline).await?;
+            Ok(Response::new(MSetResponse {
+                results: results.into_iter().map(Into::into).collect(),
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn invalidate(
@@ -298,29 +321,33 @@ impl cache_server::Cache for CacheApi {
         .await
     }
 
-    #[tracing::instrument(name = "request", skip_all, fields(op = "get_invalidation", job = %request.get_ref().job_id))]
     async fn get_invalidation(
         &self,
         request: Request<GetInvalidationRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
-        // A job is the invalidating tenant's: following it takes the right
-        // to invalidate its namespace (an unknown id is NOT_FOUND below).
-        let namespace = self.cache.invalidation_namespace(&request.get_ref().job_id);
-        if let Some(namespace) = namespace {
-            self.authorize("get_invalidation", &request, |caller, _| {
-                caller.authorize(&namespace, Right::Invalidate)
-            })?;
-        } else {
-            self.authorize("get_invalidation", &request, |_, _| Ok(()))?;
+        let span = request_span!(op = "get_invalidation", job = %request.get_ref().job_id);
+        async move {
+            // A job is the invalidating tenant's: following it takes the right
+            // to invalidate its namespace (an unknown id is NOT_FOUND below).
+            let namespace = self.cache.invalidation_namespace(&request.get_ref().job_id);
+            if let Some(namespace) = namespace {
+                self.authorize("get_invalidation", &request, |caller, _| {
+                    caller.authorize(&namespace, Right::Invalidate)
+                })?;
+            } else {
+                self.authorize("get_invalidation", &request, |_, _| Ok(()))?;
+            }
+            let deadline = client_deadline(&request);
+            let request = request.into_inner();
+            let wait = Duration::from_millis(request.wait_ms);
+            let job = self
+                .cache
+                .invalidation_status(&request.job_id, wait, deadline)
+                .await?;
+            Ok(Response::new(job.into()))
         }
-        let deadline = client_deadline(&request);
-        let request = request.into_inner();
-        let wait = Duration::from_millis(request.wait_ms);
-        let job = self
-            .cache
-            .invalidation_status(&request.job_id, wait, deadline)
-            .await?;
-        Ok(Response::new(job.into()))
+        .instrument(span)
+        .await
     }
 
     async fn release_lease(
