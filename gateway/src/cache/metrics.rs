@@ -85,8 +85,13 @@ pub struct CacheMetrics {
     leases: Family<LeaseLabels, Counter>,
     lease_waiters: Gauge,
     /// Each namespace's Get metrics, resolved at its first Get.
-    gets: Arc<ArcSwap<HashMap<Arc<str>, Arc<GetMeters>>>>,
+    gets: Arc<ArcSwap<GetMetersByNamespace>>,
 }
+
+/// Namespaces' Get metrics by name. foldhash: names are operators' (or, for
+/// undeclared namespaces, bounded by the metric families' own bound), and this
+/// map is read on every Get.
+type GetMetersByNamespace = HashMap<Arc<str>, Arc<GetMeters>, foldhash::fast::RandomState>;
 
 /// Outcomes a Get is counted under.
 const GET_OUTCOMES: [&str; 6] = ["degraded", "bypass", "coalesced", "hit", "miss", "stale"];
@@ -253,10 +258,11 @@ impl CacheMetrics {
         latency: Duration,
     ) {
         let outcome = get_outcome_index(result, bypass);
-        let meters = self.get_meters(namespace);
-        self.get_counter(&meters, namespace, outcome).inc();
-        meters.latency.observe(latency.as_secs_f64());
-        meters.recent.record_all([(GET_OUTCOMES[outcome], latency)]);
+        self.with_get_meters(namespace, |meters| {
+            self.get_counter(meters, namespace, outcome).inc();
+            meters.latency.observe(latency.as_secs_f64());
+            meters.recent.record_all([(GET_OUTCOMES[outcome], latency)]);
+        });
     }
 
     /// Counts a batch's Gets (an MGet's items): each namespace's meters are
@@ -302,8 +308,19 @@ impl CacheMetrics {
 
     /// The Get metrics of `namespace`, resolved at its first Get.
     fn get_meters(&self, namespace: &MetricNamespace) -> Arc<GetMeters> {
+        self.with_get_meters(namespace, Arc::clone)
+    }
+
+    /// `f` of the Get metrics of `namespace`, resolved at its first Get: a
+    /// single Get borrows them, where a clone of their `Arc` would write a
+    /// reference count that every core's Gets of the namespace share.
+    fn with_get_meters<R>(
+        &self,
+        namespace: &MetricNamespace,
+        f: impl FnOnce(&Arc<GetMeters>) -> R,
+    ) -> R {
         if let Some(meters) = self.gets.load().get(namespace) {
-            return Arc::clone(meters);
+            return f(meters);
         }
         let meters = Arc::new(GetMeters {
             outcomes: Default::default(),
@@ -317,13 +334,13 @@ impl CacheMetrics {
             recent: self.recent.series(namespace, "get"),
         });
         self.gets.rcu(|known| {
-            let mut known = HashMap::clone(known);
+            let mut known = GetMetersByNamespace::clone(known);
             known
                 .entry(Arc::clone(namespace))
                 .or_insert_with(|| Arc::clone(&meters));
             known
         });
-        self.get_meters(namespace)
+        self.with_get_meters(namespace, f)
     }
 
     pub(super) fn lease(&self, namespace: &MetricNamespace, outcome: &'static str) {

@@ -78,7 +78,7 @@ impl ReadRounds {
             return match waiting.await {
                 Ok(answer) => answer,
                 // The leader was dropped: read alone.
-                Err(_) => read_all(vec![key.clone()])
+                Err(_) => Box::pin(read_all(vec![key.clone()]))
                     .await
                     .map(|mut fetched| fetched.pop().unwrap_or_default()),
             };
@@ -93,7 +93,11 @@ impl ReadRounds {
         // they were all in flight together, so one read answers them all.
         let mut keys = Vec::with_capacity(joined.len() + 1);
         keys.push(key.clone());
-        let mut positions: HashMap<&StorageKey, usize> = HashMap::new();
+        // foldhash, seeded per process: a round's map is as small and short-lived
+        // as the round, so SipHash's stronger guard against chosen keys costs
+        // each Get more than it protects.
+        let mut positions: HashMap<&StorageKey, usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(joined.len() + 1, Default::default());
         positions.insert(key, 0);
         let slots: Vec<usize> = joined
             .iter()
@@ -104,7 +108,10 @@ impl ReadRounds {
                 })
             })
             .collect();
-        match read_all(keys).await {
+        // Boxed: only a round's leader reads, so the read's future (a pipeline
+        // and its connection, ~1.4 KB) is allocated once per round instead of
+        // being part of every Get's future.
+        match Box::pin(read_all(keys)).await {
             Ok(fetched) => {
                 for (waiting, slot) in joined.into_iter().zip(slots) {
                     let answer = fetched.get(slot).cloned().unwrap_or_default();

@@ -17,7 +17,10 @@
 //!   retry budget (tower's `TpsBudget`: a share of recent calls) allows, so
 //!   that retries cannot multiply the load on a struggling Redis.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use failsafe::{
@@ -73,6 +76,10 @@ impl Iterator for Backoff {
 #[derive(Clone, Debug)]
 pub struct GuardMetrics {
     latency: Family<OpLabels, Histogram>,
+    /// `latency`'s series, each resolved at its operation's first call: a
+    /// look-up in the family hashes the label and takes the family's lock,
+    /// a line both cores would write on every call.
+    latency_by_op: Arc<[OnceLock<Histogram>; Op::COUNT]>,
     state: Gauge,
     transitions: Family<TransitionLabels, Counter>,
     rejected: Counter,
@@ -94,6 +101,44 @@ struct RetryLabels {
     outcome: &'static str,
 }
 
+/// The store calls the guard times, one `cachegw_store_seconds` series each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    AcquireLease,
+    Delete,
+    FlushNamespace,
+    Get,
+    GetMany,
+    PurgeKeys,
+    PurgeMatching,
+    PurgeTag,
+    ReleaseLease,
+    Set,
+    SetLeased,
+    SetMany,
+}
+
+impl Op {
+    const COUNT: usize = 12;
+
+    fn label(self) -> &'static str {
+        match self {
+            Op::AcquireLease => "acquire_lease",
+            Op::Delete => "delete",
+            Op::FlushNamespace => "flush_namespace",
+            Op::Get => "get",
+            Op::GetMany => "get_many",
+            Op::PurgeKeys => "purge_keys",
+            Op::PurgeMatching => "purge_matching",
+            Op::PurgeTag => "purge_tag",
+            Op::ReleaseLease => "release_lease",
+            Op::Set => "set",
+            Op::SetLeased => "set_leased",
+            Op::SetMany => "set_many",
+        }
+    }
+}
+
 impl GuardMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
@@ -102,6 +147,7 @@ impl GuardMetrics {
             latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
             }),
+            latency_by_op: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             state: Gauge::default(),
             transitions: Family::default(),
             rejected: Counter::default(),
@@ -133,6 +179,14 @@ impl GuardMetrics {
             metrics.retries.clone(),
         );
         metrics
+    }
+
+    fn latency(&self, op: Op) -> &Histogram {
+        self.latency_by_op[op as usize].get_or_init(|| {
+            self.latency
+                .get_or_create(&OpLabels { op: op.label() })
+                .clone()
+        })
     }
 
     fn entered(&self, to: &'static str, state: i64) {
@@ -223,7 +277,7 @@ impl GuardedStore {
     /// connection when it is idempotent and the budget allows.
     async fn guarded<T, F, Fut>(
         &self,
-        op: &'static str,
+        op: Op,
         idempotent: Idempotent,
         call: F,
     ) -> Result<T, StoreError>
@@ -235,8 +289,7 @@ impl GuardedStore {
         let result = self.with_retry(idempotent, call).await;
         if !matches!(result, Err(StoreError::CircuitOpen)) {
             self.metrics
-                .latency
-                .get_or_create(&OpLabels { op })
+                .latency(op)
                 .observe(started.elapsed().as_secs_f64());
         }
         result
@@ -316,34 +369,34 @@ impl Drop for Pending<'_> {
 #[async_trait]
 impl Store for GuardedStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
-        self.guarded("get", Idempotent::Yes, || self.inner.get(key))
+        self.guarded(Op::Get, Idempotent::Yes, || self.inner.get(key))
             .await
     }
 
     async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
-        self.guarded("get_many", Idempotent::Yes, || self.inner.get_many(keys))
+        self.guarded(Op::GetMany, Idempotent::Yes, || self.inner.get_many(keys))
             .await
     }
 
     async fn set(&self, entry: WriteEntry) -> Result<(), StoreError> {
-        self.guarded("set", Idempotent::Yes, || self.inner.set(entry.clone()))
+        self.guarded(Op::Set, Idempotent::Yes, || self.inner.set(entry.clone()))
             .await
     }
 
     async fn set_many(&self, entries: Vec<WriteEntry>) -> Result<(), StoreError> {
-        self.guarded("set_many", Idempotent::Yes, || {
+        self.guarded(Op::SetMany, Idempotent::Yes, || {
             self.inner.set_many(entries.clone())
         })
         .await
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.guarded("delete", Idempotent::Yes, || self.inner.delete(key))
+        self.guarded(Op::Delete, Idempotent::Yes, || self.inner.delete(key))
             .await
     }
 
     async fn purge_keys(&self, keys: &[StorageKey], mode: PurgeMode) -> Result<u64, StoreError> {
-        self.guarded("purge_keys", Idempotent::No, || {
+        self.guarded(Op::PurgeKeys, Idempotent::No, || {
             self.inner.purge_keys(keys, mode)
         })
         .await
@@ -356,7 +409,7 @@ impl Store for GuardedStore {
         mode: PurgeMode,
         progress: &Progress,
     ) -> Result<u64, StoreError> {
-        self.guarded("purge_matching", Idempotent::No, || {
+        self.guarded(Op::PurgeMatching, Idempotent::No, || {
             self.inner
                 .purge_matching(namespace, pattern, mode, progress)
         })
@@ -370,14 +423,14 @@ impl Store for GuardedStore {
         mode: PurgeMode,
         progress: &Progress,
     ) -> Result<u64, StoreError> {
-        self.guarded("purge_tag", Idempotent::No, || {
+        self.guarded(Op::PurgeTag, Idempotent::No, || {
             self.inner.purge_tag(namespace, tag, mode, progress)
         })
         .await
     }
 
     async fn flush_namespace(&self, namespace: &str, mode: PurgeMode) -> Result<u64, StoreError> {
-        self.guarded("flush_namespace", Idempotent::No, || {
+        self.guarded(Op::FlushNamespace, Idempotent::No, || {
             self.inner.flush_namespace(namespace, mode)
         })
         .await
@@ -390,21 +443,21 @@ impl Store for GuardedStore {
         ttl: Duration,
         wanted: LeaseCondition,
     ) -> Result<LeaseGrant, StoreError> {
-        self.guarded("acquire_lease", Idempotent::No, || {
+        self.guarded(Op::AcquireLease, Idempotent::No, || {
             self.inner.acquire_lease(key, token, ttl, wanted)
         })
         .await
     }
 
     async fn set_leased(&self, entry: WriteEntry, token: &str) -> Result<bool, StoreError> {
-        self.guarded("set_leased", Idempotent::No, || {
+        self.guarded(Op::SetLeased, Idempotent::No, || {
             self.inner.set_leased(entry.clone(), token)
         })
         .await
     }
 
     async fn release_lease(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.guarded("release_lease", Idempotent::No, || {
+        self.guarded(Op::ReleaseLease, Idempotent::No, || {
             self.inner.release_lease(key, token)
         })
         .await

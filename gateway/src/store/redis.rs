@@ -259,8 +259,12 @@ impl RedisStore {
                             // Due for its health check: hand it back, the pool PINGs it.
                             interval.is_none_or(|every| lane.checked_out_at.elapsed() < every)
                         },
+                        // Boxed, here and for a cluster: the pool's future
+                        // (connecting included) is ~7 KB, and unboxed it would
+                        // be part of every command's future, which every Get
+                        // allocates and moves, for a path taken once per lane.
                         async || {
-                            let connection = pool.get().await.map_err(pool_error)?;
+                            let connection = Box::pin(pool.get()).await.map_err(pool_error)?;
                             Ok(Lane {
                                 connection,
                                 checked_out_at: Instant::now(),
@@ -278,11 +282,13 @@ impl RedisStore {
                         &lanes[index],
                         |_: &ClusterConnection| true,
                         async || {
-                            client.get_async_connection().await.map_err(|err| {
-                                StoreError::Unavailable(format!(
-                                    "cannot connect to the cluster: {err}"
-                                ))
-                            })
+                            Box::pin(client.get_async_connection())
+                                .await
+                                .map_err(|err| {
+                                    StoreError::Unavailable(format!(
+                                        "cannot connect to the cluster: {err}"
+                                    ))
+                                })
                         },
                     )
                     .await?;
