@@ -24,8 +24,6 @@
 //! the prefix and the suffix cannot match outside them (Redis globs give `{`
 //! and `}` no meaning). Policy sync (`cachegw:policy:*`) uses yet another prefix.
 
-use std::fmt::Write as _;
-
 /// Fields of the namespace state hash.
 pub const GENERATION_FIELD: &str = "gen";
 /// Entries created at or before this time (ms) are stale (a soft flush).
@@ -45,7 +43,7 @@ pub fn entry_or_lease_matcher(namespace: &str, generation: u64) -> Vec<u8> {
 
 /// The key of the lease on an entry.
 pub fn lease_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
-    let mut out = lease_prefix(namespace, generation);
+    let mut out = generation_prefix(b"cl:{", namespace, generation, key.len() + KEY_SUFFIX.len());
     out.extend_from_slice(key);
     out.extend_from_slice(KEY_SUFFIX);
     out
@@ -53,7 +51,7 @@ pub fn lease_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
 
 /// `cl:{<ns>:<gen>:`, the prefix of every lease of a generation.
 pub fn lease_prefix(namespace: &str, generation: u64) -> Vec<u8> {
-    format!("cl:{{{namespace}:{generation}:").into_bytes()
+    generation_prefix(b"cl:{", namespace, generation, 0)
 }
 
 /// Whether a key found by [`entry_or_lease_matcher`] is a lease.
@@ -78,17 +76,28 @@ pub fn tag_void_key(namespace: &str, generation: u64, tag: &str) -> Vec<u8> {
 
 /// `cg:{<ns>:<gen>:`, the prefix of every entry of a generation.
 pub fn entry_prefix(namespace: &str, generation: u64) -> Vec<u8> {
-    let mut prefix = String::with_capacity(namespace.len() + 24);
-    // Writing to a String cannot fail.
-    let _ = write!(prefix, "cg:{{{namespace}:{generation}:");
-    prefix.into_bytes()
+    generation_prefix(b"cg:{", namespace, generation, 0)
 }
 
-/// The key an entry is stored under.
+/// The key an entry is stored under: laid out on every read and write, so
+/// without `format!`'s machinery (~500 instructions of a ~57 000-instruction Get).
 pub fn entry_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
-    let mut out = entry_prefix(namespace, generation);
+    let mut out = generation_prefix(b"cg:{", namespace, generation, key.len() + KEY_SUFFIX.len());
     out.extend_from_slice(key);
     out.extend_from_slice(KEY_SUFFIX);
+    out
+}
+
+/// `<kind><ns>:<gen>:`, with room for `more` bytes after it.
+fn generation_prefix(kind: &[u8], namespace: &str, generation: u64, more: usize) -> Vec<u8> {
+    let mut digits = itoa::Buffer::new();
+    let generation = digits.format(generation).as_bytes();
+    let mut out = Vec::with_capacity(kind.len() + namespace.len() + generation.len() + 2 + more);
+    out.extend_from_slice(kind);
+    out.extend_from_slice(namespace.as_bytes());
+    out.push(b':');
+    out.extend_from_slice(generation);
+    out.push(b':');
     out
 }
 
@@ -142,6 +151,12 @@ mod tests {
             }
         }
         assert_eq!(entry_key("users", 3, b"k:*"), b"cg:{users:3:k:*}");
+        for generation in [0, 9, 10, 12_345, u64::MAX] {
+            assert_eq!(
+                entry_key("users", generation, b"k"),
+                format!("cg:{{users:{generation}:k}}").into_bytes()
+            );
+        }
         assert_eq!(lease_key("users", 3, b"k:*"), b"cl:{users:3:k:*}");
         let prefix = entry_prefix("users", 3);
         assert_eq!(
