@@ -15,6 +15,10 @@
 //! key asked for more than once in a round is read once. A read that finds a
 //! round led already only waits for it.
 //!
+//! The Redis path gathers its rounds in front of its guard (`store::guard`),
+//! so that a round is one call to the breaker and the retry budget, as it is
+//! one call to Redis.
+//!
 //! Cancel-safety: a leader dropped before it took its round (its deadline
 //! passed) closes the round, and a leader dropped after it took it drops the
 //! answers' senders; either way the waiting reads see their answer channel

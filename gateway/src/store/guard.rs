@@ -16,6 +16,10 @@
 //!   just replaced), once, after a short jittered backoff, and only while a
 //!   retry budget (tower's `TpsBudget`: a share of recent calls) allows, so
 //!   that retries cannot multiply the load on a struggling Redis.
+//! - **Gathered Gets**: concurrent single-key reads share one call (see
+//!   [`super::coalesce`]), gathered here, above the breaker: the breaker, the
+//!   retry budget and `cachegw_store_seconds` count calls to Redis, and a
+//!   round of Gets is one call, guarded once.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -42,7 +46,7 @@ use tracing::{info, warn};
 
 use super::{
     Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
-    WriteEntry,
+    WriteEntry, coalesce::ReadRounds,
 };
 use crate::config::BreakerConfig;
 
@@ -224,6 +228,8 @@ impl failsafe::Instrument for GuardMetrics {
 /// A store behind a circuit breaker, with budgeted retries.
 pub struct GuardedStore {
     inner: Arc<dyn Store>,
+    /// Single-key reads gathered into shared calls.
+    reads: ReadRounds,
     breaker: Option<StateMachine<Policy, GuardMetrics>>,
     budget: TpsBudget,
     retry_backoff: Duration,
@@ -262,6 +268,7 @@ impl GuardedStore {
         });
         Self {
             inner,
+            reads: ReadRounds::default(),
             breaker,
             budget: TpsBudget::new(
                 Duration::from_secs(10),
@@ -369,7 +376,11 @@ impl Drop for Pending<'_> {
 #[async_trait]
 impl Store for GuardedStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
-        self.guarded(Op::Get, Idempotent::Yes, || self.inner.get(key))
+        self.reads
+            .read(key, |keys| async move {
+                self.guarded(Op::Get, Idempotent::Yes, || self.inner.get_many(&keys))
+                    .await
+            })
             .await
     }
 

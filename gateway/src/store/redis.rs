@@ -56,7 +56,6 @@ use super::{
     Fetched, LeaseCondition, LeaseGrant, Progress, PurgeMode, StorageKey, Store, StoreError,
     WriteEntry,
     batch::{Batch, Handle, Lua},
-    coalesce::ReadRounds,
     generations::{Generations, NamespaceState},
     layout, unix_millis,
 };
@@ -113,8 +112,6 @@ pub struct RedisStore {
     health_check_interval: Option<Duration>,
     epoch: Instant,
     generations: Generations,
-    /// Single-key reads gathered into shared pipelines.
-    reads: ReadRounds,
     /// How long a tag purge's mark voids leases: the longest lease.
     lease_void_ttl: Duration,
     /// How long a command may wait for Redis's reply (`redis.response_timeout`).
@@ -218,7 +215,6 @@ impl RedisStore {
                 .then_some(config.health_check_interval),
             epoch: Instant::now(),
             generations: Generations::default(),
-            reads: ReadRounds::default(),
             lease_void_ttl: max_lease_ttl,
             response_timeout: config.response_timeout,
         })
@@ -1067,10 +1063,10 @@ impl<'a> TagIndexing<'a> {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &StorageKey) -> Result<Fetched, StoreError> {
-        // Concurrent Gets share one pipeline: see `coalesce`.
-        self.reads
-            .read(key, |keys| async move { self.read(&keys).await })
-            .await
+        // Served, concurrent Gets reach this store gathered into `get_many`
+        // calls (`GuardedStore`, `coalesce`); this is a read on its own.
+        let mut fetched = self.read(std::slice::from_ref(key)).await?;
+        Ok(fetched.pop().unwrap_or_default())
     }
 
     async fn get_many(&self, keys: &[StorageKey]) -> Result<Vec<Fetched>, StoreError> {
