@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     config::InvalidationConfig,
-    policy::{DecisionBatch, Invalidation, Operation},
+    policy::{DecisionBatch, DecisionRequest, Invalidation, Operation},
     store::{Progress, PurgeMode, StorageKey, Store},
 };
 
@@ -401,12 +401,15 @@ impl Cache {
                 for key in keys {
                     let plan = self
                         .plan(
-                            Operation::Delete,
-                            &command.namespace,
-                            key,
-                            &command.attributes,
-                            0,
+                            DecisionRequest {
+                                op: Operation::Delete,
+                                namespace: &command.namespace,
+                                key,
+                                attributes: &command.attributes,
+                                value_size: 0,
+                            },
                             Some(&mut batch),
+                            Instant::now(),
                         )
                         .await?;
                     if work.policy.is_empty() {

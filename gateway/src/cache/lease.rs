@@ -23,7 +23,7 @@ use super::{
     Cache, GetResult, Outcome, Plan, RequestError, envelope, reserve_answer_time, unix_millis,
 };
 use crate::{
-    policy::Operation,
+    policy::{DecisionRequest, Operation},
     store::{Fetched, LeaseCondition, LeaseGrant, StorageKey, Store},
 };
 
@@ -411,12 +411,15 @@ impl Cache {
         check_token(&command.token)?;
         let plan = self
             .plan(
-                Operation::Get,
-                &command.namespace,
-                &command.key,
-                &command.attributes,
-                0,
+                DecisionRequest {
+                    op: Operation::Get,
+                    namespace: &command.namespace,
+                    key: &command.key,
+                    attributes: &command.attributes,
+                    value_size: 0,
+                },
                 None,
+                Instant::now(),
             )
             .await?;
         match self

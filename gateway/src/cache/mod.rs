@@ -16,7 +16,12 @@ mod metrics;
 mod namespace;
 mod near;
 
-use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use tracing::warn;
@@ -309,12 +314,15 @@ impl Cache {
     ) -> Result<GetResult, RequestError> {
         let plan = self
             .plan(
-                Operation::Get,
-                &command.namespace,
-                &command.key,
-                &command.attributes,
-                0,
+                DecisionRequest {
+                    op: Operation::Get,
+                    namespace: &command.namespace,
+                    key: &command.key,
+                    attributes: &command.attributes,
+                    value_size: 0,
+                },
                 None,
+                Instant::now(),
             )
             .await
             .inspect_err(|_| self.metrics.rejected("get"))?;
@@ -380,7 +388,7 @@ impl Cache {
             .inspect_err(|_| self.metrics.rejected("set"))?;
         let fill_ms = granted_at.map_or(0, lease::fill_ms);
         let plan = self
-            .plan_write(&command, fill_ms, None)
+            .plan_write(&command, fill_ms, None, Instant::now())
             .await
             .inspect_err(|_| self.metrics.rejected("set"))?;
         let (written, lease) = match (&plan.entry, &command.lease_token) {
@@ -434,12 +442,15 @@ impl Cache {
     ) -> Result<DeleteResult, RequestError> {
         let plan = self
             .plan(
-                Operation::Delete,
-                &command.namespace,
-                &command.key,
-                &command.attributes,
-                0,
+                DecisionRequest {
+                    op: Operation::Delete,
+                    namespace: &command.namespace,
+                    key: &command.key,
+                    attributes: &command.attributes,
+                    value_size: 0,
+                },
                 None,
+                Instant::now(),
             )
             .await
             .inspect_err(|_| self.metrics.rejected("delete"))?;
@@ -487,19 +498,24 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<Vec<Result<GetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
-        // One policy instance per binding for the whole batch.
+        // One policy instance per binding for the whole batch, and one start
+        // time: the items are one request.
         let mut batch = DecisionBatch::default();
+        let started = Instant::now();
         let mut plans: Vec<Result<Plan, RequestError>> = Vec::with_capacity(commands.len());
         for command in commands {
             plans.push(match command {
                 Ok(c) => self
                     .plan(
-                        Operation::Get,
-                        &c.namespace,
-                        &c.key,
-                        &c.attributes,
-                        0,
+                        DecisionRequest {
+                            op: Operation::Get,
+                            namespace: &c.namespace,
+                            key: &c.key,
+                            attributes: &c.attributes,
+                            value_size: 0,
+                        },
                         Some(&mut batch),
+                        started,
                     )
                     .await
                     .map(|mut plan| {
@@ -537,6 +553,8 @@ impl Cache {
                 .await
                 .map(Vec::into_iter)
         };
+        // Every item waited for the same answer: one latency for all of them.
+        let took = started.elapsed();
         let mut results = Vec::with_capacity(plans.len());
         let mut tally = GetTally::default();
         for ((plan, near), near_hit) in plans.into_iter().zip(&near_reads).zip(near_hits) {
@@ -570,12 +588,7 @@ impl Cache {
                     ),
                 }
             };
-            tally.add(
-                &plan.metric,
-                &result,
-                plan.decision.bypass,
-                plan.started.elapsed(),
-            );
+            tally.add(&plan.metric, &result, plan.decision.bypass, took);
             results.push(Ok(result));
         }
         self.metrics.get_outcomes(tally);
@@ -592,10 +605,14 @@ impl Cache {
     ) -> Result<Vec<Result<SetResult, RequestError>>, RequestError> {
         self.check_batch(commands.len())?;
         let mut batch = DecisionBatch::default();
+        let started = Instant::now();
         let mut plans: Vec<Result<WritePlan, RequestError>> = Vec::with_capacity(commands.len());
         for command in commands {
             plans.push(match command {
-                Ok(command) => self.plan_write(&command, 0, Some(&mut batch)).await,
+                Ok(command) => {
+                    self.plan_write(&command, 0, Some(&mut batch), started)
+                        .await
+                }
                 Err(err) => Err(err),
             });
         }
@@ -697,38 +714,22 @@ impl Cache {
     /// items of a batch request share `batch` (see [`Decider::decide`]).
     async fn plan(
         &self,
-        op: Operation,
-        namespace: &str,
-        key: &str,
-        attributes: &Attributes,
-        value_size: usize,
+        request: DecisionRequest<'_>,
         batch: Option<&mut DecisionBatch>,
+        started: Instant,
     ) -> Result<Plan, RequestError> {
-        let settings = self.namespaces.resolve(namespace)?;
-        self.check_key(key)?;
-        let decision = self
-            .decider
-            .decide(
-                settings,
-                &DecisionRequest {
-                    op,
-                    namespace,
-                    key,
-                    attributes,
-                    value_size,
-                },
-                batch,
-            )
-            .await;
+        let settings = self.namespaces.resolve(request.namespace)?;
+        self.check_key(request.key)?;
+        let decision = self.decider.decide(settings, &request, batch).await;
         Ok(Plan {
-            key: scoped_key(namespace, &decision.key),
+            key: scoped_key(request.namespace, &decision.key),
             metric: settings.label(),
             max_value_bytes: settings.max_value_bytes,
             compress_min_bytes: settings.compress_min_bytes,
             lease_ttl: settings.lease_ttl,
             early_refresh_beta: settings.early_refresh_beta,
             allow_stale: false,
-            started: std::time::Instant::now(),
+            started,
             decision,
         })
     }
@@ -739,6 +740,7 @@ impl Cache {
         command: &SetCommand,
         fill_ms: u32,
         batch: Option<&mut DecisionBatch>,
+        started: Instant,
     ) -> Result<WritePlan, RequestError> {
         let settings = self.namespaces.resolve(&command.namespace)?;
         if command.value.len() > settings.max_value_bytes {
@@ -763,12 +765,15 @@ impl Cache {
         }
         let read = self
             .plan(
-                Operation::Set,
-                &command.namespace,
-                &command.key,
-                &command.attributes,
-                command.value.len(),
+                DecisionRequest {
+                    op: Operation::Set,
+                    namespace: &command.namespace,
+                    key: &command.key,
+                    attributes: &command.attributes,
+                    value_size: command.value.len(),
+                },
                 batch,
+                started,
             )
             .await?;
         // Jitter spreads the expiry of entries written together.
@@ -998,7 +1003,7 @@ struct Plan {
     /// MGet items: serve stale entries (single Gets handle it themselves).
     allow_stale: bool,
     /// When the request began (for its latency).
-    started: std::time::Instant,
+    started: Instant,
     decision: Decision,
 }
 

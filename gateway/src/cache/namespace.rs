@@ -25,10 +25,13 @@ pub fn validate_namespace_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    // Checked by byte: every allowed character is ASCII, so the first byte
+    // that is not allowed starts the first character that is not.
+    if let Some(at) = name
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
     {
+        let bad = name[at..].chars().next().unwrap_or_default();
         return Err(format!(
             "contains {bad:?}; namespace names use only letters, digits, `_`, `.` and `-`"
         ));
@@ -93,7 +96,8 @@ impl NamespaceSettings {
 /// Declared namespaces plus the optional template for undeclared ones.
 #[derive(Debug, Clone, Default)]
 pub struct Namespaces {
-    declared: HashMap<String, NamespaceSettings>,
+    /// foldhash: looked up on every request, filled only from the config.
+    declared: HashMap<String, NamespaceSettings, foldhash::fast::RandomState>,
     template: Option<NamespaceSettings>,
 }
 
@@ -114,11 +118,14 @@ impl Namespaces {
 
     /// The settings for `name`, or why there are none.
     pub fn resolve(&self, name: &str) -> Result<&NamespaceSettings, RequestError> {
+        // A declared name was checked when the config was.
+        if let Some(settings) = self.declared.get(name) {
+            return Ok(settings);
+        }
         validate_namespace_name(name)
             .map_err(|reason| RequestError::invalid("namespace", reason))?;
-        self.declared
-            .get(name)
-            .or(self.template.as_ref())
+        self.template
+            .as_ref()
             .ok_or_else(|| RequestError::UnknownNamespace(name.to_owned()))
     }
 }
