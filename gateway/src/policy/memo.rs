@@ -294,9 +294,12 @@ impl DecisionMemo {
                 held: Arc::clone(&held),
             },
         );
-        // One bit per 64 bytes of memo: ~8 bits per entry the memo can hold
-        // (~550 bytes each), 64 KiB of bitmap for the default 32 MiB.
-        let bits = (max_bytes / 64).clamp(1 << 12, 1 << 26).next_power_of_two() as usize;
+        // One bit per 16 bytes of memo: ~32 bits per entry the memo can hold
+        // (~550 bytes each), 256 KiB of bitmap for the default 32 MiB. It
+        // clears after bits / 8 first sightings, so it remembers those of the
+        // last ~4 memo-fulls of inputs: an input that repeats within that is
+        // kept at its second miss (docs/BENCHMARKS.md, "Zipf, counted").
+        let bits = (max_bytes / 16).clamp(1 << 12, 1 << 28).next_power_of_two() as usize;
         Self {
             entries,
             capacity: max_bytes,
