@@ -8,14 +8,12 @@
 
 #![no_main]
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use gateway::{
     Config,
     api::proto::policy as pb,
     cache::{Envelope, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES, NamespaceSettings},
-    policy::{Decision, DecisionLimits, Label, engine},
+    policy::{Decision, DecisionLimits, Label, Millis, engine},
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -41,9 +39,10 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(decision: &Decision, limits: &DecisionLimits) {
     assert!(!decision.key.is_empty() && decision.key.len() <= limits.max_key_bytes);
-    assert!(decision.fresh_ttl > Duration::ZERO && decision.fresh_ttl <= limits.max_ttl);
-    assert!(decision.stale_window <= limits.max_ttl);
-    assert!(decision.ttl_jitter <= limits.max_ttl);
+    let max_ttl = Millis::from_duration(limits.max_ttl);
+    assert!(!decision.fresh_ttl.is_zero() && decision.fresh_ttl <= max_ttl);
+    assert!(decision.stale_window <= max_ttl);
+    assert!(decision.ttl_jitter <= max_ttl);
     assert!(decision.early_refresh_beta.is_finite() && decision.early_refresh_beta >= 0.0);
     let invalidate = decision.invalidation();
     for items in [
@@ -68,9 +67,8 @@ fn check(decision: &Decision, limits: &DecisionLimits) {
     // reads back with them.
     let entry = Envelope {
         created_at_ms: 0,
-        fresh_until_ms: u64::try_from(decision.fresh_ttl.as_millis()).expect("bounded"),
-        stale_until_ms: u64::try_from((decision.fresh_ttl + decision.stale_window).as_millis())
-            .expect("bounded"),
+        fresh_until_ms: decision.fresh_ttl.as_millis(),
+        stale_until_ms: decision.fresh_ttl.as_millis() + decision.stale_window.as_millis(),
         tags: decision.tags.to_vec(),
         fill_ms: 0,
         content_type: String::new(),

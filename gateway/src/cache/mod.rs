@@ -253,7 +253,7 @@ impl Cache {
         if plan.decision.bypass {
             return None;
         }
-        let ttl = near.ttl_for(plan.decision.near_cache_ttl)?;
+        let ttl = near.ttl_for(plan.decision.near_cache_ttl.duration())?;
         Some(NearRead {
             near,
             ttl,
@@ -777,7 +777,8 @@ impl Cache {
             )
             .await?;
         // Jitter spreads the expiry of entries written together.
-        let fresh_ttl = read.decision.fresh_ttl + jitter(read.decision.ttl_jitter);
+        let fresh_ttl =
+            read.decision.fresh_ttl.duration() + jitter(read.decision.ttl_jitter.duration());
         let entry = (!read.decision.bypass).then(|| {
             let decision = &read.decision;
             let (value, compressed) = compress(
@@ -790,7 +791,7 @@ impl Cache {
             let envelope = Envelope {
                 created_at_ms: now,
                 fresh_until_ms: fresh_until,
-                stale_until_ms: fresh_until.saturating_add(millis(decision.stale_window)),
+                stale_until_ms: fresh_until.saturating_add(decision.stale_window.as_millis()),
                 tags: decision.tags.to_vec(),
                 fill_ms,
                 content_type: command.content_type.clone(),
@@ -800,7 +801,7 @@ impl Cache {
             WriteEntry {
                 key: read.key.clone(),
                 value: envelope.encode(),
-                expire_after: fresh_ttl + decision.stale_window,
+                expire_after: fresh_ttl + decision.stale_window.duration(),
                 tags: envelope.tags,
             }
         });

@@ -159,14 +159,24 @@ impl Reuse {
 #[derive(Clone)]
 struct Entry {
     decision: Decision,
-    /// The end of the policy's promise, in Unix ms: it runs from the
-    /// decided request's `now_unix_ms`, the time the policy saw.
-    until_unix_ms: Option<u64>,
-    value_size: Option<u64>,
+    /// The end of the policy's promise, in Unix ms ([`NO_END`]: none): it
+    /// runs from the decided request's `now_unix_ms`, the time the policy saw.
+    until_unix_ms: u64,
+    /// The value size the decision read ([`ANY_SIZE`]: it read none).
+    value_size: u64,
     weight: u32,
     /// Its binding's counters: an index into [`Series`].
     series: u32,
 }
+
+/// [`Entry::until_unix_ms`] of a decision kept without a promise. The
+/// sentinels keep an entry at 128 bytes, what the compiler copies inline (a
+/// hit copies one), where two `Option<u64>` took 16 bytes more.
+const NO_END: u64 = u64::MAX;
+
+/// [`Entry::value_size`] of a decision that did not read the value size (no
+/// value is `u64::MAX` bytes long).
+const ANY_SIZE: u64 = u64::MAX;
 
 /// An entry weighs what it was weighed at when kept.
 #[derive(Clone)]
@@ -390,12 +400,8 @@ impl DecisionMemo {
         now_unix_ms: impl FnOnce() -> u64,
     ) -> Option<Decision> {
         let entry = self.entries.get(input)?;
-        let other_size = entry.value_size.is_some_and(|size| size != value_size);
-        let expired = || {
-            entry
-                .until_unix_ms
-                .is_some_and(|until| now_unix_ms() >= until)
-        };
+        let other_size = entry.value_size != ANY_SIZE && entry.value_size != value_size;
+        let expired = || entry.until_unix_ms != NO_END && now_unix_ms() >= entry.until_unix_ms;
         (!other_size && !expired()).then_some(entry.decision)
     }
 
@@ -452,11 +458,11 @@ impl DecisionMemo {
             input.0,
             Entry {
                 decision: decision.clone(),
-                until_unix_ms: promise.map(|promise| {
+                until_unix_ms: promise.map_or(NO_END, |promise| {
                     decided_at_unix_ms
                         .saturating_add(u64::try_from(promise.as_millis()).unwrap_or(u64::MAX))
                 }),
-                value_size,
+                value_size: value_size.unwrap_or(ANY_SIZE),
                 weight,
                 series: series.id,
             },
@@ -607,6 +613,14 @@ mod tests {
             .iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_decision_and_an_entry_fit_an_inline_copy() {
+        // Above 128 bytes the compiler copies through `memcpy` calls: a hit
+        // copies an entry out and hands its decision on (docs/BENCHMARKS.md).
+        assert!(size_of::<Decision>() <= 128, "{}", size_of::<Decision>());
+        assert!(size_of::<Entry>() <= 128, "{}", size_of::<Entry>());
     }
 
     #[test]

@@ -114,12 +114,12 @@ pub struct Decision {
     /// The key within the namespace (the cache layer scopes it).
     pub key: String,
     /// How long a written entry is fresh, before jitter.
-    pub fresh_ttl: Duration,
+    pub fresh_ttl: Millis,
     /// Up to this much is added at random to `fresh_ttl` when an entry is
     /// written, so entries written together do not expire together.
-    pub ttl_jitter: Duration,
+    pub ttl_jitter: Millis,
     /// How long after that it may still be served stale.
-    pub stale_window: Duration,
+    pub stale_window: Millis,
     /// Tags attached to a written entry.
     pub tags: Tags,
     /// Skip the store for this request.
@@ -136,7 +136,7 @@ pub struct Decision {
     /// (zero: not eligible). Not yet clamped: the near-cache applies its own
     /// `near_cache.max_ttl`, so a policy can be written once for fleets that
     /// configure it differently.
-    pub near_cache_ttl: Duration,
+    pub near_cache_ttl: Millis,
     /// Who decided: `default`, `name@version`, or `fail-open:name@version` /
     /// `fail-closed:name@version` when the fallback did.
     pub decided_by: Label,
@@ -149,26 +149,29 @@ pub struct Decision {
 /// decision handed out again (a memo hit, the default policy's) copies it,
 /// where a shared reference count would be a cache line that every core
 /// writes on every request (gateway/benches/memo.rs).
+/// A thin reference (8 bytes, to the interned text's own reference), so that
+/// a [`Decision`] fits the 128 bytes the compiler copies inline.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Label(&'static str);
+pub struct Label(&'static &'static str);
 
 impl Label {
     /// The default policy's.
-    pub const DEFAULT: Label = Label("default");
+    pub const DEFAULT: Label = Label(&"default");
 
     /// The label that reads `text`: the same one for the same text.
     pub fn intern(text: &str) -> Label {
-        static INTERNED: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
-            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        static INTERNED: std::sync::Mutex<std::collections::BTreeMap<&'static str, Label>> =
+            std::sync::Mutex::new(std::collections::BTreeMap::new());
         let mut interned = INTERNED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(&known) = interned.get(text) {
-            return Label(known);
+            return known;
         }
         let text: &'static str = Box::leak(text.into());
-        interned.insert(text);
-        Label(text)
+        let label = Label(Box::leak(Box::new(text)));
+        interned.insert(text, label);
+        label
     }
 
     /// Its text.
@@ -193,7 +196,56 @@ impl fmt::Display for Label {
 
 impl fmt::Debug for Label {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.0, f)
+        fmt::Debug::fmt(*self.0, f)
+    }
+}
+
+/// A decision's duration in whole milliseconds, what the policy ABI carries:
+/// 8 bytes where a [`Duration`] takes 16, so that a [`Decision`] fits the 128
+/// bytes the compiler copies inline (a memo hit copies one out; every
+/// request moves one into its plan).
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(u64);
+
+impl Millis {
+    /// No time at all.
+    pub const ZERO: Millis = Millis(0);
+
+    /// `ms` milliseconds.
+    pub const fn from_millis(ms: u64) -> Millis {
+        Millis(ms)
+    }
+
+    /// `duration`, to the millisecond below (saturating).
+    pub fn from_duration(duration: Duration) -> Millis {
+        Millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Its milliseconds.
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// As a [`Duration`].
+    pub const fn duration(self) -> Duration {
+        Duration::from_millis(self.0)
+    }
+
+    /// Whether it is no time at all.
+    pub const fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl From<Millis> for Duration {
+    fn from(millis: Millis) -> Duration {
+        millis.duration()
+    }
+}
+
+impl fmt::Debug for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.duration(), f)
     }
 }
 
@@ -218,15 +270,15 @@ impl DefaultPolicy {
     pub fn decide(&self, namespace: &NamespaceSettings, key: &str) -> Decision {
         Decision {
             key: key.to_owned(),
-            fresh_ttl: namespace.default_ttl,
-            ttl_jitter: Duration::ZERO,
-            stale_window: Duration::ZERO,
+            fresh_ttl: Millis::from_duration(namespace.default_ttl),
+            ttl_jitter: Millis::ZERO,
+            stale_window: Millis::ZERO,
             tags: Tags::default(),
             bypass: false,
             compression: Compression::Auto,
             invalidate: None,
             early_refresh_beta: 0.0,
-            near_cache_ttl: Duration::ZERO,
+            near_cache_ttl: Millis::ZERO,
             decided_by: Label::DEFAULT,
         }
     }
@@ -731,14 +783,14 @@ impl Decision {
         }
         let max_ms = u64::try_from(limits.max_ttl.as_millis()).unwrap_or(u64::MAX);
         let fresh_ttl = match wire.fresh_ttl_ms {
-            None => namespace.default_ttl,
+            None => Millis::from_duration(namespace.default_ttl),
             Some(0) => return invalid("fresh_ttl_ms is 0 (use bypass not to cache)".into()),
             Some(ms) if ms > max_ms => {
                 return invalid(format!(
                     "fresh_ttl_ms {ms} exceeds policy.max_ttl ({max_ms} ms)"
                 ));
             }
-            Some(ms) => Duration::from_millis(ms),
+            Some(ms) => Millis::from_millis(ms),
         };
         for (field, ms) in [
             ("stale_window_ms", wire.stale_window_ms),
@@ -797,8 +849,8 @@ impl Decision {
         Ok(Decision {
             key: wire.storage_key,
             fresh_ttl,
-            ttl_jitter: Duration::from_millis(wire.ttl_jitter_ms),
-            stale_window: Duration::from_millis(wire.stale_window_ms),
+            ttl_jitter: Millis::from_millis(wire.ttl_jitter_ms),
+            stale_window: Millis::from_millis(wire.stale_window_ms),
             tags: wire.tags.into(),
             bypass: wire.bypass,
             compression: match pb::CompressionHint::try_from(wire.compression) {
@@ -815,7 +867,7 @@ impl Decision {
                 (!invalidate.is_empty()).then(|| Box::new(invalidate))
             },
             early_refresh_beta: wire.early_refresh_beta,
-            near_cache_ttl: Duration::from_millis(wire.near_cache_ttl_ms),
+            near_cache_ttl: Millis::from_millis(wire.near_cache_ttl_ms),
             decided_by,
         })
     }
