@@ -66,6 +66,19 @@ pub struct GetCommand {
     pub lease: Option<LeaseAsk>,
 }
 
+impl GetCommand {
+    /// What its policy decides on.
+    pub(crate) fn decision_request(&self) -> DecisionRequest<'_> {
+        DecisionRequest {
+            op: Operation::Get,
+            namespace: &self.namespace,
+            key: &self.key,
+            attributes: &self.attributes,
+            value_size: 0,
+        }
+    }
+}
+
 /// A validated Set.
 #[derive(Debug, Clone)]
 pub struct SetCommand {
@@ -313,17 +326,7 @@ impl Cache {
         deadline: Option<Duration>,
     ) -> Result<GetResult, RequestError> {
         let plan = self
-            .plan(
-                DecisionRequest {
-                    op: Operation::Get,
-                    namespace: &command.namespace,
-                    key: &command.key,
-                    attributes: &command.attributes,
-                    value_size: 0,
-                },
-                None,
-                Instant::now(),
-            )
+            .plan(command.decision_request(), None, Instant::now())
             .await
             .inspect_err(|_| self.metrics.rejected("get"))?;
         let ask = command
@@ -506,17 +509,7 @@ impl Cache {
         for command in commands {
             plans.push(match command {
                 Ok(c) => self
-                    .plan(
-                        DecisionRequest {
-                            op: Operation::Get,
-                            namespace: &c.namespace,
-                            key: &c.key,
-                            attributes: &c.attributes,
-                            value_size: 0,
-                        },
-                        Some(&mut batch),
-                        started,
-                    )
+                    .plan(c.decision_request(), Some(&mut batch), started)
                     .await
                     .map(|mut plan| {
                         plan.allow_stale = c.allow_stale;
