@@ -29,6 +29,7 @@ use std::{any::Any, cell::RefCell};
 
 use prost::Message;
 
+use crate::request::Reads;
 use crate::{Policy, Request, proto};
 
 /// The ABI version this SDK implements (`cachegw_abi_version`).
@@ -187,11 +188,12 @@ fn encode(message: &impl Message, out: &mut Vec<u8>) {
 /// (recorded by the [`Request`] it was given; `from_config` only sees the config bytes) and the
 /// policy's [`reusable_for`](crate::Decision::reusable_for) promise. An error carries nothing.
 fn decide_into<P: Policy + 'static>(input: &[u8], out: &mut Vec<u8>) {
-    let input = match proto::PolicyInput::decode(input) {
-        Ok(input) => input,
+    // The request borrows the input's bytes: no copy of the config or the strings.
+    let reads = Reads::default();
+    let req = match Request::decode(input, &reads) {
+        Ok(req) => req,
         Err(err) => return declined(format!("cannot decode PolicyInput: {err}"), out),
     };
-    let req = Request::from(input);
     KEPT.with_borrow(|kept| {
         let kept = kept
             .as_ref()

@@ -462,7 +462,7 @@ mod tests {
     use crate::Operation;
     use crate::testing;
 
-    fn req() -> Request {
+    fn req() -> Request<'static> {
         testing::request(Operation::Set, "ns", "client-key").build()
     }
 

@@ -106,7 +106,7 @@ impl RequestBuilder {
     }
 
     /// The typed request a policy sees.
-    pub fn build(&self) -> Request {
+    pub fn build(&self) -> Request<'static> {
         Request::from(self.input.clone())
     }
 
