@@ -252,7 +252,7 @@ path (or point it at a git checkout: `cachegw_policy = {{ package = "policy-sdk"
 
 - `src/lib.rs`: the policy and its tests (`cachegw_policy::testing` builds requests natively).
 - `Cargo.toml`: `crate-type = ["cdylib", "rlib"]` (the module, and the native tests) and the
-  release profile a module needs: size-optimised, LTO, and `panic = "abort"` (a panic must trap).
+  release profile a module needs: optimised for speed, LTO, and `panic = "abort"` (a panic must trap).
 - `.cargo/config.toml`: the module's memory layout (a 128 KiB stack, and no more initial memory
   than the stack and the data need), which keeps each decision's fresh instance cheap.
 - `dist/{name}.wasm`: what `cachegw policy build` produces, and what you push.
