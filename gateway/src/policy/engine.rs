@@ -599,6 +599,12 @@ impl PolicyModule {
         let mut store =
             self.engine
                 .new_store(&self.label, Arc::clone(&meter), Yields::Anywhere, None);
+        // A load-time check, not a request's call: its CPU is bounded by the
+        // wall deadline, not by `policy.deadline`. A version whose check met
+        // the per-call deadline (a loaded machine, a gateway under valgrind)
+        // would otherwise be loaded as one that does not implement the ABI,
+        // every call of it a fault, until it is loaded again.
+        store.data_mut().cpu_deadline = self.engine.wall_deadline;
         let outcome = futures::executor::block_on(metered(&meter, async {
             let instance = self.instance_pre.instantiate(&mut store)?;
             store.data_mut().on_fiber = true;
@@ -1370,6 +1376,48 @@ mod tests {
             lines() > before,
             "{} names none of the module's code",
             map.display()
+        );
+    }
+
+    /// The load-time ABI check runs under the wall deadline, not the per-call
+    /// CPU deadline: a module whose `cachegw_abi_version` takes longer than
+    /// `policy.deadline` still loads as implementing the ABI, and one that
+    /// never returns is still refused.
+    #[test]
+    fn the_abi_check_is_bounded_by_the_wall_deadline_not_the_call_deadline() {
+        // `cachegw_abi_version` counts down from $n before it answers 1.
+        let module = |n: u64| {
+            wat::parse_str(format!(
+                r#"(module
+                    (memory (export "memory") 1)
+                    (func (export "cachegw_abi_version") (result i32) (local $i i64)
+                        (local.set $i (i64.const {n}))
+                        (block $done (loop $again
+                            (br_if $done (i64.eqz (local.get $i)))
+                            (local.set $i (i64.sub (local.get $i) (i64.const 1)))
+                            (br $again)))
+                        (i32.const 1))
+                    (func (export "cachegw_alloc") (param i32) (result i32) (i32.const 0))
+                    (func (export "cachegw_decide") (param i32 i32) (result i64) (i64.const 0)))"#
+            ))
+            .unwrap()
+        };
+        let engine = Arc::new(
+            PolicyEngine::new(&PolicyEngineConfig {
+                deadline: Duration::from_millis(1),
+                wall_deadline: Some(Duration::from_secs(3)),
+                compile_cache_dir: None,
+                ..PolicyEngineConfig::default()
+            })
+            .unwrap(),
+        );
+        // Far more than 1 ms of CPU on any machine, far less than 3 s.
+        let slow = engine.load("slow-abi", &module(20_000_000)).unwrap();
+        assert_eq!(slow.abi().err(), None, "a slow check is still a pass");
+        let looping = engine.load("looping-abi", &module(u64::MAX)).unwrap();
+        assert!(
+            looping.abi().is_err(),
+            "a check that never answers is a fault"
         );
     }
 
