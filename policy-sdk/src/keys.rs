@@ -214,37 +214,84 @@ impl From<Glob> for String {
 /// assert!(!glob_match("profile:7\\*:*", "profile:71:email"));
 /// ```
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let tokens = parse_glob(pattern);
-    let text: Vec<char> = text.chars().collect();
-    // Greedy matching with backtracking to the last `*` only: linear in practice and never
-    // exponential, since a later `*` supersedes every earlier one.
-    let (mut t, mut c) = (0, 0);
-    let mut last_star: Option<(usize, usize)> = None;
-    while c < text.len() {
-        match tokens.get(t) {
-            Some(Token::AnyRun) => {
-                last_star = Some((t, c));
-                t += 1;
-            }
-            Some(token) if token.matches(text[c]) => {
-                t += 1;
-                c += 1;
-            }
-            _ => match last_star {
-                Some((star_t, star_c)) => {
-                    last_star = Some((star_t, star_c + 1));
-                    t = star_t + 1;
-                    c = star_c + 1;
-                }
-                None => return false,
-            },
-        }
-    }
-    tokens[t..]
-        .iter()
-        .all(|token| matches!(token, Token::AnyRun))
+    GlobMatcher::new(pattern).is_match(text)
 }
 
+/// A glob pattern parsed once, to match many keys: what a policy builds in `from_config` for
+/// the patterns of its config, so that no decision parses them again. The syntax and the answer
+/// are [`glob_match`]'s; matching allocates nothing.
+///
+/// ```
+/// use cachegw_policy::GlobMatcher;
+///
+/// let leaderboards = GlobMatcher::new("leaderboard*");
+/// assert!(leaderboards.is_match("leaderboard:today"));
+/// assert!(!leaderboards.is_match("profile:7"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobMatcher {
+    pattern: String,
+    tokens: Vec<Token>,
+}
+
+impl GlobMatcher {
+    /// Parses `pattern` (every string is a pattern: an unclosed `[` and a trailing `\` match
+    /// themselves).
+    pub fn new(pattern: &str) -> Self {
+        Self {
+            pattern: pattern.to_owned(),
+            tokens: parse_glob(pattern),
+        }
+    }
+
+    /// Whether `text` matches the pattern.
+    pub fn is_match(&self, text: &str) -> bool {
+        let tokens = &self.tokens;
+        // Greedy matching with backtracking to the last `*` only: linear in practice and never
+        // exponential, since a later `*` supersedes every earlier one. `c` is a byte offset in
+        // `text`, always at a character boundary.
+        let (mut t, mut c) = (0, 0);
+        let mut last_star: Option<(usize, usize)> = None;
+        while let Some(next) = text[c..].chars().next() {
+            match tokens.get(t) {
+                Some(Token::AnyRun) => {
+                    last_star = Some((t, c));
+                    t += 1;
+                }
+                Some(token) if token.matches(next) => {
+                    t += 1;
+                    c += next.len_utf8();
+                }
+                _ => match last_star {
+                    Some((star_t, star_c)) => {
+                        // The star takes one more character.
+                        let taken = text[star_c..].chars().next().map_or(1, char::len_utf8);
+                        last_star = Some((star_t, star_c + taken));
+                        t = star_t + 1;
+                        c = star_c + taken;
+                    }
+                    None => return false,
+                },
+            }
+        }
+        tokens[t..]
+            .iter()
+            .all(|token| matches!(token, Token::AnyRun))
+    }
+
+    /// The pattern as given.
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+}
+
+impl From<&Glob> for GlobMatcher {
+    fn from(glob: &Glob) -> Self {
+        GlobMatcher::new(glob.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
     AnyRun,
     AnyOne,
@@ -512,6 +559,94 @@ mod tests {
         assert!(glob_match("[ab", "[ab"));
         // A trailing backslash is literal.
         assert!(glob_match("a\\", "a\\"));
+    }
+
+    #[test]
+    fn glob_counts_characters_not_bytes() {
+        // `?` is one character of any width, and a `*` that backtracks gives up whole
+        // characters: a byte-wise matcher would split `é` (2 bytes) or `€` (3 bytes).
+        assert!(glob_match("?", "é"));
+        assert!(!glob_match("??", "é"));
+        assert!(glob_match("a?c", "a€c"));
+        assert!(glob_match("*€?", "é€€x"));
+        assert!(glob_match("*é€", "éé€"));
+        assert!(!glob_match("*é€", "éé€x"));
+        assert!(glob_match("[à-ê]*", "éa"));
+        assert!(glob_match("*[^é]", "éé€"));
+        assert!(!glob_match("*[^é€]", "éé€"));
+    }
+
+    #[test]
+    fn a_matcher_answers_as_glob_match_for_every_pattern_and_key() {
+        // Patterns and keys from a small alphabet that exercises every token, wide characters
+        // and backtracking; the matcher is parsed once and asked many times.
+        let alphabet = ['a', 'b', 'é', '€', '*', '?', '[', ']', '^', '-', '\\'];
+        let keys = [
+            "",
+            "a",
+            "ab",
+            "aé€b",
+            "é",
+            "ba€",
+            "[a]",
+            "a-b",
+            "*?",
+            "\\a",
+            "ééé€",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2_000 {
+            let len = (next() % 7) as usize;
+            let pattern: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let matcher = GlobMatcher::new(&pattern);
+            assert_eq!(matcher.as_str(), pattern);
+            for key in keys {
+                assert_eq!(
+                    matcher.is_match(key),
+                    reference_match(&pattern, key),
+                    "{pattern:?} against {key:?}"
+                );
+            }
+        }
+    }
+
+    /// The matcher as it was before it took byte offsets: over a `Vec<char>` of the key.
+    fn reference_match(pattern: &str, text: &str) -> bool {
+        let tokens = parse_glob(pattern);
+        let text: Vec<char> = text.chars().collect();
+        let (mut t, mut c) = (0, 0);
+        let mut last_star: Option<(usize, usize)> = None;
+        while c < text.len() {
+            match tokens.get(t) {
+                Some(Token::AnyRun) => {
+                    last_star = Some((t, c));
+                    t += 1;
+                }
+                Some(token) if token.matches(text[c]) => {
+                    t += 1;
+                    c += 1;
+                }
+                _ => match last_star {
+                    Some((star_t, star_c)) => {
+                        last_star = Some((star_t, star_c + 1));
+                        t = star_t + 1;
+                        c = star_c + 1;
+                    }
+                    None => return false,
+                },
+            }
+        }
+        tokens[t..]
+            .iter()
+            .all(|token| matches!(token, Token::AnyRun))
     }
 
     #[test]

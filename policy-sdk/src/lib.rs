@@ -169,7 +169,7 @@
 //! - [`normalize_key`]: lower-case, trim, sort URL query parameters, so spellings share an entry;
 //! - [`Glob`] to build invalidation patterns with request data escaped ([`escape_glob`] to
 //!   escape by hand), [`glob_match`] to match the same syntax the gateway's pattern
-//!   invalidation uses;
+//!   invalidation uses ([`GlobMatcher`] parses a pattern once, for the patterns of a config);
 //! - [`tag`] to join tag parts unambiguously (`tag(["user", id])` → `user:{id}`);
 //! - [`parse_duration`] for `"500ms"`, `"60s"`, `"5m"`, `"24h"`, `"1h30m"` in configs, with serde
 //!   helpers in [`duration`];
@@ -219,7 +219,7 @@ pub use abi::ABI_VERSION;
 pub use decision::{Compression, Decision, MAX_TAG_BYTES, MAX_TAG_SECTION_BYTES};
 pub use duration::{DurationParseError, parse_duration};
 pub use error::PolicyError;
-pub use keys::{Glob, escape_glob, glob_match, normalize_key, tag};
+pub use keys::{Glob, GlobMatcher, escape_glob, glob_match, normalize_key, tag};
 pub use request::{Operation, Request};
 
 /// A caching policy: the one trait an author implements.

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use cachegw_policy::{Decision, Policy, PolicyError, Request, config, duration, glob_match};
+use cachegw_policy::{Decision, GlobMatcher, Policy, PolicyError, Request, config, duration};
 use serde::Deserialize;
 
 /// The policy: ordered rules and an optional default.
@@ -40,14 +40,15 @@ struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 enum Matcher {
     Prefix(String),
-    Glob(String),
+    /// Parsed once, from the config: a decision matches without parsing the pattern again.
+    Glob(GlobMatcher),
 }
 
 impl Matcher {
     fn matches(&self, key: &str) -> bool {
         match self {
             Matcher::Prefix(prefix) => key.starts_with(prefix.as_str()),
-            Matcher::Glob(pattern) => glob_match(pattern, key),
+            Matcher::Glob(glob) => glob.is_match(key),
         }
     }
 }
@@ -67,7 +68,7 @@ impl Default for TtlByRoute {
     /// The tutorial's TTL strategy: leaderboards change often (60 s), reference data such as
     /// country codes rarely (24 h).
     fn default() -> Self {
-        let glob = |pattern: &str| Matcher::Glob(pattern.to_owned());
+        let glob = |pattern: &str| Matcher::Glob(GlobMatcher::new(pattern));
         Self {
             rules: vec![
                 Rule::new(glob("leaderboard*"), Duration::from_secs(60)),
@@ -107,7 +108,7 @@ impl RuleConfig {
     fn into_rule(self) -> Result<Rule, PolicyError> {
         let matcher = match (self.prefix, self.glob) {
             (Some(prefix), None) => Matcher::Prefix(prefix),
-            (None, Some(glob)) => Matcher::Glob(glob),
+            (None, Some(glob)) => Matcher::Glob(GlobMatcher::new(&glob)),
             _ => return Err(PolicyError::new("give exactly one of `prefix` and `glob`")),
         };
         if self.ttl.is_zero() {
