@@ -25,6 +25,7 @@
 //! call may run in a recycled instance ([`recycle`]), one kept from an
 //! earlier call and put back to exactly the state a new instance starts in.
 
+mod input;
 mod preinit;
 mod recycle;
 
@@ -49,6 +50,7 @@ use wasmtime::{
     Trap, TypedFunc, UpdateDeadline, ValType,
 };
 
+pub use self::input::{BorrowedInput, CallInput};
 pub use self::preinit::{InputBuffer, Preinit, PreinitError};
 use self::recycle::{IdleBudget, Recyclable, Recycler};
 use crate::{api::proto::policy as pb, config::PolicyEngineConfig};
@@ -634,7 +636,7 @@ impl PolicyModule {
     /// and goes on only with a permit of `long_calls` (its binding's).
     pub async fn decide(
         &self,
-        input: &pb::PolicyInput,
+        input: &(impl CallInput + ?Sized),
         long_calls: &Arc<Semaphore>,
     ) -> Result<pb::PolicyDecision, Fault> {
         self.decide_reusing(input, long_calls, None).await
@@ -650,7 +652,7 @@ impl PolicyModule {
     /// requests).
     pub async fn decide_reusing(
         &self,
-        input: &pb::PolicyInput,
+        input: &(impl CallInput + ?Sized),
         long_calls: &Arc<Semaphore>,
         live: Option<&mut Option<LiveInstance>>,
     ) -> Result<pb::PolicyDecision, Fault> {
@@ -666,32 +668,35 @@ impl PolicyModule {
         } else {
             None
         };
-        let output = self
-            .call(
-                exports,
-                &exports.decide,
-                &input.encode_to_vec(),
-                Yields::ToTokio,
-                Some((long_calls, permit)),
-                live,
-            )
-            .await?;
-        decode_output(&output)
+        // The output is decoded where the instance left it: no copy.
+        self.call(
+            exports,
+            &exports.decide,
+            input,
+            decode_output,
+            Yields::ToTokio,
+            Some((long_calls, permit)),
+            live,
+        )
+        .await?
     }
 
     /// [`decide`](Self::decide) for callers that are not async (tools, the
     /// registry's dry runs): the call blocks this thread until it ends.
-    pub fn decide_blocking(&self, input: &pb::PolicyInput) -> Result<pb::PolicyDecision, Fault> {
+    pub fn decide_blocking(
+        &self,
+        input: &(impl CallInput + ?Sized),
+    ) -> Result<pb::PolicyDecision, Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
-        let output = futures::executor::block_on(self.call(
+        futures::executor::block_on(self.call(
             exports,
             &exports.decide,
-            &input.encode_to_vec(),
+            input,
+            decode_output,
             Yields::Anywhere,
             None,
             None,
-        ))?;
-        decode_output(&output)
+        ))?
     }
 
     /// Runs the optional init export on a binding's config, blocking this
@@ -702,30 +707,32 @@ impl PolicyModule {
         let Some(init) = &exports.init else {
             return Ok(None);
         };
-        let output = futures::executor::block_on(self.call(
+        futures::executor::block_on(self.call(
             exports,
             init,
             config,
+            init_verdict,
             Yields::Anywhere,
             None,
             None,
-        ))?;
-        init_verdict(&output)
+        ))?
     }
 
     /// One call: instantiate (unless `live` holds an instance), allocate,
     /// write the input, call, read the output, all of it charged to the
     /// call's CPU budget. With `live`, the instance is left there after a
     /// call that succeeded.
-    async fn call(
+    #[allow(clippy::too_many_arguments)]
+    async fn call<R>(
         &self,
         exports: &Exports,
         entry: &ModuleExport,
-        input: &[u8],
+        input: &(impl CallInput + ?Sized),
+        read: impl FnOnce(&[u8]) -> R,
         yields: Yields,
         long_calls: Option<(&Arc<Semaphore>, Option<OwnedSemaphorePermit>)>,
         mut live: Option<&mut Option<LiveInstance>>,
-    ) -> Result<Vec<u8>, Fault> {
+    ) -> Result<R, Fault> {
         // A batch's instance, else (for a call of its own) a recycled one.
         let reused = match live.as_deref_mut() {
             Some(slot) => slot
@@ -761,7 +768,7 @@ impl PolicyModule {
                 Some((instance, handles, globals)) => {
                     let reserved = globals
                         .is_some()
-                        .then(|| self.reserved_input(exports, entry, input))
+                        .then(|| self.reserved_input(exports, entry, input.encoded_len()))
                         .flatten();
                     (instance, handles, globals, reserved)
                 }
@@ -772,7 +779,7 @@ impl PolicyModule {
                     if let Ok(recycler) = &self.recycler {
                         recycler.note_start(&mut store, &instance);
                     }
-                    let reserved = self.reserved_input(exports, entry, input);
+                    let reserved = self.reserved_input(exports, entry, input.encoded_len());
                     (instance, handles, None, reserved)
                 }
             };
@@ -781,7 +788,7 @@ impl PolicyModule {
             } else {
                 export_func(&mut store, &instance, entry)?.typed(&store)?
             };
-            let output = invoke(&mut store, &handles, &function, input, reserved).await?;
+            let output = invoke(&mut store, &handles, &function, input, read, reserved).await?;
             Ok::<_, wasmtime::Error>((instance, handles, globals, output))
         })
         .await;
@@ -807,12 +814,12 @@ impl PolicyModule {
     /// Where an instance in its starting state takes `input` for `entry`
     /// without a `cachegw_alloc` call: an image's pending input buffer, for
     /// a decision whose input fits.
-    fn reserved_input(&self, exports: &Exports, entry: &ModuleExport, input: &[u8]) -> Option<u32> {
+    fn reserved_input(&self, exports: &Exports, entry: &ModuleExport, len: usize) -> Option<u32> {
         self.preinit
             .as_ref()
             .and_then(|preinit| preinit.input_buffer)
             .filter(|buffer| {
-                std::ptr::eq(entry, &exports.decide) && input.len() <= buffer.capacity as usize
+                std::ptr::eq(entry, &exports.decide) && len <= buffer.capacity as usize
             })
             .map(|buffer| buffer.address)
     }
@@ -830,18 +837,21 @@ impl PolicyModule {
         mut record: impl FnMut(Duration, Option<Fault>),
     ) -> Result<(), Fault> {
         let exports = self.exports.as_ref().map_err(Clone::clone)?;
-        let input = input.encode_to_vec();
         if !reuse {
             for _ in 0..calls {
+                // As a request's call: the input encoded into the instance,
+                // the output decoded where it lies.
                 let started = Instant::now();
                 let fault = futures::executor::block_on(self.call(
                     exports,
                     &exports.decide,
-                    &input,
+                    input,
+                    decode_output,
                     Yields::Anywhere,
                     None,
                     None,
                 ))
+                .and_then(|decided| decided)
                 .err();
                 record(started.elapsed(), fault);
             }
@@ -865,9 +875,19 @@ impl PolicyModule {
                 .restart(Yields::Anywhere, None, LongCall::NotYet);
             let outcome = futures::executor::block_on(metered(
                 &meter,
-                invoke(&mut store, &handles, &handles.decide, &input, None),
+                invoke(
+                    &mut store,
+                    &handles,
+                    &handles.decide,
+                    input,
+                    decode_output,
+                    None,
+                ),
             ));
-            let fault = outcome.err().map(|err| fault_of(err, store.data()));
+            let fault = match outcome {
+                Ok(decided) => decided.err(),
+                Err(err) => Some(fault_of(err, store.data())),
+            };
             record(started.elapsed(), fault);
         }
         Ok(())
@@ -923,37 +943,42 @@ fn export_func(
 }
 
 /// Writes `input` into the instance (at `reserved`, a buffer the image
-/// holds pending, or else where `cachegw_alloc` says), calls `entry`, reads
-/// the output.
-async fn invoke(
+/// holds pending, or else where `cachegw_alloc` says), calls `entry`, and
+/// hands the output, where it lies in the instance's memory, to `read`.
+async fn invoke<R>(
     store: &mut Store<HostState>,
     handles: &Handles,
     entry: &TypedFunc<(i32, i32), i64>,
-    input: &[u8],
+    input: &(impl CallInput + ?Sized),
+    read: impl FnOnce(&[u8]) -> R,
     reserved: Option<u32>,
-) -> wasmtime::Result<Vec<u8>> {
+) -> wasmtime::Result<R> {
     let memory = handles.memory;
-    let len = i32::try_from(input.len()).map_err(|_| OutputError("input too large".into()))?;
+    let input_len = input.encoded_len();
+    let len = i32::try_from(input_len).map_err(|_| OutputError("input too large".into()))?;
     let ptr = match reserved {
         Some(address) => address as i32,
         None => reserve(store, handles, len as u32).await? as i32,
     };
-    memory
-        .write(&mut *store, ptr as u32 as usize, input)
-        .map_err(|_| OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory")))?;
+    let at = ptr as u32 as usize;
+    let target = memory
+        .data_mut(&mut *store)
+        .get_mut(at..at.saturating_add(input_len))
+        .ok_or_else(|| OutputError(format!("cachegw_alloc returned {ptr:#x}, outside memory")))?;
+    input.write(target);
     let packed = entry.call_async(&mut *store, (ptr, len)).await? as u64;
     let (out_ptr, out_len) = ((packed >> 32) as usize, (packed & 0xFFFF_FFFF) as usize);
     let data = memory.data(&*store);
-    let end = out_ptr
+    let output = out_ptr
         .checked_add(out_len)
-        .filter(|end| *end <= data.len())
+        .and_then(|end| data.get(out_ptr..end))
         .ok_or_else(|| {
             OutputError(format!(
                 "output at {out_ptr:#x}+{out_len} lies outside the {}-byte memory",
                 data.len()
             ))
         })?;
-    Ok(data[out_ptr..end].to_vec())
+    Ok(read(output))
 }
 
 /// The CPU time one call has run, whichever threads polled it. The

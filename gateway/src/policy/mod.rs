@@ -32,7 +32,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
-pub use self::engine::{Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
+pub use self::engine::{BorrowedInput, Fault, LiveInstance, LoadError, PolicyEngine, PolicyModule};
 use self::memo::{DecisionMemo, MemoSeries, MemoStats, Miss, Reuse};
 pub use self::metrics::{CallMetrics, PolicyMetrics};
 pub use self::registry::{PolicyRegistry, RegistryError, Routes};
@@ -686,18 +686,19 @@ impl Decider {
     ) -> Result<Decision, Fault> {
         let now_unix_ms = unix_millis();
         let started = Instant::now();
-        let input = pb::PolicyInput {
+        // Encoded from the request's own fields into the instance.
+        let input = BorrowedInput {
             op: match request.op {
                 Operation::Get => pb::Operation::Get,
                 Operation::Set => pb::Operation::Set,
                 Operation::Delete => pb::Operation::Delete,
-            } as i32,
-            namespace: request.namespace.to_owned(),
-            key: request.key.to_owned(),
-            attributes: request.attributes.clone(),
+            },
+            namespace: request.namespace,
+            key: request.key,
+            attributes: request.attributes,
             value_size: request.value_size as u64,
             now_unix_ms,
-            config: binding.config.clone(),
+            config: &binding.config,
         };
         let fresh = live.as_ref().is_none_or(|live| live.is_none());
         let outcome = binding

@@ -135,12 +135,12 @@ impl PolicyModule {
             store.data_mut().on_fiber = true;
             let handles = Handles::resolve(&mut store, &instance, exports)?;
             let init = export_func(&mut store, &instance, init)?.typed(&store)?;
-            let output = invoke(&mut store, &handles, &init, config, None).await?;
-            Ok::<_, wasmtime::Error>((instance, handles, output))
+            let verdict = invoke(&mut store, &handles, &init, config, init_verdict, None).await?;
+            Ok::<_, wasmtime::Error>((instance, handles, verdict))
         }));
-        let (instance, handles, output) =
+        let (instance, handles, verdict) =
             initialised.map_err(|err| PreinitError::Init(fault_of(err, store.data())))?;
-        if let Some(reason) = init_verdict(&output).map_err(PreinitError::Init)? {
+        if let Some(reason) = verdict.map_err(PreinitError::Init)? {
             return Err(PreinitError::Rejected(reason));
         }
         // A module that cannot spare the bytes just gets no buffer.
