@@ -746,6 +746,12 @@ pub struct PolicyEngineConfig {
     /// its instance. Off, or on a kernel without `PAGEMAP_SCAN` (before
     /// Linux 6.7): a new instance per call.
     pub recycle_instances: bool,
+    /// How a recycled instance's reset knows which pages its calls wrote.
+    /// `true`: the kernel says so once per page, through write-protection
+    /// faults (a userfaultfd: Linux 6.4+, where the process may create one),
+    /// so a call makes no system call; elsewhere, with a warning, as with
+    /// `false`: `PAGEMAP_SCAN` asked after every call.
+    pub track_writes: bool,
     /// Long policy calls (past 2 ms of CPU) of one binding (one version bound
     /// to one namespace) that may run at once. This bounds the CPU one
     /// namespace's policy can take from its neighbours: a slow or looping
@@ -828,6 +834,7 @@ impl Default for PolicyEngineConfig {
             memo_bytes: 32 * 1024 * 1024,
             preinit: true,
             recycle_instances: true,
+            track_writes: true,
             max_concurrent_calls: std::thread::available_parallelism()
                 .map_or(1, |cores| cores.get().div_ceil(2)),
             memory_limit_bytes: 16 * 1024 * 1024,

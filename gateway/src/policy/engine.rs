@@ -28,6 +28,7 @@
 mod input;
 mod preinit;
 mod recycle;
+mod write_watch;
 
 use std::{
     fmt,
@@ -158,6 +159,9 @@ pub struct PolicyEngine {
     /// Whether calls recycle instances (`policy.recycle_instances`, and the
     /// kernel can say which pages a call wrote).
     recycling: bool,
+    /// Whether recycled instances learn their written pages from
+    /// write-protection faults (`policy.track_writes`, where available).
+    track_writes: bool,
     /// Pool slots kept instances may hold, across modules.
     idle: Arc<IdleBudget>,
 }
@@ -247,6 +251,19 @@ impl PolicyEngine {
                  (Linux 6.7+): every call instantiates its module"
             );
         }
+        let track_writes = recycling
+            && limits.track_writes
+            && match write_watch::available() {
+                Ok(()) => true,
+                Err(reason) => {
+                    warn!(
+                        %reason,
+                        "policy.track_writes is on, but write-protection faults cannot be had \
+                         here: recycled instances are reset through PAGEMAP_SCAN after every call"
+                    );
+                    false
+                }
+            };
         Ok(Self {
             engine,
             linker,
@@ -254,6 +271,7 @@ impl PolicyEngine {
             wall_deadline: limits.wall_deadline(),
             ticker_stop,
             recycling,
+            track_writes,
             idle: IdleBudget::new(limits.max_instances),
         })
     }
@@ -283,7 +301,7 @@ impl PolicyEngine {
         }
         let wasm = wasm.map_err(|reason| format!("its state cannot be reset: {reason}"))?;
         Recyclable::of(module, wasm)
-            .map(|recyclable| Recycler::new(recyclable, Arc::clone(&self.idle)))
+            .map(|recyclable| Recycler::new(recyclable, Arc::clone(&self.idle), self.track_writes))
     }
 
     /// Compiles `bytes` and checks its imports. A module with a wrong ABI
@@ -381,6 +399,7 @@ impl PolicyEngine {
                 grew_at: None,
                 long_calls,
                 long_call,
+                write_watch: None,
             },
         );
         store.limiter(|state| state);
@@ -567,6 +586,15 @@ impl PolicyModule {
     /// The limits its calls run under.
     pub fn limits(&self) -> &PolicyEngineConfig {
         &self.engine.limits
+    }
+
+    /// For each idle instance of this module, how many pages its write
+    /// watch has noted (`None`: not watched).
+    #[cfg(test)]
+    pub(crate) fn watched_pages(&self) -> Vec<Option<usize>> {
+        self.recycler
+            .as_ref()
+            .map_or_else(|_| Vec::new(), Recycler::watched_pages)
     }
 
     /// Whether its calls run in recycled instances (reset to their starting
@@ -1245,6 +1273,10 @@ struct HostState {
     /// The binding's long-call permits (none outside a binding: tools, checks).
     long_calls: Option<Arc<Semaphore>>,
     long_call: LongCall,
+    /// A kept instance's memory, watched for writes (`policy.track_writes`).
+    /// Here so that it ends before the instance's pool slot is released:
+    /// wasmtime drops a store's data before its instances.
+    write_watch: Option<write_watch::WriteWatch>,
 }
 
 impl HostState {

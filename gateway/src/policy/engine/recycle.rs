@@ -32,7 +32,7 @@ use std::{
 
 use wasmtime::{Global, Instance, Module, Store, Val};
 
-use super::{Handles, HostState};
+use super::{Handles, HostState, write_watch::WriteWatch};
 
 /// The instrumented export naming a module's only memory.
 const MEMORY_EXPORT: &str = "__wizer_memory_0";
@@ -141,6 +141,9 @@ pub(super) struct Recycler {
     /// Instances kept idle for every module of the engine, and their bound
     /// (a kept instance holds a pool slot other modules may need).
     engine_idle: Arc<IdleBudget>,
+    /// Whether kept instances' memories are watched for writes
+    /// ([`WriteWatch`]) rather than scanned after every call.
+    track_writes: bool,
 }
 
 /// Pool slots the engine's kept instances may hold between them.
@@ -173,7 +176,11 @@ impl IdleBudget {
 }
 
 impl Recycler {
-    pub(super) fn new(recyclable: Recyclable, engine_idle: Arc<IdleBudget>) -> Recycler {
+    pub(super) fn new(
+        recyclable: Recyclable,
+        engine_idle: Arc<IdleBudget>,
+        track_writes: bool,
+    ) -> Recycler {
         // A call holds its thread from start to end (a long call yields, but
         // its instance stays its own), so about one idle instance per thread
         // that polls calls serves every call.
@@ -184,12 +191,31 @@ impl Recycler {
             idle: Mutex::new(Vec::new()),
             max_idle: (threads * 2).min(16),
             engine_idle,
+            track_writes,
         }
     }
 
     /// How many instances are idle.
     pub(super) fn idle(&self) -> usize {
         self.idle.lock().expect("never poisoned").len()
+    }
+
+    /// For each idle instance, how many pages its write watch has noted
+    /// (`None`: not watched).
+    #[cfg(test)]
+    pub(super) fn watched_pages(&self) -> Vec<Option<usize>> {
+        self.idle
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .map(|kept| {
+                kept.store
+                    .data()
+                    .write_watch
+                    .as_ref()
+                    .map(WriteWatch::written_pages)
+            })
+            .collect()
     }
 
     /// An idle instance, in its starting state.
@@ -246,7 +272,12 @@ impl Recycler {
             handles,
             globals,
         };
-        match reset(&mut kept, &self.recyclable.memory, globals_at_start) {
+        match reset(
+            &mut kept,
+            &self.recyclable.memory,
+            globals_at_start,
+            self.track_writes,
+        ) {
             Ok(()) => self.idle.lock().expect("never poisoned").push(kept),
             Err(reason) => {
                 self.engine_idle.give_back(1);
@@ -272,9 +303,20 @@ impl Drop for Recycler {
 }
 
 /// Writes the starting state back into `kept`: every page of its memory
-/// that holds private data gets the starting bytes, every global its
-/// starting value.
-fn reset(kept: &mut Kept, memory_at_start: &[u8], globals_at_start: &[Val]) -> Result<(), String> {
+/// that a call may have written gets the starting bytes, every global its
+/// starting value. Which pages: those its [`WriteWatch`] has noted, else
+/// (the first reset of an instance, or without `track_writes`) those the
+/// kernel reports as holding private data; with `track_writes`, the first
+/// reset then starts the watch.
+fn reset(
+    kept: &mut Kept,
+    memory_at_start: &[u8],
+    globals_at_start: &[Val],
+    track_writes: bool,
+) -> Result<(), String> {
+    // The watch is taken out of the store while its memory is borrowed, and
+    // put back after; on an error it drops (the instance goes too).
+    let watch = kept.store.data_mut().write_watch.take();
     // The module has one memory (`Recyclable::of`): the one its calls use.
     let data = kept.handles.memory.data_mut(&mut kept.store);
     if data.len() != memory_at_start.len() {
@@ -284,11 +326,35 @@ fn reset(kept: &mut Kept, memory_at_start: &[u8], globals_at_start: &[Val]) -> R
             data.len()
         ));
     }
-    let (address, len) = (data.as_ptr() as u64, data.len());
-    written_pages(address, len, |pages| {
-        data[pages.clone()].copy_from_slice(&memory_at_start[pages]);
-    })
-    .map_err(|err| format!("PAGEMAP_SCAN failed: {err}"))?;
+    let watch = match watch {
+        Some(watch) => {
+            watch.each_written(|pages| {
+                data[pages.clone()].copy_from_slice(&memory_at_start[pages]);
+            });
+            Some(watch)
+        }
+        None => {
+            let (address, len) = (data.as_ptr() as u64, data.len());
+            let mut written = Vec::new();
+            written_pages(address, len, |pages| {
+                data[pages.clone()].copy_from_slice(&memory_at_start[pages.clone()]);
+                if track_writes {
+                    written.push(pages);
+                }
+            })
+            .map_err(|err| format!("PAGEMAP_SCAN failed: {err}"))?;
+            // Those pages stay writable (every reset copies them); every
+            // other page is protected until a call writes it.
+            track_writes
+                .then(|| WriteWatch::start(address, len, &written))
+                .and_then(|started| {
+                    started
+                        .map_err(|err| tracing::debug!(cause = %err, "memory not watched"))
+                        .ok()
+                })
+        }
+    };
+    kept.store.data_mut().write_watch = watch;
     for (global, value) in kept.globals.iter().zip(globals_at_start) {
         global
             .set(&mut kept.store, *value)
@@ -412,10 +478,11 @@ mod tests {
     /// A policy whose every call changes its state, and whose decision shows
     /// the state it started from: storage key `k` and three digits, the
     /// calls counted in a mutable global, in a data byte (page 0) and in a
-    /// byte of zero memory (page 9), each including this call. In a fresh
-    /// instance, and in a recycled one, the key is always `k111`. An input
-    /// of over 100 bytes also grows the memory; one of exactly 50 bytes
-    /// traps, after counting.
+    /// byte of zero memory on one of ten pages (1 to 10 of its 4 KiB pages),
+    /// chosen by the input's length, each including this call. In a fresh
+    /// instance, and in a recycled one, the key is always `k111`. An input of
+    /// over 100 bytes also grows the memory; one of exactly 50 bytes traps,
+    /// after counting.
     const STATEFUL: &str = r#"
         (module
           (memory (export "memory") 1)
@@ -425,12 +492,15 @@ mod tests {
           (func (export "cachegw_abi_version") (result i32) (i32.const 1))
           (func (export "cachegw_alloc") (param i32) (result i32) (i32.const 1024))
           (func (export "cachegw_decide") (param $ptr i32) (param $len i32) (result i64)
+            (local $at i32)
+            (local.set $at (i32.add (i32.const 6000)
+              (i32.mul (i32.rem_u (local.get $len) (i32.const 10)) (i32.const 4096))))
             (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
             (i32.store8 (i32.const 16) (i32.add (i32.load8_u (i32.const 16)) (i32.const 1)))
-            (i32.store8 (i32.const 40000) (i32.add (i32.load8_u (i32.const 40000)) (i32.const 1)))
+            (i32.store8 (local.get $at) (i32.add (i32.load8_u (local.get $at)) (i32.const 1)))
             (i32.store8 (i32.const 5) (i32.add (global.get $calls) (i32.const 48)))
             (i32.store8 (i32.const 6) (i32.add (i32.load8_u (i32.const 16)) (i32.const 48)))
-            (i32.store8 (i32.const 7) (i32.add (i32.load8_u (i32.const 40000)) (i32.const 48)))
+            (i32.store8 (i32.const 7) (i32.add (i32.load8_u (local.get $at)) (i32.const 48)))
             (if (i32.gt_u (local.get $len) (i32.const 100))
               (then (drop (memory.grow (i32.const 1)))))
             (if (i32.eq (local.get $len) (i32.const 50))
@@ -452,12 +522,14 @@ mod tests {
             .expect("a key that long")
     }
 
-    /// `STATEFUL`, loaded in an engine of its own with recycling on or off.
-    fn stateful(recycle_instances: bool) -> PolicyModule {
+    /// `STATEFUL`, loaded in an engine of its own with recycling on or off,
+    /// and with writes tracked by faults or by scans.
+    fn stateful(recycle_instances: bool, track_writes: bool) -> PolicyModule {
         let engine = Arc::new(
             PolicyEngine::new(&PolicyEngineConfig {
                 compile_cache_dir: None,
                 recycle_instances,
+                track_writes,
                 ..PolicyEngineConfig::default()
             })
             .unwrap(),
@@ -468,43 +540,75 @@ mod tests {
     }
 
     /// Every call of a recycled instance starts from the state a new
-    /// instance starts in (memory, data and zero pages, globals); a call that
-    /// grows the memory or faults takes its instance with it.
+    /// instance starts in (memory, data and zero pages, globals), whether
+    /// its reset learns the written pages from write faults or from scans,
+    /// including pages that no earlier call wrote; a call that grows the
+    /// memory or faults takes its instance with it.
     #[test]
     fn a_recycled_instance_starts_each_call_as_a_new_one() {
         if !available() {
             eprintln!("PAGEMAP_SCAN is not available here: instances are never recycled");
             return;
         }
-        let module = stateful(true);
-        assert!(module.recycles());
-        let key = |input: &pb::PolicyInput| module.decide_blocking(input).map(|d| d.storage_key);
+        let faults = match super::super::write_watch::available() {
+            Ok(()) => vec![false, true],
+            Err(reason) => {
+                eprintln!("write faults cannot be watched here ({reason}): scans only");
+                vec![false]
+            }
+        };
+        for track_writes in faults {
+            let module = stateful(true, track_writes);
+            assert!(module.recycles());
+            let key =
+                |input: &pb::PolicyInput| module.decide_blocking(input).map(|d| d.storage_key);
 
-        for call in 0..20 {
-            assert_eq!(key(&input(10)), Ok("k111".into()), "call {call}");
-            assert_eq!(module.idle_instances(), 1, "call {call}: kept");
+            // Inputs of 10 to 19 bytes write ten different pages: after the
+            // first call, each call writes a page no call has written before
+            // in this instance, then ones earlier calls wrote.
+            for call in 0..30 {
+                assert_eq!(
+                    key(&input(10 + call % 10)),
+                    Ok("k111".into()),
+                    "call {call}, track_writes {track_writes}"
+                );
+                assert_eq!(module.idle_instances(), 1, "call {call}: kept");
+            }
+            let watched = module.watched_pages();
+            if track_writes {
+                // Page 0 and the ten pages, at least: each noted by a fault
+                // but the first call's, found by the first reset's scan.
+                assert!(
+                    matches!(watched.as_slice(), [Some(pages)] if *pages >= 11),
+                    "{watched:?}"
+                );
+            } else {
+                assert_eq!(watched, [None]);
+            }
+            // Growing its memory: the decision stands, the instance goes.
+            assert_eq!(key(&input(200)), Ok("k111".into()));
+            assert_eq!(
+                module.idle_instances(),
+                0,
+                "an instance that grew is dropped"
+            );
+            assert_eq!(key(&input(10)), Ok("k111".into()));
+            assert_eq!(module.idle_instances(), 1);
+            // A trap: the instance goes too, and the next call starts fresh.
+            assert!(matches!(key(&input(50)), Err(Fault::Trap(_))));
+            assert_eq!(module.idle_instances(), 0, "a faulted instance is dropped");
+            for call in 0..12 {
+                assert_eq!(key(&input(11 + call % 6)), Ok("k111".into()));
+            }
+            assert_eq!(module.idle_instances(), 1);
         }
-        // Growing its memory: the decision stands, the instance goes.
-        assert_eq!(key(&input(200)), Ok("k111".into()));
-        assert_eq!(
-            module.idle_instances(),
-            0,
-            "an instance that grew is dropped"
-        );
-        assert_eq!(key(&input(10)), Ok("k111".into()));
-        assert_eq!(module.idle_instances(), 1);
-        // A trap: the instance goes too, and the next call starts fresh.
-        assert!(matches!(key(&input(50)), Err(Fault::Trap(_))));
-        assert_eq!(module.idle_instances(), 0, "a faulted instance is dropped");
-        assert_eq!(key(&input(10)), Ok("k111".into()));
-        assert_eq!(module.idle_instances(), 1);
 
         // Off: a new instance per call, and the same decisions.
-        let module = stateful(false);
+        let module = stateful(false, true);
         assert!(!module.recycles());
-        for _ in 0..3 {
+        for len in 10..13 {
             assert_eq!(
-                module.decide_blocking(&input(10)).map(|d| d.storage_key),
+                module.decide_blocking(&input(len)).map(|d| d.storage_key),
                 Ok("k111".into())
             );
         }
