@@ -39,8 +39,9 @@
 //! - [`cli_output`]: what the subcommands print, ending quietly when the
 //!   reader of a pipe has gone.
 
-// No `unsafe` but one ioctl, in policy::engine's instance recycling, where
-// it is allowed by name.
+// No `unsafe` but the system calls of policy::engine's instance recycling
+// (a PAGEMAP_SCAN ioctl, a userfaultfd and its ioctls), where it is allowed
+// by name.
 #![deny(unsafe_code)]
 
 pub mod admin_cli;
