@@ -38,7 +38,10 @@ impl CallInput for pb::PolicyInput {
     }
 
     fn write(&self, mut out: &mut [u8]) {
-        self.encode_raw(&mut out);
+        // `out` is `encoded_len` bytes: prost's only error, too small a
+        // buffer, cannot happen.
+        let encoded = self.encode(&mut out);
+        debug_assert!(encoded.is_ok(), "{encoded:?}");
     }
 }
 
