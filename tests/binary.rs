@@ -521,6 +521,14 @@ fn policy_bench_reports_latency_and_cpu_per_call() {
     assert_eq!(report["mode"], "fresh", "{report}");
     assert_eq!(report["preinit"], true, "{report}");
     assert!(report["recycled"].is_boolean(), "{report}");
+    // Recycled calls say how their resets found the written pages.
+    assert_eq!(
+        report["recycled"] == true,
+        ["write faults", "PAGEMAP_SCAN"]
+            .iter()
+            .any(|from| report["written_pages_from"] == *from),
+        "{report}"
+    );
     assert_eq!(report["calls"], 3000, "{report}");
     assert_eq!(report["faults"], serde_json::json!({}), "{report}");
     let p50 = report["p50_us"].as_f64().unwrap();

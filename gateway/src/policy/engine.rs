@@ -597,6 +597,17 @@ impl PolicyModule {
             .map_or_else(|_| Vec::new(), Recycler::watched_pages)
     }
 
+    /// How a recycled instance's reset finds the pages its calls wrote:
+    /// `write faults` (`policy.track_writes`) or `PAGEMAP_SCAN` after every
+    /// call; `None` when its calls are not recycled.
+    pub fn written_pages_from(&self) -> Option<&'static str> {
+        self.recycles().then_some(if self.engine.track_writes {
+            "write faults"
+        } else {
+            "PAGEMAP_SCAN"
+        })
+    }
+
     /// Whether its calls run in recycled instances (reset to their starting
     /// state after each call) rather than new ones.
     pub fn recycles(&self) -> bool {

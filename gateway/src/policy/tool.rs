@@ -337,10 +337,11 @@ impl Loaded {
         let callee = self.callee();
         let recycled = match callee.not_recycled() {
             Some(reason) => format!("no: {reason}"),
-            None if callee.idle_instances() > 0 => {
-                "yes: each call runs in a kept instance, put back to a new one's state after it"
-                    .to_owned()
-            }
+            None if callee.idle_instances() > 0 => format!(
+                "yes: each call runs in a kept instance, put back to a new one's state after it \
+                 (the pages it wrote known from {})",
+                callee.written_pages_from().unwrap_or("PAGEMAP_SCAN")
+            ),
             None => "no: its probe calls faulted or grew its memory, and such a call drops its \
                      instance"
                 .to_owned(),
@@ -454,6 +455,9 @@ impl Loaded {
             },
             preinit: self.image.is_ok(),
             recycled: mode == BenchMode::Fresh && self.callee().recycles(),
+            written_pages_from: (mode == BenchMode::Fresh)
+                .then(|| self.callee().written_pages_from())
+                .flatten(),
             calls,
             calls_per_sec: calls as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
             mean_us: histogram.mean() / 1000.0,
@@ -481,6 +485,9 @@ pub struct BenchReport {
     /// Whether calls ran in recycled instances (`fresh` mode with
     /// `policy.recycle_instances`; `check` says why not).
     pub recycled: bool,
+    /// How their resets found the pages a call wrote (`write faults`,
+    /// `policy.track_writes`, or `PAGEMAP_SCAN`); null when not recycled.
+    pub written_pages_from: Option<&'static str>,
     /// Calls made.
     pub calls: u64,
     /// Throughput of one thread.
