@@ -333,8 +333,10 @@ async fn an_unreachable_gateway_is_unavailable_after_bounded_retries() {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(200),
     };
-    // Nothing listens there; a lazy client connects at the first call.
-    let cache = Client::builder(format!("http://127.0.0.1:{}", support::free_port()))
+    // Nothing listens there (nothing can, while `_refusing` lives); a lazy
+    // client connects at the first call.
+    let (_refusing, port) = support::refusing_port();
+    let cache = Client::builder(format!("http://127.0.0.1:{port}"))
         .timeout(Duration::from_secs(1))
         .connect_timeout(Duration::from_millis(500))
         .retries(retry)
@@ -397,7 +399,7 @@ async fn an_unreachable_gateway_is_unavailable_after_bounded_retries() {
     );
 
     // An eager connect says so at once.
-    let eager = Client::connect(format!("http://127.0.0.1:{}", support::free_port())).await;
+    let eager = Client::connect(format!("http://127.0.0.1:{port}")).await;
     assert!(matches!(eager, Err(Error::Connect { .. })), "{eager:?}");
 }
 

@@ -230,7 +230,8 @@ async fn the_stats_command_exits_non_zero_with_the_status_of_a_failed_call() {
 
 #[tokio::test]
 async fn the_stats_command_fails_when_the_gateway_cannot_be_reached() {
-    let nobody = format!("127.0.0.1:{}", support::free_port());
+    let (_refusing, port) = support::refusing_port();
+    let nobody = format!("127.0.0.1:{port}");
     let output = run_cachegw(&["stats", "--remote", &nobody]).await;
     assert!(!output.status.success(), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);

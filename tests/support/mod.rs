@@ -46,6 +46,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A port that refuses connections for as long as the returned socket lives:
+/// bound and never listening, so that no other test or process can take it
+/// meanwhile. (A [`free_port`] is free only when asked: a test that wants
+/// an address nobody answers on, and got one another test then listened on,
+/// would meet that test's server instead.)
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("bind an ephemeral port");
+    let port = socket.local_addr().expect("its address").port();
+    (socket, port)
+}
+
 /// The `redis-server` to start: the one on PATH, else the usual places.
 pub fn redis_server_binary() -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
