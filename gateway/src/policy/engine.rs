@@ -601,7 +601,8 @@ impl PolicyModule {
     /// `write faults` (`policy.track_writes`) or `PAGEMAP_SCAN` after every
     /// call; `None` when its calls are not recycled.
     pub fn written_pages_from(&self) -> Option<&'static str> {
-        self.recycles().then_some(if self.engine.track_writes {
+        let recycler = self.recycler.as_ref().ok()?;
+        Some(if recycler.tracks_writes() {
             "write faults"
         } else {
             "PAGEMAP_SCAN"

@@ -26,7 +26,7 @@ use std::{
     ops::Range,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -142,8 +142,10 @@ pub(super) struct Recycler {
     /// (a kept instance holds a pool slot other modules may need).
     engine_idle: Arc<IdleBudget>,
     /// Whether kept instances' memories are watched for writes
-    /// ([`WriteWatch`]) rather than scanned after every call.
-    track_writes: bool,
+    /// ([`WriteWatch`]) rather than scanned after every call. Turned off
+    /// for the module (with a warning) the first time a watch cannot be
+    /// started, so that its resets do not try again on every call.
+    track_writes: AtomicBool,
 }
 
 /// Pool slots the engine's kept instances may hold between them.
@@ -191,8 +193,14 @@ impl Recycler {
             idle: Mutex::new(Vec::new()),
             max_idle: (threads * 2).min(16),
             engine_idle,
-            track_writes,
+            track_writes: AtomicBool::new(track_writes),
         }
+    }
+
+    /// Whether its resets learn the written pages from write faults (else
+    /// they scan after every call).
+    pub(super) fn tracks_writes(&self) -> bool {
+        self.track_writes.load(Ordering::Relaxed)
     }
 
     /// How many instances are idle.
@@ -276,7 +284,7 @@ impl Recycler {
             &mut kept,
             &self.recyclable.memory,
             globals_at_start,
-            self.track_writes,
+            &self.track_writes,
         ) {
             Ok(()) => self.idle.lock().expect("never poisoned").push(kept),
             Err(reason) => {
@@ -307,12 +315,12 @@ impl Drop for Recycler {
 /// starting value. Which pages: those its [`WriteWatch`] has noted, else
 /// (the first reset of an instance, or without `track_writes`) those the
 /// kernel reports as holding private data; with `track_writes`, the first
-/// reset then starts the watch.
+/// reset then starts the watch (and, if it cannot, turns `track_writes` off).
 fn reset(
     kept: &mut Kept,
     memory_at_start: &[u8],
     globals_at_start: &[Val],
-    track_writes: bool,
+    track_writes_flag: &AtomicBool,
 ) -> Result<(), String> {
     // The watch is taken out of the store while its memory is borrowed, and
     // put back after; on an error it drops (the instance goes too).
@@ -334,6 +342,7 @@ fn reset(
             Some(watch)
         }
         None => {
+            let track_writes = track_writes_flag.load(Ordering::Relaxed);
             let (address, len) = (data.as_ptr() as u64, data.len());
             let mut written = Vec::new();
             written_pages(address, len, |pages| {
@@ -345,13 +354,14 @@ fn reset(
             .map_err(|err| format!("PAGEMAP_SCAN failed: {err}"))?;
             // Those pages stay writable (every reset copies them); every
             // other page is protected until a call writes it.
-            track_writes
-                .then(|| WriteWatch::start(address, len, &written))
-                .and_then(|started| {
-                    started
-                        .map_err(|err| tracing::debug!(cause = %err, "memory not watched"))
-                        .ok()
-                })
+            match track_writes.then(|| WriteWatch::start(address, len, &written)) {
+                Some(Ok(watch)) => Some(watch),
+                Some(Err(err)) => {
+                    stop_tracking_writes(track_writes_flag, &err.to_string());
+                    None
+                }
+                None => None,
+            }
         }
     };
     kept.store.data_mut().write_watch = watch;
@@ -361,6 +371,18 @@ fn reset(
             .map_err(|err| format!("cannot set a global back: {err:#}"))?;
     }
     Ok(())
+}
+
+/// Turns write tracking off for a module whose memory could not be watched,
+/// saying so once.
+fn stop_tracking_writes(track_writes: &AtomicBool, cause: &str) {
+    if track_writes.swap(false, Ordering::Relaxed) {
+        tracing::warn!(
+            %cause,
+            "a policy instance's memory cannot be watched for writes: this module's resets scan \
+             with PAGEMAP_SCAN after every call"
+        );
+    }
 }
 
 /// Whether this kernel answers `PAGEMAP_SCAN` for this process.

@@ -193,6 +193,8 @@ mod imp {
                     let err = io::Error::last_os_error();
                     if err.kind() != io::ErrorKind::Interrupted {
                         tracing::error!(cause = %err, "reading the policy write watch failed");
+                        // Not a busy loop if the error stays.
+                        std::thread::sleep(std::time::Duration::from_millis(10));
                     }
                     continue;
                 }
