@@ -59,9 +59,10 @@ pub struct BorrowedInput<'a> {
     pub config: &'a [u8],
 }
 
+#[cfg(test)]
 impl BorrowedInput<'_> {
-    /// The owned message with the same encoding (tools and tests).
-    pub fn to_owned_input(&self) -> pb::PolicyInput {
+    /// The owned message with the same encoding.
+    fn owned(&self) -> pb::PolicyInput {
         pb::PolicyInput {
             op: self.op as i32,
             namespace: self.namespace.to_owned(),
@@ -231,7 +232,7 @@ mod tests {
                 now_unix_ms: dice.number(),
                 config: config.as_bytes(),
             };
-            let owned = input.to_owned_input();
+            let owned = input.owned();
             // Byte for byte what prost writes (attributes in the same map's
             // order), and so what every policy decodes.
             assert_eq!(encoded(&input), owned.encode_to_vec(), "{owned:?}");

@@ -277,15 +277,15 @@ mod imp {
             };
             ioctl(fd, UFFDIO_REGISTER, &mut register)?;
             write_protect(fd, start, len as u64, true)?;
-            for run in written {
-                let pages = run.start / PAGE * PAGE..run.end.div_ceil(PAGE) * PAGE;
-                write_protect(
-                    fd,
-                    start + pages.start as u64,
-                    (pages.end - pages.start) as u64,
-                    false,
-                )?;
-            }
+            // The noted pages stay writable: lift their protection, run by run.
+            let mut lifted = Ok(());
+            watch.each_written(|pages| {
+                if lifted.is_ok() {
+                    lifted =
+                        write_protect(fd, start + pages.start as u64, pages.len() as u64, false);
+                }
+            });
+            lifted?;
             Ok(watch)
         }
     }
