@@ -1027,10 +1027,14 @@ async fn invoke<R>(
 ///
 /// That clock is a system call (a microsecond or more on a VM), so it is
 /// read only once a call has reached a tick, never by a call that ends
-/// within one. A poll's CPU before its first tick is taken as its wall time,
+/// within one. A call's CPU before its first tick is taken as its wall time,
 /// at most a tick (the thread ran no longer than that before the tick that
 /// called back, or it would have met an earlier one); from the first tick
-/// on, the clock is read at each tick and when the poll ends.
+/// on, the clock is read at each tick, when a poll ends and when the next
+/// one starts. (Charging every poll's first stretch as wall time, as this
+/// once did, charged a long call that yields at every tick its wall time:
+/// on a loaded machine, the time it waited for a core too, so a memory bomb
+/// filling pages slowly could be cut off as a `timeout`.)
 #[derive(Debug, Default)]
 pub struct CpuMeter {
     /// CPU time charged so far, in nanoseconds.
@@ -1055,14 +1059,32 @@ impl CpuMeter {
         Duration::from_nanos(self.spent_ns.fetch_add(charged, Ordering::Relaxed) + charged)
     }
 
+    /// CPU time used so far, for a later [`used`](Self::used) to measure
+    /// from: read from the clock once the call has met a tick (a long call),
+    /// else what is charged (no clock read, for the many calls that end
+    /// within a tick). What is charged lags to the last tick, and ticks come
+    /// late when the epoch ticker's thread waits for a core: a memory bomb's
+    /// growth stamped that way looked 10 ms old on a loaded machine, and the
+    /// bomb was cut off as a `timeout` instead of meeting the memory cap.
+    fn stamp(&self) -> Duration {
+        if self.last_tick_cpu_ns.load(Ordering::Relaxed) != 0 {
+            self.used()
+        } else {
+            self.charged()
+        }
+    }
+
     /// CPU time charged up to the last tick or poll end (no clock read).
     fn charged(&self) -> Duration {
         Duration::from_nanos(self.spent_ns.load(Ordering::Relaxed))
     }
 
     fn poll_starts(&self) {
+        // Only a call that has met a tick has been charged anything.
+        let resumed = self.spent_ns.load(Ordering::Relaxed) > 0;
         self.poll_started_ns.store(wall_ns(), Ordering::Relaxed);
-        self.last_tick_cpu_ns.store(0, Ordering::Relaxed);
+        self.last_tick_cpu_ns
+            .store(if resumed { thread_cpu_ns() } else { 0 }, Ordering::Relaxed);
     }
 
     fn poll_ends(&self) {
@@ -1121,8 +1143,8 @@ const LONG_CALL: Duration = Duration::from_millis(2);
 /// filling fresh memory is the kernel faulting pages in, bounded by the
 /// memory cap (the wall deadline still applies), so a memory bomb meets the
 /// cap and is reported as `memory` even where page faults are slow.
-/// (The growth is stamped with the CPU charged up to the last tick, so the
-/// grace is a tick longer than the window it means.)
+/// (A growth before the call's first tick is stamped with no CPU at all, so
+/// the grace is a tick longer than the window it means for it.)
 const GROWTH_GRACE: Duration = Duration::from_millis(3);
 
 /// The epoch callback, at every tick a call is still running: a timeout past
@@ -1320,9 +1342,7 @@ impl ResourceLimiter for HostState {
             self.memory_capped = true;
             return Ok(false);
         }
-        // What is charged so far (no clock read: growth is frequent, and the
-        // current stretch is settled at the next tick).
-        self.grew_at = Some(self.meter.charged());
+        self.grew_at = Some(self.meter.stamp());
         Ok(true)
     }
 
@@ -1411,6 +1431,73 @@ pub fn config_bytes(config: Option<&serde_json::Value>) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs on this thread until its CPU clock has advanced by `cpu`.
+    fn spin_for(cpu: Duration) {
+        let until = thread_cpu_ns() + cpu.as_nanos() as u64;
+        while thread_cpu_ns() < until {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// A long call's memory growth is stamped with the CPU it has used up to
+    /// the growth, not up to its last tick: ticks come late when the epoch
+    /// ticker waits for a core, and a stale stamp made a memory bomb that was
+    /// still growing look idle for 10 ms (a `timeout` instead of `memory`).
+    #[test]
+    fn a_long_calls_growth_is_stamped_with_the_cpu_used_until_then() {
+        let meter = CpuMeter::default();
+        meter.poll_starts();
+        // Before its first tick a call is stamped with what is charged: nothing.
+        spin_for(Duration::from_micros(200));
+        assert_eq!(meter.stamp(), Duration::ZERO);
+        spin_for(Duration::from_micros(1300));
+        let at_tick = meter.used();
+        // No tick for the next 5 ms of CPU (the ticker is late), then a growth.
+        spin_for(Duration::from_millis(5));
+        let grew_at = meter.stamp();
+        assert!(
+            grew_at >= at_tick + Duration::from_millis(5),
+            "a growth 5 ms of CPU after a tick at {at_tick:?} was stamped {grew_at:?}"
+        );
+        // The tick that finally comes finds the growth recent.
+        let late_tick = meter.used();
+        assert!(
+            late_tick - grew_at < Duration::from_micros(500),
+            "{late_tick:?} vs {grew_at:?}"
+        );
+    }
+
+    /// A long call's later polls are charged the CPU they ran, not the wall
+    /// time they spanned: a thread that waits (here, sleeps; on a loaded
+    /// machine, waits for a core) is not charged for it.
+    #[test]
+    fn a_resumed_poll_is_charged_its_cpu_not_its_wall_time() {
+        let meter = CpuMeter::default();
+        // The first poll meets a tick after a millisecond and a half of CPU:
+        // a long call from then on.
+        meter.poll_starts();
+        spin_for(Duration::from_micros(1500));
+        let at_first_tick = meter.used();
+        assert!(at_first_tick > Duration::ZERO, "{at_first_tick:?}");
+        meter.poll_ends();
+        let after_first_poll = meter.charged();
+        // The next poll waits 30 ms without running, then meets a tick.
+        meter.poll_starts();
+        std::thread::sleep(Duration::from_millis(30));
+        let waited = meter.used() - after_first_poll;
+        assert!(
+            waited < Duration::from_micros(500),
+            "a poll that waited 30 ms on one millisecond's tick was charged {waited:?}"
+        );
+        // What it runs is charged.
+        spin_for(Duration::from_millis(2));
+        let ran = meter.used() - after_first_poll;
+        assert!(
+            ran >= Duration::from_millis(2) && ran < Duration::from_millis(3),
+            "2 ms of CPU charged as {ran:?}"
+        );
+    }
 
     /// `perf_map` names the compiled code of every module loaded in
     /// `/tmp/perf-<pid>.map`, the file `perf report` reads.
