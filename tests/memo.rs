@@ -331,6 +331,50 @@ async fn a_batch_routes_each_item_by_its_key_and_counts_its_hits() {
     );
 }
 
+/// A Get writes nothing, so its decision carries neither the tags nor the
+/// invalidations the policy named: tenant-keying tags a Set's entry and
+/// invalidates that tag on a Delete, and a Get of the same key gets the same
+/// storage key without either, asked and remembered alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gets_decision_carries_no_tags_or_invalidations() {
+    let mut config = support::test_config(StoreKind::Memory, None);
+    bind(
+        &mut config,
+        "pages",
+        "tenant-keying",
+        Some(json!({"vary": ["accept-language"]})),
+        FailOpen,
+    );
+    let (decider, metrics) = decider(&config);
+    let settings = NamespaceSettings::new("pages", &Default::default());
+    let attributes: HashMap<String, String> =
+        [("accept-language".to_string(), "en".to_string())].into();
+    let decide = |op| {
+        let request = DecisionRequest {
+            op,
+            namespace: "pages",
+            key: "/Products",
+            attributes: &attributes,
+            value_size: 3,
+        };
+        let decider = &decider;
+        let settings = &settings;
+        async move { decider.decide(settings, &request, None).await }
+    };
+    for asked in 0..2 {
+        let set = decide(Operation::Set).await;
+        assert_eq!(&*set.tags, ["variants:/products"], "Set, time {asked}");
+        let delete = decide(Operation::Delete).await;
+        assert_eq!(delete.invalidation().tags, ["variants:/products"]);
+        let get = decide(Operation::Get).await;
+        assert_eq!(get.key, "/products|accept-language=en");
+        assert!(get.tags.is_empty(), "Get, time {asked}: {:?}", get.tags);
+        assert!(get.invalidate.is_none(), "Get, time {asked}");
+    }
+    // The second time round, all three came from the memo.
+    assert_eq!(metric(&metrics, "cachegw_policy_memo_hits"), 3);
+}
+
 /// A decision that faulted is not remembered: the next identical request
 /// asks the policy again (and faults again), and counts a call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -418,7 +418,7 @@ impl Cache {
                     if plan.decision.bypass {
                         continue;
                     }
-                    work.invalidation.keys.push(plan.decision.key);
+                    work.invalidation.keys.push(plan.decision.key.into_string());
                     if let Some(decided) = plan.decision.invalidate {
                         let Invalidation {
                             keys,

@@ -182,8 +182,8 @@ const ANY_SIZE: u64 = u64::MAX;
 #[derive(Clone)]
 struct ByWeight;
 
-impl Weighter<Box<[u8]>, Entry> for ByWeight {
-    fn weight(&self, _key: &Box<[u8]>, entry: &Entry) -> u64 {
+impl Weighter<KeyBytes, Entry> for ByWeight {
+    fn weight(&self, _key: &KeyBytes, entry: &Entry) -> u64 {
         u64::from(entry.weight)
     }
 }
@@ -208,10 +208,10 @@ struct Departures {
     held: Arc<AtomicU64>,
 }
 
-impl Lifecycle<Box<[u8]>, Entry> for Departures {
+impl Lifecycle<KeyBytes, Entry> for Departures {
     type RequestState = ();
 
-    fn on_evict(&self, _: &mut (), _key: Box<[u8]>, entry: Entry) {
+    fn on_evict(&self, _: &mut (), _key: KeyBytes, entry: Entry) {
         self.held
             .fetch_sub(u64::from(entry.weight), Ordering::Relaxed);
         let series = self.series.read().unwrap_or_else(|e| e.into_inner());
@@ -255,7 +255,7 @@ enum Admission {
 
 /// The process's decision memo.
 pub struct DecisionMemo {
-    entries: Cache<Box<[u8]>, Entry, ByWeight, foldhash::fast::RandomState, Departures>,
+    entries: Cache<KeyBytes, Entry, ByWeight, foldhash::fast::RandomState, Departures>,
     capacity: u64,
     doorkeeper: Doorkeeper,
     /// Bytes of the entries alive now, counted as they are kept and dropped: whether the memo
@@ -362,7 +362,8 @@ impl DecisionMemo {
 
     /// [`get`](Self::get) for `request` to the binding `memo_id`, without
     /// building a [`MemoKey`]: its bytes are laid out in a buffer this thread
-    /// keeps, so a hit allocates nothing but the decision's key. The clock is
+    /// keeps, so a hit allocates nothing but a decision's key longer than 24
+    /// bytes (a shorter one is copied with the decision). The clock is
     /// read (`now_unix_ms`) only for an entry that carries a promise. A miss
     /// says what [`keep`](Self::keep) will do with the decision to come.
     pub fn recall(
@@ -382,7 +383,7 @@ impl DecisionMemo {
                     Miss(if self.first_sighting(bytes) {
                         Admission::FirstSighting
                     } else {
-                        Admission::Keep(MemoKey(Box::from(bytes.as_slice())))
+                        Admission::Keep(MemoKey(KeyBytes::new(bytes)))
                     })
                 });
             // A rare long input does not keep its buffer's size for the thread's life.
@@ -449,8 +450,7 @@ impl DecisionMemo {
                 return;
             }
         };
-        let weight =
-            input.0.len() + ALLOCATION_OVERHEAD + decision_bytes(decision) + ENTRY_OVERHEAD;
+        let weight = input.0.heap_bytes() + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
         series.bytes.inc_by(i64::from(weight));
         self.held.fetch_add(u64::from(weight), Ordering::Relaxed);
@@ -489,9 +489,14 @@ fn decision_bytes(decision: &Decision) -> usize {
             .map(|item| item.len() + size_of::<String>() + ALLOCATION_OVERHEAD)
             .sum::<usize>()
     };
+    // A short key is held in the decision itself.
+    let key = if decision.key.is_heap_allocated() {
+        decision.key.len() + ALLOCATION_OVERHEAD
+    } else {
+        0
+    };
     size_of::<Decision>()
-        + decision.key.len()
-        + ALLOCATION_OVERHEAD
+        + key
         + strings(&decision.tags)
         + decision.invalidate.as_deref().map_or(0, |lists| {
             size_of::<Invalidation>()
@@ -504,10 +509,11 @@ fn decision_bytes(decision: &Decision) -> usize {
 
 /// The canonical bytes of what a policy may read of a request, but the
 /// clock and the value size, prefixed by the binding: equal bytes, equal
-/// input. Lengths are prefixed, so no two inputs share bytes; attributes go
-/// in name order (the request holds them unordered).
+/// input. Lengths are prefixed (LEB128, a byte for up to 127), so no two
+/// inputs share bytes; attributes go in name order (the request holds them
+/// unordered).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoKey(Box<[u8]>);
+pub struct MemoKey(KeyBytes);
 
 impl MemoKey {
     /// The key of one request to the binding `memo_id`.
@@ -520,7 +526,7 @@ impl MemoKey {
     ) -> Self {
         let mut bytes = Vec::new();
         Self::lay_out(&mut bytes, memo_id, op, namespace, key, attributes);
-        MemoKey(bytes.into_boxed_slice())
+        MemoKey(KeyBytes::new(&bytes))
     }
 
     fn lay_out_request(bytes: &mut Vec<u8>, memo_id: u64, request: &DecisionRequest<'_>) {
@@ -555,9 +561,9 @@ impl MemoKey {
             first = attributes.iter().next();
             first.as_slice()
         };
-        let size = 8
+        let size = 10
             + 1
-            + 8 * (2 + 2 * names.len())
+            + 10 * (2 + 2 * names.len())
             + namespace.len()
             + key.len()
             + names
@@ -566,14 +572,14 @@ impl MemoKey {
                 .sum::<usize>();
         bytes.clear();
         bytes.reserve_exact(size);
-        bytes.extend_from_slice(&memo_id.to_le_bytes());
+        leb128(bytes, memo_id);
         bytes.push(match op {
             Operation::Get => 0,
             Operation::Set => 1,
             Operation::Delete => 2,
         });
         let mut field = |text: &str| {
-            bytes.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            leb128(bytes, text.len() as u64);
             bytes.extend_from_slice(text.as_bytes());
         };
         field(namespace);
@@ -585,7 +591,87 @@ impl MemoKey {
     }
 
     fn bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_slice()
+    }
+}
+
+/// Appends `n` in LEB128: seven bits a byte, low first, the top bit set on
+/// every byte but the last.
+fn leb128(bytes: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        bytes.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    bytes.push(n as u8);
+}
+
+/// How many bytes of key an entry holds in its own slot.
+const INLINE_KEY: usize = 30;
+
+/// A memo key's bytes: in the entry's own slot up to [`INLINE_KEY`] bytes
+/// (a namespace and key of ~25 bytes together, attributes included), so
+/// that a look-up compares them where it has just read the entry, not in an
+/// allocation elsewhere (a cache miss per hit, on a memo the request's other
+/// work has pushed out of the CPU's caches); on the heap beyond. 32 bytes.
+#[derive(Clone)]
+enum KeyBytes {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<[u8]>),
+}
+
+impl KeyBytes {
+    fn new(bytes: &[u8]) -> KeyBytes {
+        match u8::try_from(bytes.len()) {
+            Ok(len) if bytes.len() <= INLINE_KEY => {
+                let mut inline = [0; INLINE_KEY];
+                inline[..bytes.len()].copy_from_slice(bytes);
+                KeyBytes::Inline { len, bytes: inline }
+            }
+            _ => KeyBytes::Heap(bytes.into()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            KeyBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            KeyBytes::Heap(bytes) => bytes,
+        }
+    }
+
+    /// What it takes on the heap beside its slot.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            KeyBytes::Inline { .. } => 0,
+            KeyBytes::Heap(bytes) => bytes.len() + ALLOCATION_OVERHEAD,
+        }
+    }
+}
+
+// Hashed and compared as the bytes they hold, so that a look-up by `&[u8]`
+// (quick_cache's `Equivalent`, through `Borrow`) finds them.
+impl std::borrow::Borrow<[u8]> for KeyBytes {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::hash::Hash for KeyBytes {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq for KeyBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for KeyBytes {}
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
     }
 }
 
@@ -737,7 +823,7 @@ mod tests {
             &stats,
         );
         assert_eq!(
-            memo.get(&key(), 7, 1_000).map(|d| d.key),
+            memo.get(&key(), 7, 1_000).map(|d| d.key.into_string()),
             Some("forever".to_owned())
         );
 
@@ -752,7 +838,7 @@ mod tests {
             &stats,
         );
         assert_eq!(
-            memo.get(&key(), 7, 1_000).map(|d| d.key),
+            memo.get(&key(), 7, 1_000).map(|d| d.key.into_string()),
             Some("sized".to_owned())
         );
         assert_eq!(memo.get(&key(), 8, 1_000), None);
@@ -780,7 +866,7 @@ mod tests {
         };
         memo.put(key(), &decision("promised"), promise, 1_000, &stats);
         assert_eq!(
-            memo.get(&key(), 7, 1_499).map(|d| d.key),
+            memo.get(&key(), 7, 1_499).map(|d| d.key.into_string()),
             Some("promised".to_owned())
         );
         assert_eq!(memo.get(&key(), 7, 1_500), None);
@@ -797,6 +883,44 @@ mod tests {
         };
         memo.put(input.clone(), &decision(key), forever, 1_000, stats);
         input
+    }
+
+    /// Keys held in the entry's slot and keys on the heap are found by the
+    /// bytes a look-up lays out, and told apart at the boundary between them.
+    #[test]
+    fn short_and_long_keys_are_found_and_told_apart() {
+        let memo = DecisionMemo::new(1 << 20);
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
+        let keys: Vec<String> = [1, 20, 24, 25, 26, 27, 40, 300]
+            .iter()
+            .map(|&len| "k".repeat(len))
+            .collect();
+        let inputs: Vec<MemoKey> = keys.iter().map(|key| keep(&memo, key, &stats)).collect();
+        assert!(
+            inputs
+                .iter()
+                .any(|input| matches!(input.0, KeyBytes::Inline { .. }))
+                && inputs
+                    .iter()
+                    .any(|input| matches!(input.0, KeyBytes::Heap(_))),
+            "both kinds: {inputs:?}"
+        );
+        for (key, input) in keys.iter().zip(&inputs) {
+            let found = memo.get(input, 0, 1_000).expect("kept");
+            assert_eq!(found.key, key.as_str());
+            // As `recall` finds it: from the bytes laid out afresh.
+            let request = DecisionRequest {
+                op: Operation::Get,
+                namespace: "ns",
+                key,
+                attributes: &Attributes::new(),
+                value_size: 0,
+            };
+            let recalled = memo.recall(1, &request, || 1_000).expect("recalled");
+            assert_eq!(recalled.key, key.as_str());
+        }
+        let unknown = MemoKey::new(1, Operation::Get, "ns", &"k".repeat(28), &Attributes::new());
+        assert!(memo.get(&unknown, 0, 1_000).is_none());
     }
 
     #[test]
@@ -849,7 +973,7 @@ mod tests {
         let miss = recall("early").expect_err("nothing kept yet");
         memo.keep(miss, &decision("early"), forever, 1_000, &stats);
         assert_eq!(
-            recall("early").ok().map(|d| d.key),
+            recall("early").ok().map(|d| d.key.into_string()),
             Some("early".to_owned())
         );
         let input = MemoKey::new(1, Operation::Get, "ns", "early", &attributes);
@@ -872,7 +996,7 @@ mod tests {
         let miss = recall("newcomer").expect_err("not kept yet");
         memo.keep(miss, &decision("newcomer"), forever, 1_000, &stats);
         assert_eq!(
-            recall("newcomer").ok().map(|d| d.key),
+            recall("newcomer").ok().map(|d| d.key.into_string()),
             Some("newcomer".to_owned())
         );
         assert_eq!(stats.first_sightings.get(), 1);

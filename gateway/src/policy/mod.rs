@@ -29,6 +29,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
@@ -111,8 +112,11 @@ impl fmt::Debug for Tags {
 /// How one request is cached.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
-    /// The key within the namespace (the cache layer scopes it).
-    pub key: String,
+    /// The key within the namespace (the cache layer scopes it). Held
+    /// inline up to 24 bytes: a decision the memo hands out again copies a
+    /// short key with the decision, without an allocation or a read of
+    /// memory elsewhere.
+    pub key: CompactString,
     /// How long a written entry is fresh, before jitter.
     pub fresh_ttl: Millis,
     /// Up to this much is added at random to `fresh_ttl` when an entry is
@@ -250,6 +254,20 @@ impl fmt::Debug for Millis {
 }
 
 impl Decision {
+    /// The decision without what cannot act on `op`: a Get writes nothing,
+    /// so its tags (attached to written entries) and invalidations (made by
+    /// a successful write) are dropped. Validated first, so a Get whose
+    /// decision names a bad tag still faults. A Get's decision handed out
+    /// again by the memo then shares no tag list whose reference count every
+    /// core would write, and takes less of the memo.
+    pub fn acting_on(mut self, op: Operation) -> Decision {
+        if op == Operation::Get {
+            self.tags = Tags::default();
+            self.invalidate = None;
+        }
+        self
+    }
+
     /// What a successful write invalidates (empty lists for nothing).
     pub fn invalidation(&self) -> &Invalidation {
         static NOTHING: Invalidation = Invalidation {
@@ -269,7 +287,7 @@ impl DefaultPolicy {
     /// The client's key, the namespace's default TTL, nothing else.
     pub fn decide(&self, namespace: &NamespaceSettings, key: &str) -> Decision {
         Decision {
-            key: key.to_owned(),
+            key: key.into(),
             fresh_ttl: Millis::from_duration(namespace.default_ttl),
             ttl_jitter: Millis::ZERO,
             stale_window: Millis::ZERO,
@@ -708,7 +726,7 @@ impl Decider {
             .and_then(|wire| {
                 let reuse = Reuse::of(wire.reuse.as_ref(), input.value_size);
                 Decision::from_wire(wire, namespace, &self.limits, binding.module.decided_by())
-                    .map(|decision| (decision, reuse))
+                    .map(|decision| (decision.acting_on(request.op), reuse))
             });
         binding
             .call_metrics
@@ -848,7 +866,7 @@ impl Decision {
             ));
         }
         Ok(Decision {
-            key: wire.storage_key,
+            key: wire.storage_key.into(),
             fresh_ttl,
             ttl_jitter: Millis::from_millis(wire.ttl_jitter_ms),
             stale_window: Millis::from_millis(wire.stale_window_ms),
