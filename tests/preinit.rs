@@ -216,15 +216,17 @@ fn decider(registry: Arc<PolicyRegistry>, config: &Config) -> Decider {
 async fn counted(decider: &Decider, namespace: &str, key: &str) -> Vec<String> {
     let settings = NamespaceSettings::new(namespace, &Default::default());
     let attributes = HashMap::new();
+    // A Set: tags are attached to written entries, and a Get's decision
+    // drops them (docs/POLICY_ABI.md).
     let decision = decider
         .decide(
             &settings,
             &DecisionRequest {
-                op: Operation::Get,
+                op: Operation::Set,
                 namespace,
                 key,
                 attributes: &attributes,
-                value_size: 0,
+                value_size: 1,
             },
             None,
         )
