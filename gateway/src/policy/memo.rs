@@ -383,7 +383,7 @@ impl DecisionMemo {
                     Miss(if self.first_sighting(bytes) {
                         Admission::FirstSighting
                     } else {
-                        Admission::Keep(MemoKey(KeyBytes::new(bytes)))
+                        Admission::Keep(MemoKey(KeyBytes::from_slice(bytes)))
                     })
                 });
             // A rare long input does not keep its buffer's size for the thread's life.
@@ -450,7 +450,7 @@ impl DecisionMemo {
                 return;
             }
         };
-        let weight = input.0.heap_bytes() + decision_bytes(decision) + ENTRY_OVERHEAD;
+        let weight = heap_bytes(&input.0) + decision_bytes(decision) + ENTRY_OVERHEAD;
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
         series.bytes.inc_by(i64::from(weight));
         self.held.fetch_add(u64::from(weight), Ordering::Relaxed);
@@ -526,7 +526,7 @@ impl MemoKey {
     ) -> Self {
         let mut bytes = Vec::new();
         Self::lay_out(&mut bytes, memo_id, op, namespace, key, attributes);
-        MemoKey(KeyBytes::new(&bytes))
+        MemoKey(KeyBytes::from_slice(&bytes))
     }
 
     fn lay_out_request(bytes: &mut Vec<u8>, memo_id: u64, request: &DecisionRequest<'_>) {
@@ -591,7 +591,7 @@ impl MemoKey {
     }
 
     fn bytes(&self) -> &[u8] {
-        self.0.as_slice()
+        &self.0
     }
 }
 
@@ -606,72 +606,23 @@ fn leb128(bytes: &mut Vec<u8>, mut n: u64) {
 }
 
 /// How many bytes of key an entry holds in its own slot.
-const INLINE_KEY: usize = 30;
+const INLINE_KEY: usize = 24;
 
 /// A memo key's bytes: in the entry's own slot up to [`INLINE_KEY`] bytes
-/// (a namespace and key of ~25 bytes together, attributes included), so
+/// (a namespace and key of ~19 bytes together, attributes included), so
 /// that a look-up compares them where it has just read the entry, not in an
 /// allocation elsewhere (a cache miss per hit, on a memo the request's other
 /// work has pushed out of the CPU's caches); on the heap beyond. 32 bytes.
-#[derive(Clone)]
-enum KeyBytes {
-    Inline { len: u8, bytes: [u8; INLINE_KEY] },
-    Heap(Box<[u8]>),
-}
+/// Hashed, compared and borrowed as the bytes it holds, so that a look-up by
+/// `&[u8]` (quick_cache's `Equivalent`) finds it.
+type KeyBytes = smallvec::SmallVec<[u8; INLINE_KEY]>;
 
-impl KeyBytes {
-    fn new(bytes: &[u8]) -> KeyBytes {
-        match u8::try_from(bytes.len()) {
-            Ok(len) if bytes.len() <= INLINE_KEY => {
-                let mut inline = [0; INLINE_KEY];
-                inline[..bytes.len()].copy_from_slice(bytes);
-                KeyBytes::Inline { len, bytes: inline }
-            }
-            _ => KeyBytes::Heap(bytes.into()),
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            KeyBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            KeyBytes::Heap(bytes) => bytes,
-        }
-    }
-
-    /// What it takes on the heap beside its slot.
-    fn heap_bytes(&self) -> usize {
-        match self {
-            KeyBytes::Inline { .. } => 0,
-            KeyBytes::Heap(bytes) => bytes.len() + ALLOCATION_OVERHEAD,
-        }
-    }
-}
-
-// Hashed and compared as the bytes they hold, so that a look-up by `&[u8]`
-// (quick_cache's `Equivalent`, through `Borrow`) finds them.
-impl std::borrow::Borrow<[u8]> for KeyBytes {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl std::hash::Hash for KeyBytes {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_slice().hash(state);
-    }
-}
-
-impl PartialEq for KeyBytes {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for KeyBytes {}
-
-impl std::fmt::Debug for KeyBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.as_slice()).finish()
+/// What a key takes on the heap beside its slot.
+fn heap_bytes(key: &KeyBytes) -> usize {
+    if key.spilled() {
+        key.len() + ALLOCATION_OVERHEAD
+    } else {
+        0
     }
 }
 
@@ -707,6 +658,7 @@ mod tests {
         // copies an entry out and hands its decision on (docs/BENCHMARKS.md).
         assert!(size_of::<Decision>() <= 128, "{}", size_of::<Decision>());
         assert!(size_of::<Entry>() <= 128, "{}", size_of::<Entry>());
+        assert_eq!(size_of::<KeyBytes>(), 32);
     }
 
     #[test]
@@ -897,12 +849,8 @@ mod tests {
             .collect();
         let inputs: Vec<MemoKey> = keys.iter().map(|key| keep(&memo, key, &stats)).collect();
         assert!(
-            inputs
-                .iter()
-                .any(|input| matches!(input.0, KeyBytes::Inline { .. }))
-                && inputs
-                    .iter()
-                    .any(|input| matches!(input.0, KeyBytes::Heap(_))),
+            inputs.iter().any(|input| !input.0.spilled())
+                && inputs.iter().any(|input| input.0.spilled()),
             "both kinds: {inputs:?}"
         );
         for (key, input) in keys.iter().zip(&inputs) {
