@@ -396,7 +396,7 @@ impl PolicyEngine {
                 started: Instant::now(),
                 yields,
                 on_fiber: false,
-                grew_at: None,
+                growing_until: None,
                 long_calls,
                 long_call,
                 write_watch: None,
@@ -1139,13 +1139,32 @@ enum Yields {
 /// merely descheduled is never taken for a long one.
 const LONG_CALL: Duration = Duration::from_millis(2);
 
-/// How long after its last memory growth a call is not cut off for CPU time:
-/// filling fresh memory is the kernel faulting pages in, bounded by the
-/// memory cap (the wall deadline still applies), so a memory bomb meets the
-/// cap and is reported as `memory` even where page faults are slow.
-/// (A growth before the call's first tick is stamped with no CPU at all, so
-/// the grace is a tick longer than the window it means for it.)
+/// How long after a memory growth a call is not cut off for CPU time, before
+/// [`FAULT_IN_GRACE`] for the pages it grew by: filling fresh memory is the
+/// kernel faulting pages in, bounded by the memory cap (the wall deadline
+/// still applies), so a memory bomb meets the cap and is reported as
+/// `memory` even where page faults are slow. (A growth before the call's
+/// first tick is stamped with no CPU at all, so the grace is a tick longer
+/// than the window it means for it.)
 const GROWTH_GRACE: Duration = Duration::from_millis(3);
+
+/// CPU time a call may spend per 4 KiB page it grew by, after
+/// [`GROWTH_GRACE`], before it is cut off for CPU time: the time to fault the
+/// page in on a slow machine. Here a page fault costs 1-3 µs of the faulting
+/// thread's CPU, and filling a fresh MiB 0.2-1.7 ms; on a machine that has
+/// to reclaim memory, or whose hypervisor faults in the guest's memory behind
+/// it, a fault costs ten times that and more (a clean CI machine took over
+/// 3 ms for a MiB). So a call that grows by 1 MiB (256 pages) may run 10 ms
+/// more of CPU; it can gain no more than the memory cap allows, and never
+/// beyond its wall deadline.
+const FAULT_IN_GRACE: Duration = Duration::from_micros(40);
+
+/// The CPU time, stamped `now`, until which a call that grew its memory
+/// from `current` to `desired` bytes is not cut off for CPU time.
+fn grace_after_growth(now: Duration, current: usize, desired: usize) -> Duration {
+    let pages = desired.saturating_sub(current).div_ceil(4096);
+    now + GROWTH_GRACE + FAULT_IN_GRACE.saturating_mul(u32::try_from(pages).unwrap_or(u32::MAX))
+}
 
 /// The epoch callback, at every tick a call is still running: a timeout past
 /// its CPU or wall deadline; a long call without a permit waits for one (or
@@ -1153,9 +1172,7 @@ const GROWTH_GRACE: Duration = Duration::from_millis(3);
 fn at_tick(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
     let used = state.meter.used();
-    let growing = state
-        .grew_at
-        .is_some_and(|at| used.saturating_sub(at) < GROWTH_GRACE);
+    let growing = state.growing_until.is_some_and(|until| used < until);
     if (used >= state.cpu_deadline && !growing) || state.started.elapsed() >= state.wall_deadline {
         return Ok(UpdateDeadline::Interrupt);
     }
@@ -1302,8 +1319,9 @@ struct HostState {
     yields: Yields,
     /// Whether wasm now runs on a fiber (`call_async`), where it may yield.
     on_fiber: bool,
-    /// CPU time used when the memory last grew.
-    grew_at: Option<Duration>,
+    /// CPU time until which the call is filling memory it grew, and not
+    /// cut off for CPU time ([`grace_after_growth`]).
+    growing_until: Option<Duration>,
     /// The binding's long-call permits (none outside a binding: tools, checks).
     long_calls: Option<Arc<Semaphore>>,
     long_call: LongCall,
@@ -1322,7 +1340,7 @@ impl HostState {
         self.yields = yields;
         self.started = Instant::now();
         self.log_calls = 0;
-        self.grew_at = None;
+        self.growing_until = None;
         self.memory_capped = false;
         self.long_calls = long_calls;
         self.long_call = long_call;
@@ -1334,7 +1352,7 @@ impl HostState {
 impl ResourceLimiter for HostState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -1342,7 +1360,8 @@ impl ResourceLimiter for HostState {
             self.memory_capped = true;
             return Ok(false);
         }
-        self.grew_at = Some(self.meter.stamp());
+        let until = grace_after_growth(self.meter.stamp(), current, desired);
+        self.growing_until = Some(self.growing_until.map_or(until, |earlier| earlier.max(until)));
         Ok(true)
     }
 
@@ -1466,6 +1485,21 @@ mod tests {
             late_tick - grew_at < Duration::from_micros(500),
             "{late_tick:?} vs {grew_at:?}"
         );
+    }
+
+    /// Filling memory a call grew is time the kernel spends faulting pages
+    /// in: a growth earns time in proportion to the pages it adds, so a
+    /// memory bomb's MiB at a time is not cut off where faults are slow.
+    #[test]
+    fn a_growth_earns_time_to_fault_its_pages_in() {
+        let now = Duration::from_millis(4);
+        let mib = 1 << 20;
+        let after_a_page = grace_after_growth(now, mib, mib + 4096) - now;
+        let after_a_mib = grace_after_growth(now, mib, 2 * mib) - now;
+        assert!(after_a_page < Duration::from_millis(4), "{after_a_page:?}");
+        assert!(after_a_mib >= Duration::from_millis(10), "{after_a_mib:?}");
+        // Whatever the sizes, no overflow: the memory cap refuses what is too big.
+        let _ = grace_after_growth(now, 0, usize::MAX);
     }
 
     /// A long call's later polls are charged the CPU they ran, not the wall
