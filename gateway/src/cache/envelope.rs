@@ -162,8 +162,11 @@ impl Envelope {
     }
 
     /// [`decode`](Self::decode) for a read, which has no use for the tags:
-    /// the tag section is checked as there, but `tags` is left empty, so that
-    /// a tagged entry's read copies none of them.
+    /// `tags` is left empty, so that a tagged entry's read copies none of
+    /// them, and the tag section is checked for what locates the value (its
+    /// length and each tag's), not for its text. Bytes that decode fails
+    /// only for a tag that is not UTF-8 read as their value here; everything
+    /// else fails the same way in both.
     pub fn decode_untagged(bytes: Bytes) -> Result<Envelope, EnvelopeError> {
         Self::decode_keeping(bytes, false)
     }
@@ -189,10 +192,9 @@ impl Envelope {
             let section = tag_section(&bytes).ok_or(EnvelopeError::BadTags)?;
             let mut tags = Vec::new();
             for tag in Tags(section) {
-                let tag = tag
-                    .and_then(|tag| std::str::from_utf8(tag).ok())
-                    .ok_or(EnvelopeError::BadTags)?;
+                let tag = tag.ok_or(EnvelopeError::BadTags)?;
                 if keep_tags {
+                    let tag = std::str::from_utf8(tag).map_err(|_| EnvelopeError::BadTags)?;
                     tags.push(tag.to_owned());
                 }
             }
@@ -464,10 +466,17 @@ mod tests {
             "empty tag"
         );
         assert_eq!(with(FIXED_LEN + 2, 200), Err(EnvelopeError::BadTags));
+        // A tag that is not UTF-8: decode refuses it; a read, which does not
+        // look at the tags' text, finds the value all the same.
+        let mut not_utf8 = good.clone();
+        not_utf8[FIXED_LEN + 3] = 0xFF;
         assert_eq!(
-            with(FIXED_LEN + 3, 0xFF),
-            Err(EnvelopeError::BadTags),
-            "not UTF-8"
+            Envelope::decode(Bytes::from(not_utf8.clone())),
+            Err(EnvelopeError::BadTags)
+        );
+        assert_eq!(
+            Envelope::decode_untagged(Bytes::from(not_utf8)).map(|read| read.value),
+            Ok(envelope.value)
         );
     }
 
