@@ -7,7 +7,8 @@
 //!   removed; `%`, `|` and `=` in them are percent-escaped; an absent attribute is an empty value.
 //!   So `/Products?b=2&a=1` and `/products?a=1&b=2` with `accept-language: en-US` both become
 //!   `/products?a=1&b=2|accept-language=en-us`.
-//! - With `vary` set, written entries are tagged `variants:{normalised key}` and a Delete also
+//! - With `vary` set, written entries are tagged `variants:{normalised key}` (a Get, which writes
+//!   nothing, gets no tag: the gateway would drop it) and a Delete also
 //!   invalidates that tag, removing every variant of the resource.
 //! - A Get or Set whose `cache-control` attribute has the `no-store` directive bypasses the cache.
 //!
@@ -62,7 +63,9 @@ impl Policy for TenantKeying {
             storage_key.push_str(&variant_value(req.attr(name).unwrap_or("")));
         }
         let decision = Decision::cache(storage_key);
-        if self.vary.is_empty() {
+        // A Get writes nothing, so the gateway drops a Get decision's tags (docs/POLICY_ABI.md):
+        // none to build.
+        if self.vary.is_empty() || matches!(req.op(), Operation::Get) {
             return Ok(decision);
         }
         let variants = tag(["variants", &base]);
@@ -201,6 +204,11 @@ mod tests {
             testing::request(Operation::Delete, "shop", "/p?a=2&b=1").config(VARY_LANGUAGE);
         let delete = delete.decide::<TenantKeying>().unwrap();
         assert_eq!(delete.invalidated_tags(), ["variants:/p?a=2&b=1"]);
+        // A Get writes nothing: the gateway would drop a tag, so none is built.
+        let get = testing::request(Operation::Get, "shop", "/p?a=2&b=1").config(VARY_LANGUAGE);
+        let get = get.decide::<TenantKeying>().unwrap();
+        assert_eq!(get.storage_key(), "/p?a=2&b=1|accept-language=");
+        assert!(get.tags().is_empty());
         let plain = testing::request(Operation::Set, "shop", "/p")
             .decide::<TenantKeying>()
             .unwrap();
