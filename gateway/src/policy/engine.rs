@@ -1361,7 +1361,8 @@ impl ResourceLimiter for HostState {
             return Ok(false);
         }
         let until = grace_after_growth(self.meter.stamp(), current, desired);
-        self.growing_until = Some(self.growing_until.map_or(until, |earlier| earlier.max(until)));
+        // `None` orders below any `Some`: the later of the two graces.
+        self.growing_until = self.growing_until.max(Some(until));
         Ok(true)
     }
 
