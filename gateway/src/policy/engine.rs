@@ -1162,7 +1162,7 @@ const FAULT_IN_GRACE: Duration = Duration::from_micros(40);
 /// The CPU time, stamped `now`, until which a call that grew its memory
 /// from `current` to `desired` bytes is not cut off for CPU time.
 fn grace_after_growth(now: Duration, current: usize, desired: usize) -> Duration {
-    let pages = desired.saturating_sub(current).div_ceil(4096);
+    let pages = desired.saturating_sub(current).div_ceil(write_watch::PAGE);
     now + GROWTH_GRACE + FAULT_IN_GRACE.saturating_mul(u32::try_from(pages).unwrap_or(u32::MAX))
 }
 
@@ -1495,7 +1495,7 @@ mod tests {
     fn a_growth_earns_time_to_fault_its_pages_in() {
         let now = Duration::from_millis(4);
         let mib = 1 << 20;
-        let after_a_page = grace_after_growth(now, mib, mib + 4096) - now;
+        let after_a_page = grace_after_growth(now, mib, mib + write_watch::PAGE) - now;
         let after_a_mib = grace_after_growth(now, mib, 2 * mib) - now;
         assert!(after_a_page < Duration::from_millis(4), "{after_a_page:?}");
         assert!(after_a_mib >= Duration::from_millis(10), "{after_a_mib:?}");
