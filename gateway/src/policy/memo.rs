@@ -29,6 +29,17 @@
 //! bound holds however many bindings there are; bindings that go away age
 //! out.
 //!
+//! In front of the cache, each thread that recalls keeps a [`Front`]: a
+//! small table of copies of the decisions it recalled lately, found by a
+//! hash of the input, with no lock and no atomic operation. A copy is a
+//! decision the policy made for exactly that input (its bytes are compared
+//! whole), checked against its promise and value size like any entry, so
+//! answering from it is answering from the memo, even after the cache has
+//! let the entry go (a rebinding makes new inputs: its binding is part of
+//! them). Only decisions that own no heap memory are copied, so a front
+//! weighs exactly its slots, and the fronts' bytes are taken from
+//! `policy.memo_bytes` as threads create them.
+//!
 //! Inserting into a full memo costs: an entry is evicted for each one kept.
 //! Where inputs never repeat, that cost bought nothing and made the memo a
 //! loss (0.75 of the same binding without it, docs/BENCHMARKS.md). So once
@@ -178,6 +189,16 @@ const NO_END: u64 = u64::MAX;
 /// value is `u64::MAX` bytes long).
 const ANY_SIZE: u64 = u64::MAX;
 
+impl Entry {
+    /// Whether the decision holds at `now_unix_ms` (read only for an entry
+    /// that carries a promise) for a value of `value_size` bytes.
+    fn holds(&self, value_size: u64, now_unix_ms: impl Fn() -> u64) -> bool {
+        let other_size = self.value_size != ANY_SIZE && self.value_size != value_size;
+        let expired = || self.until_unix_ms != NO_END && now_unix_ms() >= self.until_unix_ms;
+        !other_size && !expired()
+    }
+}
+
 /// An entry weighs what it was weighed at when kept.
 #[derive(Clone)]
 struct ByWeight;
@@ -253,10 +274,122 @@ enum Admission {
     FirstSighting,
 }
 
+/// How many bytes of input a front copy holds: a namespace and key of ~40
+/// bytes together. A longer input is answered by the cache.
+const FRONT_INPUT: usize = 47;
+
+/// A decision a thread recalled, copied into its [`Front`].
+struct FrontCopy {
+    hash: u64,
+    len: u8,
+    input: [u8; FRONT_INPUT],
+    entry: Entry,
+}
+
+impl FrontCopy {
+    fn input(&self) -> &[u8] {
+        &self.input[..usize::from(self.len)]
+    }
+}
+
+/// A thread's copies of the decisions it recalled lately, in pairs of
+/// slots found by the input's hash (two inputs of one pair both stay), and
+/// the buffer its inputs are laid out in. Aligned to its own cache lines
+/// (two, for the adjacent-line prefetcher): `ThreadLocal` holds the
+/// threads' fronts side by side, and a recall writes to its own (the
+/// `RefCell`'s flag, the buffer's length), which would otherwise take the
+/// line from a neighbour on another core at every hit.
+#[repr(align(128))]
+struct Front {
+    slots: Box<[Option<FrontCopy>]>,
+    scratch: Vec<u8>,
+}
+
+impl Front {
+    /// What a front of `slots` slots weighs: its slots and its buffer's
+    /// largest size.
+    fn bytes(slots: usize) -> u64 {
+        (slots * size_of::<Option<FrontCopy>>() + SCRATCH_BYTES) as u64
+    }
+
+    /// The pair of `slots` that `hash` belongs in (none in a front without
+    /// slots).
+    fn pair(slots: &mut [Option<FrontCopy>], hash: u64) -> &mut [Option<FrontCopy>] {
+        match slots.len() {
+            0 => &mut [],
+            len => {
+                let home = hash as usize & (len - 2);
+                &mut slots[home..home + 2]
+            }
+        }
+    }
+
+    /// Copies `entry`, kept for `input` (whose hash is `hash`), into its
+    /// pair of `slots`: first in the pair, the other input it held second.
+    fn copy(slots: &mut [Option<FrontCopy>], hash: u64, input: &[u8], entry: Entry) {
+        let [first, second] = Self::pair(slots, hash) else {
+            return;
+        };
+        let mut copy = FrontCopy {
+            hash,
+            len: input.len() as u8,
+            input: [0; FRONT_INPUT],
+            entry,
+        };
+        copy.input[..input.len()].copy_from_slice(input);
+        let same_input = |held: &Option<FrontCopy>| {
+            held.as_ref()
+                .is_some_and(|held| held.hash == hash && held.input() == input)
+        };
+        if !same_input(first) {
+            std::mem::swap(first, second);
+        }
+        *first = Some(copy);
+    }
+}
+
+/// How many slots each thread's front has in a memo of `max_bytes`: one
+/// per 8 entries the memo holds (~550 bytes each), up to 4 096 (736 KiB; a
+/// hot set of a few thousand inputs), and few enough that a front for each
+/// core and two more fit in the quarter of the memo that fronts may take.
+/// A power of two.
+fn front_slots(max_bytes: u64) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let slot = size_of::<Option<FrontCopy>>() as u64;
+    let slots = (max_bytes / 550 / 8)
+        .min(max_bytes / 4 / (cores + 2) / slot)
+        .clamp(2, 4096);
+    1 << slots.ilog2()
+}
+
+/// Whether `entry`, kept for `input`, may be copied into a front: a copy
+/// must own no heap memory, so that a front weighs exactly its slots.
+fn copyable(input: &[u8], entry: &Entry) -> bool {
+    let decision = &entry.decision;
+    input.len() <= FRONT_INPUT
+        && !decision.key.is_heap_allocated()
+        && decision.tags.0.is_none()
+        && decision.invalidate.is_none()
+}
+
+/// The most a front's buffer keeps between look-ups.
+const SCRATCH_BYTES: usize = 4096;
+
 /// The process's decision memo.
 pub struct DecisionMemo {
     entries: Cache<KeyBytes, Entry, ByWeight, foldhash::fast::RandomState, Departures>,
-    capacity: u64,
+    /// The threads' fronts, created at a thread's first recall.
+    fronts: thread_local::ThreadLocal<std::cell::RefCell<Front>>,
+    /// Slots in each front.
+    front_slots: usize,
+    /// The fronts' hasher.
+    hasher: foldhash::fast::RandomState,
+    /// `policy.memo_bytes`: what the entries and the fronts may weigh.
+    max_bytes: u64,
+    /// What the fronts created so far weigh.
+    fronts_bytes: AtomicU64,
+    /// What the entries may weigh: `max_bytes` less the fronts'.
+    capacity: AtomicU64,
     doorkeeper: Doorkeeper,
     /// Bytes of the entries alive now, counted as they are kept and dropped: whether the memo
     /// is full, asked on every miss, without quick_cache's `weight()`, which takes every
@@ -312,7 +445,12 @@ impl DecisionMemo {
         let bits = (max_bytes / 16).clamp(1 << 12, 1 << 28).next_power_of_two() as usize;
         Self {
             entries,
-            capacity: max_bytes,
+            fronts: thread_local::ThreadLocal::new(),
+            front_slots: front_slots(max_bytes),
+            hasher: foldhash::fast::RandomState::default(),
+            max_bytes,
+            fronts_bytes: AtomicU64::new(0),
+            capacity: AtomicU64::new(max_bytes),
             doorkeeper: Doorkeeper::new(bits),
             held,
             series,
@@ -344,7 +482,29 @@ impl DecisionMemo {
     /// Whether the memo is full (to within 1/16), so that it keeps only
     /// what repeats.
     fn full(&self) -> bool {
-        self.held.load(Ordering::Relaxed) >= self.capacity - self.capacity / 16
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        self.held.load(Ordering::Relaxed) >= capacity - capacity / 16
+    }
+
+    /// A new front for this thread, its bytes taken from the entries'. The
+    /// fronts take at most a quarter of the memo: a thread beyond that gets
+    /// a front without slots (the cache answers it).
+    fn new_front(&self) -> std::cell::RefCell<Front> {
+        let mut slots = self.front_slots;
+        let bytes = Front::bytes(slots);
+        let taken = self.fronts_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if taken > self.max_bytes / 4 {
+            self.fronts_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            slots = 0;
+        } else {
+            let capacity = self.max_bytes - taken;
+            self.capacity.store(capacity, Ordering::Relaxed);
+            self.entries.set_capacity(capacity);
+        }
+        std::cell::RefCell::new(Front {
+            slots: std::iter::repeat_with(|| None).take(slots).collect(),
+            scratch: Vec::new(),
+        })
     }
 
     /// Whether the memo is full and the input laid out in `bytes` was not
@@ -361,49 +521,66 @@ impl DecisionMemo {
     }
 
     /// [`get`](Self::get) for `request` to the binding `memo_id`, without
-    /// building a [`MemoKey`]: its bytes are laid out in a buffer this thread
-    /// keeps, so a hit allocates nothing but a decision's key longer than 24
-    /// bytes (a shorter one is copied with the decision). The clock is
-    /// read (`now_unix_ms`) only for an entry that carries a promise. A miss
-    /// says what [`keep`](Self::keep) will do with the decision to come.
+    /// building a [`MemoKey`]: its bytes are laid out in a buffer of this
+    /// thread's [`Front`], which answers first, then the cache (whose
+    /// answer the front copies). A hit allocates nothing but a decision's
+    /// key longer than 24 bytes (a shorter one is copied with the decision).
+    /// The clock is read (`now_unix_ms`) only for an entry that carries a
+    /// promise. A miss says what [`keep`](Self::keep) will do with the
+    /// decision to come.
     pub fn recall(
         &self,
         memo_id: u64,
         request: &DecisionRequest<'_>,
-        now_unix_ms: impl FnOnce() -> u64,
+        now_unix_ms: impl Fn() -> u64,
     ) -> Result<Decision, Miss> {
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        SCRATCH.with_borrow_mut(|bytes| {
-            MemoKey::lay_out_request(bytes, memo_id, request);
-            let decision = self
-                .look_up(bytes, request.value_size as u64, now_unix_ms)
-                .ok_or_else(|| {
-                    Miss(if self.first_sighting(bytes) {
-                        Admission::FirstSighting
-                    } else {
-                        Admission::Keep(MemoKey(KeyBytes::from_slice(bytes)))
-                    })
-                });
-            // A rare long input does not keep its buffer's size for the thread's life.
-            if bytes.capacity() > 4096 {
-                *bytes = Vec::new();
+        let value_size = request.value_size as u64;
+        let mut front = self.fronts.get_or(|| self.new_front()).borrow_mut();
+        let Front { slots, scratch } = &mut *front;
+        MemoKey::lay_out_request(scratch, memo_id, request);
+        let hash = self.hasher.hash_one(scratch.as_slice());
+        // A hit is cloned straight into the answer: a decision is 128 bytes,
+        // and each step it were passed through would copy them.
+        for copy in Front::pair(slots, hash).iter().flatten() {
+            if copy.hash == hash
+                && copy.input() == scratch.as_slice()
+                && copy.entry.holds(value_size, &now_unix_ms)
+            {
+                return Ok(copy.entry.decision.clone());
             }
-            decision
-        })
+        }
+        let bytes = scratch.as_slice();
+        let answer = match self.entries.get(bytes) {
+            Some(entry) if entry.holds(value_size, &now_unix_ms) => {
+                let decision = entry.decision.clone();
+                if copyable(bytes, &entry) {
+                    Front::copy(slots, hash, bytes, entry);
+                }
+                Ok(decision)
+            }
+            _ => Err(Miss(if self.first_sighting(bytes) {
+                Admission::FirstSighting
+            } else {
+                Admission::Keep(MemoKey(KeyBytes::from_slice(bytes)))
+            })),
+        };
+        // A rare long input does not keep its buffer's size for the thread's life.
+        if scratch.capacity() > SCRATCH_BYTES {
+            *scratch = Vec::new();
+        }
+        answer
     }
 
     fn look_up(
         &self,
         input: &[u8],
         value_size: u64,
-        now_unix_ms: impl FnOnce() -> u64,
+        now_unix_ms: impl Fn() -> u64,
     ) -> Option<Decision> {
         let entry = self.entries.get(input)?;
-        let other_size = entry.value_size != ANY_SIZE && entry.value_size != value_size;
-        let expired = || entry.until_unix_ms != NO_END && now_unix_ms() >= entry.until_unix_ms;
-        (!other_size && !expired()).then_some(entry.decision)
+        entry
+            .holds(value_size, now_unix_ms)
+            .then_some(entry.decision)
     }
 
     /// Keeps `decision`, made at `decided_at_unix_ms` (the `now_unix_ms` the
@@ -469,9 +646,15 @@ impl DecisionMemo {
         );
     }
 
-    /// Bytes held now (after pending maintenance).
+    /// Bytes the entries weigh now (after pending maintenance); the
+    /// threads' fronts weigh [`front_bytes`](Self::front_bytes) more.
     pub fn bytes(&self) -> u64 {
         self.entries.weight()
+    }
+
+    /// What the threads' fronts weigh.
+    pub fn front_bytes(&self) -> u64 {
+        self.fronts_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -658,6 +841,12 @@ mod tests {
         // copies an entry out and hands its decision on (docs/BENCHMARKS.md).
         assert!(size_of::<Decision>() <= 128, "{}", size_of::<Decision>());
         assert!(size_of::<Entry>() <= 128, "{}", size_of::<Entry>());
+        // A front's slot: the entry, its input inline, no tag for `None`.
+        assert!(
+            size_of::<Option<FrontCopy>>() <= 184,
+            "{}",
+            size_of::<Option<FrontCopy>>()
+        );
         assert_eq!(size_of::<KeyBytes>(), 32);
     }
 
@@ -879,7 +1068,7 @@ mod tests {
         let first = keep(&memo, "early", &stats);
         assert!(memo.get(&first, 0, 1_000).is_some());
         let mut filled = 0;
-        while memo.bytes() < memo.capacity - memo.capacity / 16 {
+        while !memo.full() {
             keep(&memo, &format!("fill-{filled}"), &stats);
             filled += 1;
         }
@@ -1026,5 +1215,208 @@ mod tests {
             held,
             "the memo's own count follows quick_cache's weight"
         );
+    }
+
+    fn get_request<'a>(key: &'a str, attributes: &'a Attributes) -> DecisionRequest<'a> {
+        DecisionRequest {
+            op: Operation::Get,
+            namespace: "ns",
+            key,
+            attributes,
+            value_size: 0,
+        }
+    }
+
+    /// Transparency through the fronts: over 10 000 inputs (attributes,
+    /// operations, long inputs; decisions kept forever, for one value size,
+    /// for a promise, or never) recalled and kept at random in a memo that
+    /// holds a fraction of them, every answer is a decision the "policy"
+    /// made for exactly that input, for that value size, within its
+    /// promise, whether the front or the cache gave it.
+    #[test]
+    fn every_answer_is_one_the_policy_made_for_that_input() {
+        use rand::{Rng, SeedableRng};
+        let memo = DecisionMemo::new(1 << 20);
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let inputs: Vec<(Operation, String, Attributes)> = (0..10_000)
+            .map(|i| {
+                // Six inputs per key that differ by operation or attributes
+                // only, and some too long for a front.
+                let (op, attributes) = match i % 6 {
+                    0 => (Operation::Get, attributes(&[])),
+                    1 => (Operation::Set, attributes(&[])),
+                    2 => (Operation::Get, attributes(&[("tenant", "a")])),
+                    3 => (Operation::Get, attributes(&[("tenant", "b")])),
+                    4 => (
+                        Operation::Get,
+                        attributes(&[("tenant", "a"), ("route", "r")]),
+                    ),
+                    _ => (Operation::Set, attributes(&[("tenant", "a")])),
+                };
+                let key = if i % 11 == 0 {
+                    format!("/long/{}/{}", "x".repeat(40), i / 6)
+                } else {
+                    format!("/k/{}", i / 6)
+                };
+                (op, key, attributes)
+            })
+            .collect();
+        let mut now = 1_000u64;
+        let (mut hits, mut misses) = (0, 0);
+        for _ in 0..300_000 {
+            now += rng.random_range(0..3);
+            // Skewed, so that inputs repeat while others are pushed out.
+            let at = (rng.random::<f64>().powi(3) * inputs.len() as f64) as usize;
+            let value_size = rng.random_range(0..3usize);
+            let (op, key, attributes) = &inputs[at];
+            let request = DecisionRequest {
+                op: *op,
+                namespace: "ns",
+                key,
+                attributes,
+                value_size,
+            };
+            match memo.recall(1, &request, || now) {
+                Ok(found) => {
+                    hits += 1;
+                    let found = found.key.as_str();
+                    match at % 4 {
+                        0 => assert_eq!(found, format!("{at}")),
+                        1 => assert_eq!(found, format!("{at}@{value_size}")),
+                        2 => {
+                            let decided_at: u64 = found
+                                .strip_prefix(&format!("{at}@t"))
+                                .and_then(|at| at.parse().ok())
+                                .unwrap_or_else(|| panic!("{found} for input {at}"));
+                            assert!(now < decided_at + 50, "{found} held at {now}");
+                        }
+                        _ => panic!("a decision never to be reused was: {found}"),
+                    }
+                }
+                Err(miss) => {
+                    misses += 1;
+                    let (decided, reuse) = match at % 4 {
+                        0 => (format!("{at}"), FOREVER),
+                        1 => (
+                            format!("{at}@{value_size}"),
+                            Reuse::For {
+                                promise: None,
+                                value_size: Some(value_size as u64),
+                            },
+                        ),
+                        2 => (
+                            format!("{at}@t{now}"),
+                            Reuse::For {
+                                promise: Some(Duration::from_millis(50)),
+                                value_size: None,
+                            },
+                        ),
+                        _ => (format!("{at}"), Reuse::Never),
+                    };
+                    memo.keep(miss, &decision(&decided), reuse, now, &stats);
+                }
+            }
+        }
+        assert!(
+            hits > 60_000 && misses > 60_000,
+            "{hits} hits, {misses} misses"
+        );
+        assert!(
+            stats.evictions.get() > 10_000,
+            "{} evictions",
+            stats.evictions.get()
+        );
+    }
+
+    const FOREVER: Reuse = Reuse::For {
+        promise: None,
+        value_size: None,
+    };
+
+    /// A front answers from its copy once the cache has let the entry go
+    /// (the copy is still the policy's decision for that input); another
+    /// thread, whose front holds no copy, misses.
+    #[test]
+    fn a_front_answers_from_its_copy_after_the_cache_let_go() {
+        let memo = Arc::new(DecisionMemo::new(1 << 20));
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
+        let attributes = Attributes::new();
+        let request = get_request("/front", &attributes);
+        let miss = memo.recall(1, &request, || 0).expect_err("empty");
+        memo.keep(miss, &decision("/front"), FOREVER, 0, &stats);
+        // From the cache, copied into this thread's front.
+        assert!(memo.recall(1, &request, || 0).is_ok());
+        let input = MemoKey::new(1, Operation::Get, "ns", "/front", &attributes);
+        assert!(memo.entries.remove(input.bytes()).is_some());
+        let copied = memo.recall(1, &request, || 0).expect("this thread's copy");
+        assert_eq!(copied.key, "/front");
+        let elsewhere = Arc::clone(&memo);
+        let other = std::thread::spawn(move || {
+            let attributes = Attributes::new();
+            elsewhere
+                .recall(1, &get_request("/front", &attributes), || 0)
+                .is_ok()
+        });
+        assert!(
+            !other.join().expect("no panic"),
+            "another thread has no copy"
+        );
+        // A decision that owns heap memory (here a long key) is not copied.
+        let long = "/long".repeat(10);
+        let request = get_request(&long, &attributes);
+        let miss = memo.recall(1, &request, || 0).expect_err("new");
+        memo.keep(miss, &decision(&long), FOREVER, 0, &stats);
+        assert!(memo.recall(1, &request, || 0).is_ok());
+        let input = MemoKey::new(1, Operation::Get, "ns", &long, &attributes);
+        assert!(memo.entries.remove(input.bytes()).is_some());
+        assert!(memo.recall(1, &request, || 0).is_err(), "no copy of it");
+    }
+
+    /// The fronts' bytes come out of `memo_bytes`: each thread's front is
+    /// taken from the entries' capacity, up to a quarter of the memo.
+    #[test]
+    fn the_fronts_weigh_in_the_bound() {
+        let bound = 1 << 20;
+        let memo = Arc::new(DecisionMemo::new(bound));
+        let one = Front::bytes(memo.front_slots);
+        // Threads alive at once (a finished thread's front is reused by the next).
+        let recall_together = |threads: usize| {
+            let barrier = Arc::new(std::sync::Barrier::new(threads));
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (memo, barrier) = (Arc::clone(&memo), Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        let attributes = Attributes::new();
+                        let _ = memo.recall(1, &get_request("k", &attributes), || 0);
+                        barrier.wait();
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.join().expect("no panic");
+            }
+        };
+        recall_together(3);
+        assert_eq!(memo.front_bytes(), 3 * one);
+        assert_eq!(memo.capacity.load(Ordering::Relaxed), bound - 3 * one);
+
+        let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
+        for i in 0..20_000 {
+            let key = format!("key-{i}");
+            keep(&memo, &key, &stats);
+            keep(&memo, &key, &stats);
+        }
+        assert!(
+            memo.bytes() + memo.front_bytes() <= bound,
+            "{} + {} over {bound}",
+            memo.bytes(),
+            memo.front_bytes()
+        );
+        assert!(memo.bytes() > bound / 2, "the entries still fill the rest");
+
+        recall_together(64);
+        assert!(memo.front_bytes() <= bound / 4, "{}", memo.front_bytes());
+        assert!(memo.front_bytes() > bound / 4 - one);
     }
 }
