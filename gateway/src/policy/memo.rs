@@ -362,6 +362,26 @@ fn front_slots(max_bytes: u64) -> usize {
     1 << slots.ilog2()
 }
 
+/// Whether `input` is what [`MemoKey::lay_out`] writes for `request` (of
+/// at most one attribute) to the binding `memo_id`: read field by field,
+/// so that a front's hit lays nothing out.
+fn laid_out_as(input: &[u8], memo_id: u64, request: &DecisionRequest<'_>) -> bool {
+    let mut rest = input;
+    let field_is = |rest: &mut &[u8], text: &str| read_field(rest) == Some(text.as_bytes());
+    read_leb128(&mut rest) == Some(memo_id)
+        && rest.split_first().is_some_and(|(&op, after)| {
+            rest = after;
+            op == op_code(request.op)
+        })
+        && field_is(&mut rest, request.namespace)
+        && field_is(&mut rest, request.key)
+        && match request.attributes.iter().next() {
+            None => true,
+            Some((name, value)) => field_is(&mut rest, name) && field_is(&mut rest, value),
+        }
+        && rest.is_empty()
+}
+
 /// Whether `entry`, kept for `input`, may be copied into a front: a copy
 /// must own no heap memory, so that a front weighs exactly its slots.
 fn copyable(input: &[u8], entry: &Entry) -> bool {
@@ -537,23 +557,29 @@ impl DecisionMemo {
         let value_size = request.value_size as u64;
         let mut front = self.fronts.get_or(|| self.new_front()).borrow_mut();
         let Front { slots, scratch } = &mut *front;
-        MemoKey::lay_out_request(scratch, memo_id, request);
-        let hash = self.hasher.hash_one(scratch.as_slice());
-        // A hit is cloned straight into the answer: a decision is 128 bytes,
-        // and each step it were passed through would copy them.
-        for copy in Front::pair(slots, hash).iter().flatten() {
-            if copy.hash == hash
-                && copy.input() == scratch.as_slice()
-                && copy.entry.holds(value_size, &now_unix_ms)
-            {
-                return Ok(copy.entry.decision.clone());
+        // The front is asked by the request's own fields, without laying
+        // them out: a request with two attributes or more would have to sort
+        // them, and is left to the cache.
+        let fronted = request.attributes.len() <= 1;
+        let hash = self.front_hash(memo_id, request);
+        if fronted {
+            // A hit is cloned straight into the answer: a decision is 128
+            // bytes, and each step it were passed through would copy them.
+            for copy in Front::pair(slots, hash).iter().flatten() {
+                if copy.hash == hash
+                    && laid_out_as(copy.input(), memo_id, request)
+                    && copy.entry.holds(value_size, &now_unix_ms)
+                {
+                    return Ok(copy.entry.decision.clone());
+                }
             }
         }
+        MemoKey::lay_out_request(scratch, memo_id, request);
         let bytes = scratch.as_slice();
         let answer = match self.entries.get(bytes) {
             Some(entry) if entry.holds(value_size, &now_unix_ms) => {
                 let decision = entry.decision.clone();
-                if copyable(bytes, &entry) {
+                if fronted && copyable(bytes, &entry) {
                     Front::copy(slots, hash, bytes, entry);
                 }
                 Ok(decision)
@@ -569,6 +595,14 @@ impl DecisionMemo {
             *scratch = Vec::new();
         }
         answer
+    }
+
+    /// Where in a front the input of `request` to `memo_id` belongs: a hash
+    /// of its key, and its binding's identity. Inputs that differ in
+    /// namespace, operation or attribute only share a pair of slots; a
+    /// copy is compared with the whole input anyway.
+    fn front_hash(&self, memo_id: u64, request: &DecisionRequest<'_>) -> u64 {
+        self.hasher.hash_one(request.key) ^ memo_id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     fn look_up(
@@ -756,11 +790,7 @@ impl MemoKey {
         bytes.clear();
         bytes.reserve_exact(size);
         leb128(bytes, memo_id);
-        bytes.push(match op {
-            Operation::Get => 0,
-            Operation::Set => 1,
-            Operation::Delete => 2,
-        });
+        bytes.push(op_code(op));
         let mut field = |text: &str| {
             leb128(bytes, text.len() as u64);
             bytes.extend_from_slice(text.as_bytes());
@@ -776,6 +806,40 @@ impl MemoKey {
     fn bytes(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// The byte an operation is laid out as.
+fn op_code(op: Operation) -> u8 {
+    match op {
+        Operation::Get => 0,
+        Operation::Set => 1,
+        Operation::Delete => 2,
+    }
+}
+
+/// Reads a LEB128 number off the front of `bytes`.
+fn read_leb128(bytes: &mut &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+/// Reads a length-prefixed field off the front of `bytes`.
+fn read_field<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(read_leb128(bytes)?).ok()?;
+    if len > bytes.len() {
+        return None;
+    }
+    let (field, rest) = bytes.split_at(len);
+    *bytes = rest;
+    Some(field)
 }
 
 /// Appends `n` in LEB128: seven bits a byte, low first, the top bit set on
