@@ -293,12 +293,12 @@ impl FrontCopy {
 }
 
 /// A thread's copies of the decisions it recalled lately, in sets of
-/// [`WAYS`] slots found by the key's hash (so that up to four inputs of
-/// one set all stay), and the buffer its inputs are laid out in. Aligned to its own cache lines
-/// (two, for the adjacent-line prefetcher): `ThreadLocal` holds the
-/// threads' fronts side by side, and a recall writes to its own (the
-/// `RefCell`'s flag, the buffer's length), which would otherwise take the
-/// line from a neighbour on another core at every hit.
+/// [`WAYS`] slots found by the key's hash (so that up to four inputs of one
+/// set all stay), and the buffer its inputs are laid out in. Aligned to its
+/// own cache lines (two, for the adjacent-line prefetcher): `ThreadLocal`
+/// holds the threads' fronts side by side, and a recall writes to its own
+/// (the `RefCell`'s flag, the buffer's length), which would otherwise take
+/// the line from a neighbour on another core at every hit.
 #[repr(align(128))]
 struct Front {
     slots: Box<[Option<FrontCopy>]>,
@@ -414,8 +414,9 @@ pub struct DecisionMemo {
     hasher: foldhash::fast::RandomState,
     /// `policy.memo_bytes`: what the entries and the fronts may weigh.
     max_bytes: u64,
-    /// What the fronts created so far weigh.
-    fronts_bytes: AtomicU64,
+    /// What the fronts created so far weigh; held while a front is
+    /// created, so that the entries' capacity follows every front.
+    fronts_bytes: std::sync::Mutex<u64>,
     /// What the entries may weigh: `max_bytes` less the fronts'.
     capacity: AtomicU64,
     doorkeeper: Doorkeeper,
@@ -477,7 +478,7 @@ impl DecisionMemo {
             front_slots: front_slots(max_bytes),
             hasher: foldhash::fast::RandomState::default(),
             max_bytes,
-            fronts_bytes: AtomicU64::new(0),
+            fronts_bytes: std::sync::Mutex::new(0),
             capacity: AtomicU64::new(max_bytes),
             doorkeeper: Doorkeeper::new(bits),
             held,
@@ -520,15 +521,19 @@ impl DecisionMemo {
     fn new_front(&self) -> std::cell::RefCell<Front> {
         let mut slots = self.front_slots;
         let bytes = Front::bytes(slots);
-        let taken = self.fronts_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if taken > self.max_bytes / 4 {
-            self.fronts_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let mut taken = self
+            .fronts_bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *taken + bytes > self.max_bytes / 4 {
             slots = 0;
         } else {
-            let capacity = self.max_bytes - taken;
+            *taken += bytes;
+            let capacity = self.max_bytes - *taken;
             self.capacity.store(capacity, Ordering::Relaxed);
             self.entries.set_capacity(capacity);
         }
+        drop(taken);
         std::cell::RefCell::new(Front {
             slots: std::iter::repeat_with(|| None).take(slots).collect(),
             scratch: Vec::new(),
@@ -697,7 +702,10 @@ impl DecisionMemo {
 
     /// What the threads' fronts weigh.
     pub fn front_bytes(&self) -> u64 {
-        self.fronts_bytes.load(Ordering::Relaxed)
+        *self
+            .fronts_bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
