@@ -574,9 +574,8 @@ impl DecisionMemo {
         // The front is asked by the request's own fields, without laying
         // them out: a request with two attributes or more would have to sort
         // them, and is left to the cache.
-        let fronted = request.attributes.len() <= 1;
-        let hash = self.front_hash(memo_id, request);
-        if fronted {
+        let hash = (request.attributes.len() <= 1).then(|| self.front_hash(memo_id, request));
+        if let Some(hash) = hash {
             // A hit is cloned straight into the answer: a decision is 128
             // bytes, and each step it were passed through would copy them.
             for copy in Front::set(slots, hash).iter().flatten() {
@@ -593,7 +592,9 @@ impl DecisionMemo {
         let answer = match self.entries.get(bytes) {
             Some(entry) if entry.holds(value_size, &now_unix_ms) => {
                 let decision = entry.decision.clone();
-                if fronted && copyable(bytes, &entry) {
+                if let Some(hash) = hash
+                    && copyable(bytes, &entry)
+                {
                     Front::copy(slots, hash, bytes, entry);
                 }
                 Ok(decision)
@@ -1099,12 +1100,18 @@ mod tests {
 
     fn keep(memo: &DecisionMemo, key: &str, stats: &MemoSeries) -> MemoKey {
         let input = MemoKey::new(1, Operation::Get, "ns", key, &Attributes::new());
-        let forever = Reuse::For {
-            promise: None,
-            value_size: None,
-        };
-        memo.put(input.clone(), &decision(key), forever, 1_000, stats);
+        memo.put(input.clone(), &decision(key), FOREVER, 1_000, stats);
         input
+    }
+
+    /// Keeps the decisions of `keys` distinct inputs, twice each: a full
+    /// memo keeps an input's decision at its second miss.
+    fn keep_each_twice(memo: &DecisionMemo, keys: usize, stats: &MemoSeries) {
+        for i in 0..keys {
+            let key = format!("key-{i}");
+            keep(memo, &key, stats);
+            keep(memo, &key, stats);
+        }
     }
 
     /// Keys held in the entry's slot and keys on the heap are found by the
@@ -1173,10 +1180,6 @@ mod tests {
     fn a_miss_decides_at_the_look_up_what_its_decision_will_do() {
         let memo = DecisionMemo::new(256 * 1024);
         let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
-        let forever = Reuse::For {
-            promise: None,
-            value_size: None,
-        };
         let attributes = Attributes::new();
         let request = |key| DecisionRequest {
             op: Operation::Get,
@@ -1189,7 +1192,7 @@ mod tests {
 
         // Not full: a miss keeps its decision, under the key `get` finds it by.
         let miss = recall("early").expect_err("nothing kept yet");
-        memo.keep(miss, &decision("early"), forever, 1_000, &stats);
+        memo.keep(miss, &decision("early"), FOREVER, 1_000, &stats);
         assert_eq!(
             recall("early").ok().map(|d| d.key.into_string()),
             Some("early".to_owned())
@@ -1208,11 +1211,11 @@ mod tests {
         assert_eq!(stats.first_sightings.get(), 0);
         // ... a reusable one's first miss is remembered, not kept ...
         let miss = recall("newcomer").expect_err("not kept");
-        memo.keep(miss, &decision("newcomer"), forever, 1_000, &stats);
+        memo.keep(miss, &decision("newcomer"), FOREVER, 1_000, &stats);
         assert_eq!(stats.first_sightings.get(), 1);
         // ... and its second is kept.
         let miss = recall("newcomer").expect_err("not kept yet");
-        memo.keep(miss, &decision("newcomer"), forever, 1_000, &stats);
+        memo.keep(miss, &decision("newcomer"), FOREVER, 1_000, &stats);
         assert_eq!(
             recall("newcomer").ok().map(|d| d.key.into_string()),
             Some("newcomer".to_owned())
@@ -1267,12 +1270,7 @@ mod tests {
         let bound = 256 * 1024;
         let memo = DecisionMemo::new(bound);
         let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
-        for i in 0..1_000_000 {
-            // Twice each: a full memo keeps an input's decision at its second miss.
-            let key = format!("key-{i}");
-            keep(&memo, &key, &stats);
-            keep(&memo, &key, &stats);
-        }
+        keep_each_twice(&memo, 1_000_000, &stats);
         assert!(
             stats.first_sightings.get() > 900_000,
             "{} first sightings",
@@ -1483,11 +1481,7 @@ mod tests {
         assert_eq!(memo.capacity.load(Ordering::Relaxed), bound - 3 * one);
 
         let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
-        for i in 0..20_000 {
-            let key = format!("key-{i}");
-            keep(&memo, &key, &stats);
-            keep(&memo, &key, &stats);
-        }
+        keep_each_twice(&memo, 20_000, &stats);
         assert!(
             memo.bytes() + memo.front_bytes() <= bound,
             "{} + {} over {bound}",
