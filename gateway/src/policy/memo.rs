@@ -62,6 +62,8 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use quick_cache::{Lifecycle, Weighter, sync::Cache};
 
+use compact_str::CompactString;
+
 use super::{Decision, DecisionRequest, Invalidation, Operation, pb};
 use crate::cache::Attributes;
 
@@ -274,125 +276,268 @@ enum Admission {
     FirstSighting,
 }
 
-/// How many bytes of input a front copy holds: a namespace and key of ~40
-/// bytes together. A longer input is answered by the cache.
-const FRONT_INPUT: usize = 47;
+/// The longest request key a front's slot holds; a longer one is answered
+/// by the cache.
+const FRONT_KEY: usize = 26;
 
-/// A decision a thread recalled, copied into its [`Front`].
-struct FrontCopy {
-    hash: u64,
+/// A copy in a thread's [`Front`]: a request's key, the key of the
+/// decision made for it (inline: at most 24 bytes) and its promise, in one
+/// cache line, so that a hit reads one line that is not already the CPU's;
+/// the rest of the input and decision is its [`Shape`] (the shapes are few,
+/// and read by every hit).
+#[repr(C, align(64))]
+#[derive(Clone)]
+struct Slot {
+    /// As the entry's: until when the decision holds ([`NO_END`]: always).
+    until_unix_ms: u64,
+    decision_key: CompactString,
+    /// The high half of the key's front hash (the low bits chose the set).
+    tag: u32,
+    /// Its shape's index in the front ([`EMPTY`]: an empty slot).
+    shape: u8,
     len: u8,
-    input: [u8; FRONT_INPUT],
-    entry: Entry,
+    key: [u8; FRONT_KEY],
 }
 
-impl FrontCopy {
-    fn input(&self) -> &[u8] {
-        &self.input[..usize::from(self.len)]
+/// [`Slot::shape`] of an empty slot: no front has that many shapes.
+const EMPTY: u8 = u8::MAX;
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        until_unix_ms: 0,
+        decision_key: CompactString::const_new(""),
+        tag: 0,
+        shape: EMPTY,
+        len: 0,
+        key: [0; FRONT_KEY],
+    };
+
+    fn key(&self) -> &[u8] {
+        &self.key[..usize::from(self.len)]
+    }
+
+    /// As [`Entry::holds`] (a copy holds for any value size).
+    fn holds(&self, now_unix_ms: impl Fn() -> u64) -> bool {
+        self.until_unix_ms == NO_END || now_unix_ms() < self.until_unix_ms
     }
 }
 
+/// Everything of a copied input and its decision but the keys: the
+/// binding, operation, namespace and attribute of the input, and the
+/// decision's other fields. The inputs of one namespace's requests differ by
+/// their keys, and most of their decisions by nothing else, so a front
+/// holds a few shapes for thousands of slots. It owns no heap memory, so
+/// that a front weighs exactly its slots and shapes.
+#[derive(Clone, PartialEq)]
+struct Shape {
+    memo_id: u64,
+    op: Operation,
+    namespace: CompactString,
+    /// The request's one attribute (a front takes no request with more).
+    attribute: Option<(CompactString, CompactString)>,
+    /// The decision, its key empty.
+    decision: Decision,
+}
+
+impl Shape {
+    /// The shape of `decision`, made for `request` to the binding `memo_id`,
+    /// if a front can hold it: no tags, no invalidations (which own heap
+    /// memory), every text inline.
+    fn of(memo_id: u64, request: &DecisionRequest<'_>, decision: &Decision) -> Option<Shape> {
+        if decision.tags.0.is_some() || decision.invalidate.is_some() {
+            return None;
+        }
+        let inline = |text: &str| (text.len() <= INLINE_KEY).then(|| CompactString::from(text));
+        let attribute = match request.attributes.iter().next() {
+            None => None,
+            Some((name, value)) => Some((inline(name)?, inline(value)?)),
+        };
+        Some(Shape {
+            memo_id,
+            op: request.op,
+            namespace: inline(request.namespace)?,
+            attribute,
+            decision: Decision {
+                key: CompactString::default(),
+                ..decision.clone()
+            },
+        })
+    }
+
+    /// Whether this is the shape of `request`'s input to `memo_id` (of at
+    /// most one attribute), its key aside.
+    fn serves(&self, memo_id: u64, request: &DecisionRequest<'_>) -> bool {
+        self.memo_id == memo_id
+            && self.op == request.op
+            && self.namespace == request.namespace
+            && match (&self.attribute, request.attributes.iter().next()) {
+                (None, None) => true,
+                (Some((name, value)), Some((asked, given))) => name == asked && value == given,
+                _ => false,
+            }
+    }
+
+    /// The decision whose key is `key`. Field by field, not cloned: a shape
+    /// has no tags and no invalidations to clone (and a field added to
+    /// [`Decision`] must be added here, or this does not compile).
+    fn decision_with(&self, key: &CompactString) -> Decision {
+        let decision = &self.decision;
+        Decision {
+            key: key.clone(),
+            fresh_ttl: decision.fresh_ttl,
+            ttl_jitter: decision.ttl_jitter,
+            stale_window: decision.stale_window,
+            tags: super::Tags::default(),
+            bypass: decision.bypass,
+            compression: decision.compression,
+            invalidate: None,
+            early_refresh_beta: decision.early_refresh_beta,
+            near_cache_ttl: decision.near_cache_ttl,
+            decided_by: decision.decided_by,
+        }
+    }
+}
+
+/// The most shapes a front holds: a binding's few per operation, namespace
+/// and attribute value, for a few dozen bindings.
+const SHAPES: usize = 64;
+
 /// A thread's copies of the decisions it recalled lately, in sets of
 /// [`WAYS`] slots found by the key's hash (so that up to four inputs of one
-/// set all stay), and the buffer its inputs are laid out in. Aligned to its
-/// own cache lines (two, for the adjacent-line prefetcher): `ThreadLocal`
-/// holds the threads' fronts side by side, and a recall writes to its own
-/// (the `RefCell`'s flag, the buffer's length), which would otherwise take
-/// the line from a neighbour on another core at every hit.
+/// set all stay), their shapes, and the buffer its inputs are laid out in.
+/// Aligned to its own cache lines (two, for the adjacent-line prefetcher):
+/// `ThreadLocal` holds the threads' fronts side by side, and a recall writes
+/// to its own (the `RefCell`'s flag, the buffer's length), which would
+/// otherwise take the line from a neighbour on another core at every hit.
 #[repr(align(128))]
 struct Front {
-    slots: Box<[Option<FrontCopy>]>,
+    slots: Box<[Slot]>,
+    shapes: Vec<Shape>,
+    /// Copies asked for since the front last started over.
+    asked: usize,
     scratch: Vec<u8>,
 }
 
 impl Front {
-    /// What a front of `slots` slots weighs: its slots and its buffer's
-    /// largest size.
+    fn new(slots: usize) -> Self {
+        Front {
+            slots: std::iter::repeat_n(Slot::EMPTY, slots).collect(),
+            shapes: Vec::with_capacity(if slots == 0 { 0 } else { SHAPES }),
+            asked: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// What a front of `slots` slots weighs: its slots, its shapes and its
+    /// buffer's largest size.
     fn bytes(slots: usize) -> u64 {
-        (slots * size_of::<Option<FrontCopy>>() + SCRATCH_BYTES) as u64
+        (slots * size_of::<Slot>() + SHAPES * size_of::<Shape>() + SCRATCH_BYTES) as u64
     }
 
     /// The set of `slots` that `hash` belongs in (none in a front without
     /// slots).
-    fn set(slots: &mut [Option<FrontCopy>], hash: u64) -> &mut [Option<FrontCopy>] {
+    fn set(slots: &[Slot], hash: u64) -> &[Slot] {
         match slots.len() {
-            0 => &mut [],
+            0 => &[],
             len => {
                 let home = hash as usize & (len - WAYS);
-                &mut slots[home..home + WAYS]
+                &slots[home..home + WAYS]
             }
         }
     }
 
-    /// Copies `entry`, kept for `input` (whose hash is `hash`), into its
-    /// set of `slots`: first, the others moved down a slot (an older copy of
-    /// the same input, or else the last, leaves).
-    fn copy(slots: &mut [Option<FrontCopy>], hash: u64, input: &[u8], entry: Entry) {
-        let set = Self::set(slots, hash);
-        if set.is_empty() {
+    /// The decision this front holds for `request` to `memo_id`, whose front
+    /// hash is `hash`, if it still holds at `now_unix_ms`.
+    fn answer(
+        &self,
+        hash: u64,
+        memo_id: u64,
+        request: &DecisionRequest<'_>,
+        now_unix_ms: impl Fn() -> u64,
+    ) -> Option<Decision> {
+        let (tag, key) = ((hash >> 32) as u32, request.key.as_bytes());
+        for slot in Self::set(&self.slots, hash) {
+            if slot.tag == tag
+                && slot.key() == key
+                && let Some(shape) = self.shapes.get(usize::from(slot.shape))
+                && shape.serves(memo_id, request)
+                && slot.holds(&now_unix_ms)
+            {
+                return Some(shape.decision_with(&slot.decision_key));
+            }
+        }
+        None
+    }
+
+    /// Copies `entry`, kept for `request` to `memo_id` (whose front hash is
+    /// `hash`), into its set: first, the others moved down a slot (an older
+    /// copy of the same input, or else the last, leaves). Not copied: a
+    /// decision that read the value size, one whose key is not inline, or
+    /// one a shape cannot hold ([`Shape::of`]). When a new shape finds the
+    /// shapes all taken, the front starts over empty, at most once per
+    /// slots' worth of copies asked for, so that inputs of ever new shapes
+    /// cost a look-up, not a front cleared at each.
+    fn copy(&mut self, hash: u64, memo_id: u64, request: &DecisionRequest<'_>, entry: &Entry) {
+        if self.slots.is_empty()
+            || request.key.len() > FRONT_KEY
+            || entry.value_size != ANY_SIZE
+            || entry.decision.key.is_heap_allocated()
+        {
             return;
         }
-        let mut copy = FrontCopy {
-            hash,
-            len: input.len() as u8,
-            input: [0; FRONT_INPUT],
-            entry,
+        self.asked += 1;
+        let Some(shape) = Shape::of(memo_id, request, &entry.decision) else {
+            return;
         };
-        copy.input[..input.len()].copy_from_slice(input);
+        let index = match self.shapes.iter().position(|held| *held == shape) {
+            Some(index) => index,
+            None => {
+                if self.shapes.len() == SHAPES {
+                    if self.asked < self.slots.len() {
+                        return;
+                    }
+                    self.slots.fill(Slot::EMPTY);
+                    self.shapes.clear();
+                    self.asked = 0;
+                }
+                self.shapes.push(shape);
+                self.shapes.len() - 1
+            }
+        };
+        let mut copy = Slot {
+            until_unix_ms: entry.until_unix_ms,
+            decision_key: entry.decision.key.clone(),
+            tag: (hash >> 32) as u32,
+            shape: index as u8,
+            len: request.key.len() as u8,
+            key: [0; FRONT_KEY],
+        };
+        copy.key[..request.key.len()].copy_from_slice(request.key.as_bytes());
+        let home = hash as usize & (self.slots.len() - WAYS);
+        let set = &mut self.slots[home..home + WAYS];
         let leaving = set
             .iter()
             .position(|held| {
-                held.as_ref()
-                    .is_some_and(|held| held.hash == hash && held.input() == input)
+                held.shape == copy.shape && held.tag == copy.tag && held.key() == copy.key()
             })
-            .unwrap_or(set.len() - 1);
+            .unwrap_or(WAYS - 1);
         set[..=leaving].rotate_right(1);
-        set[0] = Some(copy);
+        set[0] = copy;
     }
 }
 
 /// How many slots each thread's front has in a memo of `max_bytes`: one
-/// per 8 entries the memo holds (~550 bytes each), up to 4 096 (736 KiB; a
-/// hot set of a few thousand inputs), and few enough that a front for each
-/// core and two more fit in the quarter of the memo that fronts may take.
-/// A power of two.
+/// per 8 entries the memo holds (~550 bytes each), up to 4 096 (256 KiB; a
+/// hot set of a few thousand inputs, within a core's second-level cache),
+/// and few enough that a front for each core and two more fit in the
+/// quarter of the memo that fronts may take. A power of two.
 fn front_slots(max_bytes: u64) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    let slot = size_of::<Option<FrontCopy>>() as u64;
+    let shapes = (SHAPES * size_of::<Shape>() + SCRATCH_BYTES) as u64;
     let slots = (max_bytes / 550 / 8)
-        .min(max_bytes / 4 / (cores + 2) / slot)
+        .min((max_bytes / 4 / (cores + 2)).saturating_sub(shapes) / size_of::<Slot>() as u64)
         .clamp(WAYS as u64, 4096);
     1 << slots.ilog2()
-}
-
-/// Whether `input` is what [`MemoKey::lay_out`] writes for `request` (of
-/// at most one attribute) to the binding `memo_id`: read field by field,
-/// so that a front's hit lays nothing out.
-fn laid_out_as(input: &[u8], memo_id: u64, request: &DecisionRequest<'_>) -> bool {
-    let mut rest = input;
-    let field_is = |rest: &mut &[u8], text: &str| read_field(rest) == Some(text.as_bytes());
-    read_leb128(&mut rest) == Some(memo_id)
-        && rest.split_first().is_some_and(|(&op, after)| {
-            rest = after;
-            op == op_code(request.op)
-        })
-        && field_is(&mut rest, request.namespace)
-        && field_is(&mut rest, request.key)
-        && match request.attributes.iter().next() {
-            None => true,
-            Some((name, value)) => field_is(&mut rest, name) && field_is(&mut rest, value),
-        }
-        && rest.is_empty()
-}
-
-/// Whether `entry`, kept for `input`, may be copied into a front: a copy
-/// must own no heap memory, so that a front weighs exactly its slots.
-fn copyable(input: &[u8], entry: &Entry) -> bool {
-    let decision = &entry.decision;
-    input.len() <= FRONT_INPUT
-        && !decision.key.is_heap_allocated()
-        && decision.tags.0.is_none()
-        && decision.invalidate.is_none()
 }
 
 /// Slots in a front's set: inputs whose keys hash alike that all stay.
@@ -534,10 +679,7 @@ impl DecisionMemo {
             self.entries.set_capacity(capacity);
         }
         drop(taken);
-        std::cell::RefCell::new(Front {
-            slots: std::iter::repeat_with(|| None).take(slots).collect(),
-            scratch: Vec::new(),
-        })
+        std::cell::RefCell::new(Front::new(slots))
     }
 
     /// Whether the memo is full and the input laid out in `bytes` was not
@@ -570,34 +712,25 @@ impl DecisionMemo {
     ) -> Result<Decision, Miss> {
         let value_size = request.value_size as u64;
         let mut front = self.fronts.get_or(|| self.new_front()).borrow_mut();
-        let Front { slots, scratch } = &mut *front;
         // The front is asked by the request's own fields, without laying
         // them out: a request with two attributes or more would have to sort
         // them, and is left to the cache.
-        let hash = (request.attributes.len() <= 1).then(|| self.front_hash(memo_id, request));
-        if let Some(hash) = hash {
-            // A hit is cloned straight into the answer: a decision is 128
-            // bytes, and each step it were passed through would copy them.
-            for copy in Front::set(slots, hash).iter().flatten() {
-                if copy.hash == hash
-                    && laid_out_as(copy.input(), memo_id, request)
-                    && copy.entry.holds(value_size, &now_unix_ms)
-                {
-                    return Ok(copy.entry.decision.clone());
-                }
-            }
+        let hash = (request.attributes.len() <= 1 && request.key.len() <= FRONT_KEY)
+            .then(|| self.front_hash(memo_id, request));
+        if let Some(hash) = hash
+            && let Some(decision) = front.answer(hash, memo_id, request, &now_unix_ms)
+        {
+            return Ok(decision);
         }
-        MemoKey::lay_out_request(scratch, memo_id, request);
-        let bytes = scratch.as_slice();
+        let front = &mut *front;
+        MemoKey::lay_out_request(&mut front.scratch, memo_id, request);
+        let bytes = front.scratch.as_slice();
         let answer = match self.entries.get(bytes) {
             Some(entry) if entry.holds(value_size, &now_unix_ms) => {
-                let decision = entry.decision.clone();
-                if let Some(hash) = hash
-                    && copyable(bytes, &entry)
-                {
-                    Front::copy(slots, hash, bytes, entry);
+                if let Some(hash) = hash {
+                    front.copy(hash, memo_id, request, &entry);
                 }
-                Ok(decision)
+                Ok(entry.decision)
             }
             _ => Err(Miss(if self.first_sighting(bytes) {
                 Admission::FirstSighting
@@ -606,8 +739,8 @@ impl DecisionMemo {
             })),
         };
         // A rare long input does not keep its buffer's size for the thread's life.
-        if scratch.capacity() > SCRATCH_BYTES {
-            *scratch = Vec::new();
+        if front.scratch.capacity() > SCRATCH_BYTES {
+            front.scratch = Vec::new();
         }
         answer
     }
@@ -835,31 +968,6 @@ fn op_code(op: Operation) -> u8 {
     }
 }
 
-/// Reads a LEB128 number off the front of `bytes`.
-fn read_leb128(bytes: &mut &[u8]) -> Option<u64> {
-    let mut n = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = bytes.split_first()?;
-        *bytes = rest;
-        n |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(n);
-        }
-    }
-    None
-}
-
-/// Reads a length-prefixed field off the front of `bytes`.
-fn read_field<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = usize::try_from(read_leb128(bytes)?).ok()?;
-    if len > bytes.len() {
-        return None;
-    }
-    let (field, rest) = bytes.split_at(len);
-    *bytes = rest;
-    Some(field)
-}
-
 /// Appends `n` in LEB128: seven bits a byte, low first, the top bit set on
 /// every byte but the last.
 fn leb128(bytes: &mut Vec<u8>, mut n: u64) {
@@ -923,12 +1031,8 @@ mod tests {
         // copies an entry out and hands its decision on (docs/BENCHMARKS.md).
         assert!(size_of::<Decision>() <= 128, "{}", size_of::<Decision>());
         assert!(size_of::<Entry>() <= 128, "{}", size_of::<Entry>());
-        // A front's slot: the entry, its input inline, no tag for `None`.
-        assert!(
-            size_of::<Option<FrontCopy>>() <= 184,
-            "{}",
-            size_of::<Option<FrontCopy>>()
-        );
+        // A front's slot: one cache line.
+        assert_eq!(size_of::<Slot>(), 64);
         assert_eq!(size_of::<KeyBytes>(), 32);
     }
 
@@ -1306,22 +1410,31 @@ mod tests {
         }
     }
 
-    /// Transparency through the fronts: over 10 000 inputs (attributes,
-    /// operations, long inputs; decisions kept forever, for one value size,
-    /// for a promise, or never) recalled and kept at random in a memo that
-    /// holds a fraction of them, every answer is a decision the "policy"
-    /// made for exactly that input, for that value size, within its
-    /// promise, whether the front or the cache gave it.
+    /// Transparency through the fronts: over 10 000 inputs (24 per key,
+    /// which differ by binding, namespace, operation or attributes only;
+    /// keys too long for a front; decisions kept forever, for one value
+    /// size, for a promise, or never) recalled and kept at random in a memo
+    /// that holds a fraction of them, every answer is a decision the
+    /// "policy" made for exactly that input, for that value size, within
+    /// its promise, whether the front or the cache gave it. The decisions
+    /// are the request's key and a suffix, as a front holds them; those
+    /// made at a time are of a new shape each, so the fronts also fill
+    /// their shapes and start over.
     #[test]
     fn every_answer_is_one_the_policy_made_for_that_input() {
         use rand::{Rng, SeedableRng};
         let memo = DecisionMemo::new(1 << 20);
         let stats = memo.series(&Arc::from("p@1"), "ns", MemoStats::default);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let inputs: Vec<(Operation, String, Attributes)> = (0..10_000)
+        struct Input {
+            memo_id: u64,
+            op: Operation,
+            namespace: &'static str,
+            key: String,
+            attributes: Attributes,
+        }
+        let inputs: Vec<Input> = (0..10_000)
             .map(|i| {
-                // Six inputs per key that differ by operation or attributes
-                // only, and some too long for a front.
                 let (op, attributes) = match i % 6 {
                     0 => (Operation::Get, attributes(&[])),
                     1 => (Operation::Set, attributes(&[])),
@@ -1331,14 +1444,20 @@ mod tests {
                         Operation::Get,
                         attributes(&[("tenant", "a"), ("route", "r")]),
                     ),
-                    _ => (Operation::Set, attributes(&[("tenant", "a")])),
+                    _ => (Operation::Set, attributes(&[("route", "a")])),
                 };
-                let key = if i % 11 == 0 {
-                    format!("/long/{}/{}", "x".repeat(40), i / 6)
+                let key = if (i / 24) % 11 == 0 {
+                    format!("/long/{}/{}", "x".repeat(40), i / 24)
                 } else {
-                    format!("/k/{}", i / 6)
+                    format!("/k/{}", i / 24)
                 };
-                (op, key, attributes)
+                Input {
+                    memo_id: 1 + (i as u64 / 6) % 2,
+                    op,
+                    namespace: ["ns", "ns2"][(i / 12) % 2],
+                    key,
+                    attributes,
+                }
             })
             .collect();
         let mut now = 1_000u64;
@@ -1348,24 +1467,27 @@ mod tests {
             // Skewed, so that inputs repeat while others are pushed out.
             let at = (rng.random::<f64>().powi(3) * inputs.len() as f64) as usize;
             let value_size = rng.random_range(0..3usize);
-            let (op, key, attributes) = &inputs[at];
+            let input = &inputs[at];
             let request = DecisionRequest {
-                op: *op,
-                namespace: "ns",
-                key,
-                attributes,
+                op: input.op,
+                namespace: input.namespace,
+                key: &input.key,
+                attributes: &input.attributes,
                 value_size,
             };
-            match memo.recall(1, &request, || now) {
+            // What the policy decides for this input: its key, and which of
+            // the key's 24 inputs it is.
+            let decided = format!("{}#{}", input.key, at % 24);
+            match memo.recall(input.memo_id, &request, || now) {
                 Ok(found) => {
                     hits += 1;
                     let found = found.key.as_str();
                     match at % 4 {
-                        0 => assert_eq!(found, format!("{at}")),
-                        1 => assert_eq!(found, format!("{at}@{value_size}")),
+                        0 => assert_eq!(found, decided),
+                        1 => assert_eq!(found, format!("{decided}@{value_size}")),
                         2 => {
                             let decided_at: u64 = found
-                                .strip_prefix(&format!("{at}@t"))
+                                .strip_prefix(&format!("{decided}@t"))
                                 .and_then(|at| at.parse().ok())
                                 .unwrap_or_else(|| panic!("{found} for input {at}"));
                             assert!(now < decided_at + 50, "{found} held at {now}");
@@ -1376,22 +1498,22 @@ mod tests {
                 Err(miss) => {
                     misses += 1;
                     let (decided, reuse) = match at % 4 {
-                        0 => (format!("{at}"), FOREVER),
+                        0 => (decided, FOREVER),
                         1 => (
-                            format!("{at}@{value_size}"),
+                            format!("{decided}@{value_size}"),
                             Reuse::For {
                                 promise: None,
                                 value_size: Some(value_size as u64),
                             },
                         ),
                         2 => (
-                            format!("{at}@t{now}"),
+                            format!("{decided}@t{now}"),
                             Reuse::For {
                                 promise: Some(Duration::from_millis(50)),
                                 value_size: None,
                             },
                         ),
-                        _ => (format!("{at}"), Reuse::Never),
+                        _ => (decided, Reuse::Never),
                     };
                     memo.keep(miss, &decision(&decided), reuse, now, &stats);
                 }
@@ -1412,6 +1534,85 @@ mod tests {
         promise: None,
         value_size: None,
     };
+
+    /// A front's copy answers for exactly the input it was made for: with
+    /// the same hash (as two inputs whose hashes collide would have), a
+    /// request that differs in its key, binding, operation, namespace or
+    /// attribute gets nothing from it. Copies of one shape share it, each
+    /// with its own decision key.
+    #[test]
+    fn a_front_answers_only_for_the_very_input_it_copied() {
+        let mut front = Front::new(16);
+        let none = Attributes::new();
+        let tenant = attributes(&[("tenant", "a")]);
+        let (tenant_b, route) = (
+            attributes(&[("tenant", "b")]),
+            attributes(&[("route", "a")]),
+        );
+        let request = |op, namespace, key, attributes| DecisionRequest {
+            op,
+            namespace,
+            key,
+            attributes,
+            value_size: 0,
+        };
+        let entry = |key: &str| Entry {
+            decision: decision(key),
+            until_unix_ms: NO_END,
+            value_size: ANY_SIZE,
+            weight: 0,
+            series: 0,
+        };
+        let hash = 0x5eed_0000_0000_0004;
+        let copied = request(Operation::Get, "ns", "/k", &tenant);
+        front.copy(hash, 1, &copied, &entry("v1:/k|lang=en"));
+        let answer = |memo_id, asked: &DecisionRequest<'_>| {
+            front
+                .answer(hash, memo_id, asked, || 0)
+                .map(|decision| decision.key.to_string())
+        };
+        assert_eq!(answer(1, &copied).as_deref(), Some("v1:/k|lang=en"));
+        for (memo_id, other) in [
+            (1, request(Operation::Get, "ns", "/j", &tenant)),
+            (1, request(Operation::Get, "ns", "/k/", &tenant)),
+            (2, request(Operation::Get, "ns", "/k", &tenant)),
+            (1, request(Operation::Set, "ns", "/k", &tenant)),
+            (1, request(Operation::Get, "ns2", "/k", &tenant)),
+            (1, request(Operation::Get, "ns", "/k", &none)),
+            (1, request(Operation::Get, "ns", "/k", &tenant_b)),
+            (1, request(Operation::Get, "ns", "/k", &route)),
+        ] {
+            assert_eq!(answer(memo_id, &other), None, "{memo_id} {other:?}");
+        }
+        // Another key of the same shape: one shape, its own key in its decision.
+        let sibling = request(Operation::Get, "ns", "/other", &tenant);
+        front.copy(hash + 4, 1, &sibling, &entry("v1:/other|lang=en"));
+        assert_eq!(front.shapes.len(), 1);
+        assert_eq!(
+            front
+                .answer(hash + 4, 1, &sibling, || 0)
+                .map(|d| d.key.to_string()),
+            Some("v1:/other|lang=en".to_owned())
+        );
+        // Any decision's key, as long as it is inline; one that read the
+        // value size is not copied (it holds for one size only).
+        let unlike = request(Operation::Get, "ns", "/u", &tenant);
+        front.copy(hash + 8, 1, &unlike, &entry("elsewhere"));
+        assert_eq!(
+            front
+                .answer(hash + 8, 1, &unlike, || 0)
+                .map(|d| d.key.to_string()),
+            Some("elsewhere".to_owned())
+        );
+        let long = request(Operation::Get, "ns", "/l", &tenant);
+        front.copy(hash + 12, 1, &long, &entry("v1:/l|a-language-tag=en-GB"));
+        assert_eq!(front.answer(hash + 12, 1, &long, || 0), None);
+        let sized = request(Operation::Get, "ns", "/s", &tenant);
+        let mut by_size = entry("/s");
+        by_size.value_size = 0;
+        front.copy(hash + 16, 1, &sized, &by_size);
+        assert_eq!(front.answer(hash + 16, 1, &sized, || 0), None);
+    }
 
     /// A front answers from its copy once the cache has let the entry go
     /// (the copy is still the policy's decision for that input); another
@@ -1441,7 +1642,7 @@ mod tests {
             !other.join().expect("no panic"),
             "another thread has no copy"
         );
-        // A decision that owns heap memory (here a long key) is not copied.
+        // A key longer than a front's slot holds is not copied.
         let long = "/long".repeat(10);
         let request = get_request(&long, &attributes);
         let miss = memo.recall(1, &request, || 0).expect_err("new");
