@@ -31,13 +31,15 @@
 //!
 //! In front of the cache, each thread that recalls keeps a [`Front`]: a
 //! small table of copies of the decisions it recalled lately, found by a
-//! hash of the key, with no lock and no atomic operation. A copy is a
+//! hash of the key, with no lock and no atomic operation: a cache line per
+//! copy (the keys and the promise), the rest of the input and decision in a
+//! [`Shape`] that the copies of one namespace's requests share. A copy is a
 //! decision the policy made for exactly that input (every field of it is
-//! compared), checked against its promise and value size like any entry, so
-//! answering from it is answering from the memo, even after the cache has
-//! let the entry go (a rebinding makes new inputs: its binding is part of
-//! them). Only decisions that own no heap memory are copied, so a front
-//! weighs exactly its slots, and the fronts' bytes are taken from
+//! compared), checked against its promise like any entry, so answering
+//! from it is answering from the memo, even after the cache has let the
+//! entry go (a rebinding makes new inputs: its binding is part of them).
+//! Only decisions that own no heap memory are copied, so a front weighs
+//! exactly its slots and shapes, and the fronts' bytes are taken from
 //! `policy.memo_bytes` as threads create them.
 //!
 //! Inserting into a full memo costs: an entry is evicted for each one kept.
