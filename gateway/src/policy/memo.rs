@@ -1033,8 +1033,9 @@ mod tests {
         // copies an entry out and hands its decision on (docs/BENCHMARKS.md).
         assert!(size_of::<Decision>() <= 128, "{}", size_of::<Decision>());
         assert!(size_of::<Entry>() <= 128, "{}", size_of::<Entry>());
-        // A front's slot: one cache line.
+        // A front's slot: one cache line; its 64 shapes, 12 KiB.
         assert_eq!(size_of::<Slot>(), 64);
+        assert!(size_of::<Shape>() <= 192, "{}", size_of::<Shape>());
         assert_eq!(size_of::<KeyBytes>(), 32);
     }
 
