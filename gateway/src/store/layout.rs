@@ -76,17 +76,80 @@ pub fn tag_void_key(namespace: &str, generation: u64, tag: &str) -> Vec<u8> {
 
 /// `cg:{<ns>:<gen>:`, the prefix of every entry of a generation.
 pub fn entry_prefix(namespace: &str, generation: u64) -> Vec<u8> {
-    generation_prefix(b"cg:{", namespace, generation, 0)
+    generation_prefix(ENTRY_PREFIX, namespace, generation, 0)
 }
 
 /// The key an entry is stored under: laid out on every read and write, so
 /// without `format!`'s machinery (~500 instructions of a ~57 000-instruction Get).
 pub fn entry_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
-    let mut out = generation_prefix(b"cg:{", namespace, generation, key.len() + KEY_SUFFIX.len());
+    let mut out = generation_prefix(
+        ENTRY_PREFIX,
+        namespace,
+        generation,
+        key.len() + KEY_SUFFIX.len(),
+    );
     out.extend_from_slice(key);
     out.extend_from_slice(KEY_SUFFIX);
     out
 }
+
+/// [`entry_key`] as a command's argument, written straight into the
+/// command's buffer: a read of a hundred entries lays out no key of its own
+/// (an allocation, a copy and a free each, where a key is a few dozen bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct EntryKey<'a> {
+    pub namespace: &'a str,
+    pub generation: u64,
+    pub key: &'a [u8],
+}
+
+impl EntryKey<'_> {
+    /// Its bytes' length, as [`entry_key`] lays it out.
+    pub fn len(&self) -> usize {
+        let digits = self
+            .generation
+            .checked_ilog10()
+            .map_or(1, |log| log as usize + 1);
+        ENTRY_PREFIX.len()
+            + self.namespace.len()
+            + 1
+            + digits
+            + 1
+            + self.key.len()
+            + KEY_SUFFIX.len()
+    }
+
+    /// Never: a key has its prefix and suffix at least.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl redis::ToRedisArgs for EntryKey<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use bytes::BufMut;
+        let mut digits = itoa::Buffer::new();
+        let generation = digits.format(self.generation).as_bytes();
+        let mut arg = out.bufmut_for_next_arg(self.len());
+        for part in [
+            ENTRY_PREFIX,
+            self.namespace.as_bytes(),
+            b":",
+            generation,
+            b":",
+            self.key,
+            KEY_SUFFIX,
+        ] {
+            arg.put_slice(part);
+        }
+    }
+}
+
+/// What every entry key starts with.
+const ENTRY_PREFIX: &[u8] = b"cg:{";
 
 /// `<kind><ns>:<gen>:`, with room for `more` bytes after it.
 fn generation_prefix(kind: &[u8], namespace: &str, generation: u64, more: usize) -> Vec<u8> {
@@ -132,6 +195,42 @@ pub fn namespace_state_key(namespace: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry key written into a command is the one [`entry_key`] lays
+    /// out, byte for byte, and as long as [`EntryKey::len`] says.
+    #[test]
+    fn an_entry_key_written_into_a_command_is_the_entry_key() {
+        let cases: [(&str, u64, &[u8]); 5] = [
+            ("users", 0, b"k"),
+            ("users", 9, b""),
+            ("a.b-c_d", 10, b"k:*}{"),
+            ("ns", 12_345, "caf\u{e9}/\u{1f600}".as_bytes()),
+            ("ns", u64::MAX, &[0, 255, b'}', b'\n']),
+        ];
+        let mut command = redis::cmd("MGET");
+        for (namespace, generation, key) in cases {
+            let written = EntryKey {
+                namespace,
+                generation,
+                key,
+            };
+            assert_eq!(written.len(), entry_key(namespace, generation, key).len());
+            command.arg(written);
+        }
+        let args: Vec<Vec<u8>> = command
+            .args_iter()
+            .skip(1)
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
+                other => panic!("a key, not {other:?}"),
+            })
+            .collect();
+        let expected: Vec<Vec<u8>> = cases
+            .iter()
+            .map(|&(namespace, generation, key)| entry_key(namespace, generation, key))
+            .collect();
+        assert_eq!(args, expected);
+    }
 
     #[test]
     fn prefixes_of_neighbouring_namespaces_and_generations_never_overlap() {

@@ -778,10 +778,14 @@ impl RedisStore {
         let namespace = entry.key.namespace();
         let ttl = expiry_millis(entry.expire_after);
         let mut set = redis::cmd("SET");
-        set.arg(layout::entry_key(namespace, generation, entry.key.key()))
-            .arg(entry.value.as_ref())
-            .arg("PX")
-            .arg(ttl);
+        set.arg(layout::EntryKey {
+            namespace,
+            generation,
+            key: entry.key.key(),
+        })
+        .arg(entry.value.as_ref())
+        .arg("PX")
+        .arg(ttl);
         batch.group().add_ignored(set);
         indexing.add(entry, generation, ttl);
     }
@@ -849,19 +853,36 @@ impl RedisStore {
             }
             let entry_key = |i: usize| {
                 let key = &keys[i];
-                let generation = guesses[position(&namespaces, key.namespace())].generation;
-                layout::entry_key(key.namespace(), generation, key.key())
+                layout::EntryKey {
+                    namespace: key.namespace(),
+                    generation: guesses[position(&namespaces, key.namespace())].generation,
+                    key: key.key(),
+                }
             };
             // The keys in the order their values come back.
             let mut asked: Vec<usize> = Vec::with_capacity(pending.len());
             if one_mget_per_namespace {
-                for namespace in &namespaces {
-                    let mut mget = redis::cmd("MGET");
-                    for &i in &pending {
-                        if *keys[i].namespace() == **namespace {
-                            mget.arg(entry_key(i));
-                            asked.push(i);
-                        }
+                let one_namespace = namespaces.len() == 1;
+                for (namespace, guess) in namespaces.iter().zip(&guesses) {
+                    let entry_key = |i: usize| layout::EntryKey {
+                        namespace,
+                        generation: guess.generation,
+                        key: keys[i].key(),
+                    };
+                    let start = asked.len();
+                    asked.extend(
+                        pending
+                            .iter()
+                            .copied()
+                            .filter(|&i| one_namespace || *keys[i].namespace() == **namespace),
+                    );
+                    // Sized once, so that a hundred keys do not grow it by doubling.
+                    let mine = &asked[start..];
+                    let bytes = mine.iter().map(|&i| entry_key(i).len()).sum::<usize>();
+                    let mut mget = redis::Cmd::with_capacity(1 + mine.len(), 4 + bytes);
+                    mget.arg("MGET");
+                    for &i in mine {
+                        mget.arg(entry_key(i));
                     }
                     batch.group().add(mget);
                 }
