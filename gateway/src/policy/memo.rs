@@ -436,13 +436,18 @@ impl Front {
         (slots * size_of::<Slot>() + SHAPES * size_of::<Shape>() + SCRATCH_BYTES) as u64
     }
 
+    /// Where the set of `hash` starts in a front of `len` slots (not 0).
+    fn home(len: usize, hash: u64) -> usize {
+        hash as usize & (len - WAYS)
+    }
+
     /// The set of `slots` that `hash` belongs in (none in a front without
     /// slots).
     fn set(slots: &[Slot], hash: u64) -> &[Slot] {
         match slots.len() {
             0 => &[],
             len => {
-                let home = hash as usize & (len - WAYS);
+                let home = Self::home(len, hash);
                 &slots[home..home + WAYS]
             }
         }
@@ -515,7 +520,7 @@ impl Front {
             key: [0; FRONT_KEY],
         };
         copy.key[..request.key.len()].copy_from_slice(request.key.as_bytes());
-        let home = hash as usize & (self.slots.len() - WAYS);
+        let home = Self::home(self.slots.len(), hash);
         let set = &mut self.slots[home..home + WAYS];
         let leaving = set
             .iter()

@@ -82,19 +82,19 @@ pub fn entry_prefix(namespace: &str, generation: u64) -> Vec<u8> {
 /// The key an entry is stored under: laid out on every read and write, so
 /// without `format!`'s machinery (~500 instructions of a ~57 000-instruction Get).
 pub fn entry_key(namespace: &str, generation: u64, key: &[u8]) -> Vec<u8> {
-    let mut out = generation_prefix(
-        ENTRY_PREFIX,
+    let key = EntryKey {
         namespace,
         generation,
-        key.len() + KEY_SUFFIX.len(),
-    );
-    out.extend_from_slice(key);
-    out.extend_from_slice(KEY_SUFFIX);
+        key,
+    };
+    let mut out = Vec::with_capacity(key.byte_len());
+    key.write_to(&mut out);
     out
 }
 
-/// [`entry_key`] as a command's argument, written straight into the
-/// command's buffer: a read of a hundred entries lays out no key of its own
+/// An entry's key, `cg:{<ns>:<gen>:<key>}`: laid out in a buffer of its own
+/// by [`entry_key`], or written straight into a command's buffer as its
+/// argument, so that a read of a hundred entries lays out no key of its own
 /// (an allocation, a copy and a free each, where a key is a few dozen bytes).
 #[derive(Debug, Clone, Copy)]
 pub struct EntryKey<'a> {
@@ -104,8 +104,8 @@ pub struct EntryKey<'a> {
 }
 
 impl EntryKey<'_> {
-    /// Its bytes' length, as [`entry_key`] lays it out.
-    pub fn len(&self) -> usize {
+    /// Its length in bytes.
+    pub fn byte_len(&self) -> usize {
         let digits = self
             .generation
             .checked_ilog10()
@@ -119,21 +119,10 @@ impl EntryKey<'_> {
             + KEY_SUFFIX.len()
     }
 
-    /// Never: a key has its prefix and suffix at least.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-impl redis::ToRedisArgs for EntryKey<'_> {
-    fn write_redis_args<W>(&self, out: &mut W)
-    where
-        W: ?Sized + redis::RedisWrite,
-    {
-        use bytes::BufMut;
+    /// Appends its bytes to `out`.
+    fn write_to(&self, out: &mut impl bytes::BufMut) {
         let mut digits = itoa::Buffer::new();
         let generation = digits.format(self.generation).as_bytes();
-        let mut arg = out.bufmut_for_next_arg(self.len());
         for part in [
             ENTRY_PREFIX,
             self.namespace.as_bytes(),
@@ -143,8 +132,17 @@ impl redis::ToRedisArgs for EntryKey<'_> {
             self.key,
             KEY_SUFFIX,
         ] {
-            arg.put_slice(part);
+            out.put_slice(part);
         }
+    }
+}
+
+impl redis::ToRedisArgs for EntryKey<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        self.write_to(&mut out.bufmut_for_next_arg(self.byte_len()));
     }
 }
 
@@ -197,7 +195,7 @@ mod tests {
     use super::*;
 
     /// An entry key written into a command is the one [`entry_key`] lays
-    /// out, byte for byte, and as long as [`EntryKey::len`] says.
+    /// out, byte for byte, and as long as [`EntryKey::byte_len`] says.
     #[test]
     fn an_entry_key_written_into_a_command_is_the_entry_key() {
         let cases: [(&str, u64, &[u8]); 5] = [
@@ -214,7 +212,10 @@ mod tests {
                 generation,
                 key,
             };
-            assert_eq!(written.len(), entry_key(namespace, generation, key).len());
+            assert_eq!(
+                written.byte_len(),
+                entry_key(namespace, generation, key).len()
+            );
             command.arg(written);
         }
         let args: Vec<Vec<u8>> = command

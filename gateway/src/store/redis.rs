@@ -878,7 +878,7 @@ impl RedisStore {
                     );
                     // Sized once, so that a hundred keys do not grow it by doubling.
                     let mine = &asked[start..];
-                    let bytes = mine.iter().map(|&i| entry_key(i).len()).sum::<usize>();
+                    let bytes = mine.iter().map(|&i| entry_key(i).byte_len()).sum::<usize>();
                     let mut mget = redis::Cmd::with_capacity(1 + mine.len(), 4 + bytes);
                     mget.arg("MGET");
                     for &i in mine {
