@@ -112,7 +112,9 @@ pub struct BenchArgs {
     /// Unmeasured load before each round.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Rounds per target; targets alternate round by round.
+    /// Rounds per target and namespace: they take turns round by round, every
+    /// other round in reverse order (A B, B A), and with several namespaces the
+    /// summary gives the median of their per-round ratios to the first.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
     /// Operation mix.
@@ -154,6 +156,13 @@ pub struct BenchArgs {
     /// A file holding the tenant token to send [default: $CACHEGW_TOKEN].
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// The gateway's process id, when it runs on this machine (Linux): each
+    /// round also reports the gateway's CPU time per request, the run time of
+    /// its threads across the round (from /proc/PID/task/*/schedstat: what
+    /// `perf stat -e task-clock -p PID` counts) over the requests answered.
+    /// On a shared machine it holds stiller than throughput.
+    #[arg(long, value_name = "PID")]
+    pub gateway_pid: Option<u32>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -191,6 +200,10 @@ pub struct RoundResult {
     pub p99_ms: f64,
     /// 99.9th percentile latency, ms.
     pub p999_ms: f64,
+    /// The gateway's CPU time per request over the round, µs (with
+    /// `--gateway-pid`; an MGet is one request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_cpu_us_per_request: Option<f64>,
 }
 
 #[derive(Clone)]
@@ -449,17 +462,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
         rate: args.rate,
     };
     let mut results = Vec::new();
-    for round in (0..args.rounds as u64).map(|round| args.seed.wrapping_add(round)) {
-        for (target, namespace, drivers, work) in &lanes {
+    for (turn, round) in (0..args.rounds as u64)
+        .map(|round| args.seed.wrapping_add(round))
+        .enumerate()
+    {
+        // Every other round the lanes go in reverse order (A B, then B A), so
+        // that the machine's drift within a round lands on every lane alike.
+        let order: Box<dyn Iterator<Item = &Lane>> = if turn % 2 == 0 {
+            Box::new(lanes.iter())
+        } else {
+            Box::new(lanes.iter().rev())
+        };
+        for (target, namespace, drivers, work) in order {
             // Every lane of a round draws the same keys; the warm-up and
             // each round draw keys of their own, so a round does not replay
             // the keys its warm-up (or the round before) just read.
             let run =
                 |duration, phase| drive(drivers, work, load, duration, Draws::new(round, phase));
             let _ = run(args.warmup, Phase::Warmup).await;
+            let before = args.gateway_pid.map(ThreadTimes::of).transpose()?;
             let measured = run(args.duration, Phase::Measured).await;
+            let cpu = match (before, args.gateway_pid) {
+                (Some(before), Some(pid)) => Some(ThreadTimes::of(pid)?.since(&before)),
+                _ => None,
+            };
             let mut result = measured.into_result(*target, &args);
             result.namespace = namespace.clone();
+            result.gateway_cpu_us_per_request =
+                cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / result.requests.max(1) as f64);
             results.push(result);
         }
     }
@@ -574,7 +604,52 @@ impl Measured {
             p50_ms: ms(0.5),
             p99_ms: ms(0.99),
             p999_ms: ms(0.999),
+            gateway_cpu_us_per_request: None,
         }
+    }
+}
+
+/// How long each thread of a local process has run so far, by thread id.
+struct ThreadTimes(std::collections::HashMap<u32, u64>);
+
+impl ThreadTimes {
+    /// Reads /proc/PID/task/*/schedstat, whose first field is the thread's
+    /// time on a CPU in nanoseconds.
+    fn of(pid: u32) -> anyhow::Result<Self> {
+        let dir = format!("/proc/{pid}/task");
+        let tasks = std::fs::read_dir(&dir).with_context(|| {
+            format!("--gateway-pid {pid}: cannot read {dir} (is it a process on this machine?)")
+        })?;
+        let mut times = std::collections::HashMap::new();
+        for task in tasks {
+            let task = task.with_context(|| format!("reading {dir}"))?;
+            let Some(tid) = task.file_name().to_str().and_then(|name| name.parse().ok()) else {
+                continue;
+            };
+            // A thread that ended since the directory was listed has no file.
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
+            };
+            let ns = text
+                .split_whitespace()
+                .next()
+                .and_then(|field| field.parse().ok())
+                .with_context(|| format!("{dir}/{tid}/schedstat: unexpected contents {text:?}"))?;
+            times.insert(tid, ns);
+        }
+        Ok(Self(times))
+    }
+
+    /// The run time since `earlier`: what every thread alive now ran since
+    /// then (a thread started since counts whole; one that ended since is
+    /// lost, which a long-lived server's threads rarely do).
+    fn since(&self, earlier: &Self) -> Duration {
+        let ns = self
+            .0
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum();
+        Duration::from_nanos(ns)
     }
 }
 
@@ -741,9 +816,12 @@ fn render(results: &[RoundResult]) -> String {
             "open loop: {rate} requests/s scheduled; a request sent late counts from when it was due"
         );
     }
+    let cpu = results
+        .iter()
+        .any(|r| r.gateway_cpu_us_per_request.is_some());
     let _ = writeln!(
         out,
-        "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8}",
+        "{:<8} {:<6} {:>5} {:>5} {:>10} {:>12} {:>8} {:>8} {:>8} {:>7} {:>8}{}",
         "target",
         "op",
         "conc",
@@ -754,12 +832,13 @@ fn render(results: &[RoundResult]) -> String {
         "p99 ms",
         "p999 ms",
         "errors",
-        "degraded"
+        "degraded",
+        if cpu { " gateway CPU µs/req" } else { "" }
     );
     for r in results {
         let _ = writeln!(
             out,
-            "{:<20} {:<6} {:>5} {:>5} {:>10} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>8}",
+            "{:<20} {:<6} {:>5} {:>5} {:>10} {:>12.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {:>8}{}",
             label(r),
             format!("{:?}", r.op).to_lowercase(),
             r.concurrency,
@@ -770,7 +849,10 @@ fn render(results: &[RoundResult]) -> String {
             r.p99_ms,
             r.p999_ms,
             r.errors,
-            r.degraded
+            r.degraded,
+            r.gateway_cpu_us_per_request
+                .map(|us| format!(" {us:>18.2}"))
+                .unwrap_or_default()
         );
     }
     let mean_of = |wanted: &dyn Fn(&RoundResult) -> bool| {
@@ -794,6 +876,12 @@ fn render(results: &[RoundResult]) -> String {
         seen
     };
     if let Some((first, rest)) = namespaces.split_first() {
+        let of = |namespace: &String| -> Vec<&RoundResult> {
+            results
+                .iter()
+                .filter(|r| r.namespace.as_ref() == Some(namespace))
+                .collect()
+        };
         let base = mean_of(&|r: &RoundResult| r.namespace.as_ref() == Some(*first));
         for other in rest {
             let this = mean_of(&|r: &RoundResult| r.namespace.as_ref() == Some(*other));
@@ -803,6 +891,32 @@ fn render(results: &[RoundResult]) -> String {
                     "gateway({other})/gateway({first}) throughput ratio: {:.3} ({this:.0} vs {base:.0} ops/s, mean over rounds)",
                     this / base
                 );
+            }
+            // Round by round: both sides of a pair ran within moments of
+            // each other, so a burst of the machine's noise lands in few pairs.
+            let pairs: Vec<(&RoundResult, &RoundResult)> =
+                of(other).into_iter().zip(of(first)).collect();
+            if pairs.len() >= 3 {
+                let rates = Spread::of(
+                    pairs
+                        .iter()
+                        .map(|(this, base)| this.ops_per_sec / base.ops_per_sec),
+                );
+                let _ = write!(
+                    out,
+                    "  per round, median (interquartile range) of {} rounds: throughput {rates}",
+                    pairs.len()
+                );
+                let cpus: Option<Vec<f64>> = pairs
+                    .iter()
+                    .map(|(this, base)| {
+                        Some(this.gateway_cpu_us_per_request? / base.gateway_cpu_us_per_request?)
+                    })
+                    .collect();
+                if let Some(cpus) = cpus {
+                    let _ = write!(out, ", gateway CPU per request {}", Spread::of(cpus));
+                }
+                let _ = writeln!(out);
             }
         }
     }
@@ -821,6 +935,37 @@ fn render(results: &[RoundResult]) -> String {
         }
     }
     out
+}
+
+/// The median and quartiles of a few ratios.
+struct Spread {
+    low: f64,
+    median: f64,
+    high: f64,
+}
+
+impl Spread {
+    fn of(values: impl IntoIterator<Item = f64>) -> Self {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            // Linear interpolation between the closest ranks.
+            let rank = q * (values.len() - 1) as f64;
+            let (below, above) = (rank.floor() as usize, rank.ceil() as usize);
+            values[below] + (values[above] - values[below]) * (rank - below as f64)
+        };
+        Self {
+            low: at(0.25),
+            median: at(0.5),
+            high: at(0.75),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} ({:.3}-{:.3})", self.median, self.low, self.high)
+    }
 }
 
 #[cfg(test)]
@@ -848,5 +993,38 @@ mod tests {
             assert_ne!(first_keys(other, 5), first_keys(measured, 5), "{other:?}");
         }
         assert_ne!(first_keys(measured, 5), first_keys(measured, 6));
+    }
+
+    #[test]
+    fn a_spread_is_the_median_and_the_quartiles() {
+        let spread = Spread::of([5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((spread.low, spread.median, spread.high), (2.0, 3.0, 4.0));
+        let spread = Spread::of([1.0, 2.0, 3.0, 4.0]);
+        assert_eq!((spread.low, spread.median, spread.high), (1.75, 2.5, 3.25));
+        assert_eq!(Spread::of([0.97]).to_string(), "0.970 (0.970-0.970)");
+    }
+
+    #[test]
+    fn thread_times_count_the_work_done_between_two_readings() {
+        let pid = std::process::id();
+        let before = ThreadTimes::of(pid).unwrap();
+        assert_eq!(before.since(&before), Duration::ZERO);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut spun = 0u64;
+        loop {
+            // Work, then look: the reading must grow with the work done.
+            for i in 0..100_000u64 {
+                spun = std::hint::black_box(spun.wrapping_mul(31).wrapping_add(i));
+            }
+            if ThreadTimes::of(pid).unwrap().since(&before) >= Duration::from_millis(20) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "20 ms of work never showed in schedstat"
+            );
+        }
+        let error = ThreadTimes::of(u32::MAX).err().unwrap().to_string();
+        assert!(error.contains("--gateway-pid"), "{error}");
     }
 }
