@@ -40,10 +40,18 @@ where
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` ports nobody listens on right now, all different: held at once while
+/// they are picked (two [`free_port`] calls in a row may return the same
+/// port, as the first one is free again when the second one asks).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [std::net::TcpListener; N] = std::array::from_fn(|_| {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")
+    });
+    listeners.map(|listener| listener.local_addr().expect("its address").port())
 }
 
 /// A port that refuses connections for as long as the returned socket lives:
@@ -104,8 +112,13 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (`--maxmemory 1mb`).
     pub async fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_on_with(free_port(), extra_args).await
+    }
+
+    /// Starts a server on `port` with extra `redis-server` arguments.
+    pub async fn start_on_with(port: u16, extra_args: &[&str]) -> Self {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
@@ -667,19 +680,24 @@ impl RedisCluster {
             // The cluster bus listens on its own port. Left to itself, Redis
             // takes the client port + 10000 and refuses to start when that
             // passes 65535, which a fifth of the ephemeral range (32768-60999)
-            // does: name a free port for it instead.
-            let bus_port = free_port().to_string();
+            // does: name a free port for it instead, picked together with the
+            // client port so that the two differ.
+            let [port, bus_port] = free_ports();
+            let bus_port = bus_port.to_string();
             nodes.push(
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-port",
-                    &bus_port,
-                ])
+                RedisServer::start_on_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-port",
+                        &bus_port,
+                    ],
+                )
                 .await,
             );
         }
