@@ -1,5 +1,5 @@
 //! Read-through with leases through `cachegw-client`, against a running
-//! gateway (`scripts/run`): the same as `gateway/examples/read_through.rs`,
+//! gateway (`scripts/run`): the same as `gateway/examples/read_through_by_hand.rs`,
 //! without the protocol by hand.
 //!
 //! ```sh

@@ -2,7 +2,7 @@
 //! protection, against a running gateway (`scripts/run`).
 //!
 //! ```sh
-//! cargo run -p gateway --example read_through -- http://127.0.0.1:50051
+//! cargo run -p gateway --example read_through_by_hand -- http://127.0.0.1:50051
 //! ```
 //!
 //! Each call of [`read_through`] returns the cached value, or computes it
