@@ -160,7 +160,6 @@ pub struct BenchArgs {
     /// round also reports the gateway's CPU time per request, the run time of
     /// its threads across the round (from /proc/PID/task/*/schedstat: what
     /// `perf stat -e task-clock -p PID` counts) over the requests answered.
-    /// On a shared machine it holds stiller than throughput.
     #[arg(long, value_name = "PID")]
     pub gateway_pid: Option<u32>,
     /// Print the results as JSON instead of a table.
@@ -468,11 +467,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<RoundResult>> {
     {
         // Every other round the lanes go in reverse order (A B, then B A), so
         // that the machine's drift within a round lands on every lane alike.
-        let order: Box<dyn Iterator<Item = &Lane>> = if turn % 2 == 0 {
-            Box::new(lanes.iter())
-        } else {
-            Box::new(lanes.iter().rev())
-        };
+        let mut order: Vec<&Lane> = lanes.iter().collect();
+        if turn % 2 == 1 {
+            order.reverse();
+        }
         for (target, namespace, drivers, work) in order {
             // Every lane of a round draws the same keys; the warm-up and
             // each round draw keys of their own, so a round does not replay

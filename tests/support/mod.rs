@@ -100,14 +100,7 @@ impl RedisServer {
 
     /// Starts a server on a given port (one a gateway already points at).
     pub async fn start_on(port: u16) -> Self {
-        let mut server = RedisServer {
-            port,
-            child: None,
-            dir: tempfile::tempdir().expect("temp dir"),
-            extra_args: Vec::new(),
-        };
-        server.spawn().await;
-        server
+        Self::start_on_with(port, &[]).await
     }
 
     /// Starts a server with extra `redis-server` arguments (`--maxmemory 1mb`).
